@@ -1,0 +1,1 @@
+"""orchestrator_core."""

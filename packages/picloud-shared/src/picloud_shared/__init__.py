@@ -1,0 +1,1 @@
+"""picloud_shared."""

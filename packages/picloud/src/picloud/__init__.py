@@ -1,0 +1,1 @@
+"""picloud: the composition root, CLI and ASGI app."""
