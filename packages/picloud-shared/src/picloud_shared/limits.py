@@ -1,0 +1,39 @@
+"""Named limits of the public contract (API.md, "Limits").
+
+Every limit a user can hit lives here once, so the admin API, the host-API bridge
+and the tests all check the same number.
+"""
+
+from __future__ import annotations
+
+KIB = 1024
+MIB = 1024 * KIB
+
+MAX_REQUEST_BODY_BYTES = 1 * MIB
+MAX_KV_KEY_BYTES = 512
+MAX_KV_VALUE_BYTES = 256 * KIB
+MAX_DOCUMENT_BYTES = 1 * MIB
+MAX_SCRIPT_SOURCE_BYTES = 256 * KIB
+MAX_GLOB_CHARS = 256
+MIN_TIMEOUT_SECONDS = 1
+MAX_TIMEOUT_SECONDS = 300
+DEFAULT_TIMEOUT_SECONDS = 10
+MIN_MEMORY_LIMIT_MB = 16
+MAX_MEMORY_LIMIT_MB = 2048
+DEFAULT_MEMORY_LIMIT_MB = 128
+
+MAX_APP_NAME_CHARS = 63
+MAX_SCRIPT_NAME_CHARS = 63
+MAX_COLLECTION_CHARS = 63
+MAX_DOCUMENT_ID_CHARS = 128
+MAX_LIST_LIMIT = 1000
+DEFAULT_LIST_LIMIT = 100
+
+# What one execution may produce or ask for.
+MAX_LOG_BYTES = 64 * KIB
+MAX_RESPONSE_BYTES = 1 * MIB
+MAX_HOST_CALLS_PER_EXECUTION = 10_000
+MAX_RETRY_ATTEMPTS = 100
+
+# The HTTP wait of a sync route is the script's timeout plus this buffer.
+SYNC_WAIT_BUFFER_SECONDS = 2.0

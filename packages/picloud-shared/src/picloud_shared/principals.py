@@ -1,0 +1,55 @@
+"""Who is acting: capabilities and the principal a script runs as."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+
+import attrs
+
+from picloud_shared.ids import AppId, UserId
+
+
+class Capability(enum.StrEnum):
+    """What a member may do in one app (wire names of API.md)."""
+
+    APP_READ = "app_read"
+    APP_DELETE = "app_delete"
+    APP_MANAGE_MEMBERS = "app_manage_members"
+    APP_MANAGE_SCRIPTS = "app_manage_scripts"
+    APP_MANAGE_ROUTES = "app_manage_routes"
+    APP_MANAGE_TRIGGERS = "app_manage_triggers"
+    APP_WRITE_DATA = "app_write_data"
+    APP_READ_DATA = "app_read_data"
+    APP_MANAGE_DEAD_LETTERS = "app_manage_dead_letters"
+
+    @classmethod
+    def parse_all(cls, names: Iterable[object]) -> frozenset[Capability]:
+        """Decode wire names; raises ``ValueError`` naming the first unknown one."""
+        out: set[Capability] = set()
+        for name in names:
+            try:
+                out.add(cls(name))
+            except ValueError:
+                raise ValueError(f"unknown capability {name!r}") from None
+        return frozenset(out)
+
+
+ALL_CAPABILITIES: frozenset[Capability] = frozenset(Capability)
+
+
+@attrs.frozen
+class Principal:
+    """A user acting within one app, with the capabilities they hold there.
+
+    Scripts run as the principal that registered their trigger or route.
+    """
+
+    user_id: UserId
+    app_id: AppId
+    capabilities: frozenset[Capability]
+    is_instance_admin: bool = False
+
+    def can(self, capability: Capability) -> bool:
+        """Whether this principal holds ``capability`` (instance admins hold all)."""
+        return self.is_instance_admin or capability in self.capabilities

@@ -1,0 +1,55 @@
+"""ExecutionGate: bounded, try-acquire, acquire-with-timeout."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from picloud_shared.gate import ExecutionGate
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_try_acquire_refuses_when_full_and_counts_saturation() -> None:
+    """The (capacity+1)-th try_acquire gets None and is counted."""
+    gate = ExecutionGate(2)
+    a, b = gate.try_acquire(), gate.try_acquire()
+    assert a and b and gate.free == 0
+    assert gate.try_acquire() is None
+    assert gate.saturation_count == 1
+    a.release()
+    a.release()  # idempotent
+    assert gate.free == 1
+
+
+async def test_acquire_with_timeout_gives_up() -> None:
+    """acquire(timeout) returns None when nothing frees up in time."""
+    gate = ExecutionGate(1)
+    held = gate.try_acquire()
+    assert held is not None
+    assert await gate.acquire(timeout=0.05) is None
+
+
+async def test_acquire_waits_for_a_release_from_another_task() -> None:
+    """A permit released in another task admits the waiter."""
+    gate = ExecutionGate(1)
+    held = gate.try_acquire()
+    assert held is not None
+
+    async def release_soon() -> None:
+        await anyio.sleep(0.02)
+        held.release()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(release_soon)
+        permit = await gate.acquire(timeout=5)
+    assert permit is not None
+    with permit:
+        assert gate.in_use == 1
+    assert gate.free == 1
+
+
+def test_capacity_must_be_positive() -> None:
+    """A gate of zero slots is a configuration error."""
+    with pytest.raises(ValueError, match="at least 1"):
+        ExecutionGate(0)
