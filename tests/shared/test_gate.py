@@ -14,7 +14,9 @@ async def test_try_acquire_refuses_when_full_and_counts_saturation() -> None:
     """The (capacity+1)-th try_acquire gets None and is counted."""
     gate = ExecutionGate(2)
     a, b = gate.try_acquire(), gate.try_acquire()
-    assert a and b and gate.free == 0
+    assert a
+    assert b
+    assert gate.free == 0
     assert gate.try_acquire() is None
     assert gate.saturation_count == 1
     a.release()

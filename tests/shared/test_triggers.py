@@ -27,7 +27,8 @@ from picloud_shared.triggers import (
 def test_empty_ops_match_every_op() -> None:
     """An empty ops list is "any op", never "no op"."""
     d = KvTriggerDetails("user:*", ())
-    assert d.matches("user:1", KvOp.SET) and d.matches("user:1", KvOp.DELETE)
+    assert d.matches("user:1", KvOp.SET)
+    assert d.matches("user:1", KvOp.DELETE)
 
 
 def test_listed_ops_match_only_themselves() -> None:
@@ -74,7 +75,8 @@ def test_dead_letter_details_match_source_kinds() -> None:
     """Empty source kinds match every kind; a list matches only its members."""
     assert DeadLetterTriggerDetails(()).matches(OutboxSourceKind.HTTP)
     d = DeadLetterTriggerDetails((OutboxSourceKind.KV,))
-    assert d.matches(OutboxSourceKind.KV) and not d.matches(OutboxSourceKind.DOCS)
+    assert d.matches(OutboxSourceKind.KV)
+    assert not d.matches(OutboxSourceKind.DOCS)
 
 
 def test_create_request_validates_its_glob() -> None:
