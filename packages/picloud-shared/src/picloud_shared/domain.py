@@ -74,3 +74,20 @@ class Route:
     script_id: ScriptId
     dispatch_mode: DispatchMode = DispatchMode.SYNC
     registered_by: UserId | None = None
+
+
+@attrs.frozen
+class RouteTarget:
+    """What the user-route orchestrator needs to dispatch one route.
+
+    ``path`` is the route's template, with ``{name}`` segments for path params.
+    """
+
+    route_id: RouteId
+    app_id: AppId
+    app_name: str
+    method: str
+    path: str
+    dispatch_mode: DispatchMode
+    script_id: ScriptId
+    timeout_seconds: int

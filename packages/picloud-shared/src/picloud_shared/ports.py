@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from picloud_shared.domain import RouteTarget
 from picloud_shared.events import TriggerEvent
 from picloud_shared.execution import ExecRequest, ExecResult
 from picloud_shared.ids import AppId, DeadLetterId, ExecutionId, InboxId, TriggerId
@@ -219,6 +220,16 @@ class OutboxRepo(Protocol):
 
 
 @runtime_checkable
+class RouteTable(Protocol):
+    """Looks up an app's user routes by app name (the orchestrator's read side)."""
+
+    async def routes_for_app(self, app_name: str) -> Sequence[RouteTarget] | None:
+        """Every route of the app named ``app_name``, or ``None`` when there is no
+        such app. Raises nothing else."""
+        ...
+
+
+@runtime_checkable
 class InboxResolver(Protocol):
     """Hands a sync execution's answer to the HTTP caller waiting for it."""
 
@@ -237,5 +248,6 @@ __all__ = [
     "InboxResolver",
     "OutboxRepo",
     "OutboxWriter",
+    "RouteTable",
     "TriggerRepo",
 ]

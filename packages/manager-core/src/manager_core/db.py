@@ -1,0 +1,121 @@
+"""Engine and transaction plumbing shared by every Postgres adapter.
+
+Every repository method takes a ``bind``: either an ``AsyncEngine`` (the method
+opens and commits its own transaction) or an ``AsyncConnection`` already inside a
+transaction owned by the caller (the method joins it and never commits). That is
+how a script's KV write, the outbox rows it fans out and its execution record
+commit together.
+
+Commits and rollbacks run under ``CancelScope(shield=True)`` so a cancelled task
+never leaves a transaction half finished.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeAlias
+
+import anyio
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from picloud_shared.errors import Conflict, InvalidInput, PicloudError
+
+Bind: TypeAlias = AsyncEngine | AsyncConnection
+
+# SQLSTATEs we translate (https://www.postgresql.org/docs/current/errcodes-appendix.html)
+UNIQUE_VIOLATION = "23505"
+FOREIGN_KEY_VIOLATION = "23503"
+CHECK_VIOLATION = "23514"
+NOT_NULL_VIOLATION = "23502"
+SERIALIZATION_FAILURE = "40001"
+DEADLOCK_DETECTED = "40P01"
+
+
+def make_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 5, **kwargs: object
+) -> AsyncEngine:
+    """An async engine for ``postgresql+psycopg://`` URLs (plain ``postgresql://`` is accepted)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=False, **kwargs
+    )
+
+
+async def shielded_commit(conn: AsyncConnection) -> None:
+    """Commit, even if the calling task is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await conn.commit()
+
+
+async def shielded_rollback(conn: AsyncConnection) -> None:
+    """Roll back, even if the calling task is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        await conn.rollback()
+
+
+@asynccontextmanager
+async def transaction(
+    bind: Bind, *, isolation_level: str | None = None
+) -> AsyncIterator[AsyncConnection]:
+    """Join the caller's transaction (``bind`` is a connection) or run a new one.
+
+    A new transaction commits when the block ends normally and rolls back on any
+    exception, both shielded from cancellation.
+    """
+    if isinstance(bind, AsyncConnection):
+        yield bind
+        return
+    async with bind.connect() as conn:
+        if isolation_level is not None:
+            await conn.execution_options(isolation_level=isolation_level)
+        await conn.begin()
+        try:
+            yield conn
+        except BaseException:
+            await shielded_rollback(conn)
+            raise
+        await shielded_commit(conn)
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE behind a SQLAlchemy/psycopg error, if any."""
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "sqlstate", None)
+
+
+def constraint_name(exc: BaseException) -> str | None:
+    """The name of the violated constraint, if PostgreSQL reported one."""
+    orig = getattr(exc, "orig", exc)
+    diag = getattr(orig, "diag", None)
+    return getattr(diag, "constraint_name", None)
+
+
+def is_retryable_conflict(exc: BaseException) -> bool:
+    """A serialization failure or deadlock: the transaction may simply be re-run."""
+    return isinstance(exc, DBAPIError) and sqlstate(exc) in (
+        SERIALIZATION_FAILURE,
+        DEADLOCK_DETECTED,
+    )
+
+
+def translate_integrity_error(
+    exc: IntegrityError, *, what: str = "resource", foreign_key: PicloudError | None = None
+) -> PicloudError:
+    """Map a constraint violation to the public error a client should see.
+
+    A foreign-key violation means "still referenced" on delete but "refers to a
+    missing row" on insert; pass ``foreign_key`` to say which one the caller meant
+    (default: ``Conflict``).
+    """
+    state = sqlstate(exc)
+    name = constraint_name(exc) or "constraint"
+    if state == UNIQUE_VIOLATION:
+        return Conflict(f"{what} already exists")
+    if state == FOREIGN_KEY_VIOLATION:
+        return foreign_key or Conflict(f"{what} is still referenced ({name})")
+    if state in (CHECK_VIOLATION, NOT_NULL_VIOLATION):
+        return InvalidInput(f"{what} violates {name}")
+    return PicloudError()
