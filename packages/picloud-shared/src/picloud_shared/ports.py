@@ -115,8 +115,8 @@ class EventEmitter(Protocol):
 
     ``conn`` is the adapter's open transaction (for the Postgres adapter, a
     SQLAlchemy ``AsyncConnection``); the emitter writes through it and never
-    commits. ``trigger_depth`` is the writer's depth: rows get ``trigger_depth + 1``
-    (``0`` for admin writes, which pass ``-1``).
+    commits. ``trigger_depth`` is the depth the new rows carry: the writing
+    execution's ``trigger_depth + 1``, or ``0`` for a write through the admin API.
     """
 
     async def emit(
