@@ -1,0 +1,263 @@
+"""The user-route orchestrator: ``{METHOD} /apps/{app_name}{route_path}``.
+
+Matches the request against the app's routes, builds the HTTP event, and writes
+one outbox row through :class:`~picloud_shared.ports.OutboxWriter`:
+
+* ``async`` routes answer ``202 {"accepted_at", "execution_id"}`` at once;
+* ``sync`` routes register an inbox receiver, write the row with ``reply_to``, and
+  wait up to the script's ``timeout_seconds`` + 2 s for the dispatcher's answer.
+
+It never imports manager-core: routes come from a ``RouteTable``, answers from the
+``InboxRegistry``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import anyio
+import attrs
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from orchestrator_core.inbox import InboxRegistry
+from orchestrator_core.paths import match_template
+from picloud_shared.domain import DispatchMode, RouteTarget
+from picloud_shared.events import HttpEvent
+from picloud_shared.gate import ExecutionGate
+from picloud_shared.ids import ExecutionId, new_execution_id
+from picloud_shared.inbox import InboxResult
+from picloud_shared.limits import MAX_REQUEST_BODY_BYTES, SYNC_WAIT_BUFFER_SECONDS
+from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
+from picloud_shared.ports import OutboxWriter, RouteTable
+from picloud_shared.status import InboxFailureKind, http_status_for
+
+# Headers the server computes itself; a script cannot set them.
+_HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    execution_id: ExecutionId | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {
+        "error": {
+            "code": code,
+            "message": message,
+            "execution_id": None if execution_id is None else str(execution_id),
+        }
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _failure(
+    kind: InboxFailureKind,
+    message: str,
+    execution_id: ExecutionId | None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return _error(http_status_for(kind), kind.value, message, execution_id, headers)
+
+
+def is_json_content_type(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@attrs.define
+class UserRouteOrchestrator:
+    """Serves user routes; mount :meth:`routes` at the root of the ASGI app."""
+
+    route_table: RouteTable
+    outbox: OutboxWriter
+    inbox: InboxRegistry
+    gate: ExecutionGate
+    node_id: str
+    max_body_bytes: int = MAX_REQUEST_BODY_BYTES
+    wait_buffer_seconds: float = SYNC_WAIT_BUFFER_SECONDS
+    retry_after_seconds: int = 1
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/apps/{app_name}", self.handle, methods=ALL_METHODS),
+            Route("/apps/{app_name}/{route_path:path}", self.handle, methods=ALL_METHODS),
+        ]
+
+    def _match(
+        self, targets: Sequence[RouteTarget], method: str, path: str
+    ) -> tuple[RouteTarget, dict[str, str]] | list[str]:
+        """The matching route and its params, or the methods the path allows."""
+        allowed: list[str] = []
+        for target in targets:
+            params = match_template(target.path, path)
+            if params is None:
+                continue
+            if target.method == method or (method == "HEAD" and target.method == "GET"):
+                return target, params
+            allowed.append(target.method)
+        return allowed
+
+    async def handle(self, request: Request) -> Response:
+        app_name = request.path_params["app_name"]
+        path = "/" + request.path_params.get("route_path", "")
+        targets = await self.route_table.routes_for_app(app_name)
+        if targets is None:
+            return _error(404, "not_found", f"no app named {app_name!r}")
+        found = self._match(targets, request.method, path)
+        if isinstance(found, list):
+            if found:
+                return _error(
+                    405,
+                    "method_not_allowed",
+                    f"{request.method} is not allowed here",
+                    headers={"Allow": ", ".join(sorted(set(found)))},
+                )
+            return _error(404, "not_found", f"no route for {path!r}")
+        target, params = found
+        try:
+            raw = await read_body(request, self.max_body_bytes)
+        except BodyTooLarge:
+            return _error(
+                413, "payload_too_large", f"request body is larger than {self.max_body_bytes} bytes"
+            )
+        except ClientDisconnect:
+            return Response(status_code=499)
+        body = raw.decode("utf-8", errors="replace")
+        parsed = None
+        if raw and is_json_content_type(request.headers.get("content-type", "")):
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                return _failure(InboxFailureKind.REJECTED, "request body is not valid JSON", None)
+        event = HttpEvent(
+            method=request.method,
+            path=path,
+            params=params,
+            query=dict(request.query_params),
+            headers=dict(request.headers),
+            body=body,
+            json=parsed,
+        )
+        if target.dispatch_mode is DispatchMode.ASYNC:
+            return await self._dispatch_async(target, event)
+        return await self._dispatch_sync(request, target, event)
+
+    def _row(
+        self,
+        target: RouteTarget,
+        event: HttpEvent,
+        execution_id: ExecutionId,
+        reply_to: object = None,
+    ) -> NewOutboxRow:
+        return NewOutboxRow(
+            execution_id=execution_id,
+            app_id=target.app_id,
+            source_kind=OutboxSourceKind.HTTP,
+            payload=HttpDispatchPayload(target.route_id, event.to_wire()).to_wire(),
+            script_id=target.script_id,
+            route_id=target.route_id,
+            reply_to=reply_to,  # type: ignore[arg-type]
+            reply_node=self.node_id if reply_to is not None else None,
+        )
+
+    async def _dispatch_async(self, target: RouteTarget, event: HttpEvent) -> Response:
+        execution_id = new_execution_id()
+        accepted_at = datetime.now(UTC)
+        await self.outbox.enqueue(self._row(target, event, execution_id))
+        return JSONResponse(
+            {"accepted_at": accepted_at.isoformat(), "execution_id": str(execution_id)},
+            status_code=202,
+            headers={"Location": f"/api/v1/admin/apps/{target.app_id}/executions/{execution_id}"},
+        )
+
+    async def _dispatch_sync(
+        self, request: Request, target: RouteTarget, event: HttpEvent
+    ) -> Response:
+        if not self.gate.has_capacity():
+            return _failure(
+                InboxFailureKind.OVERLOADED,
+                "too many executions in flight; retry later",
+                None,
+                headers={"Retry-After": str(self.retry_after_seconds)},
+            )
+        execution_id = new_execution_id()
+        inbox_id, receiver = self.inbox.register()
+        with receiver:
+            await self.outbox.enqueue(self._row(target, event, execution_id, reply_to=inbox_id))
+            result = await self._wait(
+                request, receiver.receive, target.timeout_seconds + self.wait_buffer_seconds
+            )
+        if result is None:
+            return _failure(
+                InboxFailureKind.TIMEOUT,
+                f"no answer within {target.timeout_seconds} s",
+                execution_id,
+            )
+        return to_response(result)
+
+    async def _wait(self, request: Request, receive: object, timeout: float) -> InboxResult | None:
+        """Wait for the answer; give up on timeout or when the client disconnects."""
+        outcome: list[InboxResult | None] = [None]
+
+        async with anyio.create_task_group() as tg:
+
+            async def wait_answer() -> None:
+                outcome[0] = await receive(timeout)  # type: ignore[operator]
+                tg.cancel_scope.cancel()
+
+            async def watch_disconnect() -> None:
+                while True:
+                    message = await request.receive()
+                    if message["type"] == "http.disconnect":
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(wait_answer)
+            tg.start_soon(watch_disconnect)
+        return outcome[0]
+
+
+def to_response(result: InboxResult) -> Response:
+    """The HTTP answer for an inbox result: the script's response or the failure body."""
+    if result.response is not None:
+        r = result.response
+        headers: list[tuple[bytes, bytes]] = [
+            (k.lower().encode("latin-1"), v.encode("latin-1", errors="replace"))
+            for k, v in r.headers
+            if k.lower() not in _HOP_HEADERS
+        ]
+        response = Response(content=r.body, status_code=r.status)
+        response.raw_headers = [
+            h for h in response.raw_headers if h[0] != b"content-type"
+        ] + headers
+        return response
+    assert result.failure is not None
+    return _failure(result.failure, result.message, result.execution_id)

@@ -1,0 +1,78 @@
+"""InboxRegistry: the seed's four tests and their neighbours."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from orchestrator_core.inbox import InboxRegistry
+from picloud_shared.execution import ScriptResponse
+from picloud_shared.ids import ExecutionId, InboxId
+from picloud_shared.inbox import DeliveryStatus, InboxResult
+from picloud_shared.ports import InboxResolver
+
+pytestmark = pytest.mark.anyio
+
+
+def result() -> InboxResult:
+    return InboxResult(ExecutionId(uuid.uuid4()), response=ScriptResponse.text("hi"))
+
+
+def test_registry_is_an_inbox_resolver() -> None:
+    """The registry satisfies the InboxResolver port."""
+    assert isinstance(InboxRegistry(), InboxResolver)
+
+
+async def test_register_deliver_round_trip() -> None:
+    """A delivered result reaches its receiver."""
+    registry = InboxRegistry()
+    inbox_id, receiver = registry.register()
+    sent = result()
+    with receiver:
+        assert await registry.deliver(inbox_id, sent) is DeliveryStatus.DELIVERED
+        assert await receiver.receive(timeout=1) == sent
+    assert len(registry) == 0
+
+
+async def test_unknown_id_is_abandoned() -> None:
+    """Delivering to an id nobody registered is abandoned."""
+    registry = InboxRegistry()
+    assert await registry.deliver(InboxId(uuid.uuid4()), result()) is DeliveryStatus.ABANDONED
+
+
+async def test_dropped_receiver_is_abandoned() -> None:
+    """Once the receiver is closed, delivery is abandoned."""
+    registry = InboxRegistry()
+    inbox_id, receiver = registry.register()
+    receiver.close()
+    assert await registry.deliver(inbox_id, result()) is DeliveryStatus.ABANDONED
+
+
+async def test_explicit_cancel() -> None:
+    """cancel() forgets the registration; a later delivery is abandoned."""
+    registry = InboxRegistry()
+    inbox_id, receiver = registry.register()
+    with receiver:
+        assert registry.cancel(inbox_id) is True
+        assert registry.cancel(inbox_id) is False
+        assert await registry.deliver(inbox_id, result()) is DeliveryStatus.ABANDONED
+        assert await receiver.receive(timeout=0.01) is None
+
+
+async def test_receive_times_out_and_a_late_answer_is_abandoned() -> None:
+    """A wait that expires drops the receiver, so the late answer is abandoned."""
+    registry = InboxRegistry()
+    inbox_id, receiver = registry.register()
+    with receiver:
+        assert await receiver.receive(timeout=0.01) is None
+    assert await registry.deliver(inbox_id, result()) is DeliveryStatus.ABANDONED
+
+
+async def test_a_second_delivery_to_the_same_id_is_abandoned() -> None:
+    """An inbox takes one answer only."""
+    registry = InboxRegistry()
+    inbox_id, receiver = registry.register()
+    with receiver:
+        assert await registry.deliver(inbox_id, result()) is DeliveryStatus.DELIVERED
+        assert await registry.deliver(inbox_id, result()) is DeliveryStatus.ABANDONED

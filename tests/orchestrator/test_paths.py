@@ -1,0 +1,32 @@
+"""Route path templates."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator_core.paths import compile_template, match_template
+from picloud_shared.errors import InvalidInput
+
+
+def test_literal_path_matches_itself_only() -> None:
+    """A template without params is a literal."""
+    assert match_template("/hello", "/hello") == {}
+    assert match_template("/hello", "/hello/") is None
+    assert match_template("/a.b", "/axb") is None
+
+
+def test_params_bind_one_segment_each() -> None:
+    """{name} binds exactly one non-empty segment."""
+    assert match_template("/orders/{id}/items/{item}", "/orders/7/items/x") == {
+        "id": "7",
+        "item": "x",
+    }
+    assert match_template("/orders/{id}", "/orders/") is None
+    assert match_template("/orders/{id}", "/orders/1/2") is None
+
+
+@pytest.mark.parametrize("bad", ["nope", "/a/{x}/{x}", "/a/b{x}", "/a/{x"])
+def test_malformed_templates_are_invalid(bad: str) -> None:
+    """Templates that cannot be matched unambiguously are refused."""
+    with pytest.raises(InvalidInput):
+        compile_template(bad)

@@ -1,0 +1,234 @@
+"""The user-route orchestrator over an in-memory route table and outbox.
+
+The real outbox, dispatcher and executor are exercised end to end by
+``tests/app``; here the point is the HTTP behaviour of the orchestrator itself.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from orchestrator_core.inbox import InboxRegistry
+from orchestrator_core.routes import UserRouteOrchestrator
+from picloud_shared.domain import DispatchMode, RouteTarget
+from picloud_shared.events import HttpEvent
+from picloud_shared.execution import ScriptResponse
+from picloud_shared.gate import ExecutionGate
+from picloud_shared.ids import AppId, RouteId, ScriptId
+from picloud_shared.inbox import InboxResult
+from picloud_shared.limits import MAX_REQUEST_BODY_BYTES
+from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
+from picloud_shared.status import InboxFailureKind
+
+pytestmark = pytest.mark.anyio
+APP = AppId(uuid.uuid4())
+
+
+def target(
+    method: str, path: str, mode: DispatchMode = DispatchMode.SYNC, timeout: int = 1
+) -> RouteTarget:
+    return RouteTarget(
+        RouteId(uuid.uuid4()), APP, "shop", method, path, mode, ScriptId(uuid.uuid4()), timeout
+    )
+
+
+class FakeRoutes:
+    def __init__(self, targets: list[RouteTarget]) -> None:
+        self.targets = targets
+
+    async def routes_for_app(self, app_name: str) -> Sequence[RouteTarget] | None:
+        return self.targets if app_name == "shop" else None
+
+
+Answer = Callable[[NewOutboxRow], InboxResult | None]
+
+
+class FakeOutbox:
+    """Records rows; answers sync rows through the inbox like a dispatcher would."""
+
+    def __init__(self, inbox: InboxRegistry, tg: anyio.abc.TaskGroup) -> None:
+        self.rows: list[NewOutboxRow] = []
+        self.inbox = inbox
+        self.tg = tg
+        self.answer: Answer = lambda row: InboxResult(
+            row.execution_id, response=ScriptResponse.json({"ok": True})
+        )
+        self.delivery_statuses: list[str] = []
+
+    async def enqueue(self, row: NewOutboxRow) -> None:
+        self.rows.append(row)
+        if row.reply_to is not None:
+            result = self.answer(row)
+            if result is not None:
+                self.tg.start_soon(self._deliver, row, result)
+
+    async def _deliver(self, row: NewOutboxRow, result: InboxResult) -> None:
+        await anyio.sleep(0.01)
+        assert row.reply_to is not None
+        status = await self.inbox.deliver(row.reply_to, result)
+        self.delivery_statuses.append(status.value)
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[tuple[httpx.AsyncClient, FakeOutbox, FakeRoutes, ExecutionGate]]:
+    inbox = InboxRegistry()
+    gate = ExecutionGate(4)
+    routes = FakeRoutes(
+        [
+            target("GET", "/hello"),
+            target("POST", "/orders/{order_id}"),
+            target("POST", "/jobs", DispatchMode.ASYNC),
+        ]
+    )
+    async with anyio.create_task_group() as tg:
+        outbox = FakeOutbox(inbox, tg)
+        orch = UserRouteOrchestrator(routes, outbox, inbox, gate, node_id="n1")
+        app = Starlette(routes=orch.routes())
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
+            yield client, outbox, routes, gate
+
+
+async def test_sync_route_answers_with_the_script_response(env) -> None:  # type: ignore[no-untyped-def]
+    """A sync route waits for the inbox and answers with the script's response."""
+    client, outbox, _, _ = env
+    r = await client.get("/apps/shop/hello?x=1")
+    assert r.status_code == 200
+    assert r.json() == {"ok": True}
+    assert r.headers["content-type"] == "application/json"
+    (row,) = outbox.rows
+    assert row.source_kind is OutboxSourceKind.HTTP
+    assert row.reply_to is not None
+    assert row.reply_node == "n1"
+    event = HttpEvent.from_wire(HttpDispatchPayload.from_wire(row.payload).event)
+    assert (event.method, event.path, event.query) == ("GET", "/hello", {"x": "1"})
+
+
+async def test_path_params_and_json_body_reach_the_event(env) -> None:  # type: ignore[no-untyped-def]
+    """{order_id} binds, and an application/json body is parsed into event.json."""
+    client, outbox, _, _ = env
+    r = await client.post("/apps/shop/orders/42", json={"qty": 2})
+    assert r.status_code == 200
+    event = HttpDispatchPayload.from_wire(outbox.rows[0].payload).event
+    assert event["params"] == {"order_id": "42"}
+    assert event["json"] == {"qty": 2}
+    assert event["body"] == '{"qty":2}' or event["body"].replace(" ", "") == '{"qty":2}'
+
+
+async def test_unparsable_json_is_422_without_running_anything(env) -> None:  # type: ignore[no-untyped-def]
+    """A body that claims JSON but is not is rejected before dispatch."""
+    client, outbox, _, _ = env
+    r = await client.post(
+        "/apps/shop/orders/1", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "rejected"
+    assert outbox.rows == []
+
+
+async def test_body_over_the_cap_is_413_and_at_the_cap_is_accepted(env) -> None:  # type: ignore[no-untyped-def]
+    """The request body limit sits exactly at 1 MiB."""
+    client, outbox, _, _ = env
+    ok = await client.post("/apps/shop/orders/1", content=b"a" * MAX_REQUEST_BODY_BYTES)
+    assert ok.status_code == 200
+    big = await client.post("/apps/shop/orders/1", content=b"a" * (MAX_REQUEST_BODY_BYTES + 1))
+    assert big.status_code == 413
+    assert len(outbox.rows) == 1
+
+
+async def test_unknown_app_and_route_are_404_other_method_405(env) -> None:  # type: ignore[no-untyped-def]
+    """404 for an unknown app or path, 405 with Allow for a known path."""
+    client, _, _, _ = env
+    assert (await client.get("/apps/nope/hello")).status_code == 404
+    assert (await client.get("/apps/shop/nothing")).status_code == 404
+    r = await client.delete("/apps/shop/hello")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "GET"
+
+
+async def test_async_route_answers_202_with_location(env) -> None:  # type: ignore[no-untyped-def]
+    """An async route writes a row with no reply_to and answers 202 at once."""
+    client, outbox, _, _ = env
+    r = await client.post("/apps/shop/jobs", content=b"x")
+    assert r.status_code == 202
+    body = r.json()
+    assert set(body) == {"accepted_at", "execution_id"}
+    (row,) = outbox.rows
+    assert row.reply_to is None
+    assert str(row.execution_id) == body["execution_id"]
+    assert r.headers["location"] == f"/api/v1/admin/apps/{APP}/executions/{body['execution_id']}"
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [
+        (InboxFailureKind.REJECTED, 422),
+        (InboxFailureKind.SCRIPT_ERROR, 502),
+        (InboxFailureKind.OVERLOADED, 503),
+        (InboxFailureKind.TIMEOUT, 504),
+        (InboxFailureKind.RESOURCE_EXHAUSTED, 507),
+        (InboxFailureKind.INTERNAL, 500),
+    ],
+)
+async def test_failures_map_to_the_status_table(env, kind: InboxFailureKind, status: int) -> None:  # type: ignore[no-untyped-def]
+    """Each InboxFailureKind becomes its status and the documented error body."""
+    client, outbox, _, _ = env
+    outbox.answer = lambda row: InboxResult.failed(row.execution_id, kind, "boom")
+    r = await client.get("/apps/shop/hello")
+    assert r.status_code == status
+    assert r.json() == {
+        "error": {
+            "code": kind.value,
+            "message": "boom",
+            "execution_id": str(outbox.rows[0].execution_id),
+        }
+    }
+
+
+async def test_saturated_gate_is_503_with_retry_after(env) -> None:  # type: ignore[no-untyped-def]
+    """With no free slot, a sync request is refused before anything is written."""
+    client, outbox, _, gate = env
+    permits = [gate.try_acquire() for _ in range(gate.capacity)]
+    r = await client.get("/apps/shop/hello")
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    assert outbox.rows == []
+    for p in permits:
+        assert p is not None
+        p.release()
+
+
+async def test_no_answer_in_time_is_504_and_the_late_answer_is_abandoned(env) -> None:  # type: ignore[no-untyped-def]
+    """The wait is timeout_seconds + buffer; afterwards the receiver is gone."""
+    client, outbox, routes, _ = env
+    outbox.answer = lambda row: None
+    orch_timeout = routes.targets[0].timeout_seconds
+    with anyio.fail_after(orch_timeout + 10):
+        r = await client.get("/apps/shop/hello")
+    assert r.status_code == 504
+    row = outbox.rows[0]
+    assert row.reply_to is not None
+    status = await outbox.inbox.deliver(
+        row.reply_to, InboxResult(row.execution_id, response=ScriptResponse.empty())
+    )
+    assert status.value == "abandoned"
+
+
+async def test_script_headers_and_status_pass_through(env) -> None:  # type: ignore[no-untyped-def]
+    """ctx.response(status, headers) reaches the client; content-length is the server's."""
+    client, outbox, _, _ = env
+    outbox.answer = lambda row: InboxResult(
+        row.execution_id,
+        response=ScriptResponse(201, (("X-Thing", "1"), ("content-length", "999")), b"made"),
+    )
+    r = await client.get("/apps/shop/hello")
+    assert r.status_code == 201
+    assert r.headers["x-thing"] == "1"
+    assert r.content == b"made"
