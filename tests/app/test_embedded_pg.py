@@ -1,0 +1,89 @@
+"""EmbeddedPostgres: initdb once, reuse, settings, TCP, clean idempotent stop."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, pool, text
+
+from picloud.embedded_pg import TEST_SETTINGS, EmbeddedPostgres, EmbeddedPostgresError
+
+
+def _scalar(url: str, sql: str) -> object:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(sql)).scalar()
+    finally:
+        engine.dispose()
+
+
+def _execute(url: str, sql: str) -> None:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(sql))
+    finally:
+        engine.dispose()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_start_query_stop_and_restart_reuses_the_cluster(tmp_path: Path) -> None:
+    """A second start reuses the initialised cluster and its data; stop is idempotent."""
+    data_dir = tmp_path / "pg"
+    with EmbeddedPostgres(data_dir, settings=TEST_SETTINGS) as pg:
+        url = pg.url("postgres")
+        assert url.startswith("postgresql+psycopg://")
+        assert len(str(pg.socket_dir)) < 60
+        assert _scalar(url, "SHOW fsync") == "off"
+        assert _scalar(url, "SHOW max_connections") == "300"
+        assert _scalar(url, "SHOW listen_addresses") == ""
+        _execute(url, "CREATE TABLE kept (x int)")
+        socket_dir = pg.socket_dir
+    assert not pg.running
+    assert socket_dir is not None
+    assert not socket_dir.exists()
+    assert not (data_dir / "postmaster.pid").exists()
+    pg.stop()  # idempotent
+
+    pg2 = EmbeddedPostgres(data_dir).start()
+    try:
+        assert _scalar(pg2.url("postgres"), "SELECT count(*) FROM kept") == 0
+        assert _scalar(pg2.url("postgres"), "SHOW fsync") == "on"
+    finally:
+        pg2.stop()
+        pg2.stop()
+
+
+def test_tcp_listener_requires_the_generated_password(tmp_path: Path) -> None:
+    """With a port, 127.0.0.1 accepts the superuser with its password only."""
+    port = _free_port()
+    with EmbeddedPostgres(tmp_path / "pg", port=port, settings=TEST_SETTINGS) as pg:
+        url = pg.url("postgres", tcp=True)
+        assert f"127.0.0.1:{port}" in url
+        assert _scalar(url, "SELECT 1") == 1
+        wrong = url.replace(pg.password(), "wrong-password")
+        with pytest.raises(Exception, match="password authentication failed"):
+            _scalar(wrong, "SELECT 1")
+
+
+def test_url_before_start_is_an_error(tmp_path: Path) -> None:
+    """Asking for a URL of a stopped server raises EmbeddedPostgresError."""
+    with pytest.raises(EmbeddedPostgresError):
+        EmbeddedPostgres(tmp_path / "pg").url()
+
+
+def test_failed_start_raises_with_the_server_log(tmp_path: Path) -> None:
+    """An invalid server setting fails start() with the log in the message."""
+    pg = EmbeddedPostgres(tmp_path / "pg", settings={"no_such_setting": "1"})
+    with pytest.raises(EmbeddedPostgresError, match="no_such_setting"):
+        pg.start()
+    assert not pg.running
+    pg.stop()

@@ -1,0 +1,117 @@
+"""Settings.from_env: defaults, every PICLOUD_* variable, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import platformdirs
+import pytest
+
+from picloud.settings import Settings
+
+
+def test_defaults_when_environment_is_empty() -> None:
+    """Without PICLOUD_* variables every setting has its documented default."""
+    settings = Settings.from_env({})
+    assert settings.database_url is None
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8080
+    assert settings.data_dir == Path(platformdirs.user_data_dir("picloud"))
+    assert settings.embedded_pg_dir == settings.data_dir / "pg"
+    assert settings.admin_token is None
+    assert settings.max_concurrent_executions == 16
+    assert settings.max_trigger_depth == 8
+    assert settings.dispatch_poll_interval_ms == 100
+    assert settings.dispatch_batch_size == 64
+    assert settings.executor_max_workers == 8
+    assert settings.executor_max_executions_per_worker == 1000
+    assert settings.executor_idle_ttl_seconds == 300
+    assert settings.db_pool_size == 20
+
+
+def test_every_variable_is_read() -> None:
+    """Each PICLOUD_* variable sets its field."""
+    settings = Settings.from_env(
+        {
+            "PICLOUD_DATABASE_URL": "postgresql+psycopg://u:p@db:5432/picloud",
+            "PICLOUD_HOST": "0.0.0.0",
+            "PICLOUD_PORT": "9000",
+            "PICLOUD_DATA_DIR": "/srv/picloud",
+            "PICLOUD_ADMIN_TOKEN": "s3cret",
+            "PICLOUD_MAX_CONCURRENT_EXECUTIONS": "4",
+            "PICLOUD_MAX_TRIGGER_DEPTH": "3",
+            "PICLOUD_DISPATCH_POLL_INTERVAL_MS": "250",
+            "PICLOUD_DISPATCH_BATCH_SIZE": "10",
+            "PICLOUD_EXECUTOR_MAX_WORKERS": "2",
+            "PICLOUD_EXECUTOR_MAX_EXECUTIONS_PER_WORKER": "50",
+            "PICLOUD_EXECUTOR_IDLE_TTL_SECONDS": "60",
+            "PICLOUD_DB_POOL_SIZE": "5",
+            "UNRELATED": "ignored",
+        }
+    )
+    assert settings == Settings(
+        database_url="postgresql+psycopg://u:p@db:5432/picloud",
+        host="0.0.0.0",
+        port=9000,
+        data_dir=Path("/srv/picloud"),
+        admin_token="s3cret",
+        max_concurrent_executions=4,
+        max_trigger_depth=3,
+        dispatch_poll_interval_ms=250,
+        dispatch_batch_size=10,
+        executor_max_workers=2,
+        executor_max_executions_per_worker=50,
+        executor_idle_ttl_seconds=60,
+        db_pool_size=5,
+    )
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_plain_postgres_urls_use_psycopg(scheme: str) -> None:
+    """A plain postgresql:// URL is read as postgresql+psycopg://."""
+    settings = Settings.from_env({"PICLOUD_DATABASE_URL": f"{scheme}://u@h/db"})
+    assert settings.database_url == "postgresql+psycopg://u@h/db"
+
+
+def test_empty_variables_keep_defaults() -> None:
+    """An empty variable counts as unset."""
+    assert Settings.from_env({"PICLOUD_PORT": "", "PICLOUD_DATABASE_URL": " "}) == Settings(
+        data_dir=Settings.from_env({}).data_dir
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PICLOUD_PORT", "http"),
+        ("PICLOUD_PORT", "70000"),
+        ("PICLOUD_MAX_CONCURRENT_EXECUTIONS", "0"),
+        ("PICLOUD_MAX_TRIGGER_DEPTH", "-1"),
+        ("PICLOUD_DISPATCH_POLL_INTERVAL_MS", "1.5"),
+        ("PICLOUD_DISPATCH_BATCH_SIZE", "many"),
+        ("PICLOUD_EXECUTOR_MAX_WORKERS", "-2"),
+        ("PICLOUD_EXECUTOR_MAX_EXECUTIONS_PER_WORKER", "0"),
+        ("PICLOUD_EXECUTOR_IDLE_TTL_SECONDS", "x"),
+        ("PICLOUD_DB_POOL_SIZE", "0"),
+        ("PICLOUD_DATABASE_URL", "mysql://u@h/db"),
+    ],
+)
+def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
+    """An invalid value raises ValueError naming the variable and the value."""
+    with pytest.raises(ValueError, match=variable) as info:
+        Settings.from_env({variable: value})
+    assert repr(value) in str(info.value)
+
+
+def test_settings_are_frozen() -> None:
+    """Settings cannot be changed after construction."""
+    settings = Settings.from_env({})
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        settings.port = 1  # type: ignore[misc]
+
+
+def test_from_env_reads_only_the_given_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """from_env never falls back to os.environ."""
+    monkeypatch.setenv("PICLOUD_PORT", "1234")
+    assert Settings.from_env({}).port == 8080
