@@ -1,0 +1,345 @@
+"""``ProcessExecutor``: the default :class:`~picloud_shared.ports.Executor`.
+
+Runs each request in a sandboxed worker process leased from a :class:`WorkerPool`,
+serves its host calls through a :class:`HostBridge`, enforces the wall-clock
+deadline (the worker's process group is killed and replaced), caps logs and the
+response, and classifies every outcome into an :class:`ExecResult`.
+
+Memory: a worker's ``RLIMIT_AS`` is the script's ``memory_limit_mb`` plus
+``INTERPRETER_ALLOWANCE_MB`` (the interpreter, its imports and thread stacks
+need about 15-30 MiB of address space before a script allocates anything).
+Workers start at the largest limit and only ever lower it per execution; a
+request needing more than a warm worker still allows gets another worker.
+CPU: ``RLIMIT_CPU`` is set per execution to the CPU time used so far plus the
+script's ``timeout_seconds`` (SIGXCPU → ``cpu_limit``).
+
+Usage::
+
+    async with ProcessExecutor(max_workers=8) as executor:
+        result = await executor.execute(request, host)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from typing import TYPE_CHECKING, Any, Self
+
+import anyio
+
+from executor_core.host_bridge import OPS, HostBridge
+from executor_core.pool import WorkerPool
+from executor_core.process import WorkerGone, WorkerProcess, WorkerSpec
+from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
+from picloud_shared.limits import (
+    MAX_LOG_BYTES,
+    MAX_MEMORY_LIMIT_MB,
+    MAX_RESPONSE_BYTES,
+    MAX_TIMEOUT_SECONDS,
+)
+from picloud_shared.status import ExecErrorKind as K
+from picloud_shared.wire import WireError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from picloud_shared.execution import ExecRequest
+    from picloud_shared.ports import HostApi
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+INTERPRETER_ALLOWANCE_MB = 64
+DEFAULT_FILE_SIZE_LIMIT = 16 * MIB
+CPU_LIFETIME_SECONDS = 3600
+MAX_MESSAGE_CHARS = 2000
+MAX_TRACEBACK_CHARS = 16000
+
+# What a worker may report itself; anything else is a protocol violation.
+_WORKER_KINDS = frozenset(
+    {
+        K.REJECTED,
+        K.SYNTAX_ERROR,
+        K.MISSING_HANDLER,
+        K.UNCAUGHT_EXCEPTION,
+        K.INVALID_RETURN,
+        K.CPU_LIMIT,
+        K.MEMORY_LIMIT,
+        K.FILE_SIZE_LIMIT,
+        K.OUTPUT_LIMIT,
+        K.INTERNAL,
+    }
+)
+# After these the worker is not reused.
+_RECYCLE = frozenset(
+    {
+        K.TIMEOUT,
+        K.CPU_LIMIT,
+        K.MEMORY_LIMIT,
+        K.FILE_SIZE_LIMIT,
+        K.OUTPUT_LIMIT,
+        K.WORKER_CRASH,
+        K.PROTOCOL_VIOLATION,
+        K.INTERNAL,
+    }
+)
+_DONE_KEYS = frozenset({"t", "n", "ok", "resp", "kind", "msg", "tb", "cached", "has", "cpu"})
+_CALL_KEYS = frozenset({"t", "n", "id", "op", "a"})
+_LOG_KEYS = frozenset({"t", "n", "line"})
+_logged_missing: set[str] = set()
+
+
+class _Violation(Exception):
+    """The worker sent something it must not."""
+
+
+class _Failed(Exception):
+    def __init__(self, kind: K, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+class ProcessExecutor:
+    """Sandboxed worker processes, leased per app. See the module docstring."""
+
+    def __init__(
+        self,
+        max_workers: int = 8,
+        *,
+        spare_workers: int = 1,
+        max_executions_per_worker: int = 1000,
+        idle_ttl: float = 300.0,
+        uid_base: int | None = 61000,
+        scratch_root: str | None = None,
+        file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT,
+    ) -> None:
+        self._scratch_parent = scratch_root
+        self._uid_base = uid_base if _is_root() else None
+        self._file_size_limit = file_size_limit
+        self._max_executions = max_executions_per_worker
+        self._pool_args = dict(max_workers=max_workers, spares=spare_workers, idle_ttl=idle_ttl)
+        self._pool: WorkerPool | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._closed = False
+        self.compiles = 0
+        self.cache_hits = 0
+
+    @property
+    def pool(self) -> WorkerPool:
+        if self._pool is None:
+            raise RuntimeError("the executor is not started (use `async with`)")
+        return self._pool
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Create the scratch root and start the pool's background tasks."""
+        if self._closed or self._pool is not None:
+            raise RuntimeError("an executor starts once")
+        root = tempfile.mkdtemp(prefix="picloud-exec-", dir=self._scratch_parent)
+        os.chmod(root, 0o711)  # slot uids traverse into their own 0700 dirs
+        spec = WorkerSpec(
+            scratch_root=root,
+            address_space=(MAX_MEMORY_LIMIT_MB + INTERPRETER_ALLOWANCE_MB) * MIB,
+            cpu_lifetime=CPU_LIFETIME_SECONDS,
+            file_size=self._file_size_limit,
+            uid_base=self._uid_base,
+        )
+        self._pool = WorkerPool(spec, **self._pool_args)  # type: ignore[arg-type]
+        stack = contextlib.AsyncExitStack()
+        stack.callback(shutil.rmtree, root, True)
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.push_async_callback(self._pool.aclose)
+        stack.callback(tg.cancel_scope.cancel)
+        self._pool.start(tg)
+        self._stack = stack
+        if self._uid_base is None:
+            _log_missing("uid_drop", "not running as root: workers keep the server's uid")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    # --- execution --------------------------------------------------------------
+
+    async def execute(self, request: ExecRequest, host: HostApi) -> ExecResult:
+        if self._closed:
+            raise RuntimeError("the executor is closed")
+        started = time.perf_counter()
+        address_space = (request.memory_limit_mb + INTERPRETER_ALLOWANCE_MB) * MIB
+        pool = self.pool
+        worker = await pool.acquire(request.app_id, address_space)
+        _note_layers(worker.layers)
+        logs: list[str] = []
+        try:
+            response, error = await self._run(worker, request, host, address_space, logs)
+        except BaseException:
+            pool.release(worker, reuse=False)
+            raise
+        worker.executions += 1
+        reuse = (
+            (error is None or error.kind not in _RECYCLE)
+            and worker.executions < self._max_executions
+            and worker.cpu < CPU_LIFETIME_SECONDS - MAX_TIMEOUT_SECONDS - 10
+        )
+        pool.release(worker, reuse=reuse)
+        duration = (time.perf_counter() - started) * 1000
+        if error is not None:
+            return ExecResult.failed(request.execution_id, error, tuple(logs), duration)
+        assert response is not None
+        return ExecResult.succeeded(request.execution_id, response, tuple(logs), duration)
+
+    async def _run(
+        self,
+        worker: WorkerProcess,
+        request: ExecRequest,
+        host: HostApi,
+        address_space: int,
+        logs: list[str],
+    ) -> tuple[ScriptResponse | None, ExecError | None]:
+        nonce = os.urandom(8).hex()
+        key = f"{request.script_id}@{request.script_version}"
+        message: dict[str, Any] = {
+            "t": "exec",
+            "n": nonce,
+            "key": key,
+            "ev": request.event,
+            "ctx": request.context_wire(),
+            "cpu": request.timeout_seconds,
+        }
+        if key not in worker.scripts:
+            message["src"] = request.source
+        if address_space < worker.address_space:
+            message["mem"] = address_space
+            worker.address_space = address_space
+        bridge = HostBridge(host)
+        log_bytes = 0
+        with anyio.move_on_after(request.timeout_seconds) as deadline:
+            try:
+                try:
+                    await worker.send(message)
+                except (TypeError, ValueError) as exc:
+                    return None, ExecError(K.INTERNAL, f"the event is not JSON: {exc}")
+                while True:
+                    frame = await worker.recv()
+                    t = frame.get("t")
+                    if frame.get("n") != nonce:
+                        raise _Violation("a frame of another execution")
+                    if t == "log" and frame.keys() <= _LOG_KEYS:
+                        line = frame.get("line")
+                        if not isinstance(line, str):
+                            raise _Violation("a log line must be a string")
+                        log_bytes += len(line.encode("utf-8", "replace"))
+                        if log_bytes > MAX_LOG_BYTES:
+                            raise _Failed(K.OUTPUT_LIMIT, f"logs are over {MAX_LOG_BYTES} bytes")
+                        logs.append(line)
+                        await host.log(line)
+                    elif t == "call" and frame.keys() == _CALL_KEYS:
+                        call_id, op = frame["id"], frame["op"]
+                        if type(call_id) is not int or op not in OPS:
+                            raise _Violation("a malformed host call")
+                        await worker.send(await bridge.serve(call_id, op, frame["a"]))
+                    elif t == "done" and frame.keys() <= _DONE_KEYS:
+                        if frame.get("has") is True:
+                            worker.scripts.add(key)
+                        return self._finish(worker, frame)
+                    else:
+                        raise _Violation(f"an unexpected frame {str(t)[:40]!r}")
+            except _Violation as exc:
+                worker.kill()
+                return None, ExecError(K.PROTOCOL_VIOLATION, f"worker sent {exc}")
+            except _Failed as exc:
+                worker.kill()
+                return None, ExecError(exc.kind, str(exc))
+            except WorkerGone as exc:
+                return None, await _crash(worker, str(exc))
+        assert deadline.cancelled_caught
+        worker.kill()
+        return None, ExecError(
+            K.TIMEOUT, f"the script ran past its {request.timeout_seconds} s timeout"
+        )
+
+    def _finish(
+        self, worker: WorkerProcess, frame: dict[str, Any]
+    ) -> tuple[ScriptResponse | None, ExecError | None]:
+        cpu = frame.get("cpu")
+        if isinstance(cpu, (int, float)) and not isinstance(cpu, bool):
+            worker.cpu = float(cpu)
+        if frame.get("cached") is True:
+            self.cache_hits += 1
+        else:
+            self.compiles += 1
+        ok = frame.get("ok")
+        if ok is True:
+            try:
+                response = ScriptResponse.from_wire(frame.get("resp"))
+            except WireError as exc:
+                worker.kill()
+                return None, ExecError(K.PROTOCOL_VIOLATION, f"bad response: {exc}")
+            if len(response.body) > MAX_RESPONSE_BYTES:
+                worker.kill()
+                return None, ExecError(
+                    K.OUTPUT_LIMIT, f"response body is over {MAX_RESPONSE_BYTES} bytes"
+                )
+            if not 100 <= response.status <= 599:
+                worker.kill()
+                return None, ExecError(K.PROTOCOL_VIOLATION, "bad response status")
+            return response, None
+        kind, msg, tb = frame.get("kind"), frame.get("msg"), frame.get("tb")
+        if (
+            ok is not False
+            or kind not in _WORKER_KINDS
+            or not isinstance(msg, str)
+            or not (tb is None or isinstance(tb, str))
+        ):
+            worker.kill()
+            return None, ExecError(K.PROTOCOL_VIOLATION, "worker sent a malformed result")
+        if kind in _RECYCLE:
+            worker.kill()
+        return None, ExecError(
+            K(kind), msg[:MAX_MESSAGE_CHARS], None if tb is None else tb[-MAX_TRACEBACK_CHARS:]
+        )
+
+
+async def _crash(worker: WorkerProcess, why: str) -> ExecError:
+    code = await worker.wait_exit(0.5)
+    worker.kill()
+    if code is None:
+        return ExecError(K.PROTOCOL_VIOLATION, f"worker closed its channel ({why})")
+    if code == -signal.SIGXCPU:
+        return ExecError(K.CPU_LIMIT, "CPU time limit exceeded")
+    if code == -signal.SIGXFSZ:
+        return ExecError(K.FILE_SIZE_LIMIT, "file size limit exceeded")
+    what = f"signal {-code}" if code < 0 else f"status {code}"
+    return ExecError(K.WORKER_CRASH, f"the worker exited with {what}")
+
+
+def _log_missing(layer: str, why: str) -> None:
+    if layer not in _logged_missing:
+        _logged_missing.add(layer)
+        log.warning("executor isolation layer %s is not active: %s", layer, why)
+
+
+def _note_layers(layers: dict[str, Any]) -> None:
+    if not layers.get("landlock"):
+        _log_missing("landlock", "the kernel offers no Landlock ABI")
+    if not layers.get("seccomp"):
+        _log_missing("seccomp", "no seccomp filter for this architecture")

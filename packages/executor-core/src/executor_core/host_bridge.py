@@ -1,0 +1,65 @@
+"""Serving a worker's host calls in the parent, trusting nothing it sends.
+
+The worker names an operation and its arguments, nothing else: the app (and the
+transaction, for the Postgres host) is fixed by the ``HostApi`` object the
+executor was given for this execution. Every argument is validated here before
+the host sees it, calls are capped per execution, and a ``PicloudError`` from the
+host goes back as an ``err`` frame the script re-raises. Any other exception
+from the host is not the script's doing and propagates to the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from executor_core import validation as v
+from picloud_shared.errors import InvalidInput, LimitExceeded, PicloudError
+from picloud_shared.limits import MAX_HOST_CALLS_PER_EXECUTION
+
+if TYPE_CHECKING:
+    from picloud_shared.ports import HostApi
+
+
+def _opt_doc_id(value: object) -> str | None:
+    return None if value is None else v.doc_id(value)
+
+
+# op → (argument checks, HostApi method name). Arity is exact.
+_OPS: dict[str, tuple[tuple[Callable[[Any], Any], ...], str]] = {
+    "kv_get": ((v.key,), "kv_get"),
+    "kv_set": ((v.key, v.json_value), "kv_set"),
+    "kv_delete": ((v.key,), "kv_delete"),
+    "kv_list": ((v.prefix, v.limit), "kv_list"),
+    "docs_insert": ((v.collection, v.document, _opt_doc_id), "docs_insert"),
+    "docs_get": ((v.collection, v.doc_id), "docs_get"),
+    "docs_update": ((v.collection, v.doc_id, v.document), "docs_update"),
+    "docs_delete": ((v.collection, v.doc_id), "docs_delete"),
+    "docs_query": ((v.collection, v.where, v.limit), "docs_query"),
+}
+OPS = frozenset(_OPS)
+
+
+class HostBridge:
+    """One execution's host calls."""
+
+    def __init__(self, host: HostApi, max_calls: int = MAX_HOST_CALLS_PER_EXECUTION) -> None:
+        self._host = host
+        self._max_calls = max_calls
+        self.calls = 0
+
+    async def serve(self, call_id: int, op: str, args: object) -> dict[str, Any]:
+        """The reply frame for one ``call`` (``op`` is already known to be in OPS)."""
+        self.calls += 1
+        try:
+            if self.calls > self._max_calls:
+                raise LimitExceeded(f"at most {self._max_calls} host calls per execution")
+            checks, method = _OPS[op]
+            if not isinstance(args, list) or len(args) != len(checks):
+                raise InvalidInput(f"{op} takes {len(checks)} arguments")
+            clean = [check(arg) for check, arg in zip(checks, args, strict=True)]
+            fn: Callable[..., Awaitable[Any]] = getattr(self._host, method)
+            value = await fn(*clean)
+        except PicloudError as exc:
+            return {"t": "err", "id": call_id, "code": exc.code, "msg": exc.message}
+        return {"t": "ret", "id": call_id, "v": value}

@@ -1,0 +1,199 @@
+"""Leasing workers to apps: warm per app, a few unassigned spares, bounded, LRU.
+
+* A worker belongs to the first app it is leased to and is never leased to
+  another one.
+* ``max_workers`` bounds every process the pool owns: leased, idle, spare,
+  starting and dying ones.
+* ``spares`` unassigned workers are kept started while capacity allows, so a
+  new app's first call (or a second concurrent call of a warm app) does not wait
+  for a cold spawn. They are refilled in the background.
+* When a lease finds no warm worker, no spare and no free capacity, the
+  least-recently-used idle worker of any app is evicted.
+* Idle workers are retired after ``idle_ttl`` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+
+from executor_core.process import SpawnFailed, WorkerProcess, WorkerSpec, spawn
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from picloud_shared.ids import AppId
+
+
+class WorkerPool:
+    def __init__(self, spec: WorkerSpec, *, max_workers: int, spares: int, idle_ttl: float) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
+        self.spec = spec
+        self.max_workers = max_workers
+        self.target_spares = max(0, min(spares, max_workers))
+        self.idle_ttl = idle_ttl
+        self._idle: dict[AppId, list[WorkerProcess]] = {}
+        self._spares: list[WorkerProcess] = []
+        self._leased: set[WorkerProcess] = set()
+        self._free_slots = list(range(max_workers - 1, -1, -1))
+        self._spawning_spares = 0
+        self._changed = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self.closed = False
+        self.spawned = 0
+        self.spawn_errors = 0
+
+    # --- lifecycle --------------------------------------------------------------
+
+    def start(self, tg: TaskGroup) -> None:
+        self._tg = tg
+        tg.start_soon(self._refill_loop)
+        tg.start_soon(self._ttl_loop)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self._notify()
+        workers = [*self._spares, *self._leased]
+        for idle in self._idle.values():
+            workers += idle
+        self._spares.clear()
+        self._idle.clear()
+        for w in workers:
+            w.kill()
+        with anyio.CancelScope(shield=True):
+            for w in workers:
+                await w.reap()
+
+    # --- leasing ----------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.max_workers - len(self._free_slots)
+
+    def idle_workers(self) -> list[WorkerProcess]:
+        return [w for ws in self._idle.values() for w in ws]
+
+    async def acquire(self, app_id: AppId, address_space: int) -> WorkerProcess:
+        """A ready worker leased to ``app_id`` with at least ``address_space`` bytes."""
+        while True:
+            if self.closed:
+                raise RuntimeError("the executor is closed")
+            worker = self._take_warm(app_id, address_space)
+            if worker is None and self._spares:
+                worker = self._spares.pop()
+                self._notify()  # the refill loop starts a replacement
+            if worker is None and self._free_slots:
+                worker = await self._spawn()
+            if worker is not None:
+                worker.app_id = app_id
+                self._leased.add(worker)
+                return worker
+            victim = self._lru_idle()
+            if victim is not None:
+                self._discard(victim)
+            changed = self._changed
+            await changed.wait()
+
+    def release(self, worker: WorkerProcess, *, reuse: bool) -> None:
+        """Give a worker back: warm for its app, or retired (killed and reaped)."""
+        self._leased.discard(worker)
+        if reuse and not self.closed and not worker.killed:
+            worker.last_used = time.monotonic()
+            assert worker.app_id is not None
+            self._idle.setdefault(worker.app_id, []).append(worker)
+            self._notify()
+        else:
+            self._discard(worker)
+
+    def _take_warm(self, app_id: AppId, address_space: int) -> WorkerProcess | None:
+        idle = self._idle.get(app_id)
+        if not idle:
+            return None
+        for i in range(len(idle) - 1, -1, -1):  # most recently used first
+            if idle[i].address_space >= address_space:
+                worker = idle.pop(i)
+                if not idle:
+                    del self._idle[app_id]
+                return worker
+        return None
+
+    def _lru_idle(self) -> WorkerProcess | None:
+        oldest: WorkerProcess | None = None
+        for ws in self._idle.values():
+            for w in ws:
+                if oldest is None or w.last_used < oldest.last_used:
+                    oldest = w
+        return oldest
+
+    def _remove_idle(self, worker: WorkerProcess) -> None:
+        if worker.app_id is not None and worker in self._idle.get(worker.app_id, ()):
+            self._idle[worker.app_id].remove(worker)
+            if not self._idle[worker.app_id]:
+                del self._idle[worker.app_id]
+
+    def _discard(self, worker: WorkerProcess) -> None:
+        self._remove_idle(worker)
+        worker.kill()
+        assert self._tg is not None
+        self._tg.start_soon(self._reap, worker)
+
+    async def _reap(self, worker: WorkerProcess) -> None:
+        await worker.reap()
+        self._free_slots.append(worker.slot)
+        self._notify()
+
+    async def _spawn(self) -> WorkerProcess:
+        slot = self._free_slots.pop()
+        try:
+            worker = await spawn(self.spec, slot)
+        except BaseException:
+            self._free_slots.append(slot)
+            self.spawn_errors += 1
+            self._notify()
+            raise
+        self.spawned += 1
+        return worker
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    # --- background -------------------------------------------------------------
+
+    async def _refill_loop(self) -> None:
+        while not self.closed:
+            while (
+                len(self._spares) + self._spawning_spares < self.target_spares
+                and self._free_slots
+                and not self.closed
+            ):
+                self._spawning_spares += 1
+                assert self._tg is not None
+                self._tg.start_soon(self._spawn_spare)
+            changed = self._changed
+            await changed.wait()
+
+    async def _spawn_spare(self) -> None:
+        try:
+            worker = await self._spawn()
+        except SpawnFailed:
+            await anyio.sleep(1.0)  # do not spin on a broken spawn
+            return
+        finally:
+            self._spawning_spares -= 1
+        if self.closed:
+            await worker.reap()
+            self._free_slots.append(worker.slot)
+            return
+        self._spares.append(worker)
+        self._notify()
+
+    async def _ttl_loop(self) -> None:
+        while not self.closed:
+            await anyio.sleep(min(max(self.idle_ttl / 4, 0.05), 5.0))
+            cutoff = time.monotonic() - self.idle_ttl
+            for worker in [w for w in self.idle_workers() if w.last_used < cutoff]:
+                self._discard(worker)

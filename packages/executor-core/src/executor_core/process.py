@@ -1,0 +1,217 @@
+"""One worker process as the host sees it: spawn, frames in and out, kill, reap.
+
+A worker is spawned with ``sys.executable -I -m executor_core.worker`` — a fresh
+interpreter, never a fork of the server's memory: an empty environment, only the
+two pipe ends passed (``close_fds``), its own session (so its process group can
+be killed whole), stdio on ``/dev/null``, and a fresh scratch directory as cwd,
+owned by the slot's uid and removed when the worker is reaped. ``Popen`` runs in
+a thread so the event loop never blocks on it; no ``preexec_fn`` is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json.decoder  # noqa: F401 - the C scanner in frames raises its JSONDecodeError
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import attrs
+
+from executor_core import frames
+
+if TYPE_CHECKING:
+    from picloud_shared.ids import AppId
+
+
+class WorkerGone(Exception):
+    """The worker's pipe closed or broke the framing."""
+
+
+class SpawnFailed(RuntimeError):
+    """A worker could not be started or did not report ready."""
+
+
+@attrs.define
+class WorkerSpec:
+    """How every worker of a pool is started."""
+
+    scratch_root: str
+    address_space: int  # bytes; RLIMIT_AS ceiling, lowered per execution
+    cpu_lifetime: int  # seconds; RLIMIT_CPU hard limit over the worker's life
+    file_size: int  # bytes; RLIMIT_FSIZE
+    open_files: int = 64
+    processes: int = 32  # RLIMIT_NPROC of the slot uid (threads count)
+    uid_base: int | None = None  # None: do not drop privileges
+    ready_timeout: float = 10.0
+    python: str = sys.executable
+
+
+@attrs.define(eq=False)
+class WorkerProcess:
+    slot: int
+    proc: subprocess.Popen[bytes]
+    rfd: int  # host reads worker frames
+    wfd: int  # host writes frames to the worker
+    scratch: str
+    address_space: int
+    app_id: AppId | None = None
+    executions: int = 0
+    last_used: float = attrs.field(factory=time.monotonic)
+    scripts: set[str] = attrs.field(factory=set)
+    cpu: float = 0.0
+    layers: dict[str, Any] = attrs.field(factory=dict)
+    killed: bool = False
+    _reader: frames.FrameReader = attrs.field(factory=frames.FrameReader)
+    _pending: list[dict[str, Any]] = attrs.field(factory=list)
+    _reaped: anyio.Event | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def send(self, message: dict[str, Any]) -> None:
+        view = memoryview(frames.encode(message))
+        while view:
+            try:
+                n = os.write(self.wfd, view)
+            except BlockingIOError:
+                await anyio.wait_writable(self.wfd)
+                continue
+            except (BrokenPipeError, OSError) as exc:
+                raise WorkerGone(f"write failed: {exc}") from None
+            view = view[n:]
+
+    async def recv(self) -> dict[str, Any]:
+        while not self._pending:
+            try:
+                await anyio.wait_readable(self.rfd)
+                data = os.read(self.rfd, 1 << 18)
+            except BlockingIOError:
+                continue
+            except (OSError, anyio.ClosedResourceError) as exc:
+                raise WorkerGone(f"read failed: {exc}") from None
+            if not data:
+                raise WorkerGone("end of file")
+            try:
+                self._pending.extend(self._reader.feed(data))
+            except frames.FrameError as exc:
+                raise WorkerGone(f"bad frame: {exc}") from None
+        return self._pending.pop(0)
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group (it is its own session)."""
+        if not self.killed:
+            self.killed = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    async def wait_exit(self, grace: float) -> int | None:
+        """The exit status if the worker ends by itself within ``grace`` seconds."""
+        deadline = time.monotonic() + grace
+        while True:
+            code = self.proc.poll()
+            if code is not None or time.monotonic() >= deadline:
+                return code
+            await anyio.sleep(0.005)
+
+    async def reap(self) -> None:
+        """Kill, wait for the exit, close the pipes, remove the scratch dir. Idempotent."""
+        if self._reaped is not None:
+            await self._reaped.wait()
+            return
+        self._reaped = anyio.Event()
+        try:
+            self.kill()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.proc.wait)
+                for fd in (self.rfd, self.wfd):
+                    anyio.notify_closing(fd)
+                    os.close(fd)
+                await anyio.to_thread.run_sync(
+                    lambda: shutil.rmtree(self.scratch, ignore_errors=True)
+                )
+        finally:
+            self._reaped.set()
+
+
+def _start(spec: WorkerSpec, slot: int) -> WorkerProcess:
+    """Blocking part of a spawn (runs in a thread)."""
+    uid = None if spec.uid_base is None else spec.uid_base + slot
+    scratch = os.path.join(spec.scratch_root, f"w{slot}-{secrets.token_hex(4)}")
+    os.mkdir(scratch, 0o700)
+    if uid is not None:
+        os.chown(scratch, uid, uid)
+    to_child_r, to_child_w = os.pipe2(os.O_CLOEXEC)
+    from_child_r, from_child_w = os.pipe2(os.O_CLOEXEC)
+    argv = [
+        spec.python,
+        "-I",
+        "-m",
+        "executor_core.worker",
+        "--rfd",
+        str(to_child_r),
+        "--wfd",
+        str(from_child_w),
+        "--scratch",
+        scratch,
+        "--address-space",
+        str(spec.address_space),
+        "--cpu",
+        str(spec.cpu_lifetime),
+        "--fsize",
+        str(spec.file_size),
+        "--nofile",
+        str(spec.open_files),
+        "--nproc",
+        str(spec.processes),
+    ]
+    if uid is not None:
+        argv += ["--uid", str(uid), "--gid", str(uid)]
+    try:
+        proc = subprocess.Popen(
+            argv,
+            env={},
+            cwd=scratch,
+            close_fds=True,
+            pass_fds=(to_child_r, from_child_w),
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except BaseException:
+        for fd in (to_child_r, to_child_w, from_child_r, from_child_w):
+            os.close(fd)
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    os.close(to_child_r)
+    os.close(from_child_w)
+    os.set_blocking(from_child_r, False)
+    os.set_blocking(to_child_w, False)
+    return WorkerProcess(slot, proc, from_child_r, to_child_w, scratch, spec.address_space)
+
+
+async def spawn(spec: WorkerSpec, slot: int) -> WorkerProcess:
+    """Start a worker and wait (without blocking the loop) until it reports ready."""
+    worker = await anyio.to_thread.run_sync(_start, spec, slot)
+    try:
+        with anyio.fail_after(spec.ready_timeout):
+            ready = await worker.recv()
+        if ready.get("t") != "ready" or ready.get("ok") is not True:
+            raise SpawnFailed(f"worker failed to start: {ready.get('error')!r}")
+        layers = ready.get("layers")
+        worker.layers = layers if isinstance(layers, dict) else {}
+    except (WorkerGone, TimeoutError) as exc:
+        await worker.reap()
+        raise SpawnFailed(f"worker did not become ready: {exc}") from None
+    except BaseException:
+        await worker.reap()
+        raise
+    return worker

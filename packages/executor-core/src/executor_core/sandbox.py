@@ -1,0 +1,378 @@
+"""Kernel isolation layers a worker applies to itself before any user code runs.
+
+Everything goes through ctypes (no third-party packages): rlimits,
+``PR_SET_NO_NEW_PRIVS``, Landlock, the privilege drop to a per-slot uid/gid,
+``PR_SET_DUMPABLE=0`` and a small classic-BPF seccomp filter. :func:`apply`
+runs them in that order and returns which layers are active; a layer the
+kernel does not offer is reported as missing, the others still apply.
+
+This module is imported by the worker bootstrap: standard library only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import struct
+
+PR_SET_DUMPABLE = 4
+PR_SET_SECCOMP = 22
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_MODE_FILTER = 2
+
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO = 0x00050000
+EPERM = 1
+ENOSYS = 38
+CLONE_THREAD = 0x00010000
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_AARCH64 = 0xC00000B7
+
+# Syscalls a script never needs. Denied with EPERM so the script sees an OSError.
+_DENIED_X86_64 = {
+    "socket": 41,
+    "socketpair": 53,
+    "fork": 57,
+    "vfork": 58,
+    "execve": 59,
+    "ptrace": 101,
+    "pivot_root": 155,
+    "chroot": 161,
+    "mount": 165,
+    "umount2": 166,
+    "swapon": 167,
+    "swapoff": 168,
+    "reboot": 169,
+    "init_module": 175,
+    "delete_module": 176,
+    "kexec_load": 246,
+    "add_key": 248,
+    "request_key": 249,
+    "keyctl": 250,
+    "unshare": 272,
+    "perf_event_open": 298,
+    "setns": 308,
+    "process_vm_readv": 310,
+    "process_vm_writev": 311,
+    "finit_module": 313,
+    "kexec_file_load": 320,
+    "bpf": 321,
+    "execveat": 322,
+    "userfaultfd": 323,
+}
+_DENIED_AARCH64 = {
+    "umount2": 39,
+    "mount": 40,
+    "pivot_root": 41,
+    "chroot": 51,
+    "unshare": 97,
+    "kexec_load": 104,
+    "init_module": 105,
+    "delete_module": 106,
+    "ptrace": 117,
+    "reboot": 142,
+    "socket": 198,
+    "socketpair": 199,
+    "add_key": 217,
+    "request_key": 218,
+    "keyctl": 219,
+    "execve": 221,
+    "swapon": 224,
+    "swapoff": 225,
+    "perf_event_open": 241,
+    "setns": 268,
+    "process_vm_readv": 270,
+    "process_vm_writev": 271,
+    "finit_module": 273,
+    "bpf": 280,
+    "execveat": 281,
+    "userfaultfd": 282,
+    "kexec_file_load": 294,
+}
+# The generic table shared by both architectures from 5.x on.
+_DENIED_COMMON = {
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "fspick": 433,
+    "pidfd_getfd": 438,
+    "mount_setattr": 442,
+}
+_ARCHES = {
+    "x86_64": (AUDIT_ARCH_X86_64, _DENIED_X86_64, 56),
+    "aarch64": (AUDIT_ARCH_AARCH64, _DENIED_AARCH64, 220),
+}
+CLONE3 = 435
+
+SYS_landlock_create_ruleset = 444
+SYS_landlock_add_rule = 445
+SYS_landlock_restrict_self = 446
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.restype = ctypes.c_int
+
+
+class SandboxError(OSError):
+    """A layer the kernel offers could not be applied."""
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise SandboxError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+# --- rlimits -------------------------------------------------------------------------
+
+
+def set_limit(which: int, value: int) -> None:
+    """Set soft and hard limit to ``value`` (never above the current hard limit)."""
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY and value > hard:
+        value = hard
+    resource.setrlimit(which, (value, value))
+
+
+def apply_rlimits(
+    *,
+    address_space: int,
+    cpu_seconds: int,
+    file_size: int,
+    open_files: int,
+    processes: int | None,
+) -> None:
+    """The worker's lifetime ceilings; per-execution limits only ever lower them."""
+    set_limit(resource.RLIMIT_CORE, 0)
+    set_limit(resource.RLIMIT_NOFILE, open_files)
+    set_limit(resource.RLIMIT_FSIZE, file_size)
+    set_limit(resource.RLIMIT_AS, address_space)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    cpu = cpu_seconds if hard == resource.RLIM_INFINITY else min(hard, cpu_seconds)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    if processes is not None:
+        set_limit(resource.RLIMIT_NPROC, processes)
+
+
+# --- prctl ---------------------------------------------------------------------------
+
+
+def no_new_privs() -> None:
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+
+
+def not_dumpable() -> None:
+    _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "PR_SET_DUMPABLE")
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become ``uid``/``gid`` for good (real, effective and saved), no groups."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise SandboxError(EPERM, "privilege drop did not stick")
+
+
+# --- Landlock ------------------------------------------------------------------------
+
+FS_EXECUTE = 1 << 0
+FS_WRITE_FILE = 1 << 1
+FS_REMOVE_DIR = 1 << 4
+FS_REMOVE_FILE = 1 << 5
+FS_MAKE_CHAR = 1 << 6
+FS_MAKE_DIR = 1 << 7
+FS_MAKE_REG = 1 << 8
+FS_MAKE_SOCK = 1 << 9
+FS_MAKE_FIFO = 1 << 10
+FS_MAKE_BLOCK = 1 << 11
+FS_MAKE_SYM = 1 << 12
+FS_REFER = 1 << 13  # ABI 2
+FS_TRUNCATE = 1 << 14  # ABI 3
+FS_IOCTL_DEV = 1 << 15  # ABI 5
+NET_BIND_TCP = 1 << 0  # ABI 4
+NET_CONNECT_TCP = 1 << 1
+SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
+SCOPE_SIGNAL = 1 << 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+O_PATH = 0o10000000
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, 0 when Landlock is unavailable."""
+    ret = _libc.syscall(SYS_landlock_create_ruleset, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    return max(int(ret), 0)
+
+
+def apply_landlock(scratch: str) -> int:
+    """Writes only beneath ``scratch``; no exec, no TCP bind/connect, scoped signals and
+    abstract sockets (each as far as the ABI goes). Returns the ABI used, 0 if none."""
+    abi = landlock_abi()
+    if abi < 1:
+        return 0
+    write = (
+        FS_WRITE_FILE
+        | FS_REMOVE_DIR
+        | FS_REMOVE_FILE
+        | FS_MAKE_CHAR
+        | FS_MAKE_DIR
+        | FS_MAKE_REG
+        | FS_MAKE_SOCK
+        | FS_MAKE_FIFO
+        | FS_MAKE_BLOCK
+        | FS_MAKE_SYM
+    )
+    if abi >= 2:
+        write |= FS_REFER
+    if abi >= 3:
+        write |= FS_TRUNCATE
+    handled_fs = write | FS_EXECUTE | (FS_IOCTL_DEV if abi >= 5 else 0)
+    handled_net = (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 else 0
+    scoped = (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0
+    if abi >= 6:
+        attr = struct.pack("=QQQ", handled_fs, handled_net, scoped)
+    elif abi >= 4:
+        attr = struct.pack("=QQ", handled_fs, handled_net)
+    else:
+        attr = struct.pack("=Q", handled_fs)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    ruleset = _check(
+        _libc.syscall(
+            SYS_landlock_create_ruleset, buf, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0)
+        ),
+        "landlock_create_ruleset",
+    )
+    try:
+        dirfd = os.open(scratch, O_PATH | os.O_CLOEXEC)
+        try:
+            rule = struct.pack("=Qi", write & ~(FS_MAKE_CHAR | FS_MAKE_BLOCK), dirfd)
+            rbuf = ctypes.create_string_buffer(rule, len(rule))
+            _check(
+                _libc.syscall(
+                    SYS_landlock_add_rule,
+                    ctypes.c_int(ruleset),
+                    ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                    rbuf,
+                    ctypes.c_uint32(0),
+                ),
+                "landlock_add_rule",
+            )
+        finally:
+            os.close(dirfd)
+        _check(
+            _libc.syscall(SYS_landlock_restrict_self, ctypes.c_int(ruleset), ctypes.c_uint32(0)),
+            "landlock_restrict_self",
+        )
+    finally:
+        os.close(ruleset)
+    return abi
+
+
+# --- seccomp -------------------------------------------------------------------------
+
+_LD_W_ABS = 0x20
+_JEQ_K = 0x15
+_JGE_K = 0x35
+_JSET_K = 0x45
+_RET_K = 0x06
+
+
+def seccomp_program(machine: str | None = None) -> bytes | None:
+    """The classic-BPF filter for this architecture, ``None`` when it is unknown."""
+    machine = machine or os.uname().machine
+    if machine not in _ARCHES:
+        return None
+    audit_arch, denied, clone_nr = _ARCHES[machine]
+    numbers = sorted(set(denied.values()) | set(_DENIED_COMMON.values()))
+    # Instructions as (code, jt_label_or_offset, jf, k); labels resolved below.
+    prog: list[tuple[int, object, object, int]] = [
+        (_LD_W_ABS, 0, 0, 4),  # arch
+        (_JEQ_K, 1, 0, audit_arch),
+        (_RET_K, 0, 0, SECCOMP_RET_ERRNO | EPERM),
+        (_LD_W_ABS, 0, 0, 0),  # nr
+    ]
+    if machine == "x86_64":
+        prog.append((_JGE_K, "deny", 0, 0x40000000))  # the x32 ABI
+    prog += [
+        (_JEQ_K, "enosys", 0, CLONE3),
+        (_JEQ_K, 0, 2, clone_nr),
+        (_LD_W_ABS, 0, 0, 16),  # args[0], low word: clone flags
+        (_JSET_K, "allow", "deny", CLONE_THREAD),
+    ]
+    prog += [(_JEQ_K, "deny", 0, nr) for nr in numbers]
+    labels = {"allow": len(prog), "deny": len(prog) + 1, "enosys": len(prog) + 2}
+    prog += [
+        (_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        (_RET_K, 0, 0, SECCOMP_RET_ERRNO | EPERM),
+        (_RET_K, 0, 0, SECCOMP_RET_ERRNO | ENOSYS),
+    ]
+    out = bytearray()
+    for i, (code, jt, jf, k) in enumerate(prog):
+        jt = labels[jt] - i - 1 if isinstance(jt, str) else jt
+        jf = labels[jf] - i - 1 if isinstance(jf, str) else jf
+        out += struct.pack("=HBBI", code, jt, jf, k)
+    return bytes(out)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def apply_seccomp() -> bool:
+    """Load the filter; ``False`` (nothing loaded) on an unknown architecture."""
+    program = seccomp_program()
+    if program is None:
+        return False
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    _check(
+        _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0),
+        "PR_SET_SECCOMP",
+    )
+    return True
+
+
+def apply(
+    *,
+    scratch: str,
+    uid: int | None,
+    gid: int | None,
+    address_space: int,
+    cpu_seconds: int,
+    file_size: int,
+    open_files: int,
+    processes: int,
+) -> dict[str, object]:
+    """Apply every layer, in order, and say which are active."""
+    as_root = os.geteuid() == 0
+    drop = as_root and uid is not None and gid is not None
+    apply_rlimits(
+        address_space=address_space,
+        cpu_seconds=cpu_seconds,
+        file_size=file_size,
+        open_files=open_files,
+        processes=processes if drop else None,
+    )
+    no_new_privs()
+    landlock = apply_landlock(scratch)
+    if drop and uid is not None and gid is not None:
+        drop_privileges(uid, gid)
+    not_dumpable()
+    seccomp = apply_seccomp()
+    return {
+        "rlimits": True,
+        "nproc": drop,
+        "no_new_privs": True,
+        "landlock": landlock,
+        "uid_drop": drop,
+        "dumpable": False,
+        "seccomp": seccomp,
+    }

@@ -1,0 +1,96 @@
+"""Host-side checks of host-API arguments (API.md limits), shared by the bridge
+and :class:`~executor_core.memory_host.MemoryHostApi`.
+
+Each check returns the value it accepted or raises the ``PicloudError`` a script
+sees: ``InvalidInput`` for a wrong type, ``InvalidName`` for a bad collection
+name, ``LimitExceeded`` for a key, id or ``limit`` outside its range,
+``PayloadTooLarge`` for a value or document over its size.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from executor_core import frames
+from picloud_shared.errors import InvalidInput, InvalidName, LimitExceeded, PayloadTooLarge
+from picloud_shared.limits import (
+    MAX_COLLECTION_CHARS,
+    MAX_DOCUMENT_BYTES,
+    MAX_DOCUMENT_ID_CHARS,
+    MAX_KV_KEY_BYTES,
+    MAX_KV_VALUE_BYTES,
+    MAX_LIST_LIMIT,
+)
+
+_COLLECTION = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_COLLECTION_CHARS}}}")
+
+
+def key(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput("a key must be a string")
+    if not value:
+        raise InvalidInput("a key must not be empty")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
+        raise LimitExceeded(f"a key is at most {MAX_KV_KEY_BYTES} bytes")
+    return value
+
+
+def prefix(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput("a prefix must be a string")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
+        raise LimitExceeded(f"a prefix is at most {MAX_KV_KEY_BYTES} bytes")
+    return value
+
+
+def _size(value: object, what: str) -> int:
+    try:
+        return len(frames.dumps(value).encode("utf-8"))
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+        raise InvalidInput(f"{what} must be JSON (no NaN or Infinity)") from None
+
+
+def json_value(value: object) -> Any:
+    if _size(value, "a value") > MAX_KV_VALUE_BYTES:
+        raise PayloadTooLarge(f"a value is at most {MAX_KV_VALUE_BYTES} bytes as JSON")
+    return value
+
+
+def document(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput("a document must be a JSON object")
+    if _size(value, "a document") > MAX_DOCUMENT_BYTES:
+        raise PayloadTooLarge(f"a document is at most {MAX_DOCUMENT_BYTES} bytes as JSON")
+    return value
+
+
+def where(value: object) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidInput("where must be an object of field: value")
+    _size(value, "where")
+    return value
+
+
+def collection(value: object) -> str:
+    if not isinstance(value, str) or not _COLLECTION.fullmatch(value):
+        raise InvalidName(f"a collection name is 1-{MAX_COLLECTION_CHARS} of [A-Za-z0-9_-]")
+    return value
+
+
+def doc_id(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput("a document id must be a string")
+    if not value or len(value) > MAX_DOCUMENT_ID_CHARS:
+        raise LimitExceeded(f"a document id is 1-{MAX_DOCUMENT_ID_CHARS} characters")
+    return value
+
+
+def limit(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput("limit must be an integer")
+    if not 1 <= value <= MAX_LIST_LIMIT:
+        raise LimitExceeded(f"limit is 1-{MAX_LIST_LIMIT}")
+    return value

@@ -1,0 +1,268 @@
+"""The worker bootstrap: ``python -I -m executor_core.worker --rfd R --wfd W ...``.
+
+Started by the pool with an empty environment, no inherited descriptors but the
+two pipe ends, its own session and a fresh scratch directory as cwd. Before any
+user code it applies every sandbox layer (:mod:`executor_core.sandbox`), then
+reports ``ready`` and serves ``exec`` frames one at a time until its input closes.
+
+Compiled scripts are cached per ``script_id@version``: the module body runs once
+per worker (like a warm Lambda container), ``handle`` is called per execution.
+The worker belongs to one app for its whole life, so module globals never cross
+apps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+from executor_core import frames, sandbox, script_api
+
+if TYPE_CHECKING:
+    import traceback
+    from typing import Any
+
+_HOST_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _BadSyntax(Exception):
+    pass
+
+
+class _MissingHandler(Exception):
+    pass
+
+
+class _NoSource(Exception):
+    pass
+
+
+class _State:
+    in_script = False
+
+
+def _on_sigxcpu(signum: int, frame: Any) -> None:
+    if _State.in_script:
+        raise script_api.CpuLimit("CPU time limit exceeded")
+
+
+def _cpu_used() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _strip_host_frames(te: traceback.TracebackException | None, seen: set[int]) -> None:
+    while te is not None and id(te) not in seen:
+        seen.add(id(te))
+        te.stack[:] = [f for f in te.stack if not f.filename.startswith(_HOST_DIR)]
+        _strip_host_frames(te.__cause__, seen)
+        te = te.__context__
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in out and len(out) < 50:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+_SOURCES: dict[str, str] = {}
+
+
+def _register_sources() -> None:
+    """Let tracebacks show script lines (linecache is imported only on failure)."""
+    import linecache
+
+    for filename, source in _SOURCES.items():
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+
+
+def classify(exc: BaseException) -> tuple[str, str, str | None]:
+    """(kind, message, script traceback) for an exception out of the script."""
+    if isinstance(exc, script_api.Rejected):
+        return "rejected", str(exc) or "rejected", None
+    if isinstance(exc, script_api.OutputLimit):
+        return "output_limit", str(exc), None
+    if isinstance(exc, script_api.ResponseTooLarge):
+        return "output_limit", str(exc), None
+    if isinstance(exc, script_api.CpuLimit):
+        return "cpu_limit", str(exc), None
+    if isinstance(exc, script_api.InvalidReturn):
+        return "invalid_return", str(exc), None
+    chain = _chain(exc)
+    message = f"{type(exc).__name__}: {exc}"
+    if any(isinstance(e, MemoryError) for e in chain):
+        return "memory_limit", "memory limit exceeded", None
+    if any(isinstance(e, OSError) and e.errno == 27 for e in chain):  # EFBIG
+        return "file_size_limit", "file size limit exceeded", None
+    try:
+        import traceback
+
+        _register_sources()
+        te = traceback.TracebackException.from_exception(exc)
+        _strip_host_frames(te, set())
+        tb = "".join(te.format())
+    except Exception:  # pragma: no cover - formatting must never take the worker down
+        tb = message
+    return "uncaught_exception", message, tb
+
+
+class Worker:
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self.channel = script_api.Channel(rfd, wfd)
+        self.cache: dict[str, Any] = {}
+        self.sources: dict[str, str] = {}
+        self.writer = script_api.LogWriter(self.channel)
+
+    def serve(self) -> None:
+        while True:
+            frame = frames.read_frame(self.channel.rfd)
+            if frame is None or frame.get("t") != "exec":
+                return
+            self.run(frame)
+
+    def _load(self, key: str, source: str | None) -> tuple[Any, bool]:
+        handle = self.cache.get(key)
+        if handle is not None:
+            return handle, True
+        if source is None:
+            raise _NoSource("host sent no source for an uncached script")
+        filename = f"<script {key}>"
+        try:
+            code = compile(source, filename, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as exc:
+            raise _BadSyntax(f"{type(exc).__name__}: {exc}") from None
+        _SOURCES[filename] = source
+        namespace: dict[str, Any] = {"__name__": "__script__", "__file__": filename}
+        exec(code, namespace)
+        handle = namespace.get("handle")
+        if handle is None or not callable(handle):
+            raise _MissingHandler("the script defines no callable handle(event, ctx)")
+        self.cache[key] = handle
+        return handle, False
+
+    def run(self, frame: dict[str, Any]) -> None:
+        ch = self.channel
+        ch.start(frame["n"])
+        mem = frame.get("mem")
+        if mem is not None:
+            sandbox.set_limit(resource.RLIMIT_AS, int(mem))
+        _soft, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
+        cpu_soft = math.ceil(_cpu_used() + float(frame["cpu"]))
+        if cpu_hard != resource.RLIM_INFINITY:
+            cpu_soft = min(cpu_soft, cpu_hard)
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_soft, cpu_hard))
+        done: dict[str, Any] = {"t": "done", "n": ch.nonce}
+        cached = False
+        saved = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = self.writer
+        _State.in_script = True
+        try:
+            try:
+                handle, cached = self._load(frame["key"], frame.get("src"))
+            except _BadSyntax as exc:
+                done.update(ok=False, kind="syntax_error", msg=str(exc))
+            except _MissingHandler as exc:
+                done.update(ok=False, kind="missing_handler", msg=str(exc))
+            except _NoSource as exc:
+                done.update(ok=False, kind="internal", msg=str(exc))
+            else:
+                ctx = script_api.Context(ch, frame["ctx"])
+                result = handle(frame["ev"], ctx)
+                response = script_api.response_from_return(result)
+                self.writer.flush()
+                done.update(ok=True, resp=response.to_wire())
+        except BaseException as exc:
+            kind, msg, tb = classify(exc)
+            done.update(ok=False, kind=kind, msg=msg, tb=tb)
+        finally:
+            _State.in_script = False
+            sys.stdout, sys.stderr = saved
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu_hard, cpu_hard))
+        self.writer._pending = ""
+        done["cached"] = cached
+        done["has"] = frame["key"] in self.cache
+        done["cpu"] = _cpu_used()
+        ch.send(done)
+
+
+_INT_OPTIONS = ("rfd", "wfd", "address-space", "cpu", "fsize", "nofile", "nproc", "uid", "gid")
+
+
+def _parse(argv: list[str]) -> dict[str, Any]:
+    """``--name value`` pairs (argparse would cost the cold start ~10 ms)."""
+    if len(argv) % 2:
+        raise SystemExit("usage: executor_core.worker --name value ...")
+    out: dict[str, Any] = {}
+    for name, value in zip(argv[::2], argv[1::2], strict=True):
+        key = name.removeprefix("--")
+        out[key.replace("-", "_")] = int(value) if key in _INT_OPTIONS else value
+    return out
+
+
+def reroot_sys_path() -> list[int]:
+    """Reach the interpreter's own files through descriptors opened while still root.
+
+    The interpreter may live under a directory the dropped uid cannot traverse
+    (``/root/.pyenv``): each import directory is opened ``O_PATH`` now and named
+    ``/proc/self/fd/N`` from then on, for ``sys.path`` and for every imported
+    package's ``__path__``. Only the directories themselves become reachable.
+    """
+    fds: list[int] = []
+    mapping: dict[str, str] = {}
+    for entry in sys.path:
+        if entry and os.path.isdir(entry) and entry not in mapping:
+            fd = os.open(entry, sandbox.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds.append(fd)
+            mapping[entry] = f"/proc/self/fd/{fd}"
+
+    def moved(path: str) -> str:
+        for old, new in mapping.items():
+            if path == old or path.startswith(old + os.sep):
+                return new + path[len(old) :]
+        return path
+
+    sys.path[:] = [moved(p) for p in sys.path]
+    for module in list(sys.modules.values()):
+        paths = getattr(module, "__path__", None)
+        if isinstance(paths, list):
+            paths[:] = [moved(p) for p in paths]
+    sys.path_importer_cache.clear()
+    return fds
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    ch = script_api.Channel(args["rfd"], args["wfd"])
+    try:
+        os.chdir(args["scratch"])
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
+        signal.signal(signal.SIGXCPU, _on_sigxcpu)
+        if os.geteuid() == 0 and args.get("uid") is not None:
+            reroot_sys_path()
+        layers = sandbox.apply(
+            scratch=args["scratch"],
+            uid=args.get("uid"),
+            gid=args.get("gid"),
+            address_space=args["address_space"],
+            cpu_seconds=args["cpu"],
+            file_size=args["fsize"],
+            open_files=args["nofile"],
+            processes=args["nproc"],
+        )
+    except Exception as exc:
+        ch.send({"t": "ready", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        return 1
+    ch.send({"t": "ready", "ok": True, "pid": os.getpid(), "layers": layers})
+    Worker(args["rfd"], args["wfd"]).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Normal paths: return forms, events, the host API, logs, errors, the compile cache."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Callable
+
+import pytest
+
+from executor_core.executor import ProcessExecutor
+from executor_core.memory_host import MemoryHostApi
+from picloud_shared.execution import ExecRequest, ScriptResponse
+from picloud_shared.limits import MAX_LOG_BYTES
+from picloud_shared.status import ExecErrorKind
+
+MakeRequest = Callable[..., ExecRequest]
+
+pytestmark = pytest.mark.anyio
+
+
+def src(body: str) -> str:
+    return textwrap.dedent(body).strip() + "\n"
+
+
+@pytest.mark.parametrize(
+    ("returned", "expected"),
+    [
+        ("{'a': 1}", ScriptResponse.json({"a": 1})),
+        ("[1, 'x']", ScriptResponse.json([1, "x"])),
+        ("42", ScriptResponse.json(42)),
+        ("2.5", ScriptResponse.json(2.5)),
+        ("True", ScriptResponse.json(True)),
+        ("'héllo'", ScriptResponse.text("héllo")),
+        ("None", ScriptResponse.empty()),
+        (
+            "ctx.response('made', status=201, headers={'x-a': 'b'})",
+            ScriptResponse(
+                201, (("content-type", "text/plain; charset=utf-8"), ("x-a", "b")), b"made"
+            ),
+        ),
+        (
+            "ctx.response({'k': [1]}, status=202)",
+            ScriptResponse(202, (("content-type", "application/json"),), b'{"k":[1]}'),
+        ),
+        (
+            "ctx.response(b'\\xff\\x00', headers={'Content-Type': 'image/x'})",
+            ScriptResponse(200, (("Content-Type", "image/x"),), b"\xff\x00"),
+        ),
+        ("ctx.response(status=204)", ScriptResponse(204, (), b"")),
+    ],
+)
+async def test_return_value_maps_to_response(
+    executor: ProcessExecutor,
+    host: MemoryHostApi,
+    make_request: MakeRequest,
+    returned: str,
+    expected: ScriptResponse,
+) -> None:
+    """Each return form of API.md becomes the documented response."""
+    result = await executor.execute(
+        make_request(f"def handle(event, ctx):\n    return {returned}\n"), host
+    )
+    assert result.error is None
+    assert result.response == expected
+
+
+@pytest.mark.parametrize("value", ["b'bytes'", "object()", "{1, 2}", "float('nan')", "{'a': {1}}"])
+async def test_unmappable_return_is_invalid_return(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, value: str
+) -> None:
+    """Anything else is invalid_return."""
+    result = await executor.execute(
+        make_request(f"def handle(e, ctx):\n    return {value}\n"), host
+    )
+    assert result.error is not None
+    assert result.error.kind is ExecErrorKind.INVALID_RETURN
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {
+            "method": "POST",
+            "path": "/x/1",
+            "params": {"id": "1"},
+            "query": {"q": "a"},
+            "headers": {"content-type": "application/json"},
+            "body": '{"a": 1}',
+            "json": {"a": 1},
+        },
+        {"kind": "kv", "key": "k", "op": "set", "value": {"n": 1}, "prev_value": None},
+        {
+            "kind": "docs",
+            "collection": "c",
+            "id": "d1",
+            "op": "update",
+            "data": {"a": 2},
+            "prev_data": {"a": 1},
+        },
+        {
+            "kind": "dead_letter",
+            "dead_letter_id": "x",
+            "source_kind": "kv",
+            "event": {"kind": "kv"},
+            "error": {"kind": "timeout", "message": "m"},
+            "attempts": 5,
+        },
+    ],
+)
+async def test_event_reaches_script_unchanged(
+    executor: ProcessExecutor,
+    host: MemoryHostApi,
+    make_request: MakeRequest,
+    event: dict[str, object],
+) -> None:
+    """Route, kv, docs and dead-letter events arrive as the script's ``event``."""
+    result = await executor.execute(
+        make_request("def handle(e, ctx):\n    return e\n", event), host
+    )
+    assert result.response is not None
+    assert json.loads(result.response.body) == event
+
+
+async def test_ctx_fields(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """ctx carries app, execution_id, attempt, trigger_depth and principal."""
+    request = make_request(
+        src("""
+        def handle(e, ctx):
+            return [ctx.app, ctx.execution_id, ctx.attempt, ctx.trigger_depth, ctx.principal]
+        """),
+        app_name="shop",
+        attempt=3,
+        trigger_depth=2,
+    )
+    result = await executor.execute(request, host)
+    assert result.response is not None
+    assert json.loads(result.response.body) == [
+        "shop",
+        str(request.execution_id),
+        3,
+        2,
+        str(request.principal.user_id),
+    ]
+
+
+async def test_every_host_call(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """kv get/set/delete/list and docs insert/get/update/delete/query reach the host."""
+    source = src("""
+    def handle(e, ctx):
+        out = {}
+        ctx.kv.set("a:1", {"v": 1})
+        ctx.kv.set("a:2", [2])
+        ctx.kv.set("b", "x")
+        out["get"] = ctx.kv.get("a:1")
+        out["missing"] = ctx.kv.get("nope")
+        out["list"] = ctx.kv.list("a:")
+        out["list1"] = ctx.kv.list(limit=1)
+        out["del"] = [ctx.kv.delete("b"), ctx.kv.delete("b")]
+        i = ctx.docs.insert("users", {"name": "ann", "age": 3})
+        ctx.docs.insert("users", {"name": "bob", "age": 3}, id="bob")
+        out["doc"] = ctx.docs.get("users", i)
+        ctx.docs.update("users", "bob", {"name": "bob", "age": 4})
+        out["q"] = ctx.docs.query("users", where={"age": 4})
+        out["qall"] = len(ctx.docs.query("users"))
+        out["ddel"] = [ctx.docs.delete("users", i), ctx.docs.delete("users", i)]
+        out["gone"] = ctx.docs.get("users", i)
+        return out
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.error is None, result.error
+    assert result.response is not None
+    out = json.loads(result.response.body)
+    assert out["get"] == {"v": 1}
+    assert out["missing"] is None
+    assert out["list"] == [{"key": "a:1", "value": {"v": 1}}, {"key": "a:2", "value": [2]}]
+    assert out["list1"] == [{"key": "a:1", "value": {"v": 1}}]
+    assert out["del"] == [True, False]
+    assert out["doc"] == {"name": "ann", "age": 3}
+    assert out["q"] == [{"id": "bob", "data": {"name": "bob", "age": 4}}]
+    assert out["qall"] == 2
+    assert out["ddel"] == [True, False]
+    assert out["gone"] is None
+    assert host.kv == {"a:1": {"v": 1}, "a:2": [2]}
+    assert host.docs["users"] == {"bob": {"name": "bob", "age": 4}}
+
+
+async def test_host_error_is_catchable_with_code(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A host error is raised in the script as an exception carrying code and message."""
+    source = src("""
+    def handle(e, ctx):
+        out = []
+        for call in (lambda: ctx.kv.set("k" * 600, 1),
+                     lambda: ctx.kv.set("k", "x" * 300_000),
+                     lambda: ctx.docs.update("c", "nope", {}),
+                     lambda: ctx.docs.insert("bad name!", {}),
+                     lambda: ctx.kv.list(limit=0)):
+            try:
+                call()
+            except ctx.Error as exc:
+                out.append([type(exc).__name__, exc.code, bool(exc.message)])
+        ctx.docs.insert("c", {}, id="x")
+        try:
+            ctx.docs.insert("c", {}, id="x")
+        except Exception as exc:
+            out.append([type(exc).__name__, exc.code, bool(exc.message)])
+        return out
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.response is not None, result.error
+    assert json.loads(result.response.body) == [
+        ["LimitExceeded", "limit_exceeded", True],
+        ["PayloadTooLarge", "payload_too_large", True],
+        ["NotFound", "not_found", True],
+        ["InvalidName", "invalid_name", True],
+        ["LimitExceeded", "limit_exceeded", True],
+        ["Conflict", "conflict", True],
+    ]
+    assert host.kv == {}
+
+
+async def test_logs_and_print_are_captured(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """ctx.log and print become log lines, in order, also handed to host.log."""
+    source = src("""
+    import sys
+    def handle(e, ctx):
+        ctx.log("one", 2, {"x": 3})
+        print("two")
+        print("three", end="")
+        sys.stderr.write("four\\n")
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.error is None
+    assert result.logs == ("one 2 {'x': 3}", "two", "threefour")
+    assert host.logs == list(result.logs)
+
+
+async def test_logs_over_cap_are_output_limit(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Logging past MAX_LOG_BYTES fails the execution with output_limit; logs stay capped."""
+    source = "def handle(e, ctx):\n    for i in range(100000):\n        ctx.log('x' * 100)\n"
+    result = await executor.execute(make_request(source), host)
+    assert result.error is not None
+    assert result.error.kind is ExecErrorKind.OUTPUT_LIMIT
+    assert 0 < sum(len(line) for line in result.logs) <= MAX_LOG_BYTES
+
+
+async def test_compile_cache_hit_after_first_call(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """The module body runs once per worker; later calls reuse the compiled script."""
+    source = src("""
+    import os
+    COUNT = [0]
+    def handle(e, ctx):
+        COUNT[0] += 1
+        return [COUNT[0], os.getpid()]
+    """)
+    first = await executor.execute(make_request(source), host)
+    second = await executor.execute(make_request(source), host)
+    assert first.response is not None
+    assert second.response is not None
+    (n1, pid1), (n2, pid2) = json.loads(first.response.body), json.loads(second.response.body)
+    assert pid1 == pid2
+    assert (n1, n2) == (1, 2)
+    assert executor.compiles == 1
+    assert executor.cache_hits == 1
+
+
+async def test_new_script_version_takes_effect(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Version 2 of a script replaces version 1 in a warm worker."""
+    v1 = make_request("def handle(e, ctx):\n    return 1\n")
+    v2 = make_request(
+        "def handle(e, ctx):\n    return 2\n", script_id=v1.script_id, script_version=2
+    )
+    r1 = await executor.execute(v1, host)
+    r2 = await executor.execute(v2, host)
+    assert r1.response is not None
+    assert r2.response is not None
+    assert (r1.response.body, r2.response.body) == (b"1", b"2")
+
+
+@pytest.mark.parametrize(
+    ("source", "kind"),
+    [
+        ("def handle(e, ctx):\n    return (\n", ExecErrorKind.SYNTAX_ERROR),
+        ("x = 1\n", ExecErrorKind.MISSING_HANDLER),
+        ("handle = 3\n", ExecErrorKind.MISSING_HANDLER),
+        ("def handle(e, ctx):\n    ctx.reject('no way')\n", ExecErrorKind.REJECTED),
+        ("raise ValueError('at import')\n", ExecErrorKind.UNCAUGHT_EXCEPTION),
+    ],
+)
+async def test_script_errors_are_classified(
+    executor: ProcessExecutor,
+    host: MemoryHostApi,
+    make_request: MakeRequest,
+    source: str,
+    kind: ExecErrorKind,
+) -> None:
+    """Syntax errors, a missing handle, rejection and import-time errors have their kinds."""
+    result = await executor.execute(make_request(source), host)
+    assert result.error is not None
+    assert result.error.kind is kind
+
+
+async def test_reject_carries_message(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """ctx.reject's message is the error message, even through a broad except."""
+    source = src("""
+    def handle(e, ctx):
+        try:
+            ctx.reject("bad input")
+        except Exception:
+            return "swallowed"
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.error is not None
+    assert (result.error.kind, result.error.message) == (ExecErrorKind.REJECTED, "bad input")
+
+
+async def test_uncaught_traceback_is_the_scripts_own(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """The traceback names the script's lines and no executor frame."""
+    source = src("""
+    def helper():
+        raise KeyError("boom")
+    def handle(e, ctx):
+        helper()
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.error is not None
+    assert result.error.kind is ExecErrorKind.UNCAUGHT_EXCEPTION
+    assert result.error.message == "KeyError: 'boom'"
+    tb = result.error.traceback or ""
+    assert 'raise KeyError("boom")' in tb
+    assert "helper()" in tb
+    assert "executor_core" not in tb
+    assert "worker.py" not in tb
+
+
+async def test_worker_survives_uncaught_exception(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A script error does not cost the app its warm worker."""
+    pid_src = "import os\ndef handle(e, ctx):\n    return os.getpid()\n"
+    a = await executor.execute(make_request(pid_src), host)
+    await executor.execute(make_request("def handle(e, ctx):\n    1/0\n"), host)
+    b = await executor.execute(make_request(pid_src), host)
+    assert a.response is not None
+    assert b.response is not None
+    assert a.response.body == b.response.body
