@@ -310,6 +310,7 @@ def upgrade() -> None:
             server_default=sa.text("now()"),
             nullable=False,
         ),
+        sa.Column("match_prefix", sa.Text(), nullable=True),
         sa.CheckConstraint("kind IN ('kv', 'docs', 'dead_letter')", name=op.f("ck_triggers_kind")),
         sa.CheckConstraint(
             "retry_backoff IN ('exponential', 'linear', 'constant')",
@@ -344,7 +345,12 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_triggers")),
     )
-    op.create_index("ix_triggers_app_id_kind", "triggers", ["app_id", "kind"], unique=False)
+    op.create_index(
+        "ix_triggers_app_id_kind_match_prefix",
+        "triggers",
+        ["app_id", "kind", "match_prefix"],
+        unique=False,
+    )
     op.create_index("ix_triggers_script_id", "triggers", ["script_id"], unique=False)
     op.create_table(
         "dead_letter_trigger_details",

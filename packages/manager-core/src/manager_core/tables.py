@@ -293,8 +293,13 @@ triggers = Table(
     ),
     *_retry_columns(),
     _created_at(),
+    # The literal prefix of a kv/docs trigger's glob (``glob_literal_prefix``), written
+    # with the details row; NULL for dead-letter triggers. Matching a key of length L
+    # probes the L+1 prefixes of the key through the index below (NULL rows are always
+    # candidates), instead of scanning every trigger of the app.
+    Column("match_prefix", Text),
     _one_of("kind", TRIGGER_KINDS, "kind"),
-    Index("ix_triggers_app_id_kind", "app_id", "kind"),
+    Index("ix_triggers_app_id_kind_match_prefix", "app_id", "kind", "match_prefix"),
     Index("ix_triggers_script_id", "script_id"),
 )
 

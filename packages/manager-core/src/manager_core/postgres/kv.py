@@ -1,0 +1,246 @@
+"""``PostgresKvRepo``: an app's key-value store, firing KV triggers as it writes.
+
+Every ``set``/``delete`` emits a :class:`~picloud_shared.events.KvEvent` through the
+emitter inside the write's own transaction, so the change and its outbox rows
+commit together. ``prev_value`` is read under the row lock the write itself holds
+(``SELECT … FOR UPDATE``, ``DELETE … RETURNING``), so concurrent writers each see
+the value they actually replaced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import attrs
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from manager_core import tables as t
+from manager_core.db import sqlstate, transaction
+from manager_core.outbox_event_emitter import OutboxEventEmitter
+from manager_core.postgres.triggers import check_limit
+from picloud_shared import wire
+from picloud_shared.errors import InvalidInput, LimitExceeded, PayloadTooLarge
+from picloud_shared.events import KvEvent, TriggerEvent
+from picloud_shared.ids import AppId
+from picloud_shared.limits import MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES
+from picloud_shared.noop import NoopEventEmitter
+from picloud_shared.ports import EventEmitter
+from picloud_shared.triggers import KvOp
+from picloud_shared.wire import Json, JsonObject
+
+__all__ = [
+    "KvEntry",
+    "PostgresKvRepo",
+    "check_key",
+    "encode_json",
+    "is_bad_json",
+    "json_param",
+    "like_prefix",
+]
+
+_KV = t.kv_entries
+# SQLSTATEs of JSON text PostgreSQL refuses (e.g. "\u0000" inside a jsonb string).
+_BAD_JSON_STATES = frozenset({"22P05", "22P02", "22023", "22032"})
+# A set that finds no row inserts; losing that race to a concurrent insert retries.
+_MAX_UPSERT_ROUNDS = 10
+
+
+@attrs.frozen
+class KvEntry:
+    """One stored key with its value and write version (bumped on every write)."""
+
+    key: str
+    value: Json
+    version: int
+    updated_at: datetime | None = None
+
+    def to_wire(self) -> JsonObject:
+        """The admin API's ``{"key", "value", "version"}``."""
+        return {"key": self.key, "value": self.value, "version": self.version}
+
+
+def check_key(key: object) -> str:
+    """A KV key: a string of 1 to ``MAX_KV_KEY_BYTES`` UTF-8 bytes without NUL."""
+    if not isinstance(key, str):
+        raise InvalidInput("a key must be a string")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInput("a key must be valid UTF-8") from None
+    if not 1 <= size <= MAX_KV_KEY_BYTES:
+        raise LimitExceeded(f"a key must be 1 to {MAX_KV_KEY_BYTES} bytes of UTF-8")
+    if "\x00" in key:
+        raise InvalidInput("a key must not contain NUL characters")
+    return key
+
+
+def encode_json(value: object, max_bytes: int, what: str) -> str:
+    """``value`` as compact JSON text of at most ``max_bytes`` UTF-8 bytes.
+
+    Raises :class:`InvalidInput` for anything that is not JSON (NaN, sets, non-string
+    keys …) and :class:`PayloadTooLarge` past the limit.
+    """
+    try:
+        text = wire.dumps(value)  # type: ignore[arg-type]
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError, UnicodeEncodeError) as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+    if size > max_bytes:
+        raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {max_bytes}")
+    return text
+
+
+def json_param(text: str) -> Any:
+    """A bound JSON text, cast to ``jsonb`` by PostgreSQL (no second serialization)."""
+    return sa.cast(sa.literal(text, sa.Text), JSONB)
+
+
+def like_prefix(prefix: str) -> str:
+    r"""A ``LIKE … ESCAPE '\'`` pattern matching strings that start with ``prefix``."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+def is_bad_json(exc: DBAPIError) -> bool:
+    """PostgreSQL refused the JSON text (e.g. a NUL character): a client error."""
+    return sqlstate(exc) in _BAD_JSON_STATES
+
+
+def notify_committed(emitter: EventEmitter, conn: AsyncConnection) -> None:
+    """After a repo committed its own transaction: wake the dispatcher if it emitted."""
+    if isinstance(emitter, OutboxEventEmitter):
+        emitter.committed(conn)
+
+
+class PostgresKvRepo:
+    """Per-app key-value store.
+
+    ``emitter`` fans writes out to triggers (default: none). Every method takes an
+    optional ``conn`` to join the caller's transaction; writes take the
+    ``trigger_depth`` their outbox rows carry (0 for admin writes).
+    """
+
+    def __init__(self, engine: AsyncEngine, emitter: EventEmitter | None = None) -> None:
+        self._engine = engine
+        self._emitter: EventEmitter = emitter if emitter is not None else NoopEventEmitter()
+
+    async def get(
+        self, app_id: AppId, key: str, *, conn: AsyncConnection | None = None
+    ) -> KvEntry | None:
+        check_key(key)
+        stmt = sa.select(_KV.c.key, _KV.c.value, _KV.c.version, _KV.c.updated_at).where(
+            _KV.c.app_id == app_id, _KV.c.key == key
+        )
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        return None if row is None else KvEntry(row.key, row.value, row.version, row.updated_at)
+
+    async def set(
+        self,
+        app_id: AppId,
+        key: str,
+        value: Json,
+        *,
+        trigger_depth: int = 0,
+        conn: AsyncConnection | None = None,
+    ) -> KvEntry:
+        """Store ``value``; returns the entry with its new version."""
+        check_key(key)
+        text = encode_json(value, MAX_KV_VALUE_BYTES, "the value")
+        locked = (
+            sa.select(_KV.c.value).where(_KV.c.app_id == app_id, _KV.c.key == key).with_for_update()
+        )
+        update = (
+            sa.update(_KV)
+            .where(_KV.c.app_id == app_id, _KV.c.key == key)
+            .values(value=json_param(text), version=_KV.c.version + 1, updated_at=sa.func.now())
+            .returning(_KV.c.value, _KV.c.version, _KV.c.updated_at)
+        )
+        insert = (
+            pg_insert(_KV)
+            .values(app_id=app_id, key=key, value=json_param(text))
+            .on_conflict_do_nothing(index_elements=[_KV.c.app_id, _KV.c.key])
+            .returning(_KV.c.value, _KV.c.version, _KV.c.updated_at)
+        )
+        try:
+            async with transaction(conn or self._engine) as c:
+                for _ in range(_MAX_UPSERT_ROUNDS):
+                    old = (await c.execute(locked)).one_or_none()
+                    if old is not None:
+                        prev: Json = old.value
+                        row = (await c.execute(update)).one()
+                        break
+                    # No row yet: insert; if a concurrent writer inserted first, the
+                    # next round locks (and reports) its row.
+                    row = (await c.execute(insert)).one_or_none()
+                    if row is not None:
+                        prev = None
+                        break
+                else:  # pragma: no cover - needs a key deleted and re-inserted 10 times
+                    raise RuntimeError(f"could not write key {key!r}: too much contention")
+                await self._emit(c, app_id, KvEvent(key, KvOp.SET, row.value, prev), trigger_depth)
+        except DBAPIError as exc:
+            if is_bad_json(exc):
+                raise InvalidInput("the value cannot be stored (NUL character?)") from exc
+            raise
+        if conn is None:
+            notify_committed(self._emitter, c)
+        return KvEntry(key, row.value, row.version, row.updated_at)
+
+    async def delete(
+        self,
+        app_id: AppId,
+        key: str,
+        *,
+        trigger_depth: int = 0,
+        conn: AsyncConnection | None = None,
+    ) -> bool:
+        """Remove ``key``; ``True`` if it existed (only then is an event emitted)."""
+        check_key(key)
+        stmt = sa.delete(_KV).where(_KV.c.app_id == app_id, _KV.c.key == key).returning(_KV.c.value)
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+            if row is not None:
+                event = KvEvent(key, KvOp.DELETE, None, row.value)
+                await self._emit(c, app_id, event, trigger_depth)
+        if conn is None and row is not None:
+            notify_committed(self._emitter, c)
+        return row is not None
+
+    async def list(
+        self,
+        app_id: AppId,
+        prefix: str = "",
+        limit: int = 100,
+        after: str | None = None,
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> Sequence[KvEntry]:
+        """Up to ``limit`` entries whose key starts with ``prefix``, in key order,
+        starting after the key ``after`` (keyset pagination)."""
+        if not isinstance(prefix, str) or "\x00" in prefix:
+            raise InvalidInput("a prefix must be a string without NUL characters")
+        stmt = (
+            sa.select(_KV.c.key, _KV.c.value, _KV.c.version, _KV.c.updated_at)
+            .where(_KV.c.app_id == app_id)
+            .order_by(_KV.c.key)
+            .limit(check_limit(limit))
+        )
+        if prefix:
+            stmt = stmt.where(_KV.c.key.like(like_prefix(prefix), escape="\\"))
+        if after is not None:
+            stmt = stmt.where(_KV.c.key > after)
+        async with transaction(conn or self._engine) as c:
+            rows = (await c.execute(stmt)).all()
+        return [KvEntry(r.key, r.value, r.version, r.updated_at) for r in rows]
+
+    async def _emit(
+        self, conn: AsyncConnection, app_id: AppId, event: TriggerEvent, depth: int
+    ) -> None:
+        await self._emitter.emit(conn, app_id, event, depth)
