@@ -7,10 +7,18 @@ import anyio
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from manager_core.postgres.documents import PostgresDocumentRepo
 from manager_core.postgres.kv import PostgresKvRepo
 from picloud_shared import wire
-from picloud_shared.errors import InvalidInput, LimitExceeded, PayloadTooLarge
-from picloud_shared.limits import MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES
+from picloud_shared.errors import (
+    Conflict,
+    InvalidInput,
+    InvalidName,
+    LimitExceeded,
+    NotFound,
+    PayloadTooLarge,
+)
+from picloud_shared.limits import MAX_DOCUMENT_BYTES, MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES
 from tests.manager import factories
 
 pytestmark = pytest.mark.anyio
@@ -154,3 +162,121 @@ async def test_kv_concurrent_first_writes_both_land(engine: AsyncEngine) -> None
     entry = await kv.get(app, "race")
     assert entry is not None
     assert entry.version == 8
+
+
+# -- documents ------------------------------------------------------------------------
+
+
+async def test_docs_insert_generates_a_hex_id_and_reads_back(engine: AsyncEngine) -> None:
+    """insert without id returns a uuid4 hex id; get returns the same data."""
+    app = await factories.app(engine)
+    docs = PostgresDocumentRepo(engine)
+    doc = await docs.insert(app, "orders", {"n": 1, "tags": ["a"]})
+    assert len(doc.id) == 32
+    assert int(doc.id, 16) >= 0
+    got = await docs.get(app, "orders", doc.id)
+    assert got is not None
+    assert (got.data, got.version) == ({"n": 1, "tags": ["a"]}, 1)
+
+
+async def test_docs_insert_with_a_taken_id_conflicts(engine: AsyncEngine) -> None:
+    """An explicit id that exists raises Conflict and leaves the first document."""
+    app = await factories.app(engine)
+    docs = PostgresDocumentRepo(engine)
+    await docs.insert(app, "c", {"v": 1}, id="x")
+    with pytest.raises(Conflict):
+        await docs.insert(app, "c", {"v": 2}, id="x")
+    assert (await docs.get(app, "c", "x")).data == {"v": 1}  # type: ignore[union-attr]
+
+
+async def test_docs_update_replaces_data_and_bumps_version(engine: AsyncEngine) -> None:
+    """update replaces the whole object and bumps the version."""
+    app = await factories.app(engine)
+    docs = PostgresDocumentRepo(engine)
+    await docs.insert(app, "c", {"a": 1, "b": 2}, id="d")
+    updated = await docs.update(app, "c", "d", {"a": 3})
+    assert (updated.data, updated.version) == ({"a": 3}, 2)
+
+
+async def test_docs_update_missing_is_not_found(engine: AsyncEngine) -> None:
+    """Updating a document that does not exist raises NotFound."""
+    app = await factories.app(engine)
+    with pytest.raises(NotFound):
+        await PostgresDocumentRepo(engine).update(app, "c", "nope", {})
+
+
+async def test_docs_delete_reports_existence(engine: AsyncEngine) -> None:
+    """delete is True once, then False."""
+    app = await factories.app(engine)
+    docs = PostgresDocumentRepo(engine)
+    await docs.insert(app, "c", {}, id="d")
+    assert await docs.delete(app, "c", "d") is True
+    assert await docs.delete(app, "c", "d") is False
+
+
+@pytest.mark.parametrize("data", [[1, 2], "text", 3, None])
+async def test_docs_must_be_objects(engine: AsyncEngine, data: object) -> None:
+    """A document that is not a JSON object raises InvalidInput."""
+    app = await factories.app(engine)
+    with pytest.raises(InvalidInput):
+        await PostgresDocumentRepo(engine).insert(app, "c", data)  # type: ignore[arg-type]
+
+
+async def test_docs_size_limit_is_one_mib_serialized(engine: AsyncEngine) -> None:
+    """Exactly 1 MiB serialized is stored; one byte more is PayloadTooLarge."""
+    app = await factories.app(engine)
+    docs = PostgresDocumentRepo(engine)
+    overhead = len(wire.dumps({"s": ""}).encode())
+    at_limit = {"s": "x" * (MAX_DOCUMENT_BYTES - overhead)}
+    assert len(wire.dumps(at_limit).encode()) == MAX_DOCUMENT_BYTES
+    await docs.insert(app, "c", at_limit, id="ok")
+    with pytest.raises(PayloadTooLarge):
+        await docs.insert(app, "c", {"s": "x" * (MAX_DOCUMENT_BYTES - overhead + 1)}, id="no")
+    assert await docs.get(app, "c", "no") is None
+
+
+@pytest.mark.parametrize("collection", ["", "has space", "x" * 64, "dot.ted"])
+async def test_docs_bad_collection_names_are_rejected(engine: AsyncEngine, collection: str) -> None:
+    """Collection names follow [A-Za-z0-9_-]{1,63}."""
+    app = await factories.app(engine)
+    with pytest.raises(InvalidName):
+        await PostgresDocumentRepo(engine).insert(app, collection, {})
+
+
+async def test_docs_query_is_equality_on_top_level_fields(engine: AsyncEngine) -> None:
+    """where matches top-level equality; arrays and objects must be equal, not contained."""
+    app = await factories.app(engine)
+    docs = PostgresDocumentRepo(engine)
+    await docs.insert(app, "c", {"k": 1, "tags": ["a", "b"]}, id="1")
+    await docs.insert(app, "c", {"k": 1, "tags": ["a"]}, id="2")
+    await docs.insert(app, "c", {"k": 2, "tags": ["a"]}, id="3")
+    await docs.insert(app, "other", {"k": 1}, id="4")
+    assert [d.id for d in await docs.query(app, "c", {"k": 1})] == ["1", "2"]
+    assert [d.id for d in await docs.query(app, "c", {"tags": ["a"]})] == ["2", "3"]
+    assert [d.id for d in await docs.query(app, "c", {"k": 1, "tags": ["a"]})] == ["2"]
+    assert [d.id for d in await docs.query(app, "c", {"missing": None})] == []
+    assert [d.id for d in await docs.query(app, "c")] == ["1", "2", "3"]
+
+
+async def test_docs_list_paginates_by_id(engine: AsyncEngine) -> None:
+    """Keyset pagination over a collection visits every document once, in id order."""
+    app = await factories.app(engine)
+    docs = PostgresDocumentRepo(engine)
+    ids = [f"d{i}" for i in range(5)]
+    for doc_id in reversed(ids):
+        await docs.insert(app, "c", {}, id=doc_id)
+    first = await docs.list(app, "c", limit=2)
+    rest = await docs.list(app, "c", limit=10, after=first[-1].id)
+    assert [d.id for d in [*first, *rest]] == ids
+
+
+async def test_docs_are_isolated_between_apps(engine: AsyncEngine) -> None:
+    """The same collection and id in two apps are two documents."""
+    a, b = await factories.app(engine), await factories.app(engine)
+    docs = PostgresDocumentRepo(engine)
+    await docs.insert(a, "c", {"app": "a"}, id="d")
+    await docs.insert(b, "c", {"app": "b"}, id="d")
+    assert (await docs.get(a, "c", "d")).data == {"app": "a"}  # type: ignore[union-attr]
+    assert await docs.delete(b, "c", "d") is True
+    assert await docs.get(a, "c", "d") is not None
+    assert [d.id for d in await docs.list(b, "c")] == []

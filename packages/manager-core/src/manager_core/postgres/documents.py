@@ -1,0 +1,248 @@
+"""``PostgresDocumentRepo``: an app's document store (JSON objects in collections).
+
+Writes emit a :class:`~picloud_shared.events.DocsEvent` (insert/update/delete with
+``data``/``prev_data``) inside the write's own transaction. ``prev_data`` comes from
+the row the write locked (``SELECT … FOR UPDATE`` / ``DELETE … RETURNING``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+import attrs
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from manager_core import tables as t
+from manager_core.db import transaction
+from manager_core.postgres.kv import encode_json, is_bad_json, json_param, notify_committed
+from manager_core.postgres.triggers import check_limit
+from picloud_shared.domain import check_collection
+from picloud_shared.errors import Conflict, InvalidInput, NotFound
+from picloud_shared.events import DocsEvent
+from picloud_shared.ids import AppId
+from picloud_shared.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_ID_CHARS
+from picloud_shared.noop import NoopEventEmitter
+from picloud_shared.ports import EventEmitter
+from picloud_shared.triggers import DocsOp
+from picloud_shared.wire import JsonObject
+
+__all__ = ["Document", "PostgresDocumentRepo", "check_document", "check_document_id"]
+
+_D = t.documents
+_COLUMNS = (_D.c.collection, _D.c.id, _D.c.data, _D.c.version, _D.c.updated_at)
+
+
+@attrs.frozen
+class Document:
+    collection: str
+    id: str
+    data: JsonObject
+    version: int
+    updated_at: datetime | None = None
+
+    def to_wire(self) -> JsonObject:
+        """The admin API's ``{"id", "data"}``."""
+        return {"id": self.id, "data": self.data}
+
+
+def check_document_id(doc_id: object) -> str:
+    """A document id: 1 to 128 characters, no NUL."""
+    if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= MAX_DOCUMENT_ID_CHARS:
+        raise InvalidInput(f"a document id must be a string of 1 to {MAX_DOCUMENT_ID_CHARS} chars")
+    if "\x00" in doc_id:
+        raise InvalidInput("a document id must not contain NUL characters")
+    return doc_id
+
+
+def check_document(data: object) -> str:
+    """A document's JSON text: a JSON object of at most 1 MiB serialized."""
+    if not isinstance(data, dict):
+        raise InvalidInput("a document must be a JSON object")
+    return encode_json(data, MAX_DOCUMENT_BYTES, "the document")
+
+
+def _from_row(row: sa.Row) -> Document:  # type: ignore[type-arg]
+    return Document(row.collection, row.id, row.data, row.version, row.updated_at)
+
+
+class PostgresDocumentRepo:
+    """Per-app document store.
+
+    ``emitter`` fans writes out to triggers (default: none). Every method takes an
+    optional ``conn`` to join the caller's transaction; writes take the
+    ``trigger_depth`` their outbox rows carry (0 for admin writes).
+    """
+
+    def __init__(self, engine: AsyncEngine, emitter: EventEmitter | None = None) -> None:
+        self._engine = engine
+        self._emitter: EventEmitter = emitter if emitter is not None else NoopEventEmitter()
+
+    async def insert(
+        self,
+        app_id: AppId,
+        collection: str,
+        data: JsonObject,
+        id: str | None = None,
+        *,
+        trigger_depth: int = 0,
+        conn: AsyncConnection | None = None,
+    ) -> Document:
+        """Insert a document (id: ``uuid4().hex`` when None). Raises ``Conflict`` when
+        ``id`` is taken."""
+        check_collection(collection)
+        doc_id = uuid.uuid4().hex if id is None else check_document_id(id)
+        text = check_document(data)
+        stmt = (
+            pg_insert(_D)
+            .values(app_id=app_id, collection=collection, id=doc_id, data=json_param(text))
+            .on_conflict_do_nothing(index_elements=[_D.c.app_id, _D.c.collection, _D.c.id])
+            .returning(*_COLUMNS)
+        )
+        async with self._writing(conn) as c:
+            row = (await c.execute(stmt)).one_or_none()
+            if row is None:
+                raise Conflict(f"document {doc_id!r} already exists in {collection!r}")
+            doc = _from_row(row)
+            event = DocsEvent(collection, doc_id, DocsOp.INSERT, doc.data, None)
+            await self._emitter.emit(c, app_id, event, trigger_depth)
+        return doc
+
+    async def get(
+        self, app_id: AppId, collection: str, id: str, *, conn: AsyncConnection | None = None
+    ) -> Document | None:
+        check_collection(collection)
+        check_document_id(id)
+        stmt = sa.select(*_COLUMNS).where(
+            _D.c.app_id == app_id, _D.c.collection == collection, _D.c.id == id
+        )
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        return None if row is None else _from_row(row)
+
+    async def update(
+        self,
+        app_id: AppId,
+        collection: str,
+        id: str,
+        data: JsonObject,
+        *,
+        trigger_depth: int = 0,
+        conn: AsyncConnection | None = None,
+    ) -> Document:
+        """Replace a document's data. Raises ``NotFound`` when it does not exist."""
+        check_collection(collection)
+        check_document_id(id)
+        text = check_document(data)
+        key = (_D.c.app_id == app_id, _D.c.collection == collection, _D.c.id == id)
+        locked = sa.select(_D.c.data).where(*key).with_for_update()
+        update = (
+            sa.update(_D)
+            .where(*key)
+            .values(data=json_param(text), version=_D.c.version + 1, updated_at=sa.func.now())
+            .returning(*_COLUMNS)
+        )
+        async with self._writing(conn) as c:
+            old = (await c.execute(locked)).one_or_none()
+            if old is None:
+                raise NotFound(f"no document {id!r} in {collection!r}")
+            doc = _from_row((await c.execute(update)).one())
+            event = DocsEvent(collection, id, DocsOp.UPDATE, doc.data, old.data)
+            await self._emitter.emit(c, app_id, event, trigger_depth)
+        return doc
+
+    async def delete(
+        self,
+        app_id: AppId,
+        collection: str,
+        id: str,
+        *,
+        trigger_depth: int = 0,
+        conn: AsyncConnection | None = None,
+    ) -> bool:
+        """Delete a document; ``True`` if it existed (only then is an event emitted)."""
+        check_collection(collection)
+        check_document_id(id)
+        stmt = (
+            sa.delete(_D)
+            .where(_D.c.app_id == app_id, _D.c.collection == collection, _D.c.id == id)
+            .returning(_D.c.data)
+        )
+        async with self._writing(conn) as c:
+            row = (await c.execute(stmt)).one_or_none()
+            if row is not None:
+                event = DocsEvent(collection, id, DocsOp.DELETE, None, row.data)
+                await self._emitter.emit(c, app_id, event, trigger_depth)
+        return row is not None
+
+    async def query(
+        self,
+        app_id: AppId,
+        collection: str,
+        where: JsonObject | None = None,
+        limit: int = 100,
+        after: str | None = None,
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> Sequence[Document]:
+        """Up to ``limit`` documents whose top-level fields equal every pair of
+        ``where``, in id order, starting after the id ``after``."""
+        check_collection(collection)
+        stmt = (
+            sa.select(*_COLUMNS)
+            .where(_D.c.app_id == app_id, _D.c.collection == collection)
+            .order_by(_D.c.id)
+            .limit(check_limit(limit))
+        )
+        if where:
+            stmt = stmt.where(*_equal_fields(where))
+        if after is not None:
+            stmt = stmt.where(_D.c.id > after)
+        async with transaction(conn or self._engine) as c:
+            rows = (await c.execute(stmt)).all()
+        return [_from_row(r) for r in rows]
+
+    async def list(
+        self,
+        app_id: AppId,
+        collection: str,
+        limit: int = 100,
+        after: str | None = None,
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> Sequence[Document]:
+        """A collection's documents in id order (keyset pagination)."""
+        return await self.query(app_id, collection, None, limit, after, conn=conn)
+
+    @asynccontextmanager
+    async def _writing(self, conn: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
+        """``transaction()`` for a write: JSON PostgreSQL refuses becomes
+        ``InvalidInput``; after a commit this repo owns, the dispatcher is woken."""
+        try:
+            async with transaction(conn or self._engine) as c:
+                yield c
+        except DBAPIError as exc:
+            if is_bad_json(exc):
+                raise InvalidInput("the document cannot be stored (NUL character?)") from exc
+            raise
+        if conn is None:
+            notify_committed(self._emitter, c)
+
+
+def _equal_fields(where: object) -> list[sa.ColumnElement[bool]]:
+    """``data @> where`` (containment, index-friendly) plus exact equality for the
+    fields whose value is an array or object (where containment is looser)."""
+    if not isinstance(where, dict):
+        raise InvalidInput("where must be a JSON object")
+    text = encode_json(where, MAX_DOCUMENT_BYTES, "where")
+    clauses: list[sa.ColumnElement[bool]] = [_D.c.data.contains(json_param(text))]
+    for name, value in where.items():
+        if isinstance(value, list | dict):
+            exact = json_param(encode_json(value, MAX_DOCUMENT_BYTES, "where"))
+            clauses.append(_D.c.data[name] == exact)
+    return clauses
