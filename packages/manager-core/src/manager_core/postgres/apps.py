@@ -1,0 +1,206 @@
+"""Apps and their members (``app_members.capabilities``).
+
+Visibility rule used by listing and by :meth:`PostgresAppRepo.principal_for`:
+an instance admin sees every app and holds every capability in it; any other
+user sees the apps they are a member of, with the capabilities stored there.
+A member row always holds at least one capability (setting none removes it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from sqlalchemy import delete, exists, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from manager_core import tables as t
+from manager_core.db import FOREIGN_KEY_VIOLATION, sqlstate, transaction, translate_integrity_error
+from manager_core.postgres._rows import (
+    APP_COLUMNS,
+    app_from_row,
+    capabilities_from_column,
+    capabilities_to_column,
+)
+from picloud_shared.domain import App, check_app_name
+from picloud_shared.errors import Conflict, NotFound
+from picloud_shared.ids import AppId, UserId
+from picloud_shared.principals import ALL_CAPABILITIES, Capability, Principal
+
+
+class PostgresAppRepo:
+    """Apps and app members on PostgreSQL."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def create(
+        self, name: str, created_by: UserId, *, conn: AsyncConnection | None = None
+    ) -> App:
+        """Create an app; its creator becomes a member holding every capability.
+
+        Raises ``InvalidName``, ``Conflict`` (name taken) or ``NotFound`` (no such user).
+        """
+        check_app_name(name)
+        try:
+            async with transaction(conn or self._engine) as c:
+                row = (
+                    await c.execute(
+                        insert(t.apps)
+                        .values(name=name, created_by=created_by)
+                        .returning(*APP_COLUMNS)
+                    )
+                ).one()
+                await c.execute(
+                    insert(t.app_members).values(
+                        app_id=row.id,
+                        user_id=created_by,
+                        capabilities=capabilities_to_column(ALL_CAPABILITIES),
+                    )
+                )
+        except IntegrityError as exc:
+            if sqlstate(exc) == FOREIGN_KEY_VIOLATION:
+                raise NotFound("no such user") from exc
+            err = translate_integrity_error(exc, what="app")
+            if isinstance(err, Conflict):
+                raise Conflict(f"app name {name!r} is taken") from exc
+            raise err from exc
+        return app_from_row(row)
+
+    async def get(self, app_id: AppId, *, conn: AsyncConnection | None = None) -> App | None:
+        """One app by id, or ``None``."""
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(select(*APP_COLUMNS).where(t.apps.c.id == app_id))).one_or_none()
+        return None if row is None else app_from_row(row)
+
+    async def get_by_name(self, name: str, *, conn: AsyncConnection | None = None) -> App | None:
+        """One app by name, or ``None``."""
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(select(*APP_COLUMNS).where(t.apps.c.name == name))).one_or_none()
+        return None if row is None else app_from_row(row)
+
+    async def list_visible(
+        self,
+        user_id: UserId,
+        *,
+        instance_admin: bool,
+        capability: Capability | None = None,
+        limit: int = 100,
+        after: str | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> Sequence[App]:
+        """Apps the user may see, in name order, starting after the name ``after``.
+
+        An instance admin sees all apps; anyone else the apps they are a member
+        of (holding ``capability`` when given).
+        """
+        stmt = select(*APP_COLUMNS).order_by(t.apps.c.name).limit(limit)
+        if after is not None:
+            stmt = stmt.where(t.apps.c.name > after)
+        if not instance_admin:
+            member = (t.app_members.c.app_id == t.apps.c.id) & (t.app_members.c.user_id == user_id)
+            if capability is not None:
+                member &= t.app_members.c.capabilities.contains([str(capability)])
+            stmt = stmt.where(exists().where(member))
+        async with transaction(conn or self._engine) as c:
+            rows = (await c.execute(stmt)).all()
+        return [app_from_row(r) for r in rows]
+
+    async def delete(self, app_id: AppId, *, conn: AsyncConnection | None = None) -> bool:
+        """Delete an app and everything it owns; ``True`` if it existed."""
+        async with transaction(conn or self._engine) as c:
+            # Routes and triggers refer to scripts ON DELETE RESTRICT; remove them first
+            # so the cascade from apps never trips over that order.
+            await c.execute(delete(t.routes).where(t.routes.c.app_id == app_id))
+            await c.execute(delete(t.triggers).where(t.triggers.c.app_id == app_id))
+            result = await c.execute(delete(t.apps).where(t.apps.c.id == app_id))
+        return result.rowcount > 0
+
+    # -- members ----------------------------------------------------------------------
+
+    async def set_capabilities(
+        self,
+        app_id: AppId,
+        user_id: UserId,
+        capabilities: Iterable[Capability],
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> frozenset[Capability]:
+        """Set what ``user_id`` may do in the app; an empty set removes the member.
+
+        Returns the stored set. Raises ``NotFound`` when the app or user does not exist.
+        """
+        caps = frozenset(Capability(c) for c in capabilities)
+        try:
+            async with transaction(conn or self._engine) as c:
+                if not caps:
+                    await c.execute(
+                        delete(t.app_members).where(
+                            (t.app_members.c.app_id == app_id)
+                            & (t.app_members.c.user_id == user_id)
+                        )
+                    )
+                    if not await self._app_and_user_exist(c, app_id, user_id):
+                        raise NotFound("no such app or user")
+                    return caps
+                stmt = pg_insert(t.app_members).values(
+                    app_id=app_id, user_id=user_id, capabilities=capabilities_to_column(caps)
+                )
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=[t.app_members.c.app_id, t.app_members.c.user_id],
+                    set_={"capabilities": stmt.excluded.capabilities},
+                )
+                await c.execute(stmt)
+        except IntegrityError as exc:
+            if sqlstate(exc) == FOREIGN_KEY_VIOLATION:
+                raise NotFound("no such app or user") from exc
+            raise translate_integrity_error(exc, what="member") from exc
+        return caps
+
+    async def capabilities_of(
+        self, app_id: AppId, user_id: UserId, *, conn: AsyncConnection | None = None
+    ) -> frozenset[Capability] | None:
+        """What the member holds in the app, or ``None`` when they are not a member."""
+        stmt = select(t.app_members.c.capabilities).where(
+            (t.app_members.c.app_id == app_id) & (t.app_members.c.user_id == user_id)
+        )
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        return None if row is None else capabilities_from_column(row.capabilities)
+
+    async def principal_for(
+        self, app_id: AppId, user_id: UserId, *, conn: AsyncConnection | None = None
+    ) -> Principal | None:
+        """The user acting in the app, or ``None`` when the app or the user does not
+        exist, or the user is neither a member nor an instance admin. One query."""
+        stmt = (
+            select(t.users.c.is_instance_admin, t.app_members.c.capabilities)
+            .select_from(
+                t.users.join(t.apps, t.apps.c.id == app_id).outerjoin(
+                    t.app_members,
+                    (t.app_members.c.app_id == t.apps.c.id)
+                    & (t.app_members.c.user_id == t.users.c.id),
+                )
+            )
+            .where(t.users.c.id == user_id)
+        )
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        if row is None:
+            return None
+        if row.is_instance_admin:
+            return Principal(user_id, app_id, ALL_CAPABILITIES, is_instance_admin=True)
+        if row.capabilities is None:
+            return None
+        return Principal(user_id, app_id, capabilities_from_column(row.capabilities))
+
+    @staticmethod
+    async def _app_and_user_exist(c: AsyncConnection, app_id: AppId, user_id: UserId) -> bool:
+        stmt = select(
+            exists().where(t.apps.c.id == app_id) & exists().where(t.users.c.id == user_id)
+        )
+        return bool(await c.scalar(stmt))
+
+
+__all__ = ["PostgresAppRepo"]

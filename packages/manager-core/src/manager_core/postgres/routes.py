@@ -1,0 +1,213 @@
+"""User routes: ``{METHOD} /apps/{app_name}{path}`` bound to a script.
+
+:class:`PostgresRouteRepo` is also the orchestrator's :class:`RouteTable`:
+:meth:`~PostgresRouteRepo.routes_for_app` answers one app's routes, with each
+script's timeout, in a single query (it runs on every user request).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import datetime
+
+import attrs
+from sqlalchemy import Select, delete, insert, literal, select, tuple_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from manager_core import tables as t
+from manager_core.db import FOREIGN_KEY_VIOLATION, sqlstate, transaction, translate_integrity_error
+from manager_core.postgres._rows import ROUTE_COLUMNS, route_from_row
+from picloud_shared.domain import HTTP_METHODS, DispatchMode, Route, RouteTarget
+from picloud_shared.errors import Conflict, InvalidInput, NotFound, UnknownScript
+from picloud_shared.ids import AppId, RouteId, ScriptId, UserId
+
+MAX_ROUTE_PATH_CHARS = 1024
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_FORBIDDEN_IN_PATH = re.compile(r"[\s\x00-\x1f\x7f?#]")
+
+
+def check_method(method: object) -> str:
+    """The upper-cased method if it is one of ``HTTP_METHODS``, else ``InvalidInput``."""
+    if not isinstance(method, str) or method.upper() not in HTTP_METHODS:
+        allowed = ", ".join(sorted(HTTP_METHODS))
+        raise InvalidInput(f"method must be one of {allowed}")
+    return method.upper()
+
+
+def check_route_path(path: object) -> str:
+    """Return ``path`` if it is a valid route template, else raise ``InvalidInput``.
+
+    A template starts with ``/``; a ``{name}`` segment (an identifier, unique in the
+    template) binds one path segment; other segments are literal and may not hold
+    braces, whitespace, control characters, ``?`` or ``#``.
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise InvalidInput("route paths start with '/'")
+    if len(path) > MAX_ROUTE_PATH_CHARS:
+        raise InvalidInput(f"route paths are limited to {MAX_ROUTE_PATH_CHARS} characters")
+    if _FORBIDDEN_IN_PATH.search(path):
+        raise InvalidInput("route paths may not contain whitespace, control characters, '?' or '#'")
+    seen: set[str] = set()
+    for segment in path.split("/")[1:]:
+        m = _PARAM.fullmatch(segment)
+        if m:
+            if m.group(1) in seen:
+                raise InvalidInput(f"path param {m.group(1)!r} appears twice")
+            seen.add(m.group(1))
+        elif "{" in segment or "}" in segment:
+            raise InvalidInput(
+                f"bad path segment {segment!r}: a param is a whole segment {{identifier}}"
+            )
+    return path
+
+
+@attrs.frozen
+class RouteEntry:
+    """A route as the admin API shows it: with its script's name."""
+
+    route: Route
+    script_name: str
+    created_at: datetime
+
+
+class PostgresRouteRepo:
+    """User routes on PostgreSQL; also the orchestrator's ``RouteTable``."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def create(
+        self,
+        app_id: AppId,
+        method: str,
+        path: str,
+        script_name: str,
+        *,
+        dispatch_mode: DispatchMode = DispatchMode.SYNC,
+        registered_by: UserId | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> RouteEntry:
+        """Bind ``method path`` to the app's script ``script_name``.
+
+        Raises ``InvalidInput`` (method, path), ``UnknownScript``, ``Conflict`` (same
+        method and path exist) or ``NotFound`` (no such app).
+        """
+        method = check_method(method)
+        check_route_path(path)
+        dispatch_mode = DispatchMode(dispatch_mode)
+        source = select(
+            literal(app_id).label("app_id"),
+            literal(method).label("method"),
+            literal(path).label("path"),
+            t.scripts.c.id.label("script_id"),
+            literal(registered_by, t.routes.c.registered_by.type).label("registered_by"),
+            literal(dispatch_mode.value).label("dispatch_mode"),
+        ).where((t.scripts.c.app_id == app_id) & (t.scripts.c.name == script_name))
+        stmt = (
+            insert(t.routes)
+            .from_select(
+                ["app_id", "method", "path", "script_id", "registered_by", "dispatch_mode"],
+                source,
+            )
+            .returning(*ROUTE_COLUMNS, t.routes.c.created_at)
+        )
+        try:
+            async with transaction(conn or self._engine) as c:
+                row = (await c.execute(stmt)).one_or_none()
+        except IntegrityError as exc:
+            if sqlstate(exc) == FOREIGN_KEY_VIOLATION:
+                raise NotFound("no such app or user") from exc
+            err = translate_integrity_error(exc, what="route")
+            if isinstance(err, Conflict):
+                raise Conflict(f"a route {method} {path} already exists") from exc
+            raise err from exc
+        if row is None:
+            raise UnknownScript(f"no script named {script_name!r} in this app")
+        return RouteEntry(route_from_row(row), script_name, row.created_at)
+
+    async def get(
+        self, app_id: AppId, route_id: RouteId, *, conn: AsyncConnection | None = None
+    ) -> RouteEntry | None:
+        """One route of the app, or ``None`` (also for another app's route)."""
+        stmt = self._entries().where((t.routes.c.app_id == app_id) & (t.routes.c.id == route_id))
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        return None if row is None else RouteEntry(route_from_row(row), row.name, row.created_at)
+
+    async def list(
+        self,
+        app_id: AppId,
+        *,
+        limit: int = 100,
+        after: tuple[str, str] | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> Sequence[RouteEntry]:
+        """The app's routes ordered by (path, method), after the key ``after``."""
+        stmt = (
+            self._entries()
+            .where(t.routes.c.app_id == app_id)
+            .order_by(t.routes.c.path, t.routes.c.method)
+            .limit(limit)
+        )
+        if after is not None:
+            stmt = stmt.where(tuple_(t.routes.c.path, t.routes.c.method) > tuple_(*after))
+        async with transaction(conn or self._engine) as c:
+            rows = (await c.execute(stmt)).all()
+        return [RouteEntry(route_from_row(r), r.name, r.created_at) for r in rows]
+
+    async def delete(
+        self, app_id: AppId, route_id: RouteId, *, conn: AsyncConnection | None = None
+    ) -> bool:
+        """Delete one of the app's routes; ``True`` if it existed in this app."""
+        stmt = delete(t.routes).where((t.routes.c.app_id == app_id) & (t.routes.c.id == route_id))
+        async with transaction(conn or self._engine) as c:
+            result = await c.execute(stmt)
+        return result.rowcount > 0
+
+    async def routes_for_app(self, app_name: str) -> Sequence[RouteTarget] | None:
+        """Every route of the app named ``app_name`` (``None``: no such app). One query."""
+        stmt = (
+            select(
+                t.apps.c.id.label("app_id"),
+                t.apps.c.name.label("app_name"),
+                t.routes.c.id.label("route_id"),
+                t.routes.c.method,
+                t.routes.c.path,
+                t.routes.c.dispatch_mode,
+                t.routes.c.script_id,
+                t.scripts.c.timeout_seconds,
+            )
+            .select_from(
+                t.apps.outerjoin(t.routes, t.routes.c.app_id == t.apps.c.id).outerjoin(
+                    t.scripts, t.scripts.c.id == t.routes.c.script_id
+                )
+            )
+            .where(t.apps.c.name == app_name)
+            .order_by(t.routes.c.path, t.routes.c.method)
+        )
+        async with transaction(self._engine) as c:
+            rows = (await c.execute(stmt)).all()
+        if not rows:
+            return None
+        return [
+            RouteTarget(
+                route_id=RouteId(r.route_id),
+                app_id=AppId(r.app_id),
+                app_name=r.app_name,
+                method=r.method,
+                path=r.path,
+                dispatch_mode=DispatchMode(r.dispatch_mode),
+                script_id=ScriptId(r.script_id),
+                timeout_seconds=r.timeout_seconds,
+            )
+            for r in rows
+            if r.route_id is not None
+        ]
+
+    @staticmethod
+    def _entries() -> Select:  # type: ignore[type-arg]
+        return select(*ROUTE_COLUMNS, t.routes.c.created_at, t.scripts.c.name).join_from(
+            t.routes, t.scripts, t.scripts.c.id == t.routes.c.script_id
+        )

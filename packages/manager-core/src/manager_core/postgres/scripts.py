@@ -1,0 +1,234 @@
+"""Scripts: the code an app runs, versioned on every update.
+
+Limits (API.md): source at most 256 KiB of UTF-8 (``PayloadTooLarge``),
+``timeout_seconds`` 1-300 and ``memory_limit_mb`` 16-2048 (``LimitExceeded``).
+A script still used by a route or trigger cannot be deleted (``Conflict``; the
+schema's ``ON DELETE RESTRICT`` enforces it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import attrs
+from sqlalchemy import ColumnElement, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from manager_core import tables as t
+from manager_core.db import FOREIGN_KEY_VIOLATION, sqlstate, transaction, translate_integrity_error
+from manager_core.postgres._rows import SCRIPT_COLUMNS, script_from_row
+from picloud_shared.domain import Script, check_script_name
+from picloud_shared.errors import Conflict, InvalidInput, LimitExceeded, NotFound, PayloadTooLarge
+from picloud_shared.ids import AppId, ScriptId
+from picloud_shared.limits import (
+    DEFAULT_MEMORY_LIMIT_MB,
+    DEFAULT_TIMEOUT_SECONDS,
+    MAX_MEMORY_LIMIT_MB,
+    MAX_SCRIPT_SOURCE_BYTES,
+    MAX_TIMEOUT_SECONDS,
+    MIN_MEMORY_LIMIT_MB,
+    MIN_TIMEOUT_SECONDS,
+)
+
+# ON DELETE RESTRICT reports restrict_violation, not foreign_key_violation.
+RESTRICT_VIOLATION = "23001"
+
+
+@attrs.frozen
+class ScriptSummary:
+    """A script without its source: what listings show."""
+
+    id: ScriptId
+    app_id: AppId
+    name: str
+    version: int
+    timeout_seconds: int
+    memory_limit_mb: int
+    updated_at: datetime
+
+
+def check_source(source: object) -> str:
+    """Return ``source`` if it is storable, else raise ``InvalidInput``/``PayloadTooLarge``."""
+    if not isinstance(source, str):
+        raise InvalidInput("source must be a string")
+    if "\x00" in source:
+        raise InvalidInput("source must not contain NUL characters")
+    if len(source.encode("utf-8", "surrogatepass")) > MAX_SCRIPT_SOURCE_BYTES:
+        raise PayloadTooLarge(f"script source is limited to {MAX_SCRIPT_SOURCE_BYTES} bytes")
+    return source
+
+
+def check_timeout_seconds(value: int) -> int:
+    """Return ``value`` if it is within 1-300, else raise ``LimitExceeded``."""
+    if not MIN_TIMEOUT_SECONDS <= value <= MAX_TIMEOUT_SECONDS:
+        raise LimitExceeded(
+            f"timeout_seconds must be between {MIN_TIMEOUT_SECONDS} and {MAX_TIMEOUT_SECONDS}"
+        )
+    return value
+
+
+def check_memory_limit_mb(value: int) -> int:
+    """Return ``value`` if it is within 16-2048, else raise ``LimitExceeded``."""
+    if not MIN_MEMORY_LIMIT_MB <= value <= MAX_MEMORY_LIMIT_MB:
+        raise LimitExceeded(
+            f"memory_limit_mb must be between {MIN_MEMORY_LIMIT_MB} and {MAX_MEMORY_LIMIT_MB}"
+        )
+    return value
+
+
+def _by_name(app_id: AppId, name: str) -> ColumnElement[bool]:
+    return (t.scripts.c.app_id == app_id) & (t.scripts.c.name == name)
+
+
+class PostgresScriptRepo:
+    """Scripts on PostgreSQL."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def create(
+        self,
+        app_id: AppId,
+        name: str,
+        source: str,
+        *,
+        timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS,
+        memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
+        conn: AsyncConnection | None = None,
+    ) -> Script:
+        """Create version 1 of a script. Raises ``InvalidName``, ``InvalidInput``,
+        ``PayloadTooLarge``, ``LimitExceeded``, ``Conflict`` (name taken) or
+        ``NotFound`` (no such app)."""
+        check_script_name(name)
+        check_source(source)
+        check_timeout_seconds(timeout_seconds)
+        check_memory_limit_mb(memory_limit_mb)
+        stmt = (
+            insert(t.scripts)
+            .values(
+                app_id=app_id,
+                name=name,
+                source=source,
+                timeout_seconds=timeout_seconds,
+                memory_limit_mb=memory_limit_mb,
+            )
+            .returning(*SCRIPT_COLUMNS)
+        )
+        try:
+            async with transaction(conn or self._engine) as c:
+                row = (await c.execute(stmt)).one()
+        except IntegrityError as exc:
+            if sqlstate(exc) == FOREIGN_KEY_VIOLATION:
+                raise NotFound("no such app") from exc
+            err = translate_integrity_error(exc, what="script")
+            if isinstance(err, Conflict):
+                raise Conflict(f"a script named {name!r} already exists") from exc
+            raise err from exc
+        return script_from_row(row)
+
+    async def update(
+        self,
+        app_id: AppId,
+        name: str,
+        *,
+        source: str | None = None,
+        timeout_seconds: int | None = None,
+        memory_limit_mb: int | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> Script:
+        """Replace the given fields, keep the others, and bump ``version``.
+        Raises ``NotFound`` when the script does not exist, or the checks of
+        :meth:`create`."""
+        values: dict[str, object] = {
+            "version": t.scripts.c.version + 1,
+            "updated_at": func.now(),
+        }
+        if source is not None:
+            values["source"] = check_source(source)
+        if timeout_seconds is not None:
+            values["timeout_seconds"] = check_timeout_seconds(timeout_seconds)
+        if memory_limit_mb is not None:
+            values["memory_limit_mb"] = check_memory_limit_mb(memory_limit_mb)
+        stmt = update(t.scripts).where(_by_name(app_id, name)).values(values)
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt.returning(*SCRIPT_COLUMNS))).one_or_none()
+        if row is None:
+            raise NotFound(f"no script named {name!r}")
+        return script_from_row(row)
+
+    async def get(
+        self, app_id: AppId, name: str, *, conn: AsyncConnection | None = None
+    ) -> Script | None:
+        """The app's script named ``name``, or ``None``."""
+        async with transaction(conn or self._engine) as c:
+            row = (
+                await c.execute(select(*SCRIPT_COLUMNS).where(_by_name(app_id, name)))
+            ).one_or_none()
+        return None if row is None else script_from_row(row)
+
+    async def get_by_id(
+        self, app_id: AppId, script_id: ScriptId, *, conn: AsyncConnection | None = None
+    ) -> Script | None:
+        """The app's script with id ``script_id``, or ``None`` (also for another app's)."""
+        stmt = select(*SCRIPT_COLUMNS).where(
+            (t.scripts.c.app_id == app_id) & (t.scripts.c.id == script_id)
+        )
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        return None if row is None else script_from_row(row)
+
+    async def list(
+        self,
+        app_id: AppId,
+        *,
+        limit: int = 100,
+        after: str | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> Sequence[ScriptSummary]:
+        """The app's scripts (without source) in name order, after the name ``after``."""
+        stmt = (
+            select(
+                t.scripts.c.id,
+                t.scripts.c.app_id,
+                t.scripts.c.name,
+                t.scripts.c.version,
+                t.scripts.c.timeout_seconds,
+                t.scripts.c.memory_limit_mb,
+                t.scripts.c.updated_at,
+            )
+            .where(t.scripts.c.app_id == app_id)
+            .order_by(t.scripts.c.name)
+            .limit(limit)
+        )
+        if after is not None:
+            stmt = stmt.where(t.scripts.c.name > after)
+        async with transaction(conn or self._engine) as c:
+            rows = (await c.execute(stmt)).all()
+        return [
+            ScriptSummary(
+                id=ScriptId(r.id),
+                app_id=AppId(r.app_id),
+                name=r.name,
+                version=r.version,
+                timeout_seconds=r.timeout_seconds,
+                memory_limit_mb=r.memory_limit_mb,
+                updated_at=r.updated_at,
+            )
+            for r in rows
+        ]
+
+    async def delete(
+        self, app_id: AppId, name: str, *, conn: AsyncConnection | None = None
+    ) -> bool:
+        """Delete a script; ``True`` if it existed. Raises ``Conflict`` while a route
+        or trigger still uses it."""
+        try:
+            async with transaction(conn or self._engine) as c:
+                result = await c.execute(delete(t.scripts).where(_by_name(app_id, name)))
+        except IntegrityError as exc:
+            if sqlstate(exc) in (FOREIGN_KEY_VIOLATION, RESTRICT_VIOLATION):
+                raise Conflict(f"script {name!r} is still used by a route or trigger") from exc
+            raise translate_integrity_error(exc, what="script") from exc
+        return result.rowcount > 0
