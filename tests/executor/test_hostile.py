@@ -1,0 +1,464 @@
+"""The hostile suite: each attack is blocked and classified, and the host survives."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+
+import anyio
+import pytest
+
+from executor_core.executor import ProcessExecutor
+from executor_core.memory_host import MemoryHostApi
+from picloud_shared.execution import ExecRequest, ExecResult
+from picloud_shared.status import ExecErrorKind
+
+from .conftest import new_app
+
+MakeRequest = Callable[..., ExecRequest]
+pytestmark = pytest.mark.anyio
+
+ATTEMPT = textwrap.dedent("""
+    def attempt(fn):
+        try:
+            return "ok: " + repr(fn())[:200]
+        except BaseException as exc:
+            return type(exc).__name__ + ": " + str(exc)[:200]
+""")
+
+
+def src(body: str) -> str:
+    return ATTEMPT + textwrap.dedent(body).strip() + "\n"
+
+
+def body(result: ExecResult) -> object:
+    assert result.error is None, result.error
+    assert result.response is not None
+    return json.loads(result.response.body)
+
+
+def kind(result: ExecResult) -> ExecErrorKind:
+    assert result.error is not None, result.response
+    return result.error.kind
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[str]:
+    """A world-readable directory outside any scratch dir."""
+    path = tempfile.mkdtemp(prefix="picloud-hostile-")
+    os.chmod(path, 0o755)
+    yield path
+    for name in os.listdir(path):
+        os.unlink(os.path.join(path, name))
+    os.rmdir(path)
+
+
+async def test_server_environment_is_unreadable(
+    executor: ProcessExecutor,
+    host: MemoryHostApi,
+    make_request: MakeRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Neither the worker's environment nor /proc/<ppid>/environ shows the server's."""
+    monkeypatch.setenv("PICLOUD_TEST_SECRET", "hunter2-secret")
+    source = src("""
+    import os
+    def handle(e, ctx):
+        return {
+            "env": dict(os.environ),
+            "parent": attempt(lambda: open(f"/proc/{os.getppid()}/environ", "rb").read()),
+            "parent_cmdline_mem": attempt(lambda: open(f"/proc/{os.getppid()}/mem", "rb").read(1)),
+            "init": attempt(lambda: open("/proc/1/environ", "rb").read()),
+        }
+    """)
+    result = await executor.execute(make_request(source), host)
+    out = body(result)
+    assert isinstance(out, dict)
+    assert set(out["env"]) <= {"LC_CTYPE"}  # set by the interpreter itself (PEP 538)
+    assert out["parent"].startswith("PermissionError")
+    assert out["parent_cmdline_mem"].startswith("PermissionError")
+    assert out["init"].startswith("PermissionError")
+    assert "hunter2" not in json.dumps(out)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own a root-only file")
+async def test_root_only_file_is_unreadable(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, shared_dir: str
+) -> None:
+    """A 0600 root-owned file in a world-readable directory cannot be read."""
+    secret = os.path.join(shared_dir, "secret")
+    await anyio.Path(secret).write_text("root-only-content")
+    os.chmod(secret, stat.S_IRUSR | stat.S_IWUSR)
+    source = src(f"""
+    import os
+    def handle(e, ctx):
+        return [os.getuid(), attempt(lambda: open({secret!r}).read()),
+                attempt(lambda: os.listdir({shared_dir!r}))]
+    """)
+    uid, read, listing = body(await executor.execute(make_request(source), host))  # type: ignore[misc]
+    assert uid != 0
+    assert read.startswith("PermissionError")
+    assert "root-only-content" not in read
+    assert listing.startswith("ok")  # the directory itself is world-readable
+
+
+async def test_writes_outside_scratch_are_denied(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, shared_dir: str
+) -> None:
+    """Writing to /tmp, /dev/shm or a world-writable dir fails; the scratch dir works."""
+    os.chmod(shared_dir, 0o777)
+    source = src(f"""
+    import os
+    def handle(e, ctx):
+        def write(path):
+            with open(path, "w") as f:
+                f.write("x")
+            return os.path.getsize(path)
+        return {{
+            "tmp": attempt(lambda: write("/tmp/picloud-escape")),
+            "shm": attempt(lambda: write("/dev/shm/picloud-escape")),
+            "shared": attempt(lambda: write({shared_dir!r} + "/escape")),
+            "mkdir": attempt(lambda: os.mkdir("/tmp/picloud-escape-dir")),
+            "scratch": attempt(lambda: write("mine.txt")),
+            "cwd_is_scratch": os.getcwd(),
+        }}
+    """)
+    out = body(await executor.execute(make_request(source), host))
+    assert isinstance(out, dict)
+    for key in ("tmp", "shm", "shared", "mkdir"):
+        assert out[key].startswith("PermissionError"), (key, out[key])
+    assert out["scratch"] == "ok: 1"
+    assert not await anyio.Path("/tmp/picloud-escape").exists()
+    assert not await anyio.Path("/dev/shm/picloud-escape").exists()
+    assert os.listdir(shared_dir) == []
+    assert out["cwd_is_scratch"].startswith(executor.pool.spec.scratch_root)
+
+
+async def test_tcp_connect_to_local_listener_is_blocked(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A script cannot reach a port listening on 127.0.0.1."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        source = src(f"""
+        import socket
+        def handle(e, ctx):
+            return [attempt(lambda: socket.create_connection(("127.0.0.1", {port}), timeout=0.5)),
+                    attempt(lambda: socket.socket(socket.AF_INET6)),
+                    attempt(lambda: socket.socketpair())]
+        """)
+        out = body(await executor.execute(make_request(source), host))
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert isinstance(out, list)
+    assert all(o.startswith("PermissionError") for o in out), out
+
+
+async def test_unix_socket_connect_is_blocked(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, shared_dir: str
+) -> None:
+    """A script cannot connect to a UNIX socket the host listens on."""
+    path = os.path.join(shared_dir, "s.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        os.chmod(path, 0o777)
+        listener.listen()
+        listener.setblocking(False)
+        source = src(f"""
+        import socket
+        def handle(e, ctx):
+            def connect():
+                s = socket.socket(socket.AF_UNIX)
+                s.connect({path!r})
+                return s
+            return [attempt(connect)]
+        """)
+        out = body(await executor.execute(make_request(source), host))
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert isinstance(out, list)
+    assert out[0].startswith("PermissionError"), out
+
+
+async def test_fork_and_exec_are_blocked(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """os.fork, subprocess and exec fail with an exception the script can catch."""
+    source = src("""
+    import os, subprocess
+    def handle(e, ctx):
+        return [attempt(os.fork),
+                attempt(lambda: subprocess.run(["/bin/true"])),
+                attempt(lambda: os.execv("/bin/true", ["true"])),
+                attempt(lambda: os.posix_spawn("/bin/true", ["true"], {}))]
+    """)
+    out = body(await executor.execute(make_request(source), host))
+    assert isinstance(out, list)
+    assert all(o.startswith("PermissionError") for o in out), out
+
+
+async def test_thread_bomb_is_bounded(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Threads run out long before the host notices; the script gets an error."""
+    source = src("""
+    import threading, time
+    def handle(e, ctx):
+        threads = []
+        try:
+            for _ in range(10_000):
+                t = threading.Thread(target=time.sleep, args=(5,), daemon=True)
+                t.start()
+                threads.append(t)
+        except RuntimeError as exc:
+            return [len(threads), str(exc)]
+        return [len(threads), "unbounded"]
+    """)
+    started, why = body(await executor.execute(make_request(source), host))  # type: ignore[misc]
+    assert started < 64
+    assert why != "unbounded"
+    ok = await executor.execute(make_request("def handle(e, ctx):\n    return 1\n"), host)
+    assert body(ok) == 1
+
+
+async def test_signalling_the_host_fails(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """os.kill of the parent (or its group, or init) is refused; the host lives on."""
+    source = src("""
+    import os, signal
+    def handle(e, ctx):
+        return [attempt(lambda: os.kill(os.getppid(), signal.SIGTERM)),
+                attempt(lambda: os.kill(os.getppid(), signal.SIGKILL)),
+                attempt(lambda: os.killpg(os.getpgid(os.getppid()), signal.SIGTERM)),
+                attempt(lambda: os.kill(1, signal.SIGTERM))]
+    """)
+    out = body(await executor.execute(make_request(source), host))
+    assert isinstance(out, list)
+    assert all(o.startswith("PermissionError") for o in out), out
+
+
+async def test_other_workers_memory_is_unreadable(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """An app cannot read another app's worker memory or environment through /proc."""
+    pid_src = "import os\ndef handle(e, ctx):\n    return os.getpid()\n"
+    victim = body(await executor.execute(make_request(pid_src, app_id=new_app()), host))
+    source = src("""
+    import os
+    def handle(e, ctx):
+        pid = e["pid"]
+        return [attempt(lambda: open(f"/proc/{pid}/mem", "rb").read(1)),
+                attempt(lambda: open(f"/proc/{pid}/environ", "rb").read()),
+                attempt(lambda: os.readlink(f"/proc/{pid}/cwd")),
+                attempt(lambda: os.listdir(f"/proc/{pid}/fd"))]
+    """)
+    out = body(await executor.execute(make_request(source, {"pid": victim}), host))
+    assert isinstance(out, list)
+    assert all(o.startswith("PermissionError") for o in out), out
+
+
+async def test_allocating_past_memory_limit_is_memory_limit(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A 1 GiB allocation under a 32 MB limit is memory_limit; the worker is replaced."""
+    pid_src = "import os\ndef handle(e, ctx):\n    return os.getpid()\n"
+    before = body(await executor.execute(make_request(pid_src, memory_limit_mb=32), host))
+    hog = "def handle(e, ctx):\n    return len(bytearray(1 << 30))\n"
+    result = await executor.execute(make_request(hog, memory_limit_mb=32), host)
+    assert kind(result) is ExecErrorKind.MEMORY_LIMIT
+    after = body(await executor.execute(make_request(pid_src, memory_limit_mb=32), host))
+    assert before != after
+
+
+async def test_busy_loop_is_timeout(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """`while True: pass` is stopped at the deadline."""
+    started = time.monotonic()
+    busy = "def handle(e, ctx):\n    while True:\n        pass\n"
+    result = await executor.execute(make_request(busy, timeout_seconds=1), host)
+    assert kind(result) in (ExecErrorKind.TIMEOUT, ExecErrorKind.CPU_LIMIT)
+    assert time.monotonic() - started < 5
+
+
+async def test_sleep_past_deadline_is_timeout(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A sleeping script is killed at its wall-clock deadline and the app keeps working."""
+    started = time.monotonic()
+    sleeper = "import time\ndef handle(e, ctx):\n    time.sleep(30)\n"
+    result = await executor.execute(make_request(sleeper, timeout_seconds=1), host)
+    assert kind(result) is ExecErrorKind.TIMEOUT
+    assert 0.9 < time.monotonic() - started < 5
+    ok = await executor.execute(make_request("def handle(e, ctx):\n    return 1\n"), host)
+    assert body(ok) == 1
+
+
+async def test_cpu_limit_is_cpu_limit(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Exhausting RLIMIT_CPU (SIGXCPU) is cpu_limit, and the worker is replaced.
+
+    The executor's per-execution CPU budget equals the timeout, so on an idle machine
+    the wall deadline usually fires first for a single thread; the script lowers its
+    own soft limit to reach the kernel's CPU accounting deterministically.
+    """
+    source = src("""
+    import os, resource
+    def handle(e, ctx):
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        soft = int(used.ru_utime + used.ru_stime) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.getrlimit(resource.RLIMIT_CPU)[1]))
+        while True:
+            pass
+    """)
+    result = await executor.execute(make_request(source, timeout_seconds=5), host)
+    assert kind(result) is ExecErrorKind.CPU_LIMIT
+
+
+async def test_huge_file_is_file_size_limit(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Writing past RLIMIT_FSIZE is file_size_limit."""
+    source = (
+        "def handle(e, ctx):\n    with open('big', 'wb') as f:\n"
+        "        for _ in range(1000):\n            f.write(b'x' * (1 << 20))\n"
+    )
+    result = await executor.execute(make_request(source), host)
+    assert kind(result) is ExecErrorKind.FILE_SIZE_LIMIT
+
+
+@pytest.mark.parametrize(
+    "printer",
+    ["print('x' * 100_000_000)", "for _ in range(1_000_000):\n        print('x' * 100)"],
+)
+async def test_printing_100_mb_is_output_limit(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, printer: str
+) -> None:
+    """100 MB of print is cut at the log cap and classified output_limit."""
+    result = await executor.execute(make_request(f"def handle(e, ctx):\n    {printer}\n"), host)
+    assert kind(result) is ExecErrorKind.OUTPUT_LIMIT
+    assert sum(len(line) for line in result.logs) <= 64 * 1024
+
+
+async def test_unbounded_recursion_is_contained(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Recursion is a RecursionError; with the limit lifted the worker dies, not the host."""
+    plain = "def f(n):\n    return f(n + 1)\ndef handle(e, ctx):\n    return f(0)\n"
+    result = await executor.execute(make_request(plain), host)
+    assert kind(result) is ExecErrorKind.UNCAUGHT_EXCEPTION
+    assert result.error is not None
+    assert "RecursionError" in result.error.message
+    lifted = "import sys\nsys.setrecursionlimit(10**7)\n" + plain
+    result = await executor.execute(
+        make_request(lifted, memory_limit_mb=32, timeout_seconds=2), host
+    )
+    assert result.error is not None  # the heap (3.11 frames) or the deadline ends it
+    ok = await executor.execute(make_request("def handle(e, ctx):\n    return 1\n"), host)
+    assert body(ok) == 1
+
+
+FORGE = textwrap.dedent("""
+    import gc, json, os, struct, sys
+    def channel():
+        return next(o for o in gc.get_objects() if type(o).__name__ == "Channel")
+    def send(frame):
+        wfd = int(sys.argv[sys.argv.index("--wfd") + 1])
+        data = json.dumps(frame).encode()
+        os.write(wfd, struct.pack(">I", len(data)) + data)
+""")
+
+
+async def test_forged_frame_claiming_another_app_is_protocol_violation(
+    executor: ProcessExecutor, make_request: MakeRequest
+) -> None:
+    """A raw call frame naming another app is refused and nothing is written anywhere."""
+    mine, other = MemoryHostApi(), MemoryHostApi()
+    other_app = new_app()
+    source = FORGE + textwrap.dedent(f"""
+    def handle(e, ctx):
+        send({{"t": "call", "n": channel().nonce, "id": 1, "op": "kv_set",
+               "a": ["k", "v"], "app": "{other_app}", "app_id": "{other_app}"}})
+        return ctx.kv.get("k")
+    """)
+    result = await executor.execute(make_request(source), mine)
+    assert kind(result) is ExecErrorKind.PROTOCOL_VIOLATION
+    assert mine.kv == {}
+    assert other.kv == {}
+
+
+async def test_forged_frame_of_another_execution_is_protocol_violation(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A frame carrying another execution's nonce is refused."""
+    source = FORGE + textwrap.dedent("""
+    def handle(e, ctx):
+        send({"t": "done", "n": "0123456789abcdef", "ok": True,
+              "resp": {"status": 200, "headers": [], "body": "forged", "body_encoding": "utf-8"}})
+        import time
+        time.sleep(0.5)
+        return "real"
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert kind(result) is ExecErrorKind.PROTOCOL_VIOLATION
+
+
+async def test_garbage_on_the_host_pipe_is_protocol_violation(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """An oversized frame header or non-JSON bytes kill the worker, not the host."""
+    source = FORGE + textwrap.dedent("""
+    def handle(e, ctx):
+        wfd = int(sys.argv[sys.argv.index("--wfd") + 1])
+        os.write(wfd, b"\\xff\\xff\\xff\\xff" + b"junk" * 10)
+        import time
+        time.sleep(0.5)
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert kind(result) is ExecErrorKind.PROTOCOL_VIOLATION
+    ok = await executor.execute(make_request("def handle(e, ctx):\n    return 1\n"), host)
+    assert body(ok) == 1
+
+
+async def test_module_globals_do_not_cross_apps(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """State one app's script leaves in its interpreter is invisible to another app."""
+    source = textwrap.dedent("""
+    import builtins, os, sys
+    SEEN = []
+    def handle(e, ctx):
+        found = [getattr(builtins, "LEAK", None), list(SEEN), "leak_mod" in sys.modules]
+        if e.get("plant"):
+            builtins.LEAK = e["plant"]
+            SEEN.append(e["plant"])
+            sys.modules["leak_mod"] = sys
+            with open("planted.txt", "w") as f:
+                f.write("x")
+        return [found, os.getpid(), os.listdir(".")]
+    """)
+    request_a = make_request(source, {"plant": "app-a-secret"}, app_id=new_app())
+    a = body(await executor.execute(request_a, host))
+    b_request = make_request(source, {}, app_id=new_app(), script_id=request_a.script_id)
+    found_b, pid_b, files_b = body(await executor.execute(b_request, host))  # type: ignore[misc]
+    assert isinstance(a, list)
+    assert found_b == [None, [], False]
+    assert pid_b != a[1]
+    assert files_b == []
+    again_a = body(
+        await executor.execute(
+            make_request(source, {}, app_id=request_a.app_id, script_id=request_a.script_id), host
+        )
+    )
+    assert again_a[0] == ["app-a-secret", ["app-a-secret"], True]  # type: ignore[index]
