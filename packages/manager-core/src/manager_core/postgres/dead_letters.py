@@ -1,0 +1,269 @@
+"""``PostgresDeadLetterRepo``: executions that ran out of attempts.
+
+``create`` stores one (and, given an emitter, fans it out to the app's dead-letter
+triggers in the same transaction); ``replay`` re-enqueues the original payload as a
+fresh execution; ``resolve``/``mark`` set the ``resolution``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import attrs
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from manager_core import tables as t
+from manager_core.db import transaction
+from manager_core.postgres.kv import notify_committed
+from manager_core.postgres.outbox import PostgresOutboxRepo
+from manager_core.postgres.triggers import check_limit, retry_from_row
+from picloud_shared.errors import Conflict, InvalidInput, NotFound
+from picloud_shared.events import DeadLetterEvent
+from picloud_shared.ids import (
+    AppId,
+    DeadLetterId,
+    ExecutionId,
+    RouteId,
+    ScriptId,
+    TriggerId,
+    new_execution_id,
+)
+from picloud_shared.outbox import NewOutboxRow, OutboxRow, OutboxSourceKind
+from picloud_shared.ports import EventEmitter
+from picloud_shared.retry import DEFAULT_RETRY_POLICY
+from picloud_shared.status import ExecErrorKind
+from picloud_shared.wire import JsonObject
+
+__all__ = ["DeadLetter", "PostgresDeadLetterRepo"]
+
+_DL = t.dead_letters
+
+
+@attrs.frozen
+class DeadLetter:
+    id: DeadLetterId
+    app_id: AppId
+    execution_id: ExecutionId
+    source_kind: OutboxSourceKind
+    trigger_id: TriggerId | None
+    route_id: RouteId | None
+    script_id: ScriptId | None
+    payload: JsonObject
+    attempts: int
+    trigger_depth: int
+    error_kind: ExecErrorKind | None
+    error_message: str | None
+    resolution: str | None
+    resolved_at: datetime | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: sa.Row) -> DeadLetter:  # type: ignore[type-arg]
+        return cls(
+            id=DeadLetterId(row.id),
+            app_id=AppId(row.app_id),
+            execution_id=ExecutionId(row.execution_id),
+            source_kind=OutboxSourceKind(row.source_kind),
+            trigger_id=None if row.trigger_id is None else TriggerId(row.trigger_id),
+            route_id=None if row.route_id is None else RouteId(row.route_id),
+            script_id=None if row.script_id is None else ScriptId(row.script_id),
+            payload=row.payload,
+            attempts=row.attempts,
+            trigger_depth=row.trigger_depth,
+            error_kind=None if row.error_kind is None else ExecErrorKind(row.error_kind),
+            error_message=row.error_message,
+            resolution=row.resolution,
+            resolved_at=row.resolved_at,
+            created_at=row.created_at,
+        )
+
+    @property
+    def error(self) -> JsonObject:
+        return {
+            "kind": None if self.error_kind is None else self.error_kind.value,
+            "message": self.error_message,
+        }
+
+    def to_event(self) -> DeadLetterEvent:
+        """The event dead-letter handlers receive."""
+        return DeadLetterEvent(self.id, self.source_kind, self.payload, self.error, self.attempts)
+
+    def to_wire(self) -> JsonObject:
+        return {
+            "id": str(self.id),
+            "execution_id": str(self.execution_id),
+            "source_kind": self.source_kind.value,
+            "trigger_id": None if self.trigger_id is None else str(self.trigger_id),
+            "route_id": None if self.route_id is None else str(self.route_id),
+            "script_id": None if self.script_id is None else str(self.script_id),
+            "payload": self.payload,
+            "attempts": self.attempts,
+            "trigger_depth": self.trigger_depth,
+            "error": self.error,
+            "resolution": self.resolution,
+            "resolved_at": None if self.resolved_at is None else self.resolved_at.isoformat(),
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+class PostgresDeadLetterRepo:
+    """Dead letters. ``emitter`` (optional) fans new dead letters out to dead-letter
+    triggers; ``outbox`` is where ``replay`` enqueues. Every method takes an optional
+    ``conn`` to join the caller's transaction."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        outbox: PostgresOutboxRepo,
+        emitter: EventEmitter | None = None,
+    ) -> None:
+        self._engine = engine
+        self._outbox = outbox
+        self._emitter = emitter
+
+    async def create(
+        self,
+        row: OutboxRow,
+        *,
+        attempts: int,
+        error_kind: ExecErrorKind | None,
+        error_message: str | None,
+        conn: AsyncConnection | None = None,
+    ) -> DeadLetter:
+        """Dead-letter the execution of outbox ``row`` (payload, source, trigger, route,
+        script, depth) after ``attempts``; fans out to dead-letter triggers with the
+        row's depth + 1 (never for a dead-letter handler's own row)."""
+        stmt = (
+            sa.insert(_DL)
+            .values(
+                app_id=row.app_id,
+                execution_id=row.execution_id,
+                source_kind=row.source_kind.value,
+                trigger_id=row.trigger_id,
+                route_id=row.route_id,
+                script_id=row.script_id,
+                payload=row.payload,
+                attempts=attempts,
+                trigger_depth=row.trigger_depth,
+                error_kind=None if error_kind is None else error_kind.value,
+                error_message=error_message,
+            )
+            .returning(_DL)
+        )
+        async with transaction(conn or self._engine) as c:
+            letter = DeadLetter.from_row((await c.execute(stmt)).one())
+            if self._emitter is not None and not row.is_dead_letter_handler:
+                await self._emitter.emit(c, row.app_id, letter.to_event(), row.trigger_depth + 1)
+        if conn is None and self._emitter is not None:
+            notify_committed(self._emitter, c)
+        return letter
+
+    async def get(
+        self, app_id: AppId, dead_letter_id: DeadLetterId, *, conn: AsyncConnection | None = None
+    ) -> DeadLetter | None:
+        stmt = sa.select(_DL).where(_DL.c.app_id == app_id, _DL.c.id == dead_letter_id)
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        return None if row is None else DeadLetter.from_row(row)
+
+    async def list(
+        self,
+        app_id: AppId,
+        limit: int = 100,
+        after: DeadLetterId | None = None,
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> Sequence[DeadLetter]:
+        """Newest first, starting after the dead letter ``after``."""
+        stmt = (
+            sa.select(_DL)
+            .where(_DL.c.app_id == app_id)
+            .order_by(_DL.c.created_at.desc(), _DL.c.id.desc())
+            .limit(check_limit(limit))
+        )
+        if after is not None:
+            cursor = (
+                sa.select(_DL.c.created_at, _DL.c.id)
+                .where(_DL.c.app_id == app_id, _DL.c.id == after)
+                .subquery()
+            )
+            stmt = stmt.where(
+                sa.tuple_(_DL.c.created_at, _DL.c.id)
+                < sa.select(sa.tuple_(cursor.c.created_at, cursor.c.id)).scalar_subquery()
+            )
+        async with transaction(conn or self._engine) as c:
+            rows = (await c.execute(stmt)).all()
+        return [DeadLetter.from_row(r) for r in rows]
+
+    async def mark(
+        self,
+        app_id: AppId,
+        dead_letter_id: DeadLetterId,
+        resolution: str,
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> bool:
+        """Set the resolution; ``False`` when the app has no such dead letter."""
+        if resolution not in t.DEAD_LETTER_RESOLUTIONS:
+            raise InvalidInput(f"unknown resolution {resolution!r}")
+        stmt = (
+            sa.update(_DL)
+            .where(_DL.c.app_id == app_id, _DL.c.id == dead_letter_id)
+            .values(resolution=resolution, resolved_at=sa.func.now())
+        )
+        async with transaction(conn or self._engine) as c:
+            result = await c.execute(stmt)
+        return bool(result.rowcount)
+
+    async def resolve(
+        self, app_id: AppId, dead_letter_id: DeadLetterId, *, conn: AsyncConnection | None = None
+    ) -> bool:
+        """Mark ``resolved`` (a human dealt with it)."""
+        return await self.mark(app_id, dead_letter_id, "resolved", conn=conn)
+
+    async def replay(
+        self, app_id: AppId, dead_letter_id: DeadLetterId, *, conn: AsyncConnection | None = None
+    ) -> ExecutionId:
+        """Re-enqueue the original payload as a new execution (fresh id, attempt 0, the
+        trigger's current retry policy, async even for an HTTP source) and mark the
+        dead letter ``replayed``. Raises ``NotFound``, or ``Conflict`` if already
+        replayed."""
+        locked = (
+            sa.select(_DL)
+            .where(_DL.c.app_id == app_id, _DL.c.id == dead_letter_id)
+            .with_for_update()
+        )
+        policy = sa.select(t.triggers).where(t.triggers.c.id == sa.bindparam("tid"))
+        execution_id = new_execution_id()
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(locked)).one_or_none()
+            if row is None:
+                raise NotFound("no such dead letter")
+            letter = DeadLetter.from_row(row)
+            if letter.resolution == "replayed":
+                raise Conflict("this dead letter was already replayed")
+            retry = DEFAULT_RETRY_POLICY
+            if letter.trigger_id is not None:
+                trig = (await c.execute(policy, {"tid": letter.trigger_id})).one_or_none()
+                if trig is not None:
+                    retry = retry_from_row(trig)
+            await self._outbox.enqueue(
+                NewOutboxRow(
+                    execution_id=execution_id,
+                    app_id=app_id,
+                    source_kind=letter.source_kind,
+                    payload=letter.payload,
+                    script_id=letter.script_id,
+                    trigger_id=letter.trigger_id,
+                    route_id=letter.route_id,
+                    trigger_depth=letter.trigger_depth,
+                    retry=retry,
+                ),
+                conn=c,
+            )
+            await self.mark(app_id, dead_letter_id, "replayed", conn=c)
+        if conn is None:
+            self._outbox.signal.committed(c)
+        return execution_id

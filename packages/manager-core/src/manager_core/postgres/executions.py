@@ -1,0 +1,205 @@
+"""``PostgresExecutionRepo``: execution records, as the API reads them and the
+dispatcher updates them.
+
+Records are created with their outbox row (``PostgresOutboxRepo.enqueue``, the
+emitter's fan-out); this repo reads them (newest first, keyset by the last id) and
+moves them through ``running`` → a final status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import attrs
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from manager_core import tables as t
+from manager_core.db import transaction
+from manager_core.postgres.triggers import check_limit
+from picloud_shared.execution import ExecResult
+from picloud_shared.ids import AppId, ExecutionId, RouteId, ScriptId, TriggerId
+from picloud_shared.outbox import OutboxSourceKind
+from picloud_shared.status import ExecErrorKind, ExecutionStatus
+from picloud_shared.wire import Json, JsonObject
+
+__all__ = ["Execution", "PostgresExecutionRepo"]
+
+_E = t.executions
+
+
+@attrs.frozen
+class Execution:
+    id: ExecutionId
+    app_id: AppId
+    source_kind: OutboxSourceKind
+    status: ExecutionStatus
+    attempts: int
+    trigger_depth: int
+    error_kind: ExecErrorKind | None
+    error_message: str | None
+    logs: tuple[str, ...]
+    result: Json
+    trigger_id: TriggerId | None
+    route_id: RouteId | None
+    script_id: ScriptId | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: sa.Row) -> Execution:  # type: ignore[type-arg]
+        return cls(
+            id=ExecutionId(row.id),
+            app_id=AppId(row.app_id),
+            source_kind=OutboxSourceKind(row.source_kind),
+            status=ExecutionStatus(row.status),
+            attempts=row.attempts,
+            trigger_depth=row.trigger_depth,
+            error_kind=None if row.error_kind is None else ExecErrorKind(row.error_kind),
+            error_message=row.error_message,
+            logs=tuple(row.logs or ()),
+            result=row.result,
+            trigger_id=None if row.trigger_id is None else TriggerId(row.trigger_id),
+            route_id=None if row.route_id is None else RouteId(row.route_id),
+            script_id=None if row.script_id is None else ScriptId(row.script_id),
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+    def to_wire(self) -> JsonObject:
+        """The admin API's execution object (API.md)."""
+        error: Json = None
+        if self.error_kind is not None:
+            error = {"kind": self.error_kind.value, "message": self.error_message or ""}
+        return {
+            "id": str(self.id),
+            "status": self.status.value,
+            "source_kind": self.source_kind.value,
+            "attempts": self.attempts,
+            "trigger_depth": self.trigger_depth,
+            "error": error,
+            "logs": list(self.logs),
+            "result": self.result,
+            "created_at": self.created_at.isoformat(),
+            "finished_at": None if self.finished_at is None else self.finished_at.isoformat(),
+        }
+
+
+class PostgresExecutionRepo:
+    """Execution records. Every method takes an optional ``conn`` to join the
+    caller's transaction (the dispatcher finishes a record in the execution's own)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def get(
+        self, app_id: AppId, execution_id: ExecutionId, *, conn: AsyncConnection | None = None
+    ) -> Execution | None:
+        stmt = sa.select(_E).where(_E.c.app_id == app_id, _E.c.id == execution_id)
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        return None if row is None else Execution.from_row(row)
+
+    async def list(
+        self,
+        app_id: AppId,
+        limit: int = 100,
+        after: ExecutionId | None = None,
+        *,
+        status: ExecutionStatus | None = None,
+        source_kind: OutboxSourceKind | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> Sequence[Execution]:
+        """Newest first (``created_at DESC, id DESC``), starting after the execution
+        ``after`` (the previous page's last id); optionally filtered."""
+        stmt = (
+            sa.select(_E)
+            .where(_E.c.app_id == app_id)
+            .order_by(_E.c.created_at.desc(), _E.c.id.desc())
+            .limit(check_limit(limit))
+        )
+        if status is not None:
+            stmt = stmt.where(_E.c.status == ExecutionStatus(status).value)
+        if source_kind is not None:
+            stmt = stmt.where(_E.c.source_kind == OutboxSourceKind(source_kind).value)
+        if after is not None:
+            cursor = (
+                sa.select(_E.c.created_at, _E.c.id)
+                .where(_E.c.app_id == app_id, _E.c.id == after)
+                .subquery()
+            )
+            stmt = stmt.where(
+                sa.tuple_(_E.c.created_at, _E.c.id)
+                < sa.select(sa.tuple_(cursor.c.created_at, cursor.c.id)).scalar_subquery()
+            )
+        async with transaction(conn or self._engine) as c:
+            rows = (await c.execute(stmt)).all()
+        return [Execution.from_row(r) for r in rows]
+
+    async def mark_running(
+        self, execution_id: ExecutionId, attempt: int, *, conn: AsyncConnection | None = None
+    ) -> None:
+        """The execution's ``attempt`` (1-based) starts now."""
+        stmt = (
+            sa.update(_E)
+            .where(_E.c.id == execution_id)
+            .values(
+                status=ExecutionStatus.RUNNING.value,
+                attempts=attempt,
+                started_at=sa.func.coalesce(_E.c.started_at, sa.func.now()),
+            )
+        )
+        async with transaction(conn or self._engine) as c:
+            await c.execute(stmt)
+
+    async def finish(
+        self,
+        execution_id: ExecutionId,
+        status: ExecutionStatus,
+        *,
+        error_kind: ExecErrorKind | None = None,
+        error_message: str | None = None,
+        logs: Sequence[str] = (),
+        result: Json = None,
+        final: bool | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> None:
+        """Record an outcome. ``finished_at`` is set for final statuses (or when
+        ``final`` says so); ``retrying`` keeps the record open."""
+        is_final = status.is_final if final is None else final
+        stmt = (
+            sa.update(_E)
+            .where(_E.c.id == execution_id)
+            .values(
+                status=status.value,
+                error_kind=None if error_kind is None else error_kind.value,
+                error_message=error_message,
+                logs=list(logs),
+                result=sa.null() if result is None else result,
+                finished_at=sa.func.now() if is_final else None,
+            )
+        )
+        async with transaction(conn or self._engine) as c:
+            await c.execute(stmt)
+
+    async def finish_with(
+        self,
+        execution_id: ExecutionId,
+        status: ExecutionStatus,
+        outcome: ExecResult,
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> None:
+        """``finish`` from an :class:`ExecResult`: its error, logs and response."""
+        await self.finish(
+            execution_id,
+            status,
+            error_kind=None if outcome.error is None else outcome.error.kind,
+            error_message=None if outcome.error is None else outcome.error.message,
+            logs=outcome.logs,
+            result=None if outcome.response is None else outcome.response.to_wire(),
+            conn=conn,
+        )
