@@ -73,6 +73,9 @@ class WorkerPool:
     def size(self) -> int:
         return self.max_workers - len(self._free_slots)
 
+    def spare_pids(self) -> list[int]:
+        return [w.pid for w in self._spares]
+
     def idle_workers(self) -> list[WorkerProcess]:
         return [w for ws in self._idle.values() for w in ws]
 
@@ -86,7 +89,7 @@ class WorkerPool:
                 worker = self._spares.pop()
                 self._notify()  # the refill loop starts a replacement
             if worker is None and self._free_slots:
-                worker = await self._spawn()
+                worker = await self._spawn(self._free_slots.pop())
             if worker is not None:
                 worker.app_id = app_id
                 self._leased.add(worker)
@@ -137,6 +140,9 @@ class WorkerPool:
     def _discard(self, worker: WorkerProcess) -> None:
         self._remove_idle(worker)
         worker.kill()
+        if self.closed:  # the task group may be gone; the process is already dead-ish
+            worker.reap_blocking()
+            return
         assert self._tg is not None
         self._tg.start_soon(self._reap, worker)
 
@@ -145,8 +151,8 @@ class WorkerPool:
         self._free_slots.append(worker.slot)
         self._notify()
 
-    async def _spawn(self) -> WorkerProcess:
-        slot = self._free_slots.pop()
+    async def _spawn(self, slot: int) -> WorkerProcess:
+        """Start a worker on a slot already taken off ``_free_slots``."""
         try:
             worker = await spawn(self.spec, slot)
         except BaseException:
@@ -172,13 +178,13 @@ class WorkerPool:
             ):
                 self._spawning_spares += 1
                 assert self._tg is not None
-                self._tg.start_soon(self._spawn_spare)
+                self._tg.start_soon(self._spawn_spare, self._free_slots.pop())
             changed = self._changed
             await changed.wait()
 
-    async def _spawn_spare(self) -> None:
+    async def _spawn_spare(self, slot: int) -> None:
         try:
-            worker = await self._spawn()
+            worker = await self._spawn(slot)
         except SpawnFailed:
             await anyio.sleep(1.0)  # do not spin on a broken spawn
             return

@@ -121,6 +121,19 @@ class WorkerProcess:
                 return code
             await anyio.sleep(0.005)
 
+    def reap_blocking(self) -> None:
+        """:meth:`reap` for when no event loop task can do it (after shutdown)."""
+        if self._reaped is not None:
+            return
+        self._reaped = anyio.Event()
+        self.kill()
+        self.proc.wait()
+        for fd in (self.rfd, self.wfd):
+            anyio.notify_closing(fd)
+            os.close(fd)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self._reaped.set()
+
     async def reap(self) -> None:
         """Kill, wait for the exit, close the pipes, remove the scratch dir. Idempotent."""
         if self._reaped is not None:
