@@ -45,6 +45,7 @@ class WorkerPool:
         self.closed = False
         self.spawned = 0
         self.spawn_errors = 0
+        self.cold_leases = 0  # leases that had to wait for a spawn
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -89,6 +90,7 @@ class WorkerPool:
                 worker = self._spares.pop()
                 self._notify()  # the refill loop starts a replacement
             if worker is None and self._free_slots:
+                self.cold_leases += 1
                 worker = await self._spawn(self._free_slots.pop())
             if worker is not None:
                 worker.app_id = app_id

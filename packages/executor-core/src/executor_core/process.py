@@ -10,6 +10,7 @@ a thread so the event loop never blocks on it; no ``preexec_fn`` is used.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json.decoder  # noqa: F401 - the C scanner in frames raises its JSONDecodeError
 import os
@@ -71,6 +72,9 @@ class WorkerProcess:
     _reader: frames.FrameReader = attrs.field(factory=frames.FrameReader)
     _pending: list[dict[str, Any]] = attrs.field(factory=list)
     _reaped: anyio.Event | None = None
+    _eof: str | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _waiter: asyncio.Future[None] | None = None
 
     @property
     def pid(self) -> int:
@@ -90,20 +94,59 @@ class WorkerProcess:
 
     async def recv(self) -> dict[str, Any]:
         while not self._pending:
+            if self._eof is not None:
+                raise WorkerGone(self._eof)
+            if self._loop is not None:
+                waiter = self._loop.create_future()
+                self._waiter = waiter
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+                continue
             try:
                 await anyio.wait_readable(self.rfd)
-                data = os.read(self.rfd, 1 << 18)
-            except BlockingIOError:
-                continue
-            except (OSError, anyio.ClosedResourceError) as exc:
-                raise WorkerGone(f"read failed: {exc}") from None
-            if not data:
-                raise WorkerGone("end of file")
-            try:
-                self._pending.extend(self._reader.feed(data))
-            except frames.FrameError as exc:
-                raise WorkerGone(f"bad frame: {exc}") from None
+            except anyio.ClosedResourceError:
+                raise WorkerGone("closed") from None
+            self._drain()
         return self._pending.pop(0)
+
+    def watch(self) -> None:
+        """On asyncio, keep one reader callback registered for the worker's life
+        (no epoll_ctl per frame); other backends use ``anyio.wait_readable``."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.add_reader(self.rfd, self._on_readable)
+        self._loop = loop
+
+    def _on_readable(self) -> None:
+        self._drain()
+        if self._eof is not None and self._loop is not None:
+            self._loop.remove_reader(self.rfd)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and (self._pending or self._eof):
+            waiter.set_result(None)
+
+    def _drain(self) -> None:
+        """Read what is there (non-blocking) into decoded frames, or note the end."""
+        if self._eof is not None:
+            return
+        try:
+            data = os.read(self.rfd, 1 << 18)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._eof = f"read failed: {exc}"
+            return
+        if not data:
+            self._eof = "end of file"
+            return
+        try:
+            self._pending.extend(self._reader.feed(data))
+        except frames.FrameError as exc:
+            self._eof = f"bad frame: {exc}"
 
     def kill(self) -> None:
         """SIGKILL the worker's whole process group (it is its own session)."""
@@ -128,11 +171,20 @@ class WorkerProcess:
         self._reaped = anyio.Event()
         self.kill()
         self.proc.wait()
+        self._close_fds()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self._reaped.set()
+
+    def _close_fds(self) -> None:
+        if self._loop is not None and self._eof is None:
+            self._loop.remove_reader(self.rfd)
+        self._eof = self._eof or "closed"
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         for fd in (self.rfd, self.wfd):
             anyio.notify_closing(fd)
             os.close(fd)
-        shutil.rmtree(self.scratch, ignore_errors=True)
-        self._reaped.set()
 
     async def reap(self) -> None:
         """Kill, wait for the exit, close the pipes, remove the scratch dir. Idempotent."""
@@ -144,9 +196,7 @@ class WorkerProcess:
             self.kill()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.proc.wait)
-                for fd in (self.rfd, self.wfd):
-                    anyio.notify_closing(fd)
-                    os.close(fd)
+                self._close_fds()
                 await anyio.to_thread.run_sync(
                     lambda: shutil.rmtree(self.scratch, ignore_errors=True)
                 )
@@ -214,6 +264,7 @@ def _start(spec: WorkerSpec, slot: int) -> WorkerProcess:
 async def spawn(spec: WorkerSpec, slot: int) -> WorkerProcess:
     """Start a worker and wait (without blocking the loop) until it reports ready."""
     worker = await anyio.to_thread.run_sync(_start, spec, slot)
+    worker.watch()
     try:
         with anyio.fail_after(spec.ready_timeout):
             ready = await worker.recv()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import _thread
 import binascii
 import io
+import os
 from typing import TYPE_CHECKING
 
 from executor_core import frames
@@ -81,6 +82,21 @@ class Channel:
         self._seq = 0
         self._lock = _thread.allocate_lock()
         self.log_bytes = 0
+        self._buf = bytearray()
+
+    def read_frame(self) -> dict[str, Any] | None:
+        """The next host frame (usually one ``read`` syscall); ``None`` at end of file."""
+        buf = self._buf
+        while True:
+            need = 4 + int.from_bytes(buf[:4], "big") if len(buf) >= 4 else 5
+            if len(buf) >= need:
+                body = bytes(buf[4:need])
+                del buf[:need]
+                return frames.decode(body)
+            chunk = os.read(self.rfd, max(1 << 16, need - len(buf)))
+            if not chunk:
+                return None
+            buf += chunk
 
     def start(self, nonce: str) -> None:
         self.nonce = nonce
@@ -97,7 +113,7 @@ class Channel:
             seq = self._seq
             data = frames.encode({"t": "call", "n": self.nonce, "id": seq, "op": op, "a": args})
             frames.write_all(self.wfd, data)
-            reply = frames.read_frame(self.rfd)
+            reply = self.read_frame()
         if reply is None or reply.get("id") != seq:
             raise SystemExit("host channel closed")
         if reply.get("t") == "err":

@@ -18,9 +18,10 @@ import os
 import resource
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING
 
-from executor_core import frames, sandbox, script_api
+from executor_core import sandbox, script_api
 
 if TYPE_CHECKING:
     import traceback
@@ -51,8 +52,8 @@ def _on_sigxcpu(signum: int, frame: Any) -> None:
 
 
 def _cpu_used() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    """Process CPU time (all threads), what RLIMIT_CPU counts."""
+    return time.clock_gettime(time.CLOCK_PROCESS_CPUTIME_ID)
 
 
 def _strip_host_frames(te: traceback.TracebackException | None, seen: set[int]) -> None:
@@ -119,10 +120,13 @@ class Worker:
         self.cache: dict[str, Any] = {}
         self.sources: dict[str, str] = {}
         self.writer = script_api.LogWriter(self.channel)
+        self.cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+        if self.cpu_hard == resource.RLIM_INFINITY:
+            self.cpu_hard = 1 << 40
 
     def serve(self) -> None:
         while True:
-            frame = frames.read_frame(self.channel.rfd)
+            frame = self.channel.read_frame()
             if frame is None or frame.get("t") != "exec":
                 return
             self.run(frame)
@@ -153,11 +157,16 @@ class Worker:
         mem = frame.get("mem")
         if mem is not None:
             sandbox.set_limit(resource.RLIMIT_AS, int(mem))
-        _soft, cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)
-        cpu_soft = math.ceil(_cpu_used() + float(frame["cpu"]))
-        if cpu_hard != resource.RLIM_INFINITY:
-            cpu_soft = min(cpu_soft, cpu_hard)
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_soft, cpu_hard))
+        # RLIMIT_CPU as a per-execution delta: CPU used so far plus this budget. The
+        # soft limit stays in place afterwards (an idle worker burns no CPU) and the
+        # next execution moves it again: two syscalls per execution, not five.
+        used = _cpu_used()
+        cpu_soft = math.ceil(used + float(frame["cpu"]))
+        try:
+            resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_soft, self.cpu_hard), self.cpu_hard))
+        except ValueError:  # the script lowered the hard limit: keep it
+            self.cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+            resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_soft, self.cpu_hard), self.cpu_hard))
         done: dict[str, Any] = {"t": "done", "n": ch.nonce}
         cached = False
         saved = sys.stdout, sys.stderr
@@ -184,11 +193,10 @@ class Worker:
         finally:
             _State.in_script = False
             sys.stdout, sys.stderr = saved
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu_hard, cpu_hard))
         self.writer._pending = ""
         done["cached"] = cached
         done["has"] = frame["key"] in self.cache
-        done["cpu"] = _cpu_used()
+        done["cpu"] = used  # as of the start: the host only tracks the lifetime budget
         ch.send(done)
 
 

@@ -1,0 +1,128 @@
+"""Executor benchmark: warm no-op execution, host-call round trip, cold start, steady traffic.
+
+    .venv/bin/python bench/executor_bench.py [--quick]
+
+Not a test: prints figures for bench/RESULTS.md (## Executor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+
+import anyio
+
+from executor_core.executor import MIB, ProcessExecutor
+from executor_core.memory_host import MemoryHostApi
+from executor_core.process import WorkerSpec, spawn
+from picloud_shared.execution import ExecRequest
+from picloud_shared.ids import AppId, ExecutionId, ScriptId, UserId
+from picloud_shared.principals import ALL_CAPABILITIES, Principal
+
+NOOP = "def handle(event, ctx):\n    return None\n"
+CALLS = """
+import time
+def handle(event, ctx):
+    ctx.kv.set("k", 1)
+    times = []
+    for _ in range(event["n"]):
+        t = time.perf_counter()
+        ctx.kv.get("k")
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+"""
+
+
+def request(app: AppId, script: ScriptId, source: str, event: dict | None = None) -> ExecRequest:
+    return ExecRequest(
+        execution_id=ExecutionId(uuid.uuid4()), app_id=app, app_name="bench", script_id=script,
+        script_version=1, source=source, event=event or {},
+        principal=Principal(UserId(uuid.uuid4()), app, ALL_CAPABILITIES),
+    )
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def warm_noop(n: int) -> dict[str, float]:
+    app, script, host = AppId(uuid.uuid4()), ScriptId(uuid.uuid4()), MemoryHostApi()
+    async with ProcessExecutor(2, spare_workers=1) as ex:
+        for _ in range(50):
+            await ex.execute(request(app, script, NOOP), host)
+        times = []
+        for _ in range(n):
+            req = request(app, script, NOOP)
+            t = time.perf_counter()
+            await ex.execute(req, host)
+            times.append(time.perf_counter() - t)
+    return {"median_us": statistics.median(times) * 1e6, "p99_us": pct(times, 0.99) * 1e6}
+
+
+async def host_call(n: int) -> dict[str, float]:
+    app, script, host = AppId(uuid.uuid4()), ScriptId(uuid.uuid4()), MemoryHostApi()
+    async with ProcessExecutor(2, spare_workers=0) as ex:
+        await ex.execute(request(app, script, CALLS, {"n": 10}), host)
+        result = await ex.execute(request(app, script, CALLS, {"n": n}), host)
+    assert result.response is not None, result.error
+    return {"median_us": json.loads(result.response.body) * 1e6}
+
+
+async def cold_start(n: int) -> dict[str, float]:
+    root = tempfile.mkdtemp(prefix="picloud-bench-")
+    os.chmod(root, 0o711)
+    spec = WorkerSpec(
+        scratch_root=root, address_space=2112 * MIB, cpu_lifetime=3600, file_size=16 * MIB,
+        uid_base=61000 if os.geteuid() == 0 else None,
+    )
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        worker = await spawn(spec, 0)
+        times.append(time.perf_counter() - t)
+        await worker.reap()
+    os.rmdir(root)
+    return {"median_ms": statistics.median(times) * 1e3, "p90_ms": pct(times, 0.9) * 1e3}
+
+
+async def steady(n: int) -> dict[str, float]:
+    """One warm app at a steady pace while workers retire every 100 executions."""
+    app, script, host = AppId(uuid.uuid4()), ScriptId(uuid.uuid4()), MemoryHostApi()
+    async with ProcessExecutor(3, spare_workers=1, max_executions_per_worker=100) as ex:
+        await ex.execute(request(app, script, NOOP), host)
+        await anyio.sleep(0.5)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await ex.execute(request(app, script, NOOP), host)
+            times.append(time.perf_counter() - t)
+            await anyio.sleep(0.002)  # steady, not saturating: spares get refilled
+        cold = ex.pool.cold_leases
+    return {
+        "median_us": statistics.median(times) * 1e6, "p99_us": pct(times, 0.99) * 1e6,
+        "max_ms": max(times) * 1e3, "cold_leases_after_warmup": cold - 1,
+    }
+
+
+async def main(quick: bool) -> None:
+    k = 5 if quick else 1
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, "
+          f"load {os.getloadavg()[0]:.2f}, uid {os.geteuid()}")
+    print("warm no-op execution :", await warm_noop(5000 // k))
+    print("host call round trip :", await host_call(5000 // k))
+    print("cold worker start    :", await cold_start(30 // k))
+    print("steady warm traffic  :", await steady(2000 // k))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    anyio.run(main, parser.parse_args().quick)
