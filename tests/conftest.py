@@ -4,6 +4,8 @@
   when PostgreSQL is unavailable.
 - ``db_url``: URL of a fresh database migrated to head (a template clone).
 - ``empty_db_url``: URL of a fresh, empty database.
+- ``pg_data_dir``: a scratch directory (outside pytest's tmp_path) for an
+  ``EmbeddedPostgres`` cluster or a ``PICLOUD_DATA_DIR``.
 - ``engine`` (async): an ``AsyncEngine`` on ``db_url``, disposed afterwards; the test
   must leave no pooled connection checked out.
 """
@@ -13,9 +15,9 @@ from __future__ import annotations
 import pytest
 
 from tests import pg
-from tests.pg import db_url, empty_db_url, engine, pg_server
+from tests.pg import db_url, empty_db_url, engine, pg_data_dir, pg_server
 
-__all__ = ["anyio_backend", "db_url", "empty_db_url", "engine", "pg_server"]
+__all__ = ["anyio_backend", "db_url", "empty_db_url", "engine", "pg_data_dir", "pg_server"]
 
 
 @pytest.fixture(scope="session")

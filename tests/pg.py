@@ -49,6 +49,8 @@ class PgServer:
     admin_url: str | None
     template: str | None
     error: str | None = None
+    #: ``STRATEGY FILE_COPY`` (PostgreSQL 15+) is much faster with ``wal_level=minimal``.
+    file_copy: bool = False
 
     def to_json(self) -> str:
         return json.dumps(attrs.asdict(self))
@@ -67,15 +69,17 @@ class PgServer:
         assert self.admin_url is not None
         return make_url(self.admin_url).set(database=database).render_as_string(hide_password=False)
 
-    def execute(self, sql: str) -> None:
-        """Run one statement outside a transaction on the admin database."""
+    def execute(self, sql: str) -> object:
+        """Run one statement outside a transaction on the admin database; return its
+        scalar result, if any."""
         assert self.admin_url is not None
         engine = create_engine(
             self.admin_url, poolclass=pool.NullPool, isolation_level="AUTOCOMMIT"
         )
         try:
             with engine.connect() as conn:
-                conn.execute(text(sql))
+                result = conn.execute(text(sql))
+                return result.scalar() if result.returns_rows else None
         finally:
             engine.dispose()
 
@@ -83,6 +87,8 @@ class PgServer:
         """Create a fresh database (a clone of ``template`` if given); return its name."""
         name = f"{prefix}_{uuid.uuid4().hex}"
         clause = f' TEMPLATE "{template}"' if template else ""
+        if template and self.file_copy:
+            clause += " STRATEGY FILE_COPY"
         self.execute(f'CREATE DATABASE "{name}"{clause}')
         return name
 
@@ -109,8 +115,9 @@ class PgController:
                 self.server.start()
                 admin_url = self.server.url("postgres")
             info = PgServer(admin_url, None)
+            version = int(str(info.execute("SHOW server_version_num")))
             template = info.create_database(prefix="picloud_template")
-            self.info = PgServer(admin_url, template)
+            self.info = PgServer(admin_url, template, file_copy=version >= 150000)
             migrations.upgrade(info.url(template))
         except Exception:
             self.info = PgServer(None, None, traceback.format_exc())
@@ -132,19 +139,36 @@ class PgController:
 # -- hooks, called from conftest.py -------------------------------------------------
 
 
+def _uses_xdist(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and (
+        getattr(config.option, "dist", "no") != "no"
+    )
+
+
+def _controller_info(config: pytest.Config) -> PgServer:
+    """Start the server on first need (controller process only)."""
+    info = config.stash.get(STASH_KEY, None)
+    if info is None:
+        info = config.stash[CONTROLLER_KEY].start()
+        config.stash[STASH_KEY] = info
+    return info
+
+
 def configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     if workerinput is not None:
         config.stash[STASH_KEY] = PgServer.from_json(workerinput[WORKERINPUT_KEY])
         return
-    controller = PgController()
-    config.stash[CONTROLLER_KEY] = controller
-    config.stash[STASH_KEY] = controller.start()
+    config.stash[CONTROLLER_KEY] = PgController()
+    if _uses_xdist(config):
+        # Workers get the server's address at start-up, so it must exist by then.
+        _controller_info(config)
+    # Without xdist the server starts lazily, when a test first asks for it.
 
 
 def configure_node(node: object) -> None:
-    config = node.config  # type: ignore[attr-defined]
-    node.workerinput[WORKERINPUT_KEY] = config.stash[STASH_KEY].to_json()  # type: ignore[attr-defined]
+    info = _controller_info(node.config)  # type: ignore[attr-defined]
+    node.workerinput[WORKERINPUT_KEY] = info.to_json()  # type: ignore[attr-defined]
 
 
 def unconfigure(config: pytest.Config) -> None:
@@ -159,7 +183,23 @@ def unconfigure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def pg_server(request: pytest.FixtureRequest) -> PgServer:
     """The shared test server; fails (never skips) the test when it is unavailable."""
-    return request.config.stash[STASH_KEY].require()
+    config = request.config
+    info = config.stash[STASH_KEY] if hasattr(config, "workerinput") else _controller_info(config)
+    return info.require()
+
+
+@pytest.fixture
+def pg_data_dir() -> Iterator[Path]:
+    """A scratch directory for an ``EmbeddedPostgres`` cluster (or a data dir).
+
+    Not under pytest's ``tmp_path``: as root the server runs as another user, who must
+    traverse the parents, and pytest keeps resetting ``/tmp/pytest-of-root`` to 0700.
+    """
+    path = Path(tempfile.mkdtemp(prefix="picloud-pgdata-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -45,13 +45,13 @@ def test_migrate_database_url(empty_db_url: str) -> None:
     assert again.returncode == 0, again.stderr
 
 
-def test_migrate_embedded(tmp_path: Path) -> None:
+def test_migrate_embedded(pg_data_dir: Path) -> None:
     """Without a URL, it starts the embedded server in DATA_DIR/pg, migrates, stops."""
-    result = _run("migrate", PICLOUD_DATA_DIR=str(tmp_path))
+    result = _run("migrate", PICLOUD_DATA_DIR=str(pg_data_dir))
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "pg" / "PG_VERSION").exists()
-    assert not (tmp_path / "pg" / "postmaster.pid").exists(), "server left running"
-    with EmbeddedPostgres(tmp_path / "pg") as pg:
+    assert (pg_data_dir / "pg" / "PG_VERSION").exists()
+    assert not (pg_data_dir / "pg" / "postmaster.pid").exists(), "server left running"
+    with EmbeddedPostgres(pg_data_dir / "pg") as pg:
         assert (_version(pg.url("picloud")),) == migrations.heads()
 
 
@@ -61,10 +61,3 @@ def test_invalid_setting_exits_2_naming_the_variable() -> None:
     assert result.returncode == 2
     assert "PICLOUD_DB_POOL_SIZE" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_serve_is_not_implemented_yet() -> None:
-    """`picloud serve` is a placeholder that exits 2."""
-    result = _run("serve")
-    assert result.returncode == 2
-    assert "not implemented" in result.stderr

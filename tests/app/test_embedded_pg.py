@@ -35,9 +35,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_start_query_stop_and_restart_reuses_the_cluster(tmp_path: Path) -> None:
+def test_start_query_stop_and_restart_reuses_the_cluster(pg_data_dir: Path) -> None:
     """A second start reuses the initialised cluster and its data; stop is idempotent."""
-    data_dir = tmp_path / "pg"
+    data_dir = pg_data_dir / "pg"
     with EmbeddedPostgres(data_dir, settings=TEST_SETTINGS) as pg:
         url = pg.url("postgres")
         assert url.startswith("postgresql+psycopg://")
@@ -62,10 +62,10 @@ def test_start_query_stop_and_restart_reuses_the_cluster(tmp_path: Path) -> None
         pg2.stop()
 
 
-def test_tcp_listener_requires_the_generated_password(tmp_path: Path) -> None:
+def test_tcp_listener_requires_the_generated_password(pg_data_dir: Path) -> None:
     """With a port, 127.0.0.1 accepts the superuser with its password only."""
     port = _free_port()
-    with EmbeddedPostgres(tmp_path / "pg", port=port, settings=TEST_SETTINGS) as pg:
+    with EmbeddedPostgres(pg_data_dir / "pg", port=port, settings=TEST_SETTINGS) as pg:
         url = pg.url("postgres", tcp=True)
         assert f"127.0.0.1:{port}" in url
         assert _scalar(url, "SELECT 1") == 1
@@ -74,15 +74,15 @@ def test_tcp_listener_requires_the_generated_password(tmp_path: Path) -> None:
             _scalar(wrong, "SELECT 1")
 
 
-def test_url_before_start_is_an_error(tmp_path: Path) -> None:
+def test_url_before_start_is_an_error(pg_data_dir: Path) -> None:
     """Asking for a URL of a stopped server raises EmbeddedPostgresError."""
     with pytest.raises(EmbeddedPostgresError):
-        EmbeddedPostgres(tmp_path / "pg").url()
+        EmbeddedPostgres(pg_data_dir / "pg").url()
 
 
-def test_failed_start_raises_with_the_server_log(tmp_path: Path) -> None:
+def test_failed_start_raises_with_the_server_log(pg_data_dir: Path) -> None:
     """An invalid server setting fails start() with the log in the message."""
-    pg = EmbeddedPostgres(tmp_path / "pg", settings={"no_such_setting": "1"})
+    pg = EmbeddedPostgres(pg_data_dir / "pg", settings={"no_such_setting": "1"})
     with pytest.raises(EmbeddedPostgresError, match="no_such_setting"):
         pg.start()
     assert not pg.running

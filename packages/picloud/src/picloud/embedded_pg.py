@@ -40,12 +40,15 @@ PASSWORD_FILE = "picloud_password"
 LOG_FILE = "postgresql.log"
 DEFAULT_SOCKET_PORT = 5432
 
-# Durability off, capacity up: for throwaway test clusters only.
+# Durability off, capacity up: for throwaway test clusters only. Minimal WAL makes
+# ``CREATE DATABASE … TEMPLATE … STRATEGY FILE_COPY`` take milliseconds.
 TEST_SETTINGS: Mapping[str, str] = {
     "fsync": "off",
     "synchronous_commit": "off",
     "full_page_writes": "off",
     "max_connections": "300",
+    "wal_level": "minimal",
+    "max_wal_senders": "0",
 }
 
 
