@@ -184,14 +184,15 @@ class PostgresDeadLetterRepo:
             .limit(check_limit(limit))
         )
         if after is not None:
-            cursor = (
-                sa.select(_DL.c.created_at, _DL.c.id)
+            # (created_at, id) strictly after the cursor row, newest first.
+            cursor_created = (
+                sa.select(_DL.c.created_at)
                 .where(_DL.c.app_id == app_id, _DL.c.id == after)
-                .subquery()
+                .scalar_subquery()
             )
             stmt = stmt.where(
                 sa.tuple_(_DL.c.created_at, _DL.c.id)
-                < sa.select(sa.tuple_(cursor.c.created_at, cursor.c.id)).scalar_subquery()
+                < sa.tuple_(cursor_created, sa.literal(after, _DL.c.id.type))
             )
         async with transaction(conn or self._engine) as c:
             rows = (await c.execute(stmt)).all()

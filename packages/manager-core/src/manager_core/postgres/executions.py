@@ -126,14 +126,15 @@ class PostgresExecutionRepo:
         if source_kind is not None:
             stmt = stmt.where(_E.c.source_kind == OutboxSourceKind(source_kind).value)
         if after is not None:
-            cursor = (
-                sa.select(_E.c.created_at, _E.c.id)
+            # (created_at, id) strictly after the cursor row, newest first.
+            cursor_created = (
+                sa.select(_E.c.created_at)
                 .where(_E.c.app_id == app_id, _E.c.id == after)
-                .subquery()
+                .scalar_subquery()
             )
             stmt = stmt.where(
                 sa.tuple_(_E.c.created_at, _E.c.id)
-                < sa.select(sa.tuple_(cursor.c.created_at, cursor.c.id)).scalar_subquery()
+                < sa.tuple_(cursor_created, sa.literal(after, _E.c.id.type))
             )
         async with transaction(conn or self._engine) as c:
             rows = (await c.execute(stmt)).all()
