@@ -40,7 +40,9 @@ class WorkerPool:
         self._leased: set[WorkerProcess] = set()
         self._free_slots = list(range(max_workers - 1, -1, -1))
         self._spawning_spares = 0
-        self._changed = anyio.Event()
+        self._changed = anyio.Event()  # for leases waiting on capacity
+        self._waiting = 0
+        self._refill = anyio.Event()  # for the refill loop: a spare taken, a slot freed
         self._tg: TaskGroup | None = None
         self.closed = False
         self.spawned = 0
@@ -88,7 +90,7 @@ class WorkerPool:
             worker = self._take_warm(app_id, address_space)
             if worker is None and self._spares:
                 worker = self._spares.pop()
-                self._notify()  # the refill loop starts a replacement
+                self._wake_refill()
             if worker is None and self._free_slots:
                 self.cold_leases += 1
                 worker = await self._spawn(self._free_slots.pop())
@@ -99,8 +101,11 @@ class WorkerPool:
             victim = self._lru_idle()
             if victim is not None:
                 self._discard(victim)
-            changed = self._changed
-            await changed.wait()
+            self._waiting += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1
 
     def release(self, worker: WorkerProcess, *, reuse: bool) -> None:
         """Give a worker back: warm for its app, or retired (killed and reaped)."""
@@ -166,8 +171,15 @@ class WorkerPool:
         return worker
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        """Wake leases waiting for capacity (cheap no-op when none wait) and the refill."""
+        if self._waiting:
+            self._changed.set()
+            self._changed = anyio.Event()
+        self._wake_refill()
+
+    def _wake_refill(self) -> None:
+        if len(self._spares) + self._spawning_spares < self.target_spares or self.closed:
+            self._refill.set()
 
     # --- background -------------------------------------------------------------
 
@@ -181,8 +193,8 @@ class WorkerPool:
                 self._spawning_spares += 1
                 assert self._tg is not None
                 self._tg.start_soon(self._spawn_spare, self._free_slots.pop())
-            changed = self._changed
-            await changed.wait()
+            self._refill = anyio.Event()
+            await self._refill.wait()
 
     async def _spawn_spare(self, slot: int) -> None:
         try:

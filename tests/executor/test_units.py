@@ -1,0 +1,123 @@
+"""Unit tests: frames, the seccomp program, the host bridge, MemoryHostApi."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from executor_core import frames, sandbox
+from executor_core.host_bridge import HostBridge
+from executor_core.memory_host import MemoryHostApi
+from picloud_shared.errors import Forbidden
+from picloud_shared.ids import AppId, UserId
+from picloud_shared.principals import Capability, Principal
+
+pytestmark = pytest.mark.anyio
+
+
+def test_frame_round_trip() -> None:
+    """A frame is a 4-byte big-endian length and compact UTF-8 JSON."""
+    message = {"t": "log", "line": "héllo", "v": [1, 2.5, None, True]}
+    data = frames.encode(message)
+    assert struct.unpack(">I", data[:4])[0] == len(data) - 4
+    assert frames.FrameReader().feed(data[:3]) == []
+    reader = frames.FrameReader()
+    assert reader.feed(data + data[:5]) == [message]
+    assert reader.feed(data[5:]) == [message]
+
+
+@pytest.mark.parametrize(
+    "body", [b"[1]", b'{"a": NaN}', b'{"a": Infinity}', b"{} x", b"{", b"\xff", b"[" * 100_000]
+)
+def test_bad_frame_bodies_are_refused(body: bytes) -> None:
+    """Non-objects, NaN, trailing data, bad UTF-8 and deep nesting are FrameErrors."""
+    with pytest.raises(frames.FrameError):
+        frames.decode(body)
+
+
+def test_oversized_frame_header_is_refused() -> None:
+    """A length over the cap fails before any body is buffered."""
+    with pytest.raises(frames.FrameError):
+        frames.FrameReader(max_frame=100).feed(struct.pack(">I", 101))
+
+
+def test_encoding_refuses_non_json() -> None:
+    """NaN and non-JSON types never reach the pipe."""
+    with pytest.raises(ValueError, match="Out of range"):
+        frames.encode({"v": float("nan")})
+    with pytest.raises(TypeError):
+        frames.encode({"v": {1, 2}})
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_seccomp_program_checks_arch_first(machine: str) -> None:
+    """The filter loads the arch, compares it, and ends in allow/EPERM/ENOSYS returns."""
+    program = sandbox.seccomp_program(machine)
+    assert program is not None
+    insns = [struct.unpack("=HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
+    audit = sandbox.AUDIT_ARCH_X86_64 if machine == "x86_64" else sandbox.AUDIT_ARCH_AARCH64
+    assert insns[0] == (0x20, 0, 0, 4)
+    assert insns[1][0] == 0x15
+    assert insns[1][3] == audit
+    assert insns[-3:] == [
+        (0x06, 0, 0, sandbox.SECCOMP_RET_ALLOW),
+        (0x06, 0, 0, sandbox.SECCOMP_RET_ERRNO | sandbox.EPERM),
+        (0x06, 0, 0, sandbox.SECCOMP_RET_ERRNO | sandbox.ENOSYS),
+    ]
+    assert len(insns) < 256
+
+
+def test_seccomp_refused_on_unknown_arch() -> None:
+    """No filter is built for an architecture whose syscall numbers we do not know."""
+    assert sandbox.seccomp_program("riscv64") is None
+
+
+async def test_bridge_validates_before_the_host() -> None:
+    """Wrong arity, oversized keys and values never reach the host."""
+    host = MemoryHostApi()
+    bridge = HostBridge(host)
+    assert (await bridge.serve(1, "kv_get", ["a", "b"]))["code"] == "invalid_input"
+    assert (await bridge.serve(2, "kv_get", "a"))["code"] == "invalid_input"
+    assert (await bridge.serve(3, "kv_set", ["k" * 513, 1]))["code"] == "limit_exceeded"
+    assert (await bridge.serve(4, "kv_set", ["k", "x" * 300_000]))["code"] == "payload_too_large"
+    assert (await bridge.serve(5, "docs_insert", ["c", [], None]))["code"] == "invalid_input"
+    assert (await bridge.serve(6, "kv_list", ["", True]))["code"] == "invalid_input"
+    assert host.calls == 0
+    assert await bridge.serve(7, "kv_set", ["k", {"a": 1}]) == {"t": "ret", "id": 7, "v": None}
+    assert host.kv == {"k": {"a": 1}}
+
+
+async def test_bridge_caps_calls_per_execution() -> None:
+    """Past the cap every call is LimitExceeded."""
+    bridge = HostBridge(MemoryHostApi(), max_calls=2)
+    assert (await bridge.serve(1, "kv_get", ["a"]))["t"] == "ret"
+    assert (await bridge.serve(2, "kv_get", ["a"]))["t"] == "ret"
+    assert (await bridge.serve(3, "kv_get", ["a"]))["code"] == "limit_exceeded"
+
+
+async def test_memory_host_enforces_capabilities() -> None:
+    """Without app_write_data a write is Forbidden; reads still work with app_read_data."""
+    import uuid
+
+    app = AppId(uuid.uuid4())
+    reader = Principal(UserId(uuid.uuid4()), app, frozenset({Capability.APP_READ_DATA}))
+    host = MemoryHostApi(reader)
+    with pytest.raises(Forbidden):
+        await host.kv_set("k", 1)
+    with pytest.raises(Forbidden):
+        await host.docs_insert("c", {})
+    assert await host.kv_get("k") is None
+    assert await host.docs_query("c") == []
+
+
+async def test_memory_host_copies_values() -> None:
+    """Values are copied in and out: a caller mutating them changes nothing stored."""
+    host = MemoryHostApi()
+    value = {"a": [1]}
+    await host.kv_set("k", value)
+    value["a"].append(2)
+    got = await host.kv_get("k")
+    assert got == {"a": [1]}
+    got["a"].append(3)
+    assert await host.kv_get("k") == {"a": [1]}
