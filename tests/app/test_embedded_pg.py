@@ -87,3 +87,30 @@ def test_failed_start_raises_with_the_server_log(pg_data_dir: Path) -> None:
         pg.start()
     assert not pg.running
     pg.stop()
+
+
+def test_second_instance_attaches_as_a_guest(pg_data_dir: Path) -> None:
+    """A second instance on a running cluster shares it and its stop() leaves it up."""
+    with EmbeddedPostgres(pg_data_dir / "pg", settings=TEST_SETTINGS) as owner:
+        assert owner.owner
+        guest = EmbeddedPostgres(pg_data_dir / "pg").start()
+        assert not guest.owner
+        assert guest.url("postgres") == owner.url("postgres")
+        guest.stop()
+        assert _scalar(owner.url("postgres"), "SELECT 1") == 1
+    assert not (pg_data_dir / "pg" / "postmaster.pid").exists()
+
+
+def test_orphaned_server_is_adopted_and_stopped(pg_data_dir: Path) -> None:
+    """A server left behind by a dead owner (lock released) is adopted, then stopped."""
+    lost = EmbeddedPostgres(pg_data_dir / "pg", settings=TEST_SETTINGS).start()
+    lost._unlock()  # what the kernel does when the owning process dies
+    heir = EmbeddedPostgres(pg_data_dir / "pg").start()
+    try:
+        assert heir.owner
+        assert _scalar(heir.url("postgres"), "SHOW fsync") == "off"  # the same server
+    finally:
+        heir.stop()
+    assert not (pg_data_dir / "pg" / "postmaster.pid").exists()
+    assert lost.socket_dir is not None
+    assert not lost.socket_dir.exists()

@@ -11,6 +11,11 @@ settings.
   password is kept in ``<data_dir>/picloud_password``.
 - PostgreSQL refuses to run as root: under root the server runs as the unprivileged
   system user ``embedded_postgres`` (created with ``useradd`` if missing).
+- Ownership: the instance that starts the server holds an exclusive ``flock`` on
+  ``<data_dir>.lock`` until it stops it. Another instance finding the server running
+  attaches as a guest (its ``stop()`` leaves the server alone) — e.g. ``picloud
+  migrate`` next to a running ``picloud serve``. A running server whose lock nobody
+  holds is an orphan of a killed process: the new instance adopts it and stops it.
 
 Exceptions: ``EmbeddedPostgresError`` (a ``RuntimeError``) carrying the server log tail.
 """
@@ -18,6 +23,7 @@ Exceptions: ``EmbeddedPostgresError`` (a ``RuntimeError``) carrying the server l
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import os
 import secrets
@@ -26,6 +32,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -81,7 +88,10 @@ class EmbeddedPostgres:
         self.settings = dict(settings or {})
         self.start_timeout = start_timeout
         self.socket_dir: Path | None = None
+        self._socket_port = port if port is not None else DEFAULT_SOCKET_PORT
         self._started = False
+        self._owner = False
+        self._lock_fd: int | None = None
         self._owns_socket_dir = False
         self._run_as: tuple[int, int] | None = None
 
@@ -91,12 +101,36 @@ class EmbeddedPostgres:
     def running(self) -> bool:
         return self._started
 
+    @property
+    def owner(self) -> bool:
+        """Whether ``stop()`` stops the server (False when attached as a guest)."""
+        return self._owner
+
     def start(self) -> Self:
-        """Initialise the cluster if needed and start the server; wait until it accepts."""
+        """Initialise the cluster if needed and start the server; wait until it accepts.
+
+        Attaches to the server instead when one already runs on ``data_dir``.
+        """
         if self._started:
             return self
         self._prepare_user()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._owner = self._try_lock()
+        try:
+            if self._owner:
+                if not self._attach():
+                    self._start_server()
+            elif not self._attach(wait=self.start_timeout):
+                raise EmbeddedPostgresError(
+                    f"{self.data_dir} is locked by another process, but no server came up"
+                )
+        except BaseException:
+            self._unlock()
+            raise
+        self._started = True
+        return self
+
+    def _start_server(self) -> None:
         self._fix_permissions()
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
@@ -129,19 +163,24 @@ class EmbeddedPostgres:
         except EmbeddedPostgresError:
             self._remove_socket_dir()
             raise
-        self._started = True
-        return self
+        self._socket_port = self.port if self.port is not None else DEFAULT_SOCKET_PORT
 
     def stop(self) -> None:
-        """Stop the server (``pg_ctl stop -m fast``); a no-op when it is not running."""
+        """Stop the server (``pg_ctl stop -m fast``) if this instance owns it.
+
+        Idempotent; a guest only detaches.
+        """
         if not self._started:
             return
         try:
-            if (self.data_dir / "postmaster.pid").exists():
+            if self._owner and (self.data_dir / "postmaster.pid").exists():
                 self._pg_ctl("stop", "-w", "-m", "fast", "-t", str(int(self.start_timeout)))
+                self._remove_socket_dir()
         finally:
             self._started = False
-            self._remove_socket_dir()
+            self._owns_socket_dir = False
+            self.socket_dir = None
+            self._unlock()
 
     def url(self, database: str = "postgres", *, tcp: bool = False) -> str:
         """A ``postgresql+psycopg://`` URL for ``database`` (UNIX socket unless ``tcp``)."""
@@ -153,8 +192,10 @@ class EmbeddedPostgres:
                 raise EmbeddedPostgresError("the embedded PostgreSQL server has no TCP port")
             password = quote(self.password(), safe="")
             return f"postgresql+psycopg://{SUPERUSER}:{password}@127.0.0.1:{self.port}/{db}"
-        port = self.port if self.port is not None else DEFAULT_SOCKET_PORT
-        return f"postgresql+psycopg://{SUPERUSER}@/{db}?host={self.socket_dir}&port={port}"
+        return (
+            f"postgresql+psycopg://{SUPERUSER}@/{db}"
+            f"?host={self.socket_dir}&port={self._socket_port}"
+        )
 
     def password(self) -> str:
         """The superuser's password for TCP connections."""
@@ -179,6 +220,37 @@ class EmbeddedPostgres:
         self.stop()
 
     # -- internals ------------------------------------------------------------------
+
+    def _try_lock(self) -> bool:
+        lock_path = self.data_dir.with_name(self.data_dir.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+        self._owner = False
+
+    def _attach(self, wait: float = 0.0) -> bool:
+        """Use the server already running on ``data_dir``, if any (polling up to ``wait``)."""
+        deadline = time.monotonic() + wait
+        while True:
+            info = _postmaster_info(self.data_dir)
+            if info is not None and info.get("status") == "ready":
+                self.socket_dir = Path(info["socket_dir"])
+                self._socket_port = int(info["port"])
+                self._owns_socket_dir = self._owner
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
 
     def _prepare_user(self) -> None:
         if os.name != "posix" or os.geteuid() != 0:
@@ -283,6 +355,38 @@ class EmbeddedPostgres:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
         self.socket_dir = None
         self._owns_socket_dir = False
+
+
+def _postmaster_info(data_dir: Path) -> dict[str, str] | None:
+    """``postmaster.pid`` of a live server on ``data_dir``, or None."""
+    try:
+        lines = (data_dir / "postmaster.pid").read_text().splitlines()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if len(lines) < 8 or not lines[0].strip().isdigit():
+        return None
+    if not _alive(int(lines[0])):
+        return None  # stale pid file: pg_ctl start copes with it
+    return {
+        "pid": lines[0].strip(),
+        "port": lines[3].strip(),
+        "socket_dir": lines[4].strip().split(",")[0],
+        "status": lines[7].strip(),
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:  # a killed, unreaped postmaster is a zombie: dead for our purposes
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat_line.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _short_tmp() -> str:
