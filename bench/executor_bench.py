@@ -21,6 +21,7 @@ import anyio
 from executor_core.executor import MIB, ProcessExecutor
 from executor_core.memory_host import MemoryHostApi
 from executor_core.process import WorkerSpec, spawn
+from executor_core.uids import UidClaim
 from picloud_shared.execution import ExecRequest
 from picloud_shared.ids import AppId, ExecutionId, ScriptId, UserId
 from picloud_shared.principals import ALL_CAPABILITIES, Principal
@@ -101,14 +102,15 @@ async def host_call(n: int) -> dict[str, float]:
 
 
 async def cold_start(n: int) -> dict[str, float]:
-    root = tempfile.mkdtemp(prefix="picloud-bench-")
+    claim = UidClaim(61000, 1) if os.geteuid() == 0 else None
+    root = tempfile.mkdtemp(prefix="picloud-exec-bench-")
     os.chmod(root, 0o711)
     spec = WorkerSpec(
         scratch_root=root,
         address_space=2112 * MIB,
         cpu_lifetime=3600,
         file_size=16 * MIB,
-        uid_base=61000 if os.geteuid() == 0 else None,
+        uids=claim.uids if claim else None,
     )
     times = []
     for _ in range(n):
@@ -117,6 +119,8 @@ async def cold_start(n: int) -> dict[str, float]:
         times.append(time.perf_counter() - t)
         await worker.reap()
     os.rmdir(root)
+    if claim:
+        claim.release()
     return {"median_ms": statistics.median(times) * 1e3, "p90_ms": pct(times, 0.9) * 1e3}
 
 

@@ -207,3 +207,18 @@ async def test_timeout_result_is_classified_and_pool_recovers(make_request: Make
         assert result.error is not None
         assert result.error.kind is ExecErrorKind.TIMEOUT
         assert pid_of(await ex.execute(make_request(PID), host)) > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="uids are only dropped to as root")
+async def test_two_executors_never_share_a_worker_uid(make_request: MakeRequest) -> None:
+    """Pools on one machine claim disjoint uids, even from the same base."""
+    host = MemoryHostApi()
+    uid_src = "import os\ndef handle(e, ctx):\n    return os.getuid()\n"
+    async with executor_with(max_workers=2) as one, executor_with(max_workers=2) as two:
+        uids = set()
+        for ex in (one, two):
+            for _ in range(2):
+                result = await ex.execute(make_request(uid_src, app_id=new_app()), host)
+                uids.add(pid_of(result))
+        assert len(uids) == 4
+        assert 0 not in uids

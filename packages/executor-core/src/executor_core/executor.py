@@ -35,6 +35,7 @@ import anyio
 from executor_core.host_bridge import OPS, HostBridge
 from executor_core.pool import WorkerPool
 from executor_core.process import WorkerGone, WorkerProcess, WorkerSpec
+from executor_core.uids import UidClaim
 from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
 from picloud_shared.limits import (
     MAX_LOG_BYTES,
@@ -118,7 +119,7 @@ class ProcessExecutor:
         spare_workers: int = 1,
         max_executions_per_worker: int = 1000,
         idle_ttl: float = 300.0,
-        uid_base: int | None = 61000,
+        uid_base: int | None = 61000,  # first uid tried; claimed machine-wide (uids.py)
         scratch_root: str | None = None,
         file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT,
     ) -> None:
@@ -152,6 +153,10 @@ class ProcessExecutor:
         """Create the scratch root and start the pool's background tasks."""
         if self._closed or self._pool is not None:
             raise RuntimeError("an executor starts once")
+        max_workers = self._pool_args["max_workers"]
+        claim = None
+        if self._uid_base is not None:
+            claim = await anyio.to_thread.run_sync(UidClaim, self._uid_base, max_workers)
         root = tempfile.mkdtemp(prefix="picloud-exec-", dir=self._scratch_parent)
         os.chmod(root, 0o711)  # slot uids traverse into their own 0700 dirs
         spec = WorkerSpec(
@@ -159,10 +164,12 @@ class ProcessExecutor:
             address_space=(MAX_MEMORY_LIMIT_MB + INTERPRETER_ALLOWANCE_MB) * MIB,
             cpu_lifetime=CPU_LIFETIME_SECONDS,
             file_size=self._file_size_limit,
-            uid_base=self._uid_base,
+            uids=claim.uids if claim else None,
         )
         self._pool = WorkerPool(spec, **self._pool_args)  # type: ignore[arg-type]
         stack = contextlib.AsyncExitStack()
+        if claim is not None:
+            stack.callback(claim.release)
         stack.callback(shutil.rmtree, root, True)
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.push_async_callback(self._pool.aclose)

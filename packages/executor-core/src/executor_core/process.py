@@ -49,7 +49,7 @@ class WorkerSpec:
     file_size: int  # bytes; RLIMIT_FSIZE
     open_files: int = 64
     processes: int = 32  # RLIMIT_NPROC of the slot uid (threads count)
-    uid_base: int | None = None  # None: do not drop privileges
+    uids: list[int] | None = None  # uid (and gid) per slot; None: keep the server's
     ready_timeout: float = 10.0
     python: str = sys.executable
 
@@ -206,7 +206,7 @@ class WorkerProcess:
 
 def _start(spec: WorkerSpec, slot: int) -> WorkerProcess:
     """Blocking part of a spawn (runs in a thread)."""
-    uid = None if spec.uid_base is None else spec.uid_base + slot
+    uid = None if spec.uids is None else spec.uids[slot]
     scratch = os.path.join(spec.scratch_root, f"w{slot}-{secrets.token_hex(4)}")
     os.mkdir(scratch, 0o700)
     if uid is not None:
