@@ -1,0 +1,130 @@
+"""Declaring admin endpoints: who may call them and what runs.
+
+An :class:`Resource` is one path with a handler per method. Every call goes
+through :func:`_dispatch`, which authenticates, checks access, runs the handler
+and turns every error into the API's JSON error body::
+
+    unknown method on a known path   → 405 (with Allow)
+    PicloudError                     → its status and {"error": {"code", "message"}}
+    any other exception              → 500 "internal error" (logged, never leaked)
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import attrs
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from manager_core.api._http import (
+    Fields,
+    error_response,
+    internal_error_response,
+    path_uuid,
+    read_json,
+)
+from manager_core.postgres.users import User
+from picloud_shared.errors import MethodNotAllowed, NotFound, PicloudError
+from picloud_shared.ids import AppId
+from picloud_shared.principals import Capability, Principal
+
+if TYPE_CHECKING:
+    from manager_core.api.deps import AdminDeps
+
+logger = logging.getLogger("manager_core.api")
+
+
+class Access(enum.Enum):
+    """Who may call an endpoint that is not about one app."""
+
+    ANY_USER = "any_user"
+    INSTANCE_ADMIN = "instance_admin"
+
+
+@attrs.frozen
+class Call:
+    """One authorised call: the request, the caller and (for app routes) the app."""
+
+    request: Request
+    deps: AdminDeps
+    user: User
+    principal: Principal | None = None
+
+    @property
+    def app_id(self) -> AppId:
+        """The app of an app-scoped call."""
+        assert self.principal is not None, "not an app-scoped endpoint"
+        return self.principal.app_id
+
+    def path(self, name: str) -> str:
+        """A path parameter."""
+        return str(self.request.path_params[name])
+
+    async def fields(self) -> Fields:
+        """The JSON object body."""
+        return Fields.of(await read_json(self.request))
+
+
+Handler = Callable[[Call], Awaitable[Response]]
+
+
+@attrs.frozen
+class Operation:
+    """One method of a resource: its access rule and handler."""
+
+    access: Capability | Access
+    handler: Handler
+
+
+class Resource(Route):
+    """One admin path and its operations by method (every method reaches us, so
+    unknown ones answer a JSON 405 rather than the host app's plain text)."""
+
+    def __init__(self, path: str, deps: AdminDeps, operations: dict[str, Operation]) -> None:
+        self.operations = operations
+        self.deps = deps
+        super().__init__(path, self._dispatch, name=path)
+        self.methods = None  # every method is ours to answer (405 included)
+
+    async def _dispatch(self, request: Request) -> Response:
+        try:
+            operation = self.operations.get(request.method)
+            if operation is None:
+                raise MethodNotAllowed()
+            call = await _authorise(request, self.deps, operation.access)
+            return await operation.handler(call)
+        except MethodNotAllowed as exc:
+            return error_response(exc, allow=sorted(self.operations))
+        except PicloudError as exc:
+            return error_response(exc)
+        except Exception:
+            logger.exception("admin API: unexpected error on %s %s", request.method, self.path)
+            return internal_error_response()
+
+
+async def _authorise(request: Request, deps: AdminDeps, access: Capability | Access) -> Call:
+    user = await deps.auth.user(request.headers.get("authorization"))
+    if access is Access.ANY_USER:
+        return Call(request, deps, user)
+    if access is Access.INSTANCE_ADMIN:
+        deps.auth.require_instance_admin(user)
+        return Call(request, deps, user)
+    app_id = AppId(path_uuid(request, "id", "app"))
+    principal = await deps.auth.principal(user, app_id, access)
+    return Call(request, deps, user, principal)
+
+
+async def _not_found(request: Request) -> Response:
+    return error_response(NotFound("no such admin endpoint"))
+
+
+def not_found_route() -> Route:
+    """The catch-all that answers every unknown admin path with a JSON 404."""
+    route = Route("/{rest:path}", _not_found, name="not_found")
+    route.methods = None
+    return route

@@ -1,0 +1,135 @@
+"""Request and response plumbing: JSON bodies under the size cap, typed field
+access, and the error body ``{"error": {"code", "message"}}``."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from picloud_shared.errors import (
+    InvalidInput,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    PicloudError,
+    Unauthenticated,
+)
+from picloud_shared.limits import MAX_REQUEST_BODY_BYTES
+from picloud_shared.wire import Json
+
+_MISSING: Any = object()
+
+
+def json_response(body: Json, status_code: int = 200) -> Response:
+    """A JSON answer."""
+    return JSONResponse(body, status_code=status_code)
+
+
+def no_content() -> Response:
+    """An empty 204 answer."""
+    return Response(status_code=204)
+
+
+def error_response(error: PicloudError, *, allow: list[str] | None = None) -> Response:
+    """The API's error body for ``error``, with its status (and auth/allow headers)."""
+    headers: dict[str, str] = {}
+    if isinstance(error, Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(error, MethodNotAllowed) and allow:
+        headers["Allow"] = ", ".join(allow)
+    return JSONResponse({"error": error.to_wire()}, error.http_status, headers=headers)
+
+
+def internal_error_response() -> Response:
+    """The 500 body: never anything about what went wrong inside."""
+    return JSONResponse({"error": {"code": "internal", "message": "internal error"}}, 500)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request, limit: int = MAX_REQUEST_BODY_BYTES) -> Json:
+    """The request body parsed as JSON.
+
+    Raises ``PayloadTooLarge`` past ``limit`` bytes (by ``Content-Length`` or as
+    streamed) and ``InvalidInput`` for anything that is not one JSON value.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise InvalidInput("malformed Content-Length") from None
+        if size > limit:
+            raise PayloadTooLarge(f"request bodies are limited to {limit} bytes")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"request bodies are limited to {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_reject_constant)  # type: ignore[no-any-return]
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidInput("the request body is not valid JSON") from None
+
+
+def path_uuid(request: Request, name: str, what: str) -> uuid.UUID:
+    """A UUID path parameter; anything malformed is ``NotFound`` (it cannot exist)."""
+    try:
+        return uuid.UUID(request.path_params[name])
+    except (KeyError, ValueError):
+        raise NotFound(f"no such {what}") from None
+
+
+class Fields:
+    """Typed access to a JSON object body; wrong types name the field (422)."""
+
+    def __init__(self, data: Mapping[str, Json]) -> None:
+        self._data = data
+
+    @classmethod
+    def of(cls, body: Json) -> Fields:
+        """Wrap a parsed body, which must be a JSON object."""
+        if not isinstance(body, dict):
+            raise InvalidInput("the request body must be a JSON object")
+        return cls(body)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._data and self._data[name] is not None
+
+    def _get(self, name: str, kinds: tuple[type, ...], label: str, default: Any) -> Any:
+        if name not in self._data or self._data[name] is None:
+            if default is _MISSING:
+                raise InvalidInput(f"field {name!r} is required")
+            return default
+        value = self._data[name]
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            raise InvalidInput(f"field {name!r} must be {label}")
+        return value
+
+    def text(self, name: str, default: Any = _MISSING) -> Any:
+        """A string field (required unless ``default`` is given)."""
+        return self._get(name, (str,), "a string", default)
+
+    def integer(self, name: str, default: Any = _MISSING) -> Any:
+        """An integer field (``true`` is not an integer)."""
+        return self._get(name, (int,), "an integer", default)
+
+    def boolean(self, name: str, default: Any = _MISSING) -> Any:
+        """A boolean field."""
+        return self._get(name, (bool,), "a boolean", default)
+
+    def text_list(self, name: str, default: Any = _MISSING) -> Any:
+        """A list-of-strings field."""
+        value = self._get(name, (list,), "a list of strings", default)
+        if value is not default and not all(isinstance(v, str) for v in value):
+            raise InvalidInput(f"field {name!r} must be a list of strings")
+        return value

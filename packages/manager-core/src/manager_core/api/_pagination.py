@@ -1,0 +1,84 @@
+"""Keyset pagination: ``?limit=&cursor=`` in, ``{"items", "next_cursor"}`` out.
+
+A cursor is the urlsafe base64 (unpadded) of a JSON list holding the sort key of
+the last item answered. It is opaque to clients; a malformed one is 422.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import attrs
+from starlette.requests import Request
+from starlette.responses import Response
+
+from manager_core.api._http import json_response
+from picloud_shared.errors import InvalidInput
+from picloud_shared.limits import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
+from picloud_shared.wire import Json
+
+T = TypeVar("T")
+Key = tuple[str, ...]
+
+
+def encode_cursor(key: Key) -> str:
+    """The opaque cursor for a sort key."""
+    raw = json.dumps(list(key), separators=(",", ":"), ensure_ascii=False).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(cursor: str, size: int) -> Key:
+    """The sort key in ``cursor`` (``size`` strings). Raises ``InvalidInput``."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        key = json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise InvalidInput("malformed cursor") from None
+    if (
+        not isinstance(key, list)
+        or len(key) != size
+        or not all(isinstance(part, str) for part in key)
+    ):
+        raise InvalidInput("malformed cursor")
+    return tuple(key)
+
+
+@attrs.frozen
+class PageRequest:
+    """One page asked for: at most ``limit`` items after ``after``."""
+
+    limit: int
+    after: Key | None
+
+    @classmethod
+    def from_request(cls, request: Request, key_size: int = 1) -> PageRequest:
+        """Read ``limit`` (1..1000, default 100) and ``cursor``. Raises ``InvalidInput``."""
+        raw_limit = request.query_params.get("limit")
+        limit = DEFAULT_LIST_LIMIT
+        if raw_limit is not None:
+            if not (raw_limit.isascii() and raw_limit.isdigit()):
+                raise InvalidInput(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+            limit = int(raw_limit)
+            if not 1 <= limit <= MAX_LIST_LIMIT:
+                raise InvalidInput(f"limit must be an integer from 1 to {MAX_LIST_LIMIT}")
+        cursor = request.query_params.get("cursor")
+        after = None if not cursor else decode_cursor(cursor, key_size)
+        return cls(limit, after)
+
+    @property
+    def fetch(self) -> int:
+        """How many rows to ask the repo for (one extra tells whether more exist)."""
+        return self.limit + 1
+
+    def respond(
+        self, rows: Sequence[T], key: Callable[[T], Key], to_wire: Callable[[T], Json]
+    ) -> Response:
+        """Answer a page from up to ``fetch`` rows."""
+        page = list(rows[: self.limit])
+        more = len(rows) > self.limit
+        next_cursor = encode_cursor(key(page[-1])) if more and page else None
+        return json_response({"items": [to_wire(r) for r in page], "next_cursor": next_cursor})

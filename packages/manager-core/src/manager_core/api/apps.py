@@ -1,0 +1,119 @@
+"""Apps and their members.
+
+``POST /apps`` is open to every user (the creator gets every capability);
+``GET /apps`` lists the apps where the caller holds ``app_read`` (all of them
+for an instance admin). ``PUT /apps/{id}/members/{user_id}`` replaces a member's
+capabilities; a caller who is not an instance admin may only grant or revoke
+capabilities they hold themselves, so nobody escalates through it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.responses import Response
+
+from manager_core.api._endpoint import Access, Call, Operation, Resource
+from manager_core.api._http import json_response, no_content, path_uuid
+from manager_core.api._pagination import PageRequest
+from picloud_shared.domain import App
+from picloud_shared.errors import Forbidden, InvalidInput, NotFound
+from picloud_shared.ids import UserId
+from picloud_shared.principals import Capability
+from picloud_shared.wire import JsonObject
+
+if TYPE_CHECKING:
+    from manager_core.api.deps import AdminDeps
+
+
+def app_to_wire(app: App) -> JsonObject:
+    """An app as the API answers it."""
+    return {"id": str(app.id), "name": app.name, "created_at": app.created_at.isoformat()}
+
+
+async def create_app(call: Call) -> Response:
+    """``{"name"}`` → 201 app; 409 when the name is taken."""
+    fields = await call.fields()
+    app = await call.deps.apps.create(fields.text("name"), call.user.id)
+    return json_response(app_to_wire(app), 201)
+
+
+async def list_apps(call: Call) -> Response:
+    """The apps the caller may read, by name."""
+    page = PageRequest.from_request(call.request)
+    rows = await call.deps.apps.list_visible(
+        call.user.id,
+        instance_admin=call.user.is_instance_admin,
+        capability=Capability.APP_READ,
+        limit=page.fetch,
+        after=None if page.after is None else page.after[0],
+    )
+    return page.respond(rows, lambda a: (a.name,), app_to_wire)
+
+
+async def get_app(call: Call) -> Response:
+    """One app."""
+    app = await call.deps.apps.get(call.app_id)
+    if app is None:
+        raise NotFound("no such app")
+    return json_response(app_to_wire(app))
+
+
+async def delete_app(call: Call) -> Response:
+    """Delete the app and everything it owns; 204."""
+    if not await call.deps.apps.delete(call.app_id):
+        raise NotFound("no such app")
+    return no_content()
+
+
+async def set_member(call: Call) -> Response:
+    """``{"capabilities": [...]}`` → 200 ``{"app_id", "user_id", "capabilities"}``;
+    an empty list removes the member."""
+    user_id = UserId(path_uuid(call.request, "user_id", "user"))
+    fields = await call.fields()
+    try:
+        wanted = Capability.parse_all(fields.text_list("capabilities"))
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    principal = call.principal
+    assert principal is not None
+    if not principal.is_instance_admin:
+        current = await call.deps.apps.capabilities_of(call.app_id, user_id) or frozenset()
+        beyond = (wanted ^ current) - principal.capabilities
+        if beyond:
+            names = ", ".join(sorted(beyond))
+            raise Forbidden(f"you can only grant or revoke capabilities you hold ({names})")
+    stored = await call.deps.apps.set_capabilities(call.app_id, user_id, wanted)
+    body = {
+        "app_id": str(call.app_id),
+        "user_id": str(user_id),
+        "capabilities": sorted(str(c) for c in stored),
+    }
+    return json_response(body)
+
+
+def resources(deps: AdminDeps) -> list[Resource]:
+    """The app and member endpoints."""
+    return [
+        Resource(
+            "/apps",
+            deps,
+            {
+                "POST": Operation(Access.ANY_USER, create_app),
+                "GET": Operation(Access.ANY_USER, list_apps),
+            },
+        ),
+        Resource(
+            "/apps/{id}",
+            deps,
+            {
+                "GET": Operation(Capability.APP_READ, get_app),
+                "DELETE": Operation(Capability.APP_DELETE, delete_app),
+            },
+        ),
+        Resource(
+            "/apps/{id}/members/{user_id}",
+            deps,
+            {"PUT": Operation(Capability.APP_MANAGE_MEMBERS, set_member)},
+        ),
+    ]

@@ -1,0 +1,92 @@
+"""An app's user routes: create, list, delete."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.responses import Response
+
+from manager_core.api._endpoint import Call, Operation, Resource
+from manager_core.api._http import json_response, no_content, path_uuid
+from manager_core.api._pagination import PageRequest
+from manager_core.postgres.routes import RouteEntry
+from picloud_shared.domain import DispatchMode
+from picloud_shared.errors import InvalidInput, NotFound
+from picloud_shared.ids import RouteId
+from picloud_shared.principals import Capability
+from picloud_shared.wire import JsonObject
+
+if TYPE_CHECKING:
+    from manager_core.api.deps import AdminDeps
+
+
+def route_to_wire(entry: RouteEntry) -> JsonObject:
+    """A route as the API answers it."""
+    route = entry.route
+    return {
+        "id": str(route.id),
+        "method": route.method,
+        "path": route.path,
+        "script": entry.script_name,
+        "script_id": str(route.script_id),
+        "dispatch_mode": str(route.dispatch_mode),
+        "created_at": entry.created_at.isoformat(),
+    }
+
+
+async def create_route(call: Call) -> Response:
+    """``{"method", "path", "script", "dispatch_mode"?: "sync"}`` → 201; 409 on the
+    same method and path."""
+    fields = await call.fields()
+    method = fields.text("method")
+    path = fields.text("path")
+    script = fields.text("script")
+    mode = fields.text("dispatch_mode", DispatchMode.SYNC.value)
+    try:
+        dispatch_mode = DispatchMode(mode)
+    except ValueError:
+        raise InvalidInput("field 'dispatch_mode' must be 'sync' or 'async'") from None
+    entry = await call.deps.routes.create(
+        call.app_id,
+        method,
+        path,
+        script,
+        dispatch_mode=dispatch_mode,
+        registered_by=call.user.id,
+    )
+    return json_response(route_to_wire(entry), 201)
+
+
+async def list_routes(call: Call) -> Response:
+    """The app's routes by path, then method."""
+    page = PageRequest.from_request(call.request, key_size=2)
+    after = None if page.after is None else (page.after[0], page.after[1])
+    rows = await call.deps.routes.list(call.app_id, limit=page.fetch, after=after)
+    return page.respond(rows, lambda e: (e.route.path, e.route.method), route_to_wire)
+
+
+async def delete_route(call: Call) -> Response:
+    """Delete one route; 204."""
+    route_id = RouteId(path_uuid(call.request, "route_id", "route"))
+    if not await call.deps.routes.delete(call.app_id, route_id):
+        raise NotFound("no such route")
+    return no_content()
+
+
+def resources(deps: AdminDeps) -> list[Resource]:
+    """The route endpoints."""
+    return [
+        Resource(
+            "/apps/{id}/routes",
+            deps,
+            {
+                "POST": Operation(Capability.APP_MANAGE_ROUTES, create_route),
+                "GET": Operation(Capability.APP_READ, list_routes),
+            },
+        ),
+        Resource(
+            "/apps/{id}/routes/{route_id}",
+            deps,
+            {"DELETE": Operation(Capability.APP_MANAGE_ROUTES, delete_route)},
+        ),
+    ]
