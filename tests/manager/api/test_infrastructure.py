@@ -1,0 +1,193 @@
+"""The admin API's plumbing: bodies, limits, errors, unknown routes, pagination."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from manager_core.api import AdminDeps
+from manager_core.api._pagination import encode_cursor
+from manager_core.postgres.scripts import PostgresScriptRepo
+from picloud_shared.limits import MAX_REQUEST_BODY_BYTES
+from tests.manager.api.conftest import build_app
+from tests.manager.api.helpers import Api, bearer
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_unknown_admin_path_is_a_json_404(api: Api) -> None:
+    """Paths no endpoint serves answer the API's error body."""
+    resp = await api.call("GET", "/nope/nothing")
+    assert resp.status_code == 404
+    assert resp.json() == {"error": {"code": "not_found", "message": "no such admin endpoint"}}
+
+
+async def test_unknown_method_on_a_known_path_is_a_json_405(api: Api) -> None:
+    """A known path with another method answers 405 with ``Allow``."""
+    resp = await api.call("PATCH", f"/apps/{api.app_id}")
+    assert resp.status_code == 405
+    assert resp.json()["error"]["code"] == "method_not_allowed"
+    assert resp.headers["allow"] == "DELETE, GET"
+
+
+@pytest.mark.parametrize("header", ["Basic abc", "Bearer", "Bearer  ", "bearer a b", "token"])
+async def test_malformed_authorization_is_unauthenticated(api: Api, header: str) -> None:
+    """Only ``Bearer <token>`` authenticates."""
+    resp = await api.client.get("/apps", headers={"Authorization": header})
+    assert resp.status_code == 401
+
+
+async def test_bearer_scheme_is_case_insensitive(api: Api) -> None:
+    """``bearer`` works as well as ``Bearer``."""
+    resp = await api.client.get("/apps", headers={"Authorization": f"bearer {api.owner}"})
+    assert resp.status_code == 200
+
+
+@pytest.mark.parametrize("body", [b"{", b"", b"nope", b'{"name": NaN}', b"\xff\xfe"])
+async def test_invalid_json_is_invalid_input(api: Api, body: bytes) -> None:
+    """A body that is not JSON answers 422 invalid_input."""
+    resp = await api.client.post("/apps", content=body, headers=bearer(api.owner))
+    assert resp.status_code == 422
+    assert resp.json()["error"]["code"] == "invalid_input"
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"shop"', b"1", b"null"])
+async def test_a_body_that_is_not_an_object_is_invalid_input(api: Api, body: bytes) -> None:
+    """Bodies are JSON objects."""
+    resp = await api.client.post("/apps", content=body, headers=bearer(api.owner))
+    assert resp.status_code == 422
+    assert "object" in resp.json()["error"]["message"]
+
+
+async def test_a_wrong_field_type_names_the_field(api: Api) -> None:
+    """A field of the wrong type answers 422 naming it."""
+    resp = await api.call("POST", "/apps", body={"name": 5})
+    assert resp.status_code == 422
+    assert "'name'" in resp.json()["error"]["message"]
+
+
+async def test_a_missing_field_names_the_field(api: Api) -> None:
+    """A missing required field answers 422 naming it."""
+    resp = await api.call("POST", "/apps", body={})
+    assert resp.status_code == 422
+    assert "'name'" in resp.json()["error"]["message"]
+
+
+async def test_a_body_of_exactly_one_mib_is_accepted(api: Api) -> None:
+    """The request body cap is inclusive."""
+    core = b'{"name": "padded"}'
+    body = core + b" " * (MAX_REQUEST_BODY_BYTES - len(core))
+    resp = await api.client.post("/apps", content=body, headers=bearer(api.owner))
+    assert resp.status_code == 201, resp.text
+
+
+async def test_a_body_over_one_mib_is_too_large(api: Api) -> None:
+    """One byte past 1 MiB (by Content-Length) answers 413."""
+    core = b'{"name": "padded"}'
+    body = core + b" " * (MAX_REQUEST_BODY_BYTES + 1 - len(core))
+    resp = await api.client.post("/apps", content=body, headers=bearer(api.owner))
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_a_streamed_body_over_one_mib_is_too_large(api: Api) -> None:
+    """Without Content-Length, the streamed size is capped too."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"name": "padded"'
+        for _ in range(17):
+            yield b" " * 65536
+        yield b"}"
+
+    resp = await api.client.post("/apps", content=chunks(), headers=bearer(api.owner))
+    assert "content-length" not in resp.request.headers
+    assert resp.status_code == 413
+
+
+async def test_a_lying_content_length_is_invalid(api: Api) -> None:
+    """A non-numeric Content-Length answers 422."""
+    headers = {**bearer(api.owner), "Content-Length": "lots"}
+    resp = await api.client.post("/apps", content=b'{"name": "x"}', headers=headers)
+    assert resp.status_code == 422
+
+
+class _BrokenScripts(PostgresScriptRepo):
+    async def list(self, *args: object, **kwargs: object) -> list:  # type: ignore[override]
+        raise RuntimeError("secret-internal-detail")
+
+
+async def test_an_unexpected_error_is_a_bare_500_and_is_logged(
+    api: Api, deps: AdminDeps, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Internals never reach the client, but they reach the log."""
+    broken = AdminDeps(
+        users=deps.users,
+        apps=deps.apps,
+        scripts=_BrokenScripts(engine=deps.scripts._engine),
+        routes=deps.routes,
+    )
+    transport = httpx.ASGITransport(app=build_app(broken))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t/api/v1/admin") as c:
+        with caplog.at_level(logging.ERROR, logger="manager_core.api"):
+            resp = await c.get(f"/apps/{api.app_id}/scripts", headers=bearer(api.owner))
+    assert resp.status_code == 500
+    assert resp.json() == {"error": {"code": "internal", "message": "internal error"}}
+    assert "secret-internal-detail" in caplog.text
+
+
+# -- pagination -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", ["0", "1001", "-1", "abc", "1.5", "²"])
+async def test_a_bad_limit_is_invalid_input(api: Api, limit: str) -> None:
+    """``limit`` is an integer from 1 to 1000."""
+    resp = await api.client.get("/apps", params={"limit": limit}, headers=bearer(api.owner))
+    assert resp.status_code == 422
+
+
+@pytest.mark.parametrize("limit", ["1", "1000"])
+async def test_limit_accepts_its_edges(api: Api, limit: str) -> None:
+    """1 and 1000 are valid limits."""
+    resp = await api.client.get("/apps", params={"limit": limit}, headers=bearer(api.owner))
+    assert resp.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "cursor", ["!!!", "e30", encode_cursor(("a", "b")), "bm90IGpzb24", encode_cursor(())]
+)
+async def test_a_malformed_cursor_is_invalid_input(api: Api, cursor: str) -> None:
+    """A cursor that is not one of ours answers 422."""
+    resp = await api.client.get("/apps", params={"cursor": cursor}, headers=bearer(api.owner))
+    assert resp.status_code == 422
+    assert resp.json()["error"]["code"] == "invalid_input"
+
+
+async def test_pages_walk_every_item_once(api: Api) -> None:
+    """Following ``next_cursor`` lists every app exactly once, then stops."""
+    for i in range(6):
+        await api.app(f"app-{i}")
+    names: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        params = {"limit": "4", **({"cursor": cursor} if cursor else {})}
+        resp = await api.client.get("/apps", params=params, headers=bearer(api.owner))
+        body = resp.json()
+        names += [item["name"] for item in body["items"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert names == sorted([f"app-{i}" for i in range(6)] + ["shop"])
+    assert pages == 2
+
+
+async def test_an_exactly_full_page_has_no_next_cursor(api: Api) -> None:
+    """When the items end at the page's edge, ``next_cursor`` is null."""
+    await api.app("other")
+    resp = await api.client.get("/apps", params={"limit": "2"}, headers=bearer(api.owner))
+    assert len(resp.json()["items"]) == 2
+    assert resp.json()["next_cursor"] is None

@@ -1,0 +1,220 @@
+"""POST /users, the app endpoints and PUT /apps/{id}/members/{user_id}."""
+
+from __future__ import annotations
+
+import pytest
+
+from manager_core import tables as t
+from picloud_shared.ids import UserId
+from picloud_shared.principals import ALL_CAPABILITIES, Capability
+from tests.manager.api.helpers import Api, bearer
+
+pytestmark = pytest.mark.anyio
+
+
+# -- users ----------------------------------------------------------------------------
+
+
+async def test_admin_creates_a_user_whose_token_works(api: Api) -> None:
+    """201 ``{"id", "name", "token"}``; the token authenticates at once."""
+    resp = await api.call("POST", "/users", api.root, {"name": "carol"})
+    assert resp.status_code == 201
+    body = resp.json()
+    assert set(body) >= {"id", "name", "token"}
+    assert body["name"] == "carol"
+    assert body["instance_admin"] is False
+    assert (await api.call("GET", "/apps", body["token"])).status_code == 200
+
+
+async def test_admin_can_create_another_instance_admin(api: Api) -> None:
+    """``instance_admin: true`` makes the new user an instance admin."""
+    resp = await api.call("POST", "/users", api.root, {"name": "ops", "instance_admin": True})
+    token = resp.json()["token"]
+    assert (await api.call("GET", f"/apps/{api.app_id}", token)).status_code == 200
+
+
+async def test_a_non_admin_cannot_create_users(api: Api) -> None:
+    """Creating users needs an instance admin: 403."""
+    resp = await api.call("POST", "/users", api.owner, {"name": "carol"})
+    assert resp.status_code == 403
+
+
+async def test_duplicate_user_name_is_409(api: Api) -> None:
+    """User names are unique."""
+    resp = await api.call("POST", "/users", api.root, {"name": "owner"})
+    assert resp.status_code == 409
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"name": ""}, {"name": 3}, {"name": "ok", "instance_admin": "yes"}]
+)
+async def test_malformed_user_bodies_are_422(api: Api, body: dict) -> None:
+    """Missing, invalid or mistyped fields answer 422."""
+    resp = await api.call("POST", "/users", api.root, body)
+    assert resp.status_code == 422
+
+
+# -- apps -----------------------------------------------------------------------------
+
+
+async def test_create_app_answers_its_wire_form(api: Api) -> None:
+    """201 ``{"id", "name", "created_at"}``; the creator can use it at once."""
+    token = await api.user("dave")
+    resp = await api.call("POST", "/apps", token, {"name": "blog"})
+    assert resp.status_code == 201
+    body = resp.json()
+    assert set(body) == {"id", "name", "created_at"}
+    assert body["name"] == "blog"
+    assert (await api.call("GET", f"/apps/{body['id']}", token)).json() == body
+
+
+async def test_creator_holds_every_capability(api: Api) -> None:
+    """The creator may do anything, including deleting the app."""
+    token = await api.user("dave")
+    app_id = (await api.call("POST", "/apps", token, {"name": "blog"})).json()["id"]
+    caps = await api.deps.apps.capabilities_of(app_id, (await _me(api, token)))
+    assert caps == ALL_CAPABILITIES
+    assert (await api.call("DELETE", f"/apps/{app_id}", token)).status_code == 204
+
+
+async def _me(api: Api, token: str) -> UserId:
+    user = await api.deps.users.authenticate(token)
+    assert user is not None
+    return user.id
+
+
+async def test_duplicate_app_name_is_409(api: Api) -> None:
+    """App names are unique across the instance, even for another user."""
+    token = await api.user("dave")
+    resp = await api.call("POST", "/apps", token, {"name": "shop"})
+    assert resp.status_code == 409
+    assert resp.json()["error"]["code"] == "conflict"
+
+
+@pytest.mark.parametrize("name", ["Shop", "", "a" * 64, "my_app", "sp ace"])
+async def test_invalid_app_names_are_422(api: Api, name: str) -> None:
+    """App names are [a-z0-9-]{1,63}."""
+    resp = await api.call("POST", "/apps", body={"name": name})
+    assert resp.status_code == 422
+    assert resp.json()["error"]["code"] == "invalid_name"
+
+
+async def test_app_name_of_63_characters_is_accepted(api: Api) -> None:
+    """The name length limit is inclusive."""
+    resp = await api.call("POST", "/apps", body={"name": "a" * 63})
+    assert resp.status_code == 201
+
+
+async def test_list_apps_shows_readable_apps_only(api: Api) -> None:
+    """Members see apps where they hold app_read; admins see all."""
+    reader = await api.user("reader", Capability.APP_READ)
+    writer = await api.user("writer", Capability.APP_WRITE_DATA)
+    await api.app("blog")
+    names = lambda r: [i["name"] for i in r.json()["items"]]  # noqa: E731
+    assert names(await api.call("GET", "/apps", reader)) == ["shop"]
+    assert names(await api.call("GET", "/apps", writer)) == []
+    assert names(await api.call("GET", "/apps", api.root)) == ["blog", "shop"]
+    assert (await api.call("GET", "/apps", writer)).json()["next_cursor"] is None
+
+
+async def test_delete_app_removes_it_and_its_scripts(api: Api) -> None:
+    """DELETE answers 204; the app and what it owned are gone."""
+    await api.script("s")
+    await api.route("GET", "/", "s")
+    resp = await api.call("DELETE", f"/apps/{api.app_id}")
+    assert resp.status_code == 204
+    assert resp.content == b""
+    assert (await api.call("GET", f"/apps/{api.app_id}", api.root)).status_code == 404
+    assert await api.deps.routes.routes_for_app("shop") is None
+
+
+# -- members --------------------------------------------------------------------------
+
+
+async def test_put_member_grants_capabilities(api: Api) -> None:
+    """PUT answers the stored set and the user can act with it."""
+    user_id, token = await api.user_id("erin")
+    resp = await api.call(
+        "PUT", f"/apps/{api.app_id}/members/{user_id}", body={"capabilities": ["app_read"]}
+    )
+    assert resp.status_code == 200
+    assert resp.json() == {"app_id": api.app_id, "user_id": user_id, "capabilities": ["app_read"]}
+    assert (await api.call("GET", f"/apps/{api.app_id}", token)).status_code == 200
+    assert (await api.call("DELETE", f"/apps/{api.app_id}", token)).status_code == 403
+
+
+async def test_put_member_with_no_capabilities_removes_them(api: Api) -> None:
+    """An empty list removes the member: the app becomes invisible (404)."""
+    user_id, token = await api.user_id("erin")
+    url = f"/apps/{api.app_id}/members/{user_id}"
+    await api.call("PUT", url, body={"capabilities": ["app_read"]})
+    resp = await api.call("PUT", url, body={"capabilities": []})
+    assert resp.json()["capabilities"] == []
+    assert (await api.call("GET", f"/apps/{api.app_id}", token)).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"capabilities": "app_read"}, {"capabilities": [1]}, {"capabilities": ["fly"]}],
+)
+async def test_malformed_member_bodies_are_422(api: Api, body: dict) -> None:
+    """Capabilities are a list of known wire names."""
+    user_id, _ = await api.user_id("erin")
+    resp = await api.call("PUT", f"/apps/{api.app_id}/members/{user_id}", body=body)
+    assert resp.status_code == 422
+
+
+@pytest.mark.parametrize("user_id", ["nope", "00000000-0000-4000-8000-000000000000"])
+async def test_put_member_for_an_unknown_user_is_404(api: Api, user_id: str) -> None:
+    """The user must exist."""
+    resp = await api.call(
+        "PUT", f"/apps/{api.app_id}/members/{user_id}", body={"capabilities": ["app_read"]}
+    )
+    assert resp.status_code == 404
+
+
+async def test_members_cannot_grant_what_they_do_not_hold(api: Api) -> None:
+    """A member manager cannot escalate anyone (themselves included) beyond their own set."""
+    manager = await api.user("mgr", Capability.APP_MANAGE_MEMBERS, Capability.APP_READ)
+    target_id, _ = await api.user_id("erin")
+    me = await _me(api, manager)
+    for user_id in (target_id, str(me)):
+        resp = await api.call(
+            "PUT",
+            f"/apps/{api.app_id}/members/{user_id}",
+            manager,
+            {"capabilities": ["app_read", "app_delete", "app_manage_members"]},
+        )
+        assert resp.status_code == 403, resp.text
+
+
+async def test_members_cannot_revoke_what_they_do_not_hold(api: Api) -> None:
+    """Removing the owner needs every capability the owner holds."""
+    manager = await api.user("mgr", Capability.APP_MANAGE_MEMBERS)
+    owner_id = await _me(api, api.owner)
+    resp = await api.call(
+        "PUT", f"/apps/{api.app_id}/members/{owner_id}", manager, {"capabilities": []}
+    )
+    assert resp.status_code == 403
+
+
+async def test_instance_admins_grant_anything(api: Api) -> None:
+    """Instance admins are not bound by the no-escalation rule."""
+    user_id, _ = await api.user_id("erin")
+    resp = await api.call(
+        "PUT",
+        f"/apps/{api.app_id}/members/{user_id}",
+        api.root,
+        {"capabilities": sorted(ALL_CAPABILITIES)},
+    )
+    assert resp.status_code == 200
+    assert resp.json()["capabilities"] == sorted(ALL_CAPABILITIES)
+
+
+async def test_a_deleted_users_token_stops_working(api: Api) -> None:
+    """Authentication reads the user table on every call."""
+    user_id, token = await api.user_id("erin")
+    async with api.deps.users._engine.begin() as conn:
+        await conn.execute(t.users.delete().where(t.users.c.id == user_id))
+    resp = await api.client.get("/apps", headers=bearer(token))
+    assert resp.status_code == 401
