@@ -53,7 +53,7 @@ class PostgresHostApi:
 
     async def kv_get(self, key: str) -> Json | None:
         self._require(Capability.APP_READ_DATA)
-        entry = await self._kv.get(self._app_id, key, conn=self._conn)
+        entry = await self._kv.get(self._app_id, key, for_update=True, conn=self._conn)
         return None if entry is None else entry.value
 
     async def kv_set(self, key: str, value: Json) -> None:
@@ -82,7 +82,7 @@ class PostgresHostApi:
 
     async def docs_get(self, collection: str, id: str) -> JsonObject | None:
         self._require(Capability.APP_READ_DATA)
-        doc = await self._docs.get(self._app_id, collection, id, conn=self._conn)
+        doc = await self._docs.get(self._app_id, collection, id, for_update=True, conn=self._conn)
         return None if doc is None else doc.data
 
     async def docs_update(self, collection: str, id: str, data: JsonObject) -> None:

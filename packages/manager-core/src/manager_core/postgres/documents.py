@@ -114,13 +114,23 @@ class PostgresDocumentRepo:
         return doc
 
     async def get(
-        self, app_id: AppId, collection: str, id: str, *, conn: AsyncConnection | None = None
+        self,
+        app_id: AppId,
+        collection: str,
+        id: str,
+        *,
+        for_update: bool = False,
+        conn: AsyncConnection | None = None,
     ) -> Document | None:
+        """One document, or ``None``. ``for_update`` locks it until the caller's
+        transaction ends (a script's read-modify-write)."""
         check_collection(collection)
         check_document_id(id)
         stmt = sa.select(*_COLUMNS).where(
             _D.c.app_id == app_id, _D.c.collection == collection, _D.c.id == id
         )
+        if for_update:
+            stmt = stmt.with_for_update()
         async with transaction(conn or self._engine) as c:
             row = (await c.execute(stmt)).one_or_none()
         return None if row is None else _from_row(row)

@@ -131,12 +131,21 @@ class PostgresKvRepo:
         self._emitter: EventEmitter = emitter if emitter is not None else NoopEventEmitter()
 
     async def get(
-        self, app_id: AppId, key: str, *, conn: AsyncConnection | None = None
+        self,
+        app_id: AppId,
+        key: str,
+        *,
+        for_update: bool = False,
+        conn: AsyncConnection | None = None,
     ) -> KvEntry | None:
+        """The entry, or ``None``. ``for_update`` locks it until the caller's
+        transaction ends (a script's read-modify-write)."""
         check_key(key)
         stmt = sa.select(_KV.c.key, _KV.c.value, _KV.c.version, _KV.c.updated_at).where(
             _KV.c.app_id == app_id, _KV.c.key == key
         )
+        if for_update:
+            stmt = stmt.with_for_update()
         async with transaction(conn or self._engine) as c:
             row = (await c.execute(stmt)).one_or_none()
         return None if row is None else KvEntry(row.key, row.value, row.version, row.updated_at)

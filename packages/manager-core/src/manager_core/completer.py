@@ -1,0 +1,81 @@
+"""Group commit for executions that touched no data.
+
+A script that made no host call leaves nothing to commit but its own bookkeeping:
+remove the outbox row, mark the execution succeeded (and a handled dead letter).
+Those finish together: each caller of :meth:`BatchCompleter.complete` waits while
+the completer flushes everything pending in one statement and one commit. At low
+load a batch is one row and nothing waits; under load batches grow by themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import attrs
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from manager_core import dispatch_store as store
+from manager_core.db import transaction
+from picloud_shared.execution import ExecResult
+
+log = logging.getLogger("picloud.dispatcher")
+
+
+@attrs.define(eq=False)
+class _Item:
+    claim: store.ClaimedRow
+    result: ExecResult
+    done: anyio.Event = attrs.Factory(anyio.Event)
+    owned: bool = False
+    error: BaseException | None = None
+
+
+class BatchCompleter:
+    """Collects successful no-write executions and commits them in batches."""
+
+    def __init__(self, engine: AsyncEngine, max_batch: int = 256) -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._pending: list[_Item] = []
+        self._wake = anyio.Event()
+        self.batches = 0
+        self.rows = 0
+
+    async def complete(self, claim: store.ClaimedRow, result: ExecResult) -> bool:
+        """Wait until the row is committed as succeeded; ``False`` if this node no
+        longer owned it. Raises the database error of a failed flush."""
+        item = _Item(claim, result)
+        self._pending.append(item)
+        self._wake.set()
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.owned
+
+    async def run(self) -> None:
+        """Flush pending completions until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            while self._pending:
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[_Item]) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                async with transaction(self._engine) as conn:
+                    owned = await store.complete_batch(conn, [(i.claim, i.result) for i in batch])
+        except Exception as exc:
+            log.exception("completing %d execution(s) failed", len(batch))
+            for item in batch:
+                item.error = exc
+                item.done.set()
+            return
+        self.batches += 1
+        self.rows += len(batch)
+        for item in batch:
+            item.owned = item.claim.row.id in owned
+            item.done.set()

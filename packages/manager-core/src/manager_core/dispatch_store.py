@@ -1,0 +1,352 @@
+"""The dispatcher's SQL: claim with context, take a claimed row, finish, release.
+
+Ownership of a claimed row has two layers:
+
+* a **lease** (``claimed_by`` = a per-claim token, ``claimed_until``) written by the
+  batched claim, so a row is never claimed twice while its lease runs, and a row
+  whose node died comes back when the lease expires;
+* a **row lock** held by the execution's own transaction from :func:`take` until
+  its commit, so a row that is running is skipped by every other claimer
+  (``SKIP LOCKED``) whatever its lease says, and is released the instant the
+  node's connection dies.
+
+The attempt is counted at claim time, in the claim's commit, so a row whose
+execution keeps killing its node still reaches ``max_attempts``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import attrs
+from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from manager_core import tables as t
+from manager_core.postgres.outbox import outbox_row_from_row
+from picloud_shared import wire
+from picloud_shared.execution import ExecError, ExecResult
+from picloud_shared.ids import AppId, DeadLetterId, ExecutionId, InboxId, ScriptId, UserId
+from picloud_shared.outbox import OutboxRow
+from picloud_shared.status import ExecutionStatus
+from picloud_shared.wire import JsonObject
+
+_CLAIM = text(
+    """
+    WITH due AS (
+        SELECT id FROM outbox
+        WHERE claimed_until IS NULL AND run_at <= now()
+        ORDER BY run_at, id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE outbox o
+        SET claimed_by = :token,
+            claimed_until = now() + make_interval(secs => :lease),
+            attempt_count = o.attempt_count + 1
+        FROM due WHERE o.id = due.id
+        RETURNING o.*
+    ), running AS (
+        UPDATE executions e
+        SET status = 'running', attempts = c.attempt_count,
+            started_at = coalesce(e.started_at, now())
+        FROM claimed c WHERE e.id = c.execution_id
+    )
+    SELECT c.*,
+           a.name AS app_name,
+           s.id IS NOT NULL AS script_exists, s.source, s.version,
+           s.timeout_seconds, s.memory_limit_mb,
+           (tr.id IS NOT NULL OR r.id IS NOT NULL) AS owner_exists,
+           coalesce(tr.registered_by_principal, r.registered_by) AS principal_id,
+           u.id IS NOT NULL AS user_exists,
+           coalesce(u.is_instance_admin, false) AS is_instance_admin,
+           m.capabilities
+    FROM claimed c
+    JOIN apps a ON a.id = c.app_id
+    LEFT JOIN scripts s ON s.id = c.script_id AND s.app_id = c.app_id
+    LEFT JOIN triggers tr ON tr.id = c.trigger_id AND tr.app_id = c.app_id
+    LEFT JOIN routes r ON r.id = c.route_id AND r.app_id = c.app_id
+    LEFT JOIN users u ON u.id = coalesce(tr.registered_by_principal, r.registered_by)
+    LEFT JOIN app_members m ON m.app_id = c.app_id AND m.user_id = u.id
+    ORDER BY c.run_at, c.id
+    """
+)
+
+# Rows whose lease expired and whose execution is not running (not locked) are due again.
+_RECOVER = text(
+    """
+    UPDATE outbox SET claimed_by = NULL, claimed_until = NULL
+    WHERE id IN (
+        SELECT id FROM outbox WHERE claimed_until < now()
+        FOR UPDATE SKIP LOCKED
+    )
+    """
+)
+
+
+@attrs.frozen
+class ScriptInfo:
+    id: ScriptId
+    source: str
+    version: int
+    timeout_seconds: int
+    memory_limit_mb: int
+
+
+@attrs.frozen
+class ClaimedRow:
+    """A claimed outbox row with everything needed to run it."""
+
+    row: OutboxRow
+    token: str
+    app_name: str
+    script: ScriptInfo | None  # None: the script was deleted
+    owner_exists: bool  # the trigger or route still exists
+    principal_id: UserId | None
+    user_exists: bool
+    is_instance_admin: bool
+    capabilities: tuple[str, ...]
+
+
+def new_claim_token(node_id: str) -> str:
+    return f"{node_id}/{uuid.uuid4().hex[:12]}"
+
+
+async def claim(
+    conn: AsyncConnection, *, node_id: str, limit: int, lease_seconds: float
+) -> list[ClaimedRow]:
+    """Claim up to ``limit`` due rows (caller commits)."""
+    token = new_claim_token(node_id)
+    result = await conn.execute(_CLAIM, {"limit": limit, "token": token, "lease": lease_seconds})
+    out: list[ClaimedRow] = []
+    for m in result.all():
+        script = (
+            ScriptInfo(m.script_id, m.source, m.version, m.timeout_seconds, m.memory_limit_mb)
+            if m.script_exists
+            else None
+        )
+        out.append(
+            ClaimedRow(
+                row=outbox_row_from_row(m),
+                token=token,
+                app_name=m.app_name,
+                script=script,
+                owner_exists=m.owner_exists,
+                principal_id=m.principal_id,
+                user_exists=m.user_exists,
+                is_instance_admin=m.is_instance_admin,
+                capabilities=tuple(m.capabilities or ()),
+            )
+        )
+    return out
+
+
+async def recover_expired(conn: AsyncConnection) -> int:
+    """Make rows whose lease expired (and that nobody is running) due again."""
+    result = await conn.execute(_RECOVER)
+    return result.rowcount
+
+
+async def take(conn: AsyncConnection, row_id: int, token: str) -> bool:
+    """Lock a claimed row for this transaction (``SELECT … FOR UPDATE``: no new tuple,
+    so no index churn for concurrent serializable transactions to trip over).
+
+    ``False`` when the row is gone or another claim owns it now.
+    """
+    result = await conn.execute(
+        select(t.outbox.c.id)
+        .where(t.outbox.c.id == row_id, t.outbox.c.claimed_by == token)
+        .with_for_update()
+    )
+    return result.first() is not None
+
+
+async def renew_leases(conn: AsyncConnection, row_ids: Sequence[int], lease_seconds: float) -> int:
+    """Extend the lease of rows this node is still running (the heartbeat)."""
+    if not row_ids:
+        return 0
+    result = await conn.execute(
+        update(t.outbox)
+        .where(t.outbox.c.id.in_(row_ids), t.outbox.c.claimed_until.is_not(None))
+        .values(claimed_until=text("now() + make_interval(secs => :lease)")),
+        {"lease": lease_seconds},
+    )
+    return result.rowcount
+
+
+_COMPLETE_BATCH = text(
+    """
+    WITH done AS (
+        DELETE FROM outbox o
+        USING unnest(CAST(:ids AS bigint[]), CAST(:tokens AS text[])) AS d(id, token)
+        WHERE o.id = d.id AND o.claimed_by = d.token
+        RETURNING o.id, o.execution_id, o.dead_letter_id, o.is_dead_letter_handler
+    ), finished AS (
+        UPDATE executions e
+        SET status = 'succeeded', attempts = f.attempts, logs = f.logs, result = f.result,
+            error_kind = NULL, error_message = NULL, finished_at = now()
+        FROM unnest(CAST(:execution_ids AS uuid[]), CAST(:attempts AS int[]),
+                    CAST(:logs AS jsonb[]), CAST(:results AS jsonb[]))
+             AS f(id, attempts, logs, result)
+        WHERE e.id = f.id AND e.id IN (SELECT execution_id FROM done)
+    ), handled AS (
+        UPDATE dead_letters SET resolution = 'handled', resolved_at = now()
+        WHERE id IN (SELECT dead_letter_id FROM done WHERE is_dead_letter_handler)
+    )
+    SELECT id FROM done
+    """
+)
+
+
+async def complete_batch(
+    conn: AsyncConnection, items: Sequence[tuple[ClaimedRow, ExecResult]]
+) -> set[int]:
+    """Finish successful executions that wrote nothing, all in one statement.
+
+    Returns the ids of the rows this node still owned (the others were lost to a
+    recovered lease and are left alone).
+    """
+    result = await conn.execute(
+        _COMPLETE_BATCH,
+        {
+            "ids": [c.row.id for c, _ in items],
+            "tokens": [c.token for c, _ in items],
+            "execution_ids": [c.row.execution_id for c, _ in items],
+            "attempts": [c.row.attempt_count for c, _ in items],
+            "logs": [wire.dumps(list(r.logs)) for _, r in items],
+            "results": [
+                None if r.response is None else wire.dumps(r.response.to_wire()) for _, r in items
+            ],
+        },
+    )
+    return {row.id for row in result}
+
+
+async def remove(conn: AsyncConnection, row_id: int) -> None:
+    await conn.execute(delete(t.outbox).where(t.outbox.c.id == row_id))
+
+
+async def finish_execution(
+    conn: AsyncConnection,
+    execution_id: ExecutionId,
+    status: ExecutionStatus,
+    *,
+    attempts: int,
+    result: ExecResult | None = None,
+    error: ExecError | None = None,
+) -> None:
+    """Record an execution's (possibly intermediate) outcome."""
+    err = error or (result.error if result is not None else None)
+    values: dict[str, Any] = {
+        "status": status.value,
+        "attempts": attempts,
+        "error_kind": None if err is None else err.kind.value,
+        "error_message": None if err is None else err.message,
+    }
+    if result is not None:
+        values["logs"] = list(result.logs)
+        values["result"] = None if result.response is None else result.response.to_wire()
+    if status.is_final:
+        values["finished_at"] = text("now()")
+    await conn.execute(
+        update(t.executions).where(t.executions.c.id == execution_id).values(**values)
+    )
+
+
+async def reschedule(
+    conn: AsyncConnection, row_id: int, *, delay_ms: float, uncount_attempt: bool = False
+) -> None:
+    """Give a row back, due after ``delay_ms``; ``uncount_attempt`` undoes the claim's count."""
+    values: dict[str, Any] = {
+        "claimed_by": None,
+        "claimed_until": None,
+        "run_at": datetime.now(UTC) + timedelta(milliseconds=delay_ms),
+    }
+    if uncount_attempt:
+        values["attempt_count"] = t.outbox.c.attempt_count - 1
+    await conn.execute(update(t.outbox).where(t.outbox.c.id == row_id).values(**values))
+
+
+async def write_dead_letter(
+    conn: AsyncConnection, row: OutboxRow, error: ExecError, attempts: int
+) -> DeadLetterId:
+    """Insert the dead letter of an exhausted (or non-retryable) row."""
+    result = await conn.execute(
+        insert(t.dead_letters)
+        .values(
+            app_id=row.app_id,
+            execution_id=row.execution_id,
+            source_kind=row.source_kind.value,
+            trigger_id=row.trigger_id,
+            route_id=row.route_id,
+            script_id=row.script_id,
+            payload=row.payload,
+            attempts=attempts,
+            trigger_depth=row.trigger_depth,
+            error_kind=error.kind.value,
+            error_message=error.message,
+        )
+        .returning(t.dead_letters.c.id)
+    )
+    return DeadLetterId(result.scalar_one())
+
+
+async def resolve_dead_letter(
+    conn: AsyncConnection, dead_letter_id: DeadLetterId, resolution: str
+) -> None:
+    await conn.execute(
+        update(t.dead_letters)
+        .where(t.dead_letters.c.id == dead_letter_id)
+        .values(resolution=resolution, resolved_at=text("now()"))
+    )
+
+
+async def record_abandoned(
+    conn: AsyncConnection,
+    app_id: AppId,
+    execution_id: ExecutionId,
+    inbox_id: InboxId,
+    reason: str,
+    result: JsonObject | None,
+) -> None:
+    """Note that a sync answer found no receiver (once per execution)."""
+    await conn.execute(
+        pg_insert(t.abandoned_executions)
+        .values(
+            app_id=app_id,
+            execution_id=execution_id,
+            inbox_id=inbox_id,
+            reason=reason,
+            result=result,
+        )
+        .on_conflict_do_nothing(index_elements=["execution_id"])
+    )
+
+
+async def give_back(
+    conn: AsyncConnection, row_id: int, token: str, *, delay_ms: float = 0.0
+) -> None:
+    """Return a claimed row without counting the attempt (saturation, shutdown)."""
+    result = await conn.execute(
+        update(t.outbox)
+        .where(t.outbox.c.id == row_id, t.outbox.c.claimed_by == token)
+        .values(
+            claimed_by=None,
+            claimed_until=None,
+            attempt_count=t.outbox.c.attempt_count - 1,
+            run_at=datetime.now(UTC) + timedelta(milliseconds=delay_ms),
+        )
+        .returning(t.outbox.c.execution_id, t.outbox.c.attempt_count)
+    )
+    row = result.first()
+    if row is not None:
+        status = ExecutionStatus.RETRYING if row.attempt_count > 0 else ExecutionStatus.QUEUED
+        await conn.execute(
+            update(t.executions)
+            .where(t.executions.c.id == row.execution_id)
+            .values(status=status.value, attempts=row.attempt_count)
+        )

@@ -1,0 +1,632 @@
+"""The ``Dispatcher``: the one path by which every execution runs (seed, commit 5).
+
+One task per node. It wakes when a row is committed on this node (in-process
+signal) and polls every ``poll_interval`` as a fallback for rows written
+elsewhere. It holds a gate permit *before* it claims, and claims at most as many
+rows as it holds permits, so the batch is sized to the free capacity of the
+``ExecutionGate`` it shares with sync HTTP. A saturated gate therefore leaves rows
+due in the outbox — never dropped, never double-run, no attempt counted.
+
+Routing is generic: ``kv | docs | dead_letter`` rows decode their trigger event;
+``http`` rows decode the ``HttpDispatchPayload``. Both become one ``ExecRequest``
+run as the registrant (``AdminPrincipalResolver``).
+
+Outcomes (DESIGN.md, "The execution pipeline"):
+
+* success — effects, fan-out, execution record and the row's removal commit in
+  one transaction (see ``EXECUTION_ISOLATION``); a serialization failure re-runs
+  the script transparently (not an attempt). A script that touched no data has
+  nothing but bookkeeping to commit: that goes through the group-commit
+  ``BatchCompleter``;
+* ``reply_to`` set — never retried; the answer goes to the ``InboxResolver`` after
+  commit; an absent receiver is recorded in ``abandoned_executions``;
+* dead-letter handler — never retried, never dead-lettered; marks its dead letter
+  ``handled`` or ``handler_failed``;
+* otherwise — rescheduled by the row's retry policy with jitter, or at
+  ``max_attempts`` (or at once for ``rejected`` / ``principal_revoked``)
+  dead-lettered and fanned out to dead-letter triggers;
+* ``trigger_depth > max_trigger_depth`` — not run, recorded ``skipped``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Protocol
+
+import anyio
+import anyio.abc
+import attrs
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from manager_core import dispatch_store as store
+from manager_core.completer import BatchCompleter
+from manager_core.db import is_retryable_conflict, shielded_commit, shielded_rollback, transaction
+from manager_core.guarded_host import GuardedHost
+from manager_core.principals import AdminPrincipalResolver
+from picloud_shared.errors import PrincipalRevoked
+from picloud_shared.events import DeadLetterEvent, HttpEvent, event_from_wire, script_event
+from picloud_shared.execution import ExecError, ExecRequest, ExecResult
+from picloud_shared.gate import ExecutionGate, Permit
+from picloud_shared.ids import AppId
+from picloud_shared.inbox import DeliveryStatus, InboxResult
+from picloud_shared.outbox import HttpDispatchPayload, OutboxSourceKind
+from picloud_shared.ports import EventEmitter, Executor, HostApi, InboxResolver
+from picloud_shared.principals import Principal
+from picloud_shared.status import NON_RETRYABLE, ExecErrorKind, ExecutionStatus
+from picloud_shared.wire import JsonObject, WireError
+
+log = logging.getLogger("picloud.dispatcher")
+
+# Each execution's effects run in one REPEATABLE READ transaction whose host reads
+# lock what they read (``ctx.kv.get``/``ctx.docs.get`` are ``SELECT … FOR UPDATE``):
+# a read-modify-write of a key is serialized with every other execution touching
+# that key, and a write that lost a race (a row changed or inserted after the
+# snapshot) fails with a serialization error, which re-runs the script
+# transparently. SERIALIZABLE would also do, but its page-level predicate locks
+# made executions writing *different* keys abort each other (1.5 re-runs per
+# execution in bench), so only real contention costs a re-run here.
+EXECUTION_ISOLATION = "REPEATABLE READ"
+
+HostFactory = Callable[[AsyncConnection, AppId, Principal, int], HostApi]
+"""Builds the ``HostApi`` of one execution: (transaction, app, principal, trigger depth)."""
+
+
+class WorkSignal(Protocol):
+    """The in-process wake-up: producers on this node ``notify`` after commit."""
+
+    def notify(self) -> None: ...
+
+    async def wait(self, timeout: float) -> None: ...
+
+
+@attrs.frozen
+class DispatcherSettings:
+    node_id: str
+    poll_interval: float = 0.1
+    batch_size: int = 64
+    max_trigger_depth: int = 8
+    lease_seconds: float = 60.0
+    shutdown_grace: float = 10.0
+    max_conflict_reruns: int = 100
+    recover_interval: float = 1.0
+
+
+@attrs.define
+class DispatcherMetrics:
+    """Counters the binary exposes on ``/metrics``."""
+
+    executions: Counter[tuple[str, str]] = attrs.Factory(Counter)  # (source_kind, outcome)
+    duration_seconds: Counter[str] = attrs.Factory(Counter)  # source_kind → total seconds
+    retries: int = 0
+    dead_letters: int = 0
+    skipped_for_depth: int = 0
+    abandoned: int = 0
+    conflict_reruns: int = 0
+    claimed: int = 0
+    claim_batches: int = 0
+
+
+class _Rerun(Exception):
+    """The transaction hit a serialization conflict; run the script again."""
+
+
+class Dispatcher:
+    """Claims due outbox rows and runs them; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        executor: Executor,
+        gate: ExecutionGate,
+        inbox: InboxResolver,
+        emitter: EventEmitter,
+        host_factory: HostFactory,
+        signal: WorkSignal,
+        settings: DispatcherSettings,
+        principals: AdminPrincipalResolver | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._engine = engine
+        self._executor = executor
+        self._gate = gate
+        self._inbox = inbox
+        self._emitter = emitter
+        self._host_factory = host_factory
+        self._signal = signal
+        self.settings = settings
+        self._principals = principals or AdminPrincipalResolver()
+        self._rand = rand
+        self.metrics = DispatcherMetrics()
+        self._stopping = anyio.Event()
+        self._running = False
+        self._in_flight = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._completer = BatchCompleter(engine)
+        self._leased: dict[int, str] = {}  # rows this node is running → claim token
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def ready(self) -> bool:
+        """True while the claim loop runs."""
+        return self._running and not self._stopping.is_set()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until :meth:`stop`; then let in-flight executions finish within the
+        grace period and give the rest back."""
+        async with anyio.create_task_group() as service:
+            service.start_soon(self._completer.run)
+            async with anyio.create_task_group() as executions:
+                self._running = True
+                task_status.started()
+                try:
+                    await self._claim_loop(executions)
+                finally:
+                    self._running = False
+                    with (
+                        anyio.CancelScope(shield=True),
+                        anyio.move_on_after(self.settings.shutdown_grace),
+                    ):
+                        await self._idle.wait()
+                    executions.cancel_scope.cancel()
+            service.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Stop claiming; :meth:`run` returns after draining."""
+        self._stopping.set()
+        self._signal.notify()
+
+    # ------------------------------------------------------------------ claiming
+
+    async def _claim_loop(self, executions: anyio.abc.TaskGroup) -> None:
+        next_recover = 0.0
+        next_heartbeat = time.monotonic() + self.settings.lease_seconds / 3
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if now >= next_recover:
+                next_recover = now + self.settings.recover_interval
+                await self._recover()
+            if now >= next_heartbeat:
+                next_heartbeat = now + self.settings.lease_seconds / 3
+                await self._heartbeat()
+            first = await self._gate.acquire(timeout=self.settings.poll_interval)
+            if first is None or self._stopping.is_set():
+                if first is not None:
+                    first.release()
+                continue
+            permits = [first]
+            while len(permits) < self.settings.batch_size:
+                more = self._gate.try_acquire()
+                if more is None:
+                    break
+                permits.append(more)
+            try:
+                claims = await self._claim(len(permits))
+            except Exception:
+                for p in permits:
+                    p.release()
+                log.exception("claiming outbox rows failed; retrying after the poll interval")
+                await anyio.sleep(self.settings.poll_interval)
+                continue
+            for claim, permit in zip(claims, permits, strict=False):
+                self._started()
+                executions.start_soon(self._execute, claim, permit)
+            for permit in permits[len(claims) :]:
+                permit.release()
+            if len(claims) < len(permits):
+                # Drained: sleep until a local commit, stop(), or the poll interval.
+                await self._signal.wait(self.settings.poll_interval)
+
+    async def _claim(self, limit: int) -> list[store.ClaimedRow]:
+        async with transaction(self._engine) as conn:
+            claims = await store.claim(
+                conn,
+                node_id=self.settings.node_id,
+                limit=limit,
+                lease_seconds=self.settings.lease_seconds,
+            )
+        if claims:
+            self.metrics.claimed += len(claims)
+            self.metrics.claim_batches += 1
+        return claims
+
+    async def _recover(self) -> None:
+        try:
+            async with transaction(self._engine) as conn:
+                n = await store.recover_expired(conn)
+            if n:
+                log.warning("%d outbox row(s) had an expired lease and are due again", n)
+        except Exception:
+            log.exception("recovering expired leases failed")
+
+    async def _heartbeat(self) -> None:
+        """Keep the leases of rows still running here from expiring."""
+        if not self._leased:
+            return
+        try:
+            async with transaction(self._engine) as conn:
+                await store.renew_leases(conn, list(self._leased), self.settings.lease_seconds)
+        except Exception:
+            log.exception("renewing leases failed")
+
+    def _started(self) -> None:
+        self._in_flight += 1
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+
+    def _finished(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    # ------------------------------------------------------------------ one row
+
+    async def _execute(self, claim: store.ClaimedRow, permit: Permit) -> None:
+        started = time.monotonic()
+        kind = claim.row.source_kind.value
+        self._leased[claim.row.id] = claim.token
+        try:
+            with permit:
+                try:
+                    outcome = await self._run_claim(claim)
+                except _Lost:
+                    outcome = "lost"
+            self.metrics.executions[(kind, outcome)] += 1
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._give_back(claim)
+            raise
+        except Exception:
+            log.exception("dispatching outbox row %s failed; it will come back", claim.row.id)
+            self.metrics.executions[(kind, "error")] += 1
+        finally:
+            self._leased.pop(claim.row.id, None)
+            self.metrics.duration_seconds[kind] += time.monotonic() - started
+            self._finished()
+
+    async def _give_back(self, claim: store.ClaimedRow) -> None:
+        try:
+            async with transaction(self._engine) as conn:
+                await store.give_back(conn, claim.row.id, claim.token)
+        except Exception:
+            log.exception("could not give back row %s; its lease will expire", claim.row.id)
+
+    async def _run_claim(self, claim: store.ClaimedRow) -> str:
+        """Run one claimed row to its outcome; returns the outcome's metric label."""
+        row = claim.row
+        if row.trigger_depth > self.settings.max_trigger_depth:
+            return await self._skip(claim)
+        if row.is_sync_http and row.attempt_count > 1:
+            # The node that first ran this request died; its caller is gone with it.
+            return await self._book_failure(
+                claim,
+                ExecResult.failed(
+                    row.execution_id,
+                    ExecError(ExecErrorKind.WORKER_CRASH, "the node serving this request stopped"),
+                ),
+            )
+        if row.attempt_count > row.retry.max_attempts:
+            return await self._book_failure(
+                claim,
+                ExecResult.failed(
+                    row.execution_id,
+                    ExecError(
+                        ExecErrorKind.WORKER_CRASH,
+                        "the execution never finished (its node stopped)",
+                    ),
+                ),
+            )
+        try:
+            request, principal = self._build_request(claim)
+        except _Unrunnable as exc:
+            return await self._book_failure(claim, ExecResult.failed(row.execution_id, exc.error))
+        result = await self._run_in_transaction(claim, request, principal)
+        if result is None:
+            return "succeeded"
+        return await self._book_failure(claim, result)
+
+    def _build_request(self, claim: store.ClaimedRow) -> tuple[ExecRequest, Principal]:
+        row = claim.row
+        if not claim.owner_exists:
+            what = "route" if row.source_kind is OutboxSourceKind.HTTP else "trigger"
+            raise _Unrunnable(ExecError(ExecErrorKind.INTERNAL, f"the {what} no longer exists"))
+        if claim.script is None:
+            raise _Unrunnable(ExecError(ExecErrorKind.INTERNAL, "the script no longer exists"))
+        try:
+            principal = self._principals.resolve(
+                app_id=row.app_id,
+                source_kind=row.source_kind,
+                user_id=claim.principal_id,
+                user_exists=claim.user_exists,
+                is_instance_admin=claim.is_instance_admin,
+                capabilities=claim.capabilities,
+            )
+        except PrincipalRevoked as exc:
+            raise _Unrunnable(ExecError(ExecErrorKind.PRINCIPAL_REVOKED, exc.message)) from None
+        try:
+            if row.source_kind is OutboxSourceKind.HTTP:
+                payload = HttpDispatchPayload.from_wire(row.payload)
+                event: JsonObject = script_event(HttpEvent.from_wire(payload.event))
+            else:
+                event = script_event(event_from_wire(row.payload))
+        except WireError as exc:
+            raise _Unrunnable(
+                ExecError(ExecErrorKind.INTERNAL, f"undecodable outbox payload: {exc}")
+            ) from None
+        script = claim.script
+        request = ExecRequest(
+            execution_id=row.execution_id,
+            app_id=row.app_id,
+            app_name=claim.app_name,
+            script_id=script.id,
+            script_version=script.version,
+            source=script.source,
+            event=event,
+            principal=principal,
+            timeout_seconds=script.timeout_seconds,
+            memory_limit_mb=script.memory_limit_mb,
+            attempt=row.attempt_count,
+            trigger_depth=row.trigger_depth,
+        )
+        return request, principal
+
+    async def _run_in_transaction(
+        self, claim: store.ClaimedRow, request: ExecRequest, principal: Principal
+    ) -> ExecResult | None:
+        """Run the script and commit its effects with the row's completion.
+
+        Returns ``None`` on a committed success, or the failed result (nothing of
+        the script's effects committed) for :meth:`_book_failure`.
+        """
+        row = claim.row
+        for _ in range(self.settings.max_conflict_reruns):
+            try:
+                return await self._attempt(claim, request, principal)
+            except _Rerun:
+                self.metrics.conflict_reruns += 1
+                await anyio.sleep(self._rand() * 0.005)
+        return ExecResult.failed(
+            row.execution_id,
+            ExecError(
+                ExecErrorKind.INTERNAL, "gave up after too many conflicting concurrent executions"
+            ),
+        )
+
+    async def _attempt(
+        self, claim: store.ClaimedRow, request: ExecRequest, principal: Principal
+    ) -> ExecResult | None:
+        """One run of the script. ``None`` when its success is committed; the failed
+        result (nothing of it committed) otherwise. Raises ``_Rerun`` on a
+        serialization conflict and ``_Lost`` when another claim owns the row."""
+        row = claim.row
+        txn = _ExecutionTransaction(self, claim, principal)
+        try:
+            result = await self._executor.execute(request, txn.host)
+            error = txn.host.db_error
+            if error is not None:
+                await txn.rollback()
+                if isinstance(error, _Lost):
+                    raise _Lost from None
+                if is_retryable_conflict(error):
+                    raise _Rerun from None
+                log.error("host call failed in execution %s: %r", row.execution_id, error)
+                return ExecResult.failed(
+                    row.execution_id,
+                    ExecError(ExecErrorKind.INTERNAL, "a platform error interrupted the script"),
+                    result.logs,
+                    result.duration_ms,
+                )
+            if not result.ok:
+                await txn.rollback()
+                return result
+            if txn.conn is None:
+                # The script touched no data: group-commit its bookkeeping.
+                if not await self._completer.complete(claim, result):
+                    raise _Lost
+            else:
+                await txn.commit_success(result)
+        finally:
+            await txn.close()
+        if row.reply_to is not None:
+            await self._deliver(claim, InboxResult.from_exec_result(result))
+        return None
+
+    async def _book_failure(self, claim: store.ClaimedRow, result: ExecResult) -> str:
+        """Record a failed execution: reply, mark, reschedule, or dead-letter."""
+        row = claim.row
+        error = result.error
+        assert error is not None
+        attempts = row.attempt_count
+        outcome = "failed"
+        for _ in range(self.settings.max_conflict_reruns):
+            try:
+                async with transaction(self._engine) as conn:
+                    if not await store.take(conn, row.id, claim.token):
+                        raise _Lost
+                    if row.is_sync_http:
+                        await store.remove(conn, row.id)
+                        await store.finish_execution(
+                            conn,
+                            row.execution_id,
+                            ExecutionStatus.FAILED,
+                            attempts=attempts,
+                            result=result,
+                        )
+                    elif row.is_dead_letter_handler:
+                        await store.remove(conn, row.id)
+                        await store.finish_execution(
+                            conn,
+                            row.execution_id,
+                            ExecutionStatus.FAILED,
+                            attempts=attempts,
+                            result=result,
+                        )
+                        if row.dead_letter_id is not None:
+                            await store.resolve_dead_letter(
+                                conn, row.dead_letter_id, "handler_failed"
+                            )
+                    elif error.kind in NON_RETRYABLE or attempts >= row.retry.max_attempts:
+                        await self._dead_letter(conn, claim, result)
+                        outcome = "dead_lettered"
+                    else:
+                        delay = row.retry.delay_ms(attempts, self._rand())
+                        await store.reschedule(conn, row.id, delay_ms=delay)
+                        await store.finish_execution(
+                            conn,
+                            row.execution_id,
+                            ExecutionStatus.RETRYING,
+                            attempts=attempts,
+                            result=result,
+                        )
+                        outcome = "retrying"
+                break
+            except DBAPIError as exc:
+                if not is_retryable_conflict(exc):
+                    raise
+                self.metrics.conflict_reruns += 1
+        if outcome == "retrying":
+            self.metrics.retries += 1
+        elif outcome == "dead_lettered":
+            self.metrics.dead_letters += 1
+            self._signal.notify()
+        if row.reply_to is not None:
+            await self._deliver(claim, InboxResult.from_exec_result(result))
+        return outcome
+
+    async def _dead_letter(
+        self, conn: AsyncConnection, claim: store.ClaimedRow, result: ExecResult
+    ) -> None:
+        row = claim.row
+        error = result.error
+        assert error is not None
+        dl_id = await store.write_dead_letter(conn, row, error, row.attempt_count)
+        await store.remove(conn, row.id)
+        await store.finish_execution(
+            conn,
+            row.execution_id,
+            ExecutionStatus.DEAD_LETTERED,
+            attempts=row.attempt_count,
+            result=result,
+        )
+        event = DeadLetterEvent(
+            dead_letter_id=dl_id,
+            source_kind=row.source_kind,
+            event=row.payload,
+            error={"kind": error.kind.value, "message": error.message},
+            attempts=row.attempt_count,
+        )
+        await self._emitter.emit(conn, row.app_id, event, row.trigger_depth + 1)
+        log.info("execution %s dead-lettered as %s: %s", row.execution_id, dl_id, error.message)
+
+    async def _skip(self, claim: store.ClaimedRow) -> str:
+        row = claim.row
+        log.warning(
+            "execution %s skipped: trigger depth %d exceeds the limit %d",
+            row.execution_id,
+            row.trigger_depth,
+            self.settings.max_trigger_depth,
+        )
+        async with transaction(self._engine) as conn:
+            if not await store.take(conn, row.id, claim.token):
+                raise _Lost
+            await store.remove(conn, row.id)
+            await store.finish_execution(
+                conn,
+                row.execution_id,
+                ExecutionStatus.SKIPPED,
+                attempts=0,
+                error=ExecError(
+                    ExecErrorKind.INTERNAL,
+                    f"trigger depth {row.trigger_depth} exceeds max_trigger_depth "
+                    f"{self.settings.max_trigger_depth}",
+                ),
+            )
+        self.metrics.skipped_for_depth += 1
+        return "skipped"
+
+    async def _deliver(self, claim: store.ClaimedRow, answer: InboxResult) -> None:
+        row = claim.row
+        assert row.reply_to is not None
+        status = await self._inbox.deliver(row.reply_to, answer, row.reply_node)
+        if status is DeliveryStatus.DELIVERED:
+            return
+        self.metrics.abandoned += 1
+        async with transaction(self._engine) as conn:
+            await store.record_abandoned(
+                conn, row.app_id, row.execution_id, row.reply_to, "receiver gone", answer.to_wire()
+            )
+
+
+class _ExecutionTransaction:
+    """One execution's transaction, opened at the script's first host call: it locks
+    the claimed row, and serves the host calls."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, claim: store.ClaimedRow, principal: Principal
+    ) -> None:
+        self._d = dispatcher
+        self._claim = claim
+        self._principal = principal
+        self.conn: AsyncConnection | None = None
+        self.host = GuardedHost(self._open)
+
+    async def _open(self) -> HostApi:
+        row = self._claim.row
+        conn = await self._d._engine.connect()
+        self.conn = conn
+        await conn.execution_options(isolation_level=EXECUTION_ISOLATION)
+        await conn.begin()
+        if not await store.take(conn, row.id, self._claim.token):
+            raise _Lost
+        return self._d._host_factory(conn, row.app_id, self._principal, row.trigger_depth)
+
+    async def commit_success(self, result: ExecResult) -> None:
+        row = self._claim.row
+        conn = self.conn
+        assert conn is not None
+        try:
+            await store.remove(conn, row.id)
+            await store.finish_execution(
+                conn,
+                row.execution_id,
+                ExecutionStatus.SUCCEEDED,
+                attempts=row.attempt_count,
+                result=result,
+            )
+            if row.is_dead_letter_handler and row.dead_letter_id is not None:
+                await store.resolve_dead_letter(conn, row.dead_letter_id, "handled")
+            await shielded_commit(conn)
+        except DBAPIError as exc:
+            await shielded_rollback(conn)
+            if is_retryable_conflict(exc):
+                raise _Rerun from None
+            raise
+        self._d._signal.notify()  # the script's writes may have fanned out new rows
+
+    async def rollback(self) -> None:
+        if self.conn is not None and self.conn.in_transaction():
+            await shielded_rollback(self.conn)
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            with anyio.CancelScope(shield=True):
+                await self.conn.close()
+            self.conn = None
+
+
+class _Unrunnable(Exception):
+    def __init__(self, error: ExecError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _Lost(Exception):
+    """Another claim owns the row now; leave it alone."""

@@ -1,0 +1,328 @@
+"""The dispatcher end to end: real PostgreSQL, real sandboxed executor."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from manager_core import tables as t
+from picloud_shared.events import HttpEvent
+from picloud_shared.ids import new_execution_id
+from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
+from picloud_shared.retry import Backoff, RetryPolicy
+from picloud_shared.triggers import (
+    CreateDeadLetterTrigger,
+    CreateDocsTrigger,
+    CreateKvTrigger,
+    DocsOp,
+    KvOp,
+)
+from tests.manager.dispatch_world import FAST_RETRY, World, make_world
+
+pytestmark = pytest.mark.anyio
+
+COPY_TO_MIRROR = """
+def handle(event, ctx):
+    ctx.kv.set("mirror:" + event["key"], {"value": event["value"], "prev": event["prev_value"],
+                                         "depth": ctx.trigger_depth, "attempt": ctx.attempt})
+"""
+FAIL = """
+def handle(event, ctx):
+    raise RuntimeError("always broken")
+"""
+REJECT = """
+def handle(event, ctx):
+    ctx.reject("not acceptable")
+"""
+
+
+@pytest.fixture
+async def world(engine: AsyncEngine) -> AsyncIterator[World]:
+    async with make_world(engine) as w:
+        yield w
+
+
+async def kv_trigger(
+    world: World,
+    source: str,
+    glob: str,
+    *,
+    retry: RetryPolicy = FAST_RETRY,
+    ops: tuple[KvOp, ...] = (),
+) -> None:
+    script = await world.script(source)
+    await world.triggers.create_kv_trigger(
+        CreateKvTrigger(world.app_id, script, world.owner, glob, ops, retry)
+    )
+
+
+async def test_kv_trigger_runs_its_script_and_commits_the_effect(world: World) -> None:
+    """An admin KV write fires the trigger; the script's own write lands; the record succeeds."""
+    await kv_trigger(world, COPY_TO_MIRROR, "user:*")
+    await world.kv.set(world.app_id, "user:1", {"n": 1})
+    await world.kv.set(world.app_id, "user:1", {"n": 2})
+    async with world.running():
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded")
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded", at_least=2)
+    mirror = await world.kv_value("mirror:user:1")
+    assert mirror["depth"] == 0
+    assert mirror["attempt"] == 1
+    assert {mirror["value"]["n"], (mirror["prev"] or {}).get("n")} <= {1, 2, None}
+    assert await world.count(t.outbox) == 0
+
+
+async def test_docs_trigger_sees_data_and_prev_data(world: World) -> None:
+    """A docs update carries data and prev_data to the script."""
+    script = await world.script(
+        "def handle(event, ctx):\n"
+        "    ctx.kv.set('seen', [event['op'], event['data'], event['prev_data']])\n"
+    )
+    await world.triggers.create_docs_trigger(
+        CreateDocsTrigger(world.app_id, script, world.owner, "orders", (DocsOp.UPDATE,), FAST_RETRY)
+    )
+    doc_id = (await world.docs.insert(world.app_id, "orders", {"total": 1})).id
+    await world.docs.update(world.app_id, "orders", doc_id, {"total": 2})
+    async with world.running():
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded")
+    assert await world.kv_value("seen") == ["update", {"total": 2}, {"total": 1}]
+
+
+async def test_failing_trigger_is_retried_by_policy_then_dead_lettered(world: World) -> None:
+    """max_attempts=3: three attempts, then one dead letter carrying the last error."""
+    await kv_trigger(world, FAIL, "job:*")
+    await world.kv.set(world.app_id, "job:1", 1)
+    async with world.running():
+        await world.wait_count(t.dead_letters)
+    (dl,) = await world.rows(t.dead_letters)
+    assert dl.attempts == 3
+    assert dl.error_kind == "uncaught_exception"
+    assert "always broken" in dl.error_message
+    assert dl.source_kind == "kv"
+    (execution,) = await world.rows(t.executions)
+    assert execution.status == "dead_lettered"
+    assert execution.attempts == 3
+    assert await world.count(t.outbox) == 0
+
+
+async def test_reject_dead_letters_at_once(world: World) -> None:
+    """ctx.reject on a trigger: no retry, dead-lettered after one attempt."""
+    await kv_trigger(world, REJECT, "job:*", retry=RetryPolicy(Backoff.CONSTANT, 10, 10, 5, 0.0))
+    await world.kv.set(world.app_id, "job:1", 1)
+    async with world.running():
+        await world.wait_count(t.dead_letters)
+    (dl,) = await world.rows(t.dead_letters)
+    assert (dl.attempts, dl.error_kind) == (1, "rejected")
+
+
+async def test_dead_letter_trigger_fires_and_marks_handled(world: World) -> None:
+    """A dead letter fans out to the dead-letter trigger, whose success marks it handled."""
+    await kv_trigger(world, REJECT, "job:*")
+    handler = await world.script(
+        "def handle(event, ctx):\n"
+        "    e = event\n"
+        "    ctx.kv.set('handled', [e['source_kind'], e['error']['kind'], e['attempts']])\n"
+    )
+    await world.triggers.create_dead_letter_trigger(
+        CreateDeadLetterTrigger(world.app_id, handler, world.owner, (OutboxSourceKind.KV,))
+    )
+    await world.kv.set(world.app_id, "job:1", 1)
+    async with world.running():
+        await world.wait_count(t.dead_letters, t.dead_letters.c.resolution == "handled")
+    assert await world.kv_value("handled") == ["kv", "rejected", 1]
+
+
+async def test_failing_dead_letter_handler_marks_handler_failed_and_does_not_recurse(
+    world: World,
+) -> None:
+    """A broken handler is not retried, not dead-lettered, and fires nothing."""
+    await kv_trigger(world, REJECT, "job:*")
+    handler = await world.script(FAIL)
+    await world.triggers.create_dead_letter_trigger(
+        CreateDeadLetterTrigger(world.app_id, handler, world.owner, ())
+    )
+    await world.kv.set(world.app_id, "job:1", 1)
+    async with world.running():
+        await world.wait_count(t.dead_letters, t.dead_letters.c.resolution == "handler_failed")
+        await anyio.sleep(0.3)  # give a (wrong) recursion the chance to show up
+    assert await world.count(t.dead_letters) == 1
+    statuses = await world.executions_by_status()
+    assert statuses == {"dead_lettered": 1, "failed": 1}
+    assert await world.count(t.outbox) == 0
+
+
+async def test_self_triggering_script_stops_at_the_depth_limit(world: World) -> None:
+    """Each run writes the key that triggers it; depth 0..8 run, depth 9 is skipped."""
+    await kv_trigger(
+        world,
+        "def handle(event, ctx):\n    ctx.kv.set('loop', (event['value'] or 0) + 1)\n",
+        "loop",
+    )
+    await world.kv.set(world.app_id, "loop", 0)
+    async with world.running():
+        await world.wait_count(t.executions, t.executions.c.status == "skipped")
+    statuses = await world.executions_by_status()
+    assert statuses == {"succeeded": 9, "skipped": 1}
+    (skipped,) = await world.rows(t.executions, t.executions.c.status == "skipped")
+    assert skipped.trigger_depth == 9
+    assert await world.kv_value("loop") == 9
+    assert await world.count(t.dead_letters) == 0
+
+
+async def test_revoked_principal_dead_letters_with_principal_revoked(world: World) -> None:
+    """A registrant who lost app_manage_triggers: no run, no retry, a dead letter."""
+    await kv_trigger(world, COPY_TO_MIRROR, "k")
+    await world.apps.set_capabilities(world.app_id, world.owner, ["app_read"])
+    await world.kv.set(world.app_id, "k", 1)
+    async with world.running():
+        await world.wait_count(t.dead_letters)
+    (dl,) = await world.rows(t.dead_letters)
+    assert (dl.error_kind, dl.attempts) == ("principal_revoked", 1)
+    assert await world.kv_value("mirror:k") is None
+
+
+async def test_failed_attempt_leaves_no_partial_write(world: World) -> None:
+    """Writes made before the script raised are rolled back on every attempt."""
+    await kv_trigger(
+        world,
+        "def handle(event, ctx):\n    ctx.kv.set('partial', 1)\n    raise ValueError('late')\n",
+        "job",
+    )
+    await world.kv.set(world.app_id, "job", 1)
+    async with world.running():
+        await world.wait_count(t.dead_letters)
+    assert await world.kv_value("partial") is None
+
+
+async def test_saturated_gate_runs_nothing_then_everything_exactly_once(world: World) -> None:
+    """With every gate slot held elsewhere, rows wait; freed, each runs once, no attempt lost."""
+    await kv_trigger(
+        world, "def handle(event, ctx):\n    ctx.kv.set('ran:' + event['key'], 1)\n", "n:*"
+    )
+    held = [world.gate.try_acquire() for _ in range(world.gate.capacity)]
+    for i in range(10):
+        await world.kv.set(world.app_id, f"n:{i}", i)
+    async with world.running():
+        await anyio.sleep(0.5)
+        assert await world.executions_by_status() == {"queued": 10}
+        for permit in held:
+            assert permit is not None
+            permit.release()
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded", at_least=10)
+    rows = await world.rows(t.executions)
+    assert all(r.attempts == 1 for r in rows)
+
+
+async def test_sync_http_row_answers_the_inbox(world: World) -> None:
+    """An http row with reply_to is delivered to the waiting receiver."""
+    script_id = await world.script("def handle(event, ctx):\n    return {'path': event['path']}\n")
+    route = await _route(world, script_id)
+    inbox_id, receiver = world.inbox.register()
+    event = HttpEvent("GET", "/hi")
+    row = NewOutboxRow(
+        execution_id=new_execution_id(),
+        app_id=world.app_id,
+        source_kind=OutboxSourceKind.HTTP,
+        payload=HttpDispatchPayload(route, event.to_wire()).to_wire(),
+        script_id=script_id,
+        route_id=route,
+        reply_to=inbox_id,
+        reply_node="node-a",
+    )
+    with receiver:
+        await world.outbox.enqueue(row)
+        async with world.running():
+            result = await receiver.receive(timeout=20)
+    assert result is not None
+    assert result.response is not None
+    assert result.response.body == b'{"path":"/hi"}'
+
+
+async def test_sync_http_answer_without_receiver_is_recorded_abandoned(world: World) -> None:
+    """When nobody waits any more, the answer lands in abandoned_executions."""
+    script_id = await world.script("def handle(event, ctx):\n    return 'late'\n")
+    route = await _route(world, script_id)
+    inbox_id, receiver = world.inbox.register()
+    receiver.close()
+    row = NewOutboxRow(
+        execution_id=new_execution_id(),
+        app_id=world.app_id,
+        source_kind=OutboxSourceKind.HTTP,
+        payload=HttpDispatchPayload(route, HttpEvent("GET", "/").to_wire()).to_wire(),
+        script_id=script_id,
+        route_id=route,
+        reply_to=inbox_id,
+        reply_node="node-a",
+    )
+    await world.outbox.enqueue(row)
+    async with world.running():
+        await world.wait_count(t.abandoned_executions)
+    (abandoned,) = await world.rows(t.abandoned_executions)
+    assert abandoned.execution_id == row.execution_id
+
+
+async def test_async_http_row_records_its_result(world: World) -> None:
+    """An async http execution keeps the script's response as its result."""
+    script_id = await world.script("def handle(event, ctx):\n    return {'ok': event['json']}\n")
+    route = await _route(world, script_id)
+    row = NewOutboxRow(
+        execution_id=new_execution_id(),
+        app_id=world.app_id,
+        source_kind=OutboxSourceKind.HTTP,
+        payload=HttpDispatchPayload(route, HttpEvent("POST", "/", json=[1]).to_wire()).to_wire(),
+        script_id=script_id,
+        route_id=route,
+    )
+    await world.outbox.enqueue(row)
+    async with world.running():
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded")
+    (execution,) = await world.rows(t.executions)
+    assert execution.result["status"] == 200
+    assert execution.result["body"] == '{"ok":[1]}'
+    assert execution.finished_at is not None
+
+
+async def _route(world: World, script_id: uuid.UUID) -> uuid.UUID:
+    async with world.engine.begin() as conn:
+        return (
+            await conn.execute(
+                sa.insert(t.routes)
+                .values(
+                    app_id=world.app_id,
+                    method="GET",
+                    path=f"/r{uuid.uuid4().hex[:6]}",
+                    script_id=script_id,
+                    registered_by=world.owner,
+                )
+                .returning(t.routes.c.id)
+            )
+        ).scalar_one()
+
+
+async def test_a_row_that_keeps_crashing_its_worker_ends_dead_lettered(world: World) -> None:
+    """A worker crash counts as an attempt; at max_attempts the row is dead-lettered."""
+    await kv_trigger(world, "import os\ndef handle(event, ctx):\n    os._exit(3)\n", "boom")
+    await world.kv.set(world.app_id, "boom", 1)
+    async with world.running():
+        await world.wait_count(t.dead_letters)
+    (dl,) = await world.rows(t.dead_letters)
+    assert (dl.attempts, dl.error_kind) == (3, "worker_crash")
+
+
+async def test_a_row_whose_node_died_on_its_last_attempt_is_dead_lettered_not_run(
+    world: World,
+) -> None:
+    """Attempts counted at claim time survive a node's death: past max_attempts, no run."""
+    await kv_trigger(world, COPY_TO_MIRROR, "k")
+    await world.kv.set(world.app_id, "k", 1)
+    async with world.engine.begin() as conn:  # three claims whose node died mid-run
+        await conn.execute(sa.update(t.outbox).values(attempt_count=3))
+    async with world.running():
+        await world.wait_count(t.dead_letters)
+    (dl,) = await world.rows(t.dead_letters)
+    assert (dl.attempts, dl.error_kind) == (4, "worker_crash")
+    assert await world.kv_value("mirror:k") is None
