@@ -25,7 +25,9 @@ from manager_core.dispatcher import Dispatcher, DispatcherSettings
 from manager_core.host_api import PostgresHostApi
 from manager_core.outbox_event_emitter import OutboxEventEmitter
 from manager_core.postgres.apps import PostgresAppRepo
+from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from manager_core.postgres.documents import PostgresDocumentRepo
+from manager_core.postgres.executions import PostgresExecutionRepo
 from manager_core.postgres.kv import PostgresKvRepo
 from manager_core.postgres.outbox import OutboxSignal, PostgresOutboxRepo
 from manager_core.postgres.scripts import PostgresScriptRepo
@@ -80,8 +82,10 @@ class World:
             executor=self.executor,
             gate=self.gate,
             inbox=self.inbox,
-            emitter=self.emitter,
             host_factory=self.host_factory,
+            executions=PostgresExecutionRepo(self.engine),
+            dead_letters=PostgresDeadLetterRepo(self.engine, self.outbox, self.emitter),
+            outbox=self.outbox,
             signal=self.signal,
             settings=settings,
         )

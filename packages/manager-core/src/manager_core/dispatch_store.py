@@ -22,18 +22,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
-from sqlalchemy import delete, insert, select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager_core import tables as t
 from manager_core.postgres.outbox import outbox_row_from_row
 from picloud_shared import wire
-from picloud_shared.execution import ExecError, ExecResult
-from picloud_shared.ids import AppId, DeadLetterId, ExecutionId, InboxId, ScriptId, UserId
+from picloud_shared.execution import ExecResult
+from picloud_shared.ids import ScriptId, UserId
 from picloud_shared.outbox import OutboxRow
 from picloud_shared.status import ExecutionStatus
-from picloud_shared.wire import JsonObject
 
 _CLAIM = text(
     """
@@ -230,33 +228,6 @@ async def remove(conn: AsyncConnection, row_id: int) -> None:
     await conn.execute(delete(t.outbox).where(t.outbox.c.id == row_id))
 
 
-async def finish_execution(
-    conn: AsyncConnection,
-    execution_id: ExecutionId,
-    status: ExecutionStatus,
-    *,
-    attempts: int,
-    result: ExecResult | None = None,
-    error: ExecError | None = None,
-) -> None:
-    """Record an execution's (possibly intermediate) outcome."""
-    err = error or (result.error if result is not None else None)
-    values: dict[str, Any] = {
-        "status": status.value,
-        "attempts": attempts,
-        "error_kind": None if err is None else err.kind.value,
-        "error_message": None if err is None else err.message,
-    }
-    if result is not None:
-        values["logs"] = list(result.logs)
-        values["result"] = None if result.response is None else result.response.to_wire()
-    if status.is_final:
-        values["finished_at"] = text("now()")
-    await conn.execute(
-        update(t.executions).where(t.executions.c.id == execution_id).values(**values)
-    )
-
-
 async def reschedule(
     conn: AsyncConnection, row_id: int, *, delay_ms: float, uncount_attempt: bool = False
 ) -> None:
@@ -269,62 +240,6 @@ async def reschedule(
     if uncount_attempt:
         values["attempt_count"] = t.outbox.c.attempt_count - 1
     await conn.execute(update(t.outbox).where(t.outbox.c.id == row_id).values(**values))
-
-
-async def write_dead_letter(
-    conn: AsyncConnection, row: OutboxRow, error: ExecError, attempts: int
-) -> DeadLetterId:
-    """Insert the dead letter of an exhausted (or non-retryable) row."""
-    result = await conn.execute(
-        insert(t.dead_letters)
-        .values(
-            app_id=row.app_id,
-            execution_id=row.execution_id,
-            source_kind=row.source_kind.value,
-            trigger_id=row.trigger_id,
-            route_id=row.route_id,
-            script_id=row.script_id,
-            payload=row.payload,
-            attempts=attempts,
-            trigger_depth=row.trigger_depth,
-            error_kind=error.kind.value,
-            error_message=error.message,
-        )
-        .returning(t.dead_letters.c.id)
-    )
-    return DeadLetterId(result.scalar_one())
-
-
-async def resolve_dead_letter(
-    conn: AsyncConnection, dead_letter_id: DeadLetterId, resolution: str
-) -> None:
-    await conn.execute(
-        update(t.dead_letters)
-        .where(t.dead_letters.c.id == dead_letter_id)
-        .values(resolution=resolution, resolved_at=text("now()"))
-    )
-
-
-async def record_abandoned(
-    conn: AsyncConnection,
-    app_id: AppId,
-    execution_id: ExecutionId,
-    inbox_id: InboxId,
-    reason: str,
-    result: JsonObject | None,
-) -> None:
-    """Note that a sync answer found no receiver (once per execution)."""
-    await conn.execute(
-        pg_insert(t.abandoned_executions)
-        .values(
-            app_id=app_id,
-            execution_id=execution_id,
-            inbox_id=inbox_id,
-            reason=reason,
-            result=result,
-        )
-        .on_conflict_do_nothing(index_elements=["execution_id"])
-    )
 
 
 async def give_back(

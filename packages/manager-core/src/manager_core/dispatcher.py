@@ -47,15 +47,18 @@ from manager_core import dispatch_store as store
 from manager_core.completer import BatchCompleter
 from manager_core.db import is_retryable_conflict, shielded_commit, shielded_rollback, transaction
 from manager_core.guarded_host import GuardedHost
+from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
+from manager_core.postgres.executions import PostgresExecutionRepo
+from manager_core.postgres.outbox import PostgresOutboxRepo
 from manager_core.principals import AdminPrincipalResolver
 from picloud_shared.errors import PrincipalRevoked
-from picloud_shared.events import DeadLetterEvent, HttpEvent, event_from_wire, script_event
+from picloud_shared.events import HttpEvent, event_from_wire, script_event
 from picloud_shared.execution import ExecError, ExecRequest, ExecResult
 from picloud_shared.gate import ExecutionGate, Permit
 from picloud_shared.ids import AppId
 from picloud_shared.inbox import DeliveryStatus, InboxResult
 from picloud_shared.outbox import HttpDispatchPayload, OutboxSourceKind
-from picloud_shared.ports import EventEmitter, Executor, HostApi, InboxResolver
+from picloud_shared.ports import Executor, HostApi, InboxResolver
 from picloud_shared.principals import Principal
 from picloud_shared.status import NON_RETRYABLE, ExecErrorKind, ExecutionStatus
 from picloud_shared.wire import JsonObject, WireError
@@ -125,8 +128,10 @@ class Dispatcher:
         executor: Executor,
         gate: ExecutionGate,
         inbox: InboxResolver,
-        emitter: EventEmitter,
         host_factory: HostFactory,
+        executions: PostgresExecutionRepo,
+        dead_letters: PostgresDeadLetterRepo,
+        outbox: PostgresOutboxRepo,
         signal: WorkSignal,
         settings: DispatcherSettings,
         principals: AdminPrincipalResolver | None = None,
@@ -136,7 +141,9 @@ class Dispatcher:
         self._executor = executor
         self._gate = gate
         self._inbox = inbox
-        self._emitter = emitter
+        self._executions = executions
+        self._dead_letters = dead_letters
+        self._outbox = outbox
         self._host_factory = host_factory
         self._signal = signal
         self.settings = settings
@@ -436,7 +443,7 @@ class Dispatcher:
         finally:
             await txn.close()
         if row.reply_to is not None:
-            await self._deliver(claim, InboxResult.from_exec_result(result))
+            await self._deliver(claim, result)
         return None
 
     async def _book_failure(self, claim: store.ClaimedRow, result: ExecResult) -> str:
@@ -451,27 +458,14 @@ class Dispatcher:
                 async with transaction(self._engine) as conn:
                     if not await store.take(conn, row.id, claim.token):
                         raise _Lost
-                    if row.is_sync_http:
+                    if row.is_sync_http or row.is_dead_letter_handler:
                         await store.remove(conn, row.id)
-                        await store.finish_execution(
-                            conn,
-                            row.execution_id,
-                            ExecutionStatus.FAILED,
-                            attempts=attempts,
-                            result=result,
-                        )
-                    elif row.is_dead_letter_handler:
-                        await store.remove(conn, row.id)
-                        await store.finish_execution(
-                            conn,
-                            row.execution_id,
-                            ExecutionStatus.FAILED,
-                            attempts=attempts,
-                            result=result,
+                        await self._executions.finish_with(
+                            row.execution_id, ExecutionStatus.FAILED, result, conn=conn
                         )
                         if row.dead_letter_id is not None:
-                            await store.resolve_dead_letter(
-                                conn, row.dead_letter_id, "handler_failed"
+                            await self._dead_letters.mark(
+                                row.app_id, row.dead_letter_id, "handler_failed", conn=conn
                             )
                     elif error.kind in NON_RETRYABLE or attempts >= row.retry.max_attempts:
                         await self._dead_letter(conn, claim, result)
@@ -479,12 +473,8 @@ class Dispatcher:
                     else:
                         delay = row.retry.delay_ms(attempts, self._rand())
                         await store.reschedule(conn, row.id, delay_ms=delay)
-                        await store.finish_execution(
-                            conn,
-                            row.execution_id,
-                            ExecutionStatus.RETRYING,
-                            attempts=attempts,
-                            result=result,
+                        await self._executions.finish_with(
+                            row.execution_id, ExecutionStatus.RETRYING, result, conn=conn
                         )
                         outcome = "retrying"
                 break
@@ -498,33 +488,28 @@ class Dispatcher:
             self.metrics.dead_letters += 1
             self._signal.notify()
         if row.reply_to is not None:
-            await self._deliver(claim, InboxResult.from_exec_result(result))
+            await self._deliver(claim, result)
         return outcome
 
     async def _dead_letter(
         self, conn: AsyncConnection, claim: store.ClaimedRow, result: ExecResult
     ) -> None:
+        """Dead-letter the row (the repo fans it out to dead-letter triggers)."""
         row = claim.row
         error = result.error
         assert error is not None
-        dl_id = await store.write_dead_letter(conn, row, error, row.attempt_count)
+        dead = await self._dead_letters.create(
+            row,
+            attempts=row.attempt_count,
+            error_kind=error.kind,
+            error_message=error.message,
+            conn=conn,
+        )
         await store.remove(conn, row.id)
-        await store.finish_execution(
-            conn,
-            row.execution_id,
-            ExecutionStatus.DEAD_LETTERED,
-            attempts=row.attempt_count,
-            result=result,
+        await self._executions.finish_with(
+            row.execution_id, ExecutionStatus.DEAD_LETTERED, result, conn=conn
         )
-        event = DeadLetterEvent(
-            dead_letter_id=dl_id,
-            source_kind=row.source_kind,
-            event=row.payload,
-            error={"kind": error.kind.value, "message": error.message},
-            attempts=row.attempt_count,
-        )
-        await self._emitter.emit(conn, row.app_id, event, row.trigger_depth + 1)
-        log.info("execution %s dead-lettered as %s: %s", row.execution_id, dl_id, error.message)
+        log.info("execution %s dead-lettered as %s: %s", row.execution_id, dead.id, error.message)
 
     async def _skip(self, claim: store.ClaimedRow) -> str:
         row = claim.row
@@ -538,31 +523,27 @@ class Dispatcher:
             if not await store.take(conn, row.id, claim.token):
                 raise _Lost
             await store.remove(conn, row.id)
-            await store.finish_execution(
-                conn,
+            await self._executions.finish(
                 row.execution_id,
                 ExecutionStatus.SKIPPED,
-                attempts=0,
-                error=ExecError(
-                    ExecErrorKind.INTERNAL,
-                    f"trigger depth {row.trigger_depth} exceeds max_trigger_depth "
-                    f"{self.settings.max_trigger_depth}",
-                ),
+                error_kind=ExecErrorKind.INTERNAL,
+                error_message=f"trigger depth {row.trigger_depth} exceeds max_trigger_depth "
+                f"{self.settings.max_trigger_depth}",
+                conn=conn,
             )
         self.metrics.skipped_for_depth += 1
         return "skipped"
 
-    async def _deliver(self, claim: store.ClaimedRow, answer: InboxResult) -> None:
+    async def _deliver(self, claim: store.ClaimedRow, result: ExecResult) -> None:
+        """Answer the waiting caller; record the answer if nobody waits any more."""
         row = claim.row
         assert row.reply_to is not None
+        answer = InboxResult.from_exec_result(result)
         status = await self._inbox.deliver(row.reply_to, answer, row.reply_node)
         if status is DeliveryStatus.DELIVERED:
             return
         self.metrics.abandoned += 1
-        async with transaction(self._engine) as conn:
-            await store.record_abandoned(
-                conn, row.app_id, row.execution_id, row.reply_to, "receiver gone", answer.to_wire()
-            )
+        await self._outbox.record_abandoned(row.execution_id, row.reply_to, "receiver gone", result)
 
 
 class _ExecutionTransaction:
@@ -594,15 +575,13 @@ class _ExecutionTransaction:
         assert conn is not None
         try:
             await store.remove(conn, row.id)
-            await store.finish_execution(
-                conn,
-                row.execution_id,
-                ExecutionStatus.SUCCEEDED,
-                attempts=row.attempt_count,
-                result=result,
+            await self._d._executions.finish_with(
+                row.execution_id, ExecutionStatus.SUCCEEDED, result, conn=conn
             )
             if row.is_dead_letter_handler and row.dead_letter_id is not None:
-                await store.resolve_dead_letter(conn, row.dead_letter_id, "handled")
+                await self._d._dead_letters.mark(
+                    row.app_id, row.dead_letter_id, "handled", conn=conn
+                )
             await shielded_commit(conn)
         except DBAPIError as exc:
             await shielded_rollback(conn)
