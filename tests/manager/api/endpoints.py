@@ -4,16 +4,23 @@ The capability matrix (``test_capability_matrix.py``) runs over this table, and 
 completeness test checks it against ``admin_routes``: a new endpoint must be
 appended here. Path templates are filled from the world ``seed_world`` builds:
 ``{id}`` (the app), ``{user_id}`` (a user to manage), ``{name}`` (a script),
-``{route_id}`` (a route).
+``{route_id}`` (a route), ``{trigger_id}``, ``{key}``, ``{collection}``/``{doc_id}``,
+``{execution_id}`` and ``{dl_id}``.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import attrs
+import sqlalchemy as sa
 
+from manager_core import tables as t
 from manager_core.api import Access
+from manager_core.postgres.outbox import PostgresOutboxRepo
+from picloud_shared.ids import AppId, ExecutionId, new_execution_id
+from picloud_shared.outbox import NewOutboxRow, OutboxSourceKind
 from picloud_shared.principals import Capability
 from tests.manager.api.helpers import SOURCE, Api
 
@@ -30,7 +37,7 @@ class Endpoint:
         return isinstance(self.access, Capability)
 
     def url(self, world: dict[str, str]) -> str:
-        return self.path.format(**world)
+        return self.path.replace(":path}", "}").format(**world)
 
     def __str__(self) -> str:
         return f"{self.method} {self.path}"
@@ -62,6 +69,35 @@ ENDPOINTS: list[Endpoint] = [
     ),
     Endpoint("GET", "/apps/{id}/routes", C.APP_READ),
     Endpoint("DELETE", "/apps/{id}/routes/{route_id}", C.APP_MANAGE_ROUTES),
+    Endpoint(
+        "POST",
+        "/apps/{id}/triggers/kv",
+        C.APP_MANAGE_TRIGGERS,
+        {"script": "s", "key_glob": "orders/*"},
+    ),
+    Endpoint(
+        "POST",
+        "/apps/{id}/triggers/docs",
+        C.APP_MANAGE_TRIGGERS,
+        {"script": "s", "collection_glob": "orders"},
+    ),
+    Endpoint("POST", "/apps/{id}/triggers/dead-letter", C.APP_MANAGE_TRIGGERS, {"script": "s"}),
+    Endpoint("GET", "/apps/{id}/triggers", C.APP_READ),
+    Endpoint("DELETE", "/apps/{id}/triggers/{trigger_id}", C.APP_MANAGE_TRIGGERS),
+    Endpoint("GET", "/apps/{id}/kv", C.APP_READ_DATA),
+    Endpoint("PUT", "/apps/{id}/kv/{key:path}", C.APP_WRITE_DATA, {"v": 2}),
+    Endpoint("GET", "/apps/{id}/kv/{key:path}", C.APP_READ_DATA),
+    Endpoint("DELETE", "/apps/{id}/kv/{key:path}", C.APP_WRITE_DATA),
+    Endpoint("POST", "/apps/{id}/docs/{collection}", C.APP_WRITE_DATA, {"a": 1}),
+    Endpoint("GET", "/apps/{id}/docs/{collection}", C.APP_READ_DATA),
+    Endpoint("PUT", "/apps/{id}/docs/{collection}/{doc_id}", C.APP_WRITE_DATA, {"a": 2}),
+    Endpoint("GET", "/apps/{id}/docs/{collection}/{doc_id}", C.APP_READ_DATA),
+    Endpoint("DELETE", "/apps/{id}/docs/{collection}/{doc_id}", C.APP_WRITE_DATA),
+    Endpoint("GET", "/apps/{id}/executions", C.APP_READ),
+    Endpoint("GET", "/apps/{id}/executions/{execution_id}", C.APP_READ),
+    Endpoint("GET", "/apps/{id}/dead-letters", C.APP_READ),
+    Endpoint("POST", "/apps/{id}/dead-letters/{dl_id}/replay", C.APP_MANAGE_DEAD_LETTERS),
+    Endpoint("POST", "/apps/{id}/dead-letters/{dl_id}/resolve", C.APP_MANAGE_DEAD_LETTERS),
 ]
 
 APP_ENDPOINTS = [e for e in ENDPOINTS if e.app_scoped]
@@ -73,4 +109,52 @@ async def seed_world(api: Api) -> dict[str, str]:
     await api.script("s")
     await api.script("unused")
     route = await api.route("GET", "/", "s")
-    return {"id": api.app_id, "user_id": user_id, "name": "unused", "route_id": route["id"]}
+    trigger = await api.call(
+        "POST", f"/apps/{api.app_id}/triggers/kv", api.root, {"script": "s", "key_glob": "x/*"}
+    )
+    app_id = AppId(uuid.UUID(api.app_id))
+    await api.deps.kv.set(app_id, "a/b", 1)
+    await api.deps.documents.insert(app_id, "things", {"a": 1}, "d1")
+    execution_id = await enqueue_execution(api)
+    dl_id = await insert_dead_letter(api, execution_id)
+    return {
+        "id": api.app_id,
+        "user_id": user_id,
+        "name": "unused",
+        "route_id": route["id"],
+        "trigger_id": trigger.json()["id"],
+        "key": "a/b",
+        "collection": "things",
+        "doc_id": "d1",
+        "execution_id": str(execution_id),
+        "dl_id": str(dl_id),
+    }
+
+
+async def enqueue_execution(api: Api, app_id: str | None = None) -> ExecutionId:
+    """A queued HTTP execution in the app (default: shop), through the real outbox."""
+    execution_id = new_execution_id()
+    await PostgresOutboxRepo(api.deps.users._engine).enqueue(
+        NewOutboxRow(
+            execution_id=execution_id,
+            app_id=AppId(uuid.UUID(app_id or api.app_id)),
+            source_kind=OutboxSourceKind.HTTP,
+            payload={"method": "GET", "path": "/"},
+        )
+    )
+    return execution_id
+
+
+async def insert_dead_letter(api: Api, execution_id: ExecutionId) -> uuid.UUID:
+    """A dead letter of ``execution_id`` in shop, as the dispatcher would leave it."""
+    async with api.deps.users._engine.begin() as conn:
+        stmt = sa.insert(t.dead_letters).values(
+            app_id=uuid.UUID(api.app_id),
+            execution_id=execution_id,
+            source_kind="kv",
+            payload={"kind": "kv", "key": "k", "op": "set", "value": 1, "prev_value": None},
+            attempts=5,
+            error_kind="uncaught_exception",
+            error_message="boom",
+        )
+        return (await conn.execute(stmt.returning(t.dead_letters.c.id))).scalar_one()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+import attrs
 import httpx
 import pytest
 
@@ -123,12 +124,7 @@ async def test_an_unexpected_error_is_a_bare_500_and_is_logged(
     api: Api, deps: AdminDeps, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Internals never reach the client, but they reach the log."""
-    broken = AdminDeps(
-        users=deps.users,
-        apps=deps.apps,
-        scripts=_BrokenScripts(engine=deps.scripts._engine),
-        routes=deps.routes,
-    )
+    broken = attrs.evolve(deps, scripts=_BrokenScripts(engine=deps.scripts._engine))
     transport = httpx.ASGITransport(app=build_app(broken))
     async with httpx.AsyncClient(transport=transport, base_url="http://t/api/v1/admin") as c:
         with caplog.at_level(logging.ERROR, logger="manager_core.api"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
-from manager_core.api import apps, routes, scripts, users
+from manager_core.api import apps, documents, executions, kv, routes, scripts, triggers, users
 from manager_core.api._endpoint import Access, Operation, Resource, not_found_route
 from manager_core.api.deps import AdminDeps
 
@@ -23,6 +23,10 @@ def admin_routes(deps: AdminDeps) -> list[BaseRoute]:
         *apps.resources(deps),
         *scripts.resources(deps),
         *routes.resources(deps),
+        *triggers.resources(deps),
+        *kv.resources(deps),
+        *documents.resources(deps),
+        *executions.resources(deps),
     ]
     return [*resources, not_found_route()]
 

@@ -127,6 +127,10 @@ class Fields:
         """A boolean field."""
         return self._get(name, (bool,), "a boolean", default)
 
+    def obj(self, name: str, default: Any = _MISSING) -> Any:
+        """A JSON-object field."""
+        return self._get(name, (dict,), "an object", default)
+
     def text_list(self, name: str, default: Any = _MISSING) -> Any:
         """A list-of-strings field."""
         value = self._get(name, (list,), "a list of strings", default)

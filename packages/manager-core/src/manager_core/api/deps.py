@@ -6,9 +6,16 @@ import attrs
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core.auth import Authenticator
+from manager_core.outbox_event_emitter import OutboxEventEmitter
 from manager_core.postgres.apps import PostgresAppRepo
+from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
+from manager_core.postgres.documents import PostgresDocumentRepo
+from manager_core.postgres.executions import PostgresExecutionRepo
+from manager_core.postgres.kv import PostgresKvRepo
+from manager_core.postgres.outbox import PostgresOutboxRepo
 from manager_core.postgres.routes import PostgresRouteRepo
 from manager_core.postgres.scripts import PostgresScriptRepo
+from manager_core.postgres.triggers import PostgresTriggerRepo
 from manager_core.postgres.users import PostgresUserRepo
 
 
@@ -16,24 +23,41 @@ from manager_core.postgres.users import PostgresUserRepo
 class AdminDeps:
     """The repositories behind the admin API.
 
-    Further ports (KV, documents, triggers, executions, dead letters, the event
-    emitter) join as further fields; ``from_engine`` builds them all.
+    ``kv`` and ``documents`` must be built with the node's event emitter so admin
+    writes fire triggers exactly as script writes do; ``dead_letters`` with the
+    node's outbox repo so a replay wakes the local dispatcher.
     """
 
     users: PostgresUserRepo
     apps: PostgresAppRepo
     scripts: PostgresScriptRepo
     routes: PostgresRouteRepo
+    triggers: PostgresTriggerRepo
+    kv: PostgresKvRepo
+    documents: PostgresDocumentRepo
+    executions: PostgresExecutionRepo
+    dead_letters: PostgresDeadLetterRepo
     auth: Authenticator = attrs.field(
         default=attrs.Factory(lambda self: Authenticator(self.users, self.apps), takes_self=True)
     )
 
     @classmethod
-    def from_engine(cls, engine: AsyncEngine) -> AdminDeps:
-        """Every dependency built on one engine."""
+    def from_engine(
+        cls, engine: AsyncEngine, *, outbox: PostgresOutboxRepo | None = None
+    ) -> AdminDeps:
+        """Every dependency built on one engine. Pass the node's ``outbox`` (the one
+        its dispatcher waits on); by default a private one is made."""
+        outbox = outbox if outbox is not None else PostgresOutboxRepo(engine)
+        triggers = PostgresTriggerRepo(engine)
+        emitter = OutboxEventEmitter(triggers, outbox.signal)
         return cls(
             users=PostgresUserRepo(engine),
             apps=PostgresAppRepo(engine),
             scripts=PostgresScriptRepo(engine),
             routes=PostgresRouteRepo(engine),
+            triggers=triggers,
+            kv=PostgresKvRepo(engine, emitter),
+            documents=PostgresDocumentRepo(engine, emitter),
+            executions=PostgresExecutionRepo(engine),
+            dead_letters=PostgresDeadLetterRepo(engine, outbox, emitter),
         )

@@ -1,0 +1,105 @@
+"""An app's executions and dead letters: read, replay, resolve."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, TypeVar
+
+from starlette.responses import Response
+
+from manager_core.api._endpoint import Call, Operation, Resource
+from manager_core.api._http import json_response, path_uuid
+from manager_core.api._pagination import PageRequest
+from manager_core.api.triggers import uuid_cursor
+from picloud_shared.errors import InvalidInput, NotFound
+from picloud_shared.ids import DeadLetterId, ExecutionId
+from picloud_shared.outbox import OutboxSourceKind
+from picloud_shared.principals import Capability
+from picloud_shared.status import ExecutionStatus
+
+if TYPE_CHECKING:
+    from manager_core.api.deps import AdminDeps
+
+
+E = TypeVar("E", ExecutionStatus, OutboxSourceKind)
+
+
+def _filter(call: Call, name: str, kind: type[E]) -> E | None:
+    raw = call.request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        return kind(raw)
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)
+        raise InvalidInput(f"{name} must be one of: {allowed}") from None
+
+
+async def list_executions(call: Call) -> Response:
+    """Newest first; ``?status=&source_kind=`` filter."""
+    page = PageRequest.from_request(call.request)
+    status = _filter(call, "status", ExecutionStatus)
+    source_kind = _filter(call, "source_kind", OutboxSourceKind)
+    after = None if page.after is None else ExecutionId(uuid_cursor(page.after[0]))
+    rows = await call.deps.executions.list(
+        call.app_id, page.fetch, after, status=status, source_kind=source_kind
+    )
+    return page.respond(rows, lambda e: (str(e.id),), lambda e: e.to_wire())
+
+
+async def get_execution(call: Call) -> Response:
+    """One execution."""
+    execution_id = ExecutionId(path_uuid(call.request, "execution_id", "execution"))
+    execution = await call.deps.executions.get(call.app_id, execution_id)
+    if execution is None:
+        raise NotFound("no such execution")
+    return json_response(execution.to_wire())
+
+
+async def list_dead_letters(call: Call) -> Response:
+    """Newest first."""
+    page = PageRequest.from_request(call.request)
+    after = None if page.after is None else DeadLetterId(uuid_cursor(page.after[0]))
+    rows = await call.deps.dead_letters.list(call.app_id, page.fetch, after)
+    return page.respond(rows, lambda d: (str(d.id),), lambda d: d.to_wire())
+
+
+async def replay_dead_letter(call: Call) -> Response:
+    """Re-enqueue the original event → 202 ``{"execution_id"}``; 409 if replayed."""
+    dl_id = DeadLetterId(path_uuid(call.request, "dl_id", "dead letter"))
+    execution_id = await call.deps.dead_letters.replay(call.app_id, dl_id)
+    return json_response({"execution_id": str(execution_id)}, 202)
+
+
+async def resolve_dead_letter(call: Call) -> Response:
+    """Mark the dead letter ``resolved`` → 200 with the dead letter."""
+    dl_id = DeadLetterId(path_uuid(call.request, "dl_id", "dead letter"))
+    if not await call.deps.dead_letters.resolve(call.app_id, dl_id):
+        raise NotFound("no such dead letter")
+    letter = await call.deps.dead_letters.get(call.app_id, dl_id)
+    if letter is None:
+        raise NotFound("no such dead letter")
+    return json_response(letter.to_wire())
+
+
+def resources(deps: AdminDeps) -> list[Resource]:
+    """The execution and dead-letter endpoints."""
+    read, manage = Capability.APP_READ, Capability.APP_MANAGE_DEAD_LETTERS
+    return [
+        Resource("/apps/{id}/executions", deps, {"GET": Operation(read, list_executions)}),
+        Resource(
+            "/apps/{id}/executions/{execution_id}",
+            deps,
+            {"GET": Operation(read, get_execution)},
+        ),
+        Resource("/apps/{id}/dead-letters", deps, {"GET": Operation(read, list_dead_letters)}),
+        Resource(
+            "/apps/{id}/dead-letters/{dl_id}/replay",
+            deps,
+            {"POST": Operation(manage, replay_dead_letter)},
+        ),
+        Resource(
+            "/apps/{id}/dead-letters/{dl_id}/resolve",
+            deps,
+            {"POST": Operation(manage, resolve_dead_letter)},
+        ),
+    ]

@@ -1,0 +1,237 @@
+"""An app's triggers: KV, docs and dead-letter (Layout E), list and delete.
+
+Each create endpoint decodes its body into a ``Create*TriggerRequest`` (the
+script by name, globs, ops, retry policy) and registers the trigger as the
+calling user: scripts run as the principal that registered their trigger.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING
+
+import attrs
+from starlette.responses import Response
+
+from manager_core.api._endpoint import Call, Operation, Resource
+from manager_core.api._http import Fields, json_response, no_content, path_uuid
+from manager_core.api._pagination import PageRequest
+from picloud_shared.errors import InvalidInput, NotFound, UnknownScript
+from picloud_shared.ids import AppId, ScriptId, TriggerId
+from picloud_shared.outbox import OutboxSourceKind
+from picloud_shared.principals import Capability
+from picloud_shared.retry import DEFAULT_RETRY_POLICY, RetryPolicy
+from picloud_shared.triggers import (
+    CreateDeadLetterTrigger,
+    CreateDocsTrigger,
+    CreateKvTrigger,
+    DeadLetterTriggerDetails,
+    DocsOp,
+    DocsTriggerDetails,
+    KvOp,
+    KvTriggerDetails,
+    Trigger,
+    check_glob,
+    parse_ops,
+)
+from picloud_shared.wire import JsonObject
+
+if TYPE_CHECKING:
+    from manager_core.api.deps import AdminDeps
+
+
+def _retry(fields: Fields) -> RetryPolicy:
+    raw = fields.obj("retry", None)
+    return DEFAULT_RETRY_POLICY if raw is None else RetryPolicy.from_wire(raw)
+
+
+@attrs.frozen
+class CreateKvTriggerRequest:
+    """``{"script", "key_glob", "ops"?: [], "retry"?}``"""
+
+    script: str
+    key_glob: str
+    ops: tuple[KvOp, ...]
+    retry: RetryPolicy
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> CreateKvTriggerRequest:
+        return cls(
+            script=fields.text("script"),
+            key_glob=check_glob(fields.text("key_glob")),
+            ops=parse_ops(KvOp, fields.text_list("ops", [])),
+            retry=_retry(fields),
+        )
+
+
+@attrs.frozen
+class CreateDocsTriggerRequest:
+    """``{"script", "collection_glob", "ops"?: [], "retry"?}``"""
+
+    script: str
+    collection_glob: str
+    ops: tuple[DocsOp, ...]
+    retry: RetryPolicy
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> CreateDocsTriggerRequest:
+        return cls(
+            script=fields.text("script"),
+            collection_glob=check_glob(fields.text("collection_glob")),
+            ops=parse_ops(DocsOp, fields.text_list("ops", [])),
+            retry=_retry(fields),
+        )
+
+
+@attrs.frozen
+class CreateDeadLetterTriggerRequest:
+    """``{"script", "source_kinds"?: [], "retry"?}``"""
+
+    script: str
+    source_kinds: tuple[OutboxSourceKind, ...]
+    retry: RetryPolicy
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> CreateDeadLetterTriggerRequest:
+        kinds: set[OutboxSourceKind] = set()
+        for name in fields.text_list("source_kinds", []):
+            try:
+                kinds.add(OutboxSourceKind(name))
+            except ValueError:
+                allowed = ", ".join(k.value for k in OutboxSourceKind)
+                raise InvalidInput(
+                    f"unknown source kind {name!r}; expected one of: {allowed}"
+                ) from None
+        return cls(
+            script=fields.text("script"),
+            source_kinds=tuple(sorted(kinds)),
+            retry=_retry(fields),
+        )
+
+
+def trigger_to_wire(trigger: Trigger) -> JsonObject:
+    """A trigger as the API answers it."""
+    body: JsonObject = {
+        "id": str(trigger.id),
+        "kind": trigger.kind.value,
+        "script_id": str(trigger.script_id),
+        "registered_by": (
+            None
+            if trigger.registered_by_principal is None
+            else str(trigger.registered_by_principal)
+        ),
+        "retry": trigger.retry.to_wire(),
+        "created_at": trigger.created_at.isoformat(),
+    }
+    details = trigger.details
+    if isinstance(details, KvTriggerDetails):
+        body["key_glob"] = details.key_glob
+        body["ops"] = [o.value for o in details.ops]
+    elif isinstance(details, DocsTriggerDetails):
+        body["collection_glob"] = details.collection_glob
+        body["ops"] = [o.value for o in details.ops]
+    elif isinstance(details, DeadLetterTriggerDetails):
+        body["source_kinds"] = [k.value for k in details.source_kinds]
+    return body
+
+
+async def _script_id(call: Call, name: str) -> ScriptId:
+    script = await call.deps.scripts.get(call.app_id, name)
+    if script is None:
+        raise UnknownScript(f"no script named {name!r} in this app")
+    return script.id
+
+
+async def create_kv_trigger(call: Call) -> Response:
+    """201 ``{"id", "kind": "kv", …}``."""
+    req = CreateKvTriggerRequest.from_fields(await call.fields())
+    trigger = await call.deps.triggers.create_kv_trigger(
+        CreateKvTrigger(
+            app_id=call.app_id,
+            script_id=await _script_id(call, req.script),
+            registered_by_principal=call.user.id,
+            key_glob=req.key_glob,
+            ops=req.ops,
+            retry=req.retry,
+        )
+    )
+    return json_response(trigger_to_wire(trigger), 201)
+
+
+async def create_docs_trigger(call: Call) -> Response:
+    """201 ``{"id", "kind": "docs", …}``."""
+    req = CreateDocsTriggerRequest.from_fields(await call.fields())
+    trigger = await call.deps.triggers.create_docs_trigger(
+        CreateDocsTrigger(
+            app_id=call.app_id,
+            script_id=await _script_id(call, req.script),
+            registered_by_principal=call.user.id,
+            collection_glob=req.collection_glob,
+            ops=req.ops,
+            retry=req.retry,
+        )
+    )
+    return json_response(trigger_to_wire(trigger), 201)
+
+
+async def create_dead_letter_trigger(call: Call) -> Response:
+    """201 ``{"id", "kind": "dead_letter", …}``."""
+    req = CreateDeadLetterTriggerRequest.from_fields(await call.fields())
+    trigger = await call.deps.triggers.create_dead_letter_trigger(
+        CreateDeadLetterTrigger(
+            app_id=call.app_id,
+            script_id=await _script_id(call, req.script),
+            registered_by_principal=call.user.id,
+            source_kinds=req.source_kinds,
+            retry=req.retry,
+        )
+    )
+    return json_response(trigger_to_wire(trigger), 201)
+
+
+def uuid_cursor(value: str) -> uuid.UUID:
+    """A cursor key that must be a UUID; ``InvalidInput`` otherwise."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidInput("malformed cursor") from None
+
+
+async def list_triggers(call: Call) -> Response:
+    """The app's triggers, in id order."""
+    page = PageRequest.from_request(call.request)
+    after = None if page.after is None else TriggerId(uuid_cursor(page.after[0]))
+    rows = await call.deps.triggers.list(AppId(call.app_id), page.fetch, after)
+    return page.respond(rows, lambda tr: (str(tr.id),), trigger_to_wire)
+
+
+async def delete_trigger(call: Call) -> Response:
+    """Delete one trigger; 204."""
+    trigger_id = TriggerId(path_uuid(call.request, "trigger_id", "trigger"))
+    if not await call.deps.triggers.delete(call.app_id, trigger_id):
+        raise NotFound("no such trigger")
+    return no_content()
+
+
+def resources(deps: AdminDeps) -> list[Resource]:
+    """The trigger endpoints."""
+    manage = Capability.APP_MANAGE_TRIGGERS
+    return [
+        Resource("/apps/{id}/triggers/kv", deps, {"POST": Operation(manage, create_kv_trigger)}),
+        Resource(
+            "/apps/{id}/triggers/docs", deps, {"POST": Operation(manage, create_docs_trigger)}
+        ),
+        Resource(
+            "/apps/{id}/triggers/dead-letter",
+            deps,
+            {"POST": Operation(manage, create_dead_letter_trigger)},
+        ),
+        Resource(
+            "/apps/{id}/triggers", deps, {"GET": Operation(Capability.APP_READ, list_triggers)}
+        ),
+        Resource(
+            "/apps/{id}/triggers/{trigger_id}",
+            deps,
+            {"DELETE": Operation(manage, delete_trigger)},
+        ),
+    ]

@@ -1,0 +1,234 @@
+"""Triggers (the seed's three tests per kind), KV, docs, executions, dead letters."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from manager_core import tables as t
+from picloud_shared.principals import ALL_CAPABILITIES, Capability
+from tests.manager.api.endpoints import enqueue_execution, insert_dead_letter
+from tests.manager.api.helpers import Api
+
+pytestmark = pytest.mark.anyio
+
+KINDS = {
+    "kv": {"script": "s", "key_glob": "orders/*"},
+    "docs": {"script": "s", "collection_glob": "orders"},
+    "dead-letter": {"script": "s"},
+}
+
+
+def _url(api: Api, rest: str) -> str:
+    return f"/apps/{api.app_id}{rest}"
+
+
+async def _outbox_rows(api: Api) -> int:
+    async with api.deps.users._engine.connect() as conn:
+        return int(await conn.scalar(sa.select(sa.func.count()).select_from(t.outbox)) or 0)
+
+
+# -- triggers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_create_trigger_happy_path(api: Api, kind: str) -> None:
+    """201 with the kind, details and default retry; listed afterwards."""
+    await api.script("s")
+    resp = await api.call("POST", _url(api, f"/triggers/{kind}"), body=KINDS[kind])
+    assert resp.status_code == 201, resp.text
+    body = resp.json()
+    assert body["kind"] == kind.replace("-", "_")
+    assert body["retry"] == {
+        "backoff": "exponential",
+        "base_delay_ms": 1000,
+        "max_delay_ms": 300000,
+        "max_attempts": 5,
+        "jitter": 0.2,
+    }
+    listed = (await api.call("GET", _url(api, "/triggers"))).json()
+    assert listed == {"items": [body], "next_cursor": None}
+
+
+@pytest.mark.parametrize(("kind", "glob"), [("kv", "key_glob"), ("docs", "collection_glob")])
+async def test_create_trigger_rejects_an_empty_glob(api: Api, kind: str, glob: str) -> None:
+    """An empty glob answers 422 invalid_glob."""
+    await api.script("s")
+    resp = await api.call("POST", _url(api, f"/triggers/{kind}"), body={**KINDS[kind], glob: ""})
+    assert resp.status_code == 422
+    assert resp.json()["error"]["code"] == "invalid_glob"
+
+
+async def test_create_dead_letter_trigger_rejects_an_unknown_source_kind(api: Api) -> None:
+    """Dead-letter triggers have no glob; an unknown source kind is their 422."""
+    await api.script("s")
+    resp = await api.call(
+        "POST", _url(api, "/triggers/dead-letter"), body={"script": "s", "source_kinds": ["x"]}
+    )
+    assert resp.status_code == 422
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_create_trigger_needs_app_manage_triggers(api: Api, kind: str) -> None:
+    """A member without app_manage_triggers is refused: 403."""
+    await api.script("s")
+    token = await api.user("m", *(ALL_CAPABILITIES - {Capability.APP_MANAGE_TRIGGERS}))
+    resp = await api.call("POST", _url(api, f"/triggers/{kind}"), token, KINDS[kind])
+    assert resp.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [
+        ("kv", {"ops": ["insert"]}),
+        ("docs", {"ops": ["set"]}),
+        ("kv", {"ops": "set"}),
+        ("kv", {"retry": {"max_attempts": 0}}),
+        ("kv", {"retry": {"backof": "linear"}}),
+        ("kv", {"retry": 5}),
+        ("kv", {"script": "missing"}),
+        ("kv", {"key_glob": "x" * 257}),
+    ],
+)
+async def test_malformed_trigger_bodies_are_422(api: Api, kind: str, extra: dict) -> None:
+    """Unknown ops, bad retry policies, unknown scripts and long globs answer 422."""
+    await api.script("s")
+    resp = await api.call("POST", _url(api, f"/triggers/{kind}"), body={**KINDS[kind], **extra})
+    assert resp.status_code == 422, resp.text
+
+
+async def test_delete_trigger_then_the_script_can_go(api: Api) -> None:
+    """DELETE answers 204 (then 404), and frees the script for deletion."""
+    await api.script("s")
+    trigger = (await api.call("POST", _url(api, "/triggers/kv"), body=KINDS["kv"])).json()
+    assert (await api.call("DELETE", _url(api, f"/triggers/{trigger['id']}"))).status_code == 204
+    assert (await api.call("DELETE", _url(api, f"/triggers/{trigger['id']}"))).status_code == 404
+    assert (await api.call("DELETE", _url(api, "/scripts/s"))).status_code == 204
+
+
+# -- KV and docs ----------------------------------------------------------------------
+
+
+async def test_kv_round_trip_with_slashes_in_the_key(api: Api) -> None:
+    """PUT then GET a key holding '/'; versions count writes; DELETE then 404."""
+    url = _url(api, "/kv/users/42")
+    assert (await api.call("PUT", url, body={"n": 1})).json() == {
+        "key": "users/42",
+        "value": {"n": 1},
+        "version": 1,
+    }
+    await api.call("PUT", url, body=[1, 2])
+    assert (await api.call("GET", url)).json()["version"] == 2
+    listed = await api.client.get(_url(api, "/kv"), params={"prefix": "users/"}, headers=_h(api))
+    assert [i["key"] for i in listed.json()["items"]] == ["users/42"]
+    assert (await api.call("DELETE", url)).status_code == 204
+    assert (await api.call("GET", url)).status_code == 404
+
+
+async def test_admin_kv_writes_fire_kv_triggers(api: Api) -> None:
+    """A PUT through the admin API writes one outbox row per matching trigger."""
+    await api.script("s")
+    await api.call("POST", _url(api, "/triggers/kv"), body=KINDS["kv"])
+    await api.call("PUT", _url(api, "/kv/orders/1"), body=1)
+    await api.call("PUT", _url(api, "/kv/other"), body=1)
+    assert await _outbox_rows(api) == 1
+
+
+async def test_kv_value_over_256_kib_is_413(api: Api) -> None:
+    """The KV value limit answers 413."""
+    resp = await api.call("PUT", _url(api, "/kv/big"), body="x" * (256 * 1024))
+    assert resp.status_code == 413
+
+
+async def test_docs_insert_put_get_delete(api: Api) -> None:
+    """POST 201 with a generated id; PUT replaces (200) or creates (201); DELETE 204."""
+    created = await api.call("POST", _url(api, "/docs/things"), body={"a": 1})
+    assert created.status_code == 201
+    doc_id = created.json()["id"]
+    put = await api.call("PUT", _url(api, f"/docs/things/{doc_id}"), body={"a": 2})
+    assert (put.status_code, put.json()) == (200, {"id": doc_id, "data": {"a": 2}})
+    fresh = await api.call("PUT", _url(api, "/docs/things/mine"), body={"b": 1})
+    assert fresh.status_code == 201
+    items = (await api.call("GET", _url(api, "/docs/things"))).json()["items"]
+    assert sorted(i["id"] for i in items) == sorted([doc_id, "mine"])
+    assert (await api.call("DELETE", _url(api, "/docs/things/mine"))).status_code == 204
+    assert (await api.call("GET", _url(api, "/docs/things/mine"))).status_code == 404
+
+
+@pytest.mark.parametrize("body", [[1], "text", None])
+async def test_documents_must_be_objects(api: Api, body: object) -> None:
+    """A document body that is not a JSON object answers 422."""
+    resp = await api.client.post(
+        _url(api, "/docs/things"),
+        content=b"null" if body is None else json.dumps(body).encode(),
+        headers=_h(api),
+    )
+    assert resp.status_code == 422
+
+
+async def test_invalid_collection_is_422(api: Api) -> None:
+    """Collection names follow [A-Za-z0-9_-]{1,63}."""
+    resp = await api.call("POST", _url(api, "/docs/bad.name"), body={"a": 1})
+    assert resp.status_code == 422
+
+
+# -- executions and dead letters ------------------------------------------------------
+
+
+async def test_an_enqueued_execution_is_readable(api: Api) -> None:
+    """GET answers the execution's wire form; list filters by status and kind."""
+    execution_id = await enqueue_execution(api)
+    one = (await api.call("GET", _url(api, f"/executions/{execution_id}"))).json()
+    assert (one["id"], one["status"], one["source_kind"]) == (str(execution_id), "queued", "http")
+    queued = await api.client.get(
+        _url(api, "/executions"), params={"status": "queued"}, headers=_h(api)
+    )
+    failed = await api.client.get(
+        _url(api, "/executions"), params={"status": "failed"}, headers=_h(api)
+    )
+    assert [i["id"] for i in queued.json()["items"]] == [str(execution_id)]
+    assert failed.json()["items"] == []
+
+
+@pytest.mark.parametrize("params", [{"status": "done"}, {"source_kind": "cron"}, {"cursor": "e30"}])
+async def test_bad_execution_filters_are_422(api: Api, params: dict) -> None:
+    """Unknown status or source kind filters, and foreign cursors, answer 422."""
+    resp = await api.client.get(_url(api, "/executions"), params=params, headers=_h(api))
+    assert resp.status_code == 422
+
+
+async def test_another_apps_execution_is_404(api: Api) -> None:
+    """Execution ids are scoped to their app."""
+    other = await api.app("blog")
+    execution_id = await enqueue_execution(api, other)
+    assert (await api.call("GET", _url(api, f"/executions/{execution_id}"))).status_code == 404
+    assert (await api.call("GET", _url(api, f"/executions/{uuid.uuid4()}"))).status_code == 404
+
+
+async def test_replay_a_dead_letter_once(api: Api) -> None:
+    """Replay answers 202 with a readable execution; a second replay is 409."""
+    dl_id = await insert_dead_letter(api, await enqueue_execution(api))
+    resp = await api.call("POST", _url(api, f"/dead-letters/{dl_id}/replay"))
+    assert resp.status_code == 202
+    execution_id = resp.json()["execution_id"]
+    assert (await api.call("GET", _url(api, f"/executions/{execution_id}"))).status_code == 200
+    again = await api.call("POST", _url(api, f"/dead-letters/{dl_id}/replay"))
+    assert again.status_code == 409
+
+
+async def test_resolve_a_dead_letter(api: Api) -> None:
+    """Resolve marks it ``resolved``; the listing shows that; unknown ids are 404."""
+    dl_id = await insert_dead_letter(api, await enqueue_execution(api))
+    resp = await api.call("POST", _url(api, f"/dead-letters/{dl_id}/resolve"))
+    assert (resp.status_code, resp.json()["resolution"]) == (200, "resolved")
+    listed = (await api.call("GET", _url(api, "/dead-letters"))).json()["items"]
+    assert [(i["id"], i["resolution"]) for i in listed] == [(str(dl_id), "resolved")]
+    missing = await api.call("POST", _url(api, f"/dead-letters/{uuid.uuid4()}/resolve"))
+    assert missing.status_code == 404
+
+
+def _h(api: Api) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api.owner}"}
