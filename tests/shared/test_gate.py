@@ -55,3 +55,15 @@ def test_capacity_must_be_positive() -> None:
     """A gate of zero slots is a configuration error."""
     with pytest.raises(ValueError, match="at least 1"):
         ExecutionGate(0)
+
+
+async def test_wait_free_takes_nothing_and_counts_nothing() -> None:
+    """wait_free reports a free slot without holding it or counting saturation."""
+    gate = ExecutionGate(1)
+    assert await gate.wait_free(0.01) is True
+    assert gate.free == 1
+    held = gate.try_acquire()
+    assert held is not None
+    assert await gate.wait_free(0.02) is False
+    assert gate.saturation_count == 0
+    held.release()

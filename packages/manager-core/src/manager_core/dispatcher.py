@@ -205,31 +205,28 @@ class Dispatcher:
             if now >= next_heartbeat:
                 next_heartbeat = now + self.settings.lease_seconds / 3
                 await self._heartbeat()
-            first = await self._gate.acquire(timeout=self.settings.poll_interval)
-            if first is None or self._stopping.is_set():
-                if first is not None:
-                    first.release()
+            free = self._gate.free
+            if free == 0:
+                await self._gate.wait_free(self.settings.poll_interval)
                 continue
-            permits = [first]
-            while len(permits) < self.settings.batch_size:
-                more = self._gate.try_acquire()
-                if more is None:
-                    break
-                permits.append(more)
+            limit = min(self.settings.batch_size, free)
             try:
-                claims = await self._claim(len(permits))
+                claims = await self._claim(limit)
             except Exception:
-                for p in permits:
-                    p.release()
                 log.exception("claiming outbox rows failed; retrying after the poll interval")
                 await anyio.sleep(self.settings.poll_interval)
                 continue
-            for claim, permit in zip(claims, permits, strict=False):
+            saturated: list[store.ClaimedRow] = []
+            for claim in claims:
+                permit = self._gate.try_acquire()
+                if permit is None:  # sync HTTP took the slot meanwhile
+                    saturated.append(claim)
+                    continue
                 self._started()
                 executions.start_soon(self._execute, claim, permit)
-            for permit in permits[len(claims) :]:
-                permit.release()
-            if len(claims) < len(permits):
+            if saturated:
+                await self._give_back_all(saturated)
+            if len(claims) < limit:
                 # Drained: sleep until a local commit, stop(), or the poll interval.
                 await self._signal.wait(self.settings.poll_interval)
 
@@ -300,11 +297,16 @@ class Dispatcher:
             self._finished()
 
     async def _give_back(self, claim: store.ClaimedRow) -> None:
+        await self._give_back_all([claim])
+
+    async def _give_back_all(self, claims: list[store.ClaimedRow]) -> None:
+        """Return claimed rows due at once, their attempt not counted."""
         try:
             async with transaction(self._engine) as conn:
-                await store.give_back(conn, claim.row.id, claim.token)
+                for claim in claims:
+                    await store.give_back(conn, claim.row.id, claim.token)
         except Exception:
-            log.exception("could not give back row %s; its lease will expire", claim.row.id)
+            log.exception("could not give back %d row(s); their leases will expire", len(claims))
 
     async def _run_claim(self, claim: store.ClaimedRow) -> str:
         """Run one claimed row to its outcome; returns the outcome's metric label."""

@@ -90,5 +90,14 @@ class ExecutionGate:
         self.saturation_count += 1
         return None
 
+    async def wait_free(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until a slot is free, without taking it
+        (and without counting a saturation)."""
+        with anyio.move_on_after(timeout):
+            await self._semaphore.acquire()
+            self._semaphore.release()
+            return True
+        return False
+
     def _release(self) -> None:
         self._semaphore.release()
