@@ -37,6 +37,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_data_dir(migrate)
     migrate.set_defaults(handler=_cmd_migrate)
+
+    admin = commands.add_parser("admin", help="administration")
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    create_user = admin_commands.add_parser("create-user", help="create a user and print its token")
+    create_user.add_argument("name")
+    create_user.add_argument(
+        "--instance-admin", action="store_true", help="make the user an instance admin"
+    )
+    _add_data_dir(create_user)
+    create_user.set_defaults(handler=_cmd_create_user)
     return parser
 
 
@@ -57,9 +67,72 @@ def _apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
     return attrs.evolve(settings, **overrides)
 
 
+def _server_class() -> type:
+    import contextlib
+    from collections.abc import Iterator
+
+    import uvicorn
+
+    class PicloudServer(uvicorn.Server):
+        """uvicorn's server, minus re-raising SIGTERM/SIGINT after a graceful
+        shutdown: picloud has drained, stopped its database, and exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
+
+    return PicloudServer
+
+
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    print("picloud serve: not implemented yet", file=sys.stderr)
-    return 2
+    import logging
+
+    import uvicorn
+
+    from picloud.app import create_app
+    from picloud.runtime import bootstrap_admin, database
+    from picloud.services import build_services
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    with database(settings) as url:
+        bootstrap_admin(url, settings)
+        app = create_app(build_services(settings, url))
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            lifespan="on",
+            log_level="info",
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        )
+        server = _server_class()(config)
+        server.run()
+        if not server.started:
+            return 1
+    print("picloud serve: stopped", file=sys.stderr)
+    return 0
+
+
+def _cmd_create_user(args: argparse.Namespace, settings: Settings) -> int:
+    from picloud.runtime import create_user, database
+
+    try:
+        with database(settings) as url:
+            token = create_user(url, args.name, args.instance_admin)
+    except Exception as exc:  # PicloudError (name taken, bad name) or a database error
+        print(f"picloud admin create-user: {exc}", file=sys.stderr)
+        return 1
+    print(token)
+    return 0
 
 
 def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:

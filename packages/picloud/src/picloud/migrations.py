@@ -10,11 +10,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
-
-from alembic import command
 
 __all__ = ["alembic_config", "alembic_dir", "downgrade", "heads", "upgrade"]
 

@@ -1,0 +1,78 @@
+"""The ASGI application: admin API, user routes, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from manager_core.api import AdminDeps, admin_routes
+from picloud import metrics
+from picloud.services import Services, running
+
+log = logging.getLogger("picloud")
+
+ADMIN_PREFIX = "/api/v1/admin"
+
+
+def admin_deps(services: Services) -> AdminDeps:
+    return AdminDeps(
+        users=services.users,
+        apps=services.apps,
+        scripts=services.scripts,
+        routes=services.routes,
+        triggers=services.triggers,
+        kv=services.kv,
+        documents=services.docs,
+        executions=services.executions,
+        dead_letters=services.dead_letters,
+    )
+
+
+def create_app(services: Services) -> Starlette:
+    """The whole HTTP surface of a node. Its lifespan runs the executor and dispatcher."""
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        problems: list[str] = []
+        try:
+            async with services.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            problems.append(f"database: {type(exc).__name__}")
+        if not services.dispatcher.ready:
+            problems.append("dispatcher: not running")
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return PlainTextResponse(
+            await metrics.render(services), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with running(services):
+            log.info("picloud node %s ready", services.node_id)
+            yield
+        log.info("picloud node %s stopped", services.node_id)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Mount(ADMIN_PREFIX, routes=admin_routes(admin_deps(services))),
+            *services.orchestrator.routes(),
+        ],
+        lifespan=lifespan,
+    )

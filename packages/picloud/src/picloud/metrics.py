@@ -1,0 +1,91 @@
+"""``GET /metrics``: Prometheus text built fresh at each scrape.
+
+Counters come from the dispatcher's in-process ``DispatcherMetrics`` and the gate;
+the outbox depth is read from PostgreSQL at scrape time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from manager_core import tables as t
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from prometheus_client.metrics_core import Metric
+
+    from picloud.services import Services
+
+
+class _Snapshot(Collector):
+    def __init__(self, services: Services, outbox_depth: int) -> None:
+        self._s = services
+        self._depth = outbox_depth
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._s.dispatcher.metrics
+        executions = CounterMetricFamily(
+            "picloud_executions",
+            "Executions finished, by source kind and outcome",
+            labels=["source_kind", "outcome"],
+        )
+        for (kind, outcome), n in sorted(m.executions.items()):
+            executions.add_metric([kind, outcome], n)
+        yield executions
+        duration = CounterMetricFamily(
+            "picloud_execution_duration_seconds",
+            "Total time spent dispatching executions",
+            labels=["source_kind"],
+        )
+        for kind, seconds in sorted(m.duration_seconds.items()):
+            duration.add_metric([kind], seconds)
+        yield duration
+        for name, help_text, value in (
+            ("picloud_retries", "Executions rescheduled for a retry", m.retries),
+            ("picloud_dead_letters", "Executions dead-lettered", m.dead_letters),
+            (
+                "picloud_skipped_for_depth",
+                "Executions skipped: trigger depth limit",
+                m.skipped_for_depth,
+            ),
+            ("picloud_abandoned", "Sync answers whose caller was gone", m.abandoned),
+            (
+                "picloud_conflict_reruns",
+                "Transparent re-runs after a serialization conflict",
+                m.conflict_reruns,
+            ),
+            (
+                "picloud_gate_saturation",
+                "Admissions refused by a full execution gate",
+                self._s.gate.saturation_count,
+            ),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
+        yield GaugeMetricFamily(
+            "picloud_outbox_depth", "Rows waiting in the outbox", value=self._depth
+        )
+        yield GaugeMetricFamily(
+            "picloud_executions_in_flight",
+            "Executions holding a gate slot",
+            value=self._s.gate.in_use,
+        )
+        yield GaugeMetricFamily(
+            "picloud_gate_capacity",
+            "Concurrent executions allowed on this node",
+            value=self._s.gate.capacity,
+        )
+
+
+async def render(services: Services) -> bytes:
+    """The Prometheus exposition text for this node."""
+    async with services.engine.connect() as conn:
+        depth = (await conn.execute(select(func.count()).select_from(t.outbox))).scalar_one()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(services, int(depth)))
+    return generate_latest(registry)

@@ -1,0 +1,79 @@
+"""What ``picloud serve`` does around the ASGI app: database, migration, first admin."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import anyio
+
+from manager_core.db import make_engine
+from manager_core.postgres.users import PostgresUserRepo, new_token
+from picloud import migrations
+from picloud.settings import Settings
+
+EMBEDDED_DATABASE = "picloud"
+ADMIN_NAME = "admin"
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """The database URL to serve from, migrated to head.
+
+    With no ``PICLOUD_DATABASE_URL`` the embedded PostgreSQL in ``DATA_DIR/pg`` is
+    started for the duration of the block (and reused across restarts).
+    """
+    if settings.database_url is not None:
+        migrations.upgrade(settings.database_url)
+        yield settings.database_url
+        return
+    from picloud.cli import ensure_database
+    from picloud.embedded_pg import EmbeddedPostgres
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with EmbeddedPostgres(settings.embedded_pg_dir) as pg:
+        ensure_database(pg.url("postgres"), EMBEDDED_DATABASE)
+        url = pg.url(EMBEDDED_DATABASE)
+        migrations.upgrade(url)
+        yield url
+
+
+async def _ensure_admin(url: str, token: str) -> bool:
+    engine = make_engine(url, pool_size=1, max_overflow=0)
+    try:
+        return await PostgresUserRepo(engine).ensure_instance_admin(ADMIN_NAME, token) is not None
+    finally:
+        await engine.dispose()
+
+
+def bootstrap_admin(url: str, settings: Settings) -> None:
+    """Create the instance admin on first start; print a generated token once."""
+    token = settings.admin_token or new_token()
+    created = anyio.run(_ensure_admin, url, token)
+    if not created:
+        return
+    if settings.admin_token:
+        print(
+            f"picloud: created instance admin {ADMIN_NAME!r} with PICLOUD_ADMIN_TOKEN",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"picloud: created instance admin {ADMIN_NAME!r}; its token (shown once):\n{token}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+async def _create_user(url: str, name: str, instance_admin: bool) -> str:
+    engine = make_engine(url, pool_size=1, max_overflow=0)
+    try:
+        _, token = await PostgresUserRepo(engine).create_user(name, instance_admin)
+        return token
+    finally:
+        await engine.dispose()
+
+
+def create_user(url: str, name: str, instance_admin: bool) -> str:
+    return anyio.run(_create_user, url, name, instance_admin)

@@ -1,0 +1,177 @@
+"""The composition root: every long-lived object of a picloud node, wired once.
+
+One ``PostgresOutboxRepo`` object is handed out twice, under its two port names:
+the dispatcher's ``OutboxRepo`` and the orchestrator's ``OutboxWriter`` — the type
+checker proves it satisfies both (seed, commit 6).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import attrs
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from executor_core.executor import ProcessExecutor
+from manager_core.db import make_engine
+from manager_core.dispatcher import Dispatcher, DispatcherSettings
+from manager_core.host_api import PostgresHostApi
+from manager_core.outbox_event_emitter import OutboxEventEmitter
+from manager_core.postgres.apps import PostgresAppRepo
+from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
+from manager_core.postgres.documents import PostgresDocumentRepo
+from manager_core.postgres.executions import PostgresExecutionRepo
+from manager_core.postgres.kv import PostgresKvRepo
+from manager_core.postgres.outbox import OutboxSignal, PostgresOutboxRepo
+from manager_core.postgres.routes import PostgresRouteRepo
+from manager_core.postgres.scripts import PostgresScriptRepo
+from manager_core.postgres.triggers import PostgresTriggerRepo
+from manager_core.postgres.users import PostgresUserRepo
+from orchestrator_core.inbox import InboxRegistry
+from orchestrator_core.routes import UserRouteOrchestrator
+from picloud.settings import Settings
+from picloud_shared.gate import ExecutionGate
+from picloud_shared.ids import AppId
+from picloud_shared.ports import (
+    EventEmitter,
+    Executor,
+    HostApi,
+    InboxResolver,
+    OutboxRepo,
+    OutboxWriter,
+    RouteTable,
+    TriggerRepo,
+)
+from picloud_shared.principals import Principal
+
+
+def default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@attrs.define
+class Services:
+    """Everything one node runs, built by :func:`build_services`."""
+
+    settings: Settings
+    engine: AsyncEngine
+    node_id: str
+    signal: OutboxSignal
+    users: PostgresUserRepo
+    apps: PostgresAppRepo
+    scripts: PostgresScriptRepo
+    routes: PostgresRouteRepo
+    triggers: PostgresTriggerRepo
+    kv: PostgresKvRepo
+    docs: PostgresDocumentRepo
+    executions: PostgresExecutionRepo
+    dead_letters: PostgresDeadLetterRepo
+    outbox: PostgresOutboxRepo
+    outbox_repo: OutboxRepo
+    outbox_writer: OutboxWriter
+    emitter: OutboxEventEmitter
+    executor: ProcessExecutor
+    gate: ExecutionGate
+    inbox: InboxRegistry
+    dispatcher: Dispatcher
+    orchestrator: UserRouteOrchestrator
+
+
+def build_services(
+    settings: Settings, database_url: str, *, node_id: str | None = None
+) -> Services:
+    """Wire a node. Nothing is started: see :func:`running`."""
+    node = node_id or default_node_id()
+    engine = make_engine(
+        database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.max_concurrent_executions + 4,
+    )
+    signal = OutboxSignal()
+    triggers = PostgresTriggerRepo(engine)
+    trigger_repo: TriggerRepo = triggers
+    emitter = OutboxEventEmitter(triggers, signal)
+    event_emitter: EventEmitter = emitter
+    kv = PostgresKvRepo(engine, event_emitter)
+    docs = PostgresDocumentRepo(engine, event_emitter)
+    outbox = PostgresOutboxRepo(engine, signal)
+    outbox_repo: OutboxRepo = outbox
+    outbox_writer: OutboxWriter = outbox
+    executor = ProcessExecutor(
+        settings.executor_max_workers,
+        max_executions_per_worker=settings.executor_max_executions_per_worker,
+        idle_ttl=float(settings.executor_idle_ttl_seconds),
+    )
+    executor_port: Executor = executor
+    gate = ExecutionGate(settings.max_concurrent_executions)
+    inbox = InboxRegistry()
+    inbox_resolver: InboxResolver = inbox
+    routes = PostgresRouteRepo(engine)
+    route_table: RouteTable = routes
+    executions = PostgresExecutionRepo(engine)
+    dead_letters = PostgresDeadLetterRepo(engine, outbox, event_emitter)
+
+    def host_factory(
+        conn: AsyncConnection, app_id: AppId, principal: Principal, depth: int
+    ) -> HostApi:
+        return PostgresHostApi(conn, app_id, principal, depth, kv, docs)
+
+    dispatcher = Dispatcher(
+        engine=engine,
+        executor=executor_port,
+        gate=gate,
+        inbox=inbox_resolver,
+        host_factory=host_factory,
+        executions=executions,
+        dead_letters=dead_letters,
+        outbox=outbox,
+        signal=signal,
+        settings=DispatcherSettings(
+            node_id=node,
+            poll_interval=settings.dispatch_poll_interval_ms / 1000,
+            batch_size=settings.dispatch_batch_size,
+            max_trigger_depth=settings.max_trigger_depth,
+        ),
+    )
+    orchestrator = UserRouteOrchestrator(route_table, outbox_writer, inbox, gate, node_id=node)
+    _ = trigger_repo
+    return Services(
+        settings=settings,
+        engine=engine,
+        node_id=node,
+        signal=signal,
+        users=PostgresUserRepo(engine),
+        apps=PostgresAppRepo(engine),
+        scripts=PostgresScriptRepo(engine),
+        routes=routes,
+        triggers=triggers,
+        kv=kv,
+        docs=docs,
+        executions=executions,
+        dead_letters=dead_letters,
+        outbox=outbox,
+        outbox_repo=outbox_repo,
+        outbox_writer=outbox_writer,
+        emitter=emitter,
+        executor=executor,
+        gate=gate,
+        inbox=inbox,
+        dispatcher=dispatcher,
+        orchestrator=orchestrator,
+    )
+
+
+@asynccontextmanager
+async def running(services: Services) -> AsyncIterator[Services]:
+    """Start the executor and the dispatcher; on exit drain and stop them, in order."""
+    async with services.executor, anyio.create_task_group() as tg:
+        await tg.start(services.dispatcher.run)
+        try:
+            yield services
+        finally:
+            services.dispatcher.stop()
+    await services.engine.dispose()

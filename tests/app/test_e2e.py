@@ -1,0 +1,307 @@
+"""End to end: the real ``picloud serve`` binary over HTTP, on a real database.
+
+One server per module (starting one costs a few seconds); every test works in its
+own app so they do not see each other's data.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.app.server import Server, serving
+from tests.pg import PgServer
+
+
+@pytest.fixture(scope="module")
+def server(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    name = pg_server.create_database(template=pg_server.template)
+    log = tmp_path_factory.mktemp("e2e") / "picloud.log"
+    try:
+        with serving(pg_server.url(name), log, env={"PICLOUD_MAX_CONCURRENT_EXECUTIONS": "4"}) as s:
+            yield s
+    finally:
+        pg_server.drop_database(name)
+
+
+class Admin:
+    """A thin client of the admin API for one app."""
+
+    def __init__(self, server: Server) -> None:
+        self.http = server.client(headers=server.auth)
+        self.app_name = f"e2e-{uuid.uuid4().hex[:8]}"
+        r = self.http.post("/api/v1/admin/apps", json={"name": self.app_name})
+        assert r.status_code == 201, r.text
+        self.app_id = r.json()["id"]
+        self.base = f"/api/v1/admin/apps/{self.app_id}"
+
+    def post(self, path: str, body: Any, expect: int = 201) -> Any:
+        r = self.http.post(self.base + path, json=body)
+        assert r.status_code == expect, r.text
+        return r.json()
+
+    def get(self, path: str, **params: Any) -> Any:
+        r = self.http.get(self.base + path, params=params)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def script(self, name: str, source: str, **extra: Any) -> None:
+        self.post("/scripts", {"name": name, "source": source, **extra})
+
+    def route(self, method: str, path: str, script: str, mode: str = "sync") -> None:
+        self.post(
+            "/routes", {"method": method, "path": path, "script": script, "dispatch_mode": mode}
+        )
+
+    def executions(self, **params: Any) -> list[dict[str, Any]]:
+        return list(self.get("/executions", **params)["items"])
+
+    def wait(self, check: Any, timeout: float = 30) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = check()
+            if value:
+                return value
+            assert time.monotonic() < deadline, "condition not met in time"
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def admin(server: Server) -> Iterator[Admin]:
+    a = Admin(server)
+    yield a
+    a.http.close()
+
+
+@pytest.fixture
+def user(server: Server) -> Iterator[httpx.Client]:
+    with server.client() as c:
+        yield c
+
+
+def test_health_readiness_and_metrics(server: Server, user: httpx.Client) -> None:
+    """/healthz, /readyz and /metrics answer without a token."""
+    assert user.get("/healthz").status_code == 200
+    assert user.get("/readyz").json() == {"status": "ready"}
+    metrics = user.get("/metrics")
+    assert metrics.status_code == 200
+    assert "picloud_outbox_depth" in metrics.text
+    assert "picloud_executions" in metrics.text
+
+
+def test_sync_route_with_path_params_query_and_json(admin: Admin, user: httpx.Client) -> None:
+    """A sync route answers with the script's return value, built from the event."""
+    admin.script(
+        "echo",
+        "def handle(event, ctx):\n"
+        "    return {'who': event['params']['who'], 'q': event['query'], 'json': event['json'],\n"
+        "            'app': ctx.app, 'method': event['method']}\n",
+    )
+    admin.route("POST", "/hi/{who}", "echo")
+    r = user.post(f"/apps/{admin.app_name}/hi/ann?x=1", json={"a": [1]})
+    assert r.status_code == 200
+    assert r.json() == {
+        "who": "ann",
+        "q": {"x": "1"},
+        "json": {"a": [1]},
+        "app": admin.app_name,
+        "method": "POST",
+    }
+
+
+def test_return_forms(admin: Admin, user: httpx.Client) -> None:
+    """str → text/plain, None → 204, ctx.response → as built."""
+    admin.script("text", "def handle(e, ctx):\n    return 'plain'\n")
+    admin.script("none", "def handle(e, ctx):\n    return None\n")
+    admin.script(
+        "custom", "def handle(e, ctx):\n    return ctx.response('made', 201, {'x-a': 'b'})\n"
+    )
+    for name in ("text", "none", "custom"):
+        admin.route("GET", f"/{name}", name)
+    r = user.get(f"/apps/{admin.app_name}/text")
+    assert (r.status_code, r.text, r.headers["content-type"].split(";")[0]) == (
+        200,
+        "plain",
+        "text/plain",
+    )
+    assert user.get(f"/apps/{admin.app_name}/none").status_code == 204
+    r = user.get(f"/apps/{admin.app_name}/custom")
+    assert (r.status_code, r.text, r.headers["x-a"]) == (201, "made", "b")
+
+
+@pytest.mark.parametrize(
+    ("source", "extra", "status", "code"),
+    [
+        ("def handle(e, ctx):\n    ctx.reject('nope')\n", {}, 422, "rejected"),
+        ("def handle(e, ctx):\n    raise ValueError('boom')\n", {}, 502, "script_error"),
+        ("def handle(e, ctx)\n    pass\n", {}, 502, "script_error"),
+        (
+            "import time\ndef handle(e, ctx):\n    time.sleep(30)\n",
+            {"timeout_seconds": 1},
+            504,
+            "timeout",
+        ),
+        (
+            "def handle(e, ctx):\n    x = bytearray(200 * 1024 * 1024)\n    return len(x)\n",
+            {"memory_limit_mb": 16},
+            507,
+            "resource_exhausted",
+        ),
+    ],
+    ids=["reject", "raise", "syntax", "timeout", "memory"],
+)
+def test_failure_table(
+    admin: Admin, user: httpx.Client, source: str, extra: dict[str, Any], status: int, code: str
+) -> None:
+    """Each failure kind answers its status with the documented error body."""
+    admin.script("s", source, **extra)
+    admin.route("GET", "/f", "s")
+    r = user.get(f"/apps/{admin.app_name}/f")
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code
+    assert set(error) == {"code", "message", "execution_id"}
+    execution = admin.get(f"/executions/{error['execution_id']}")
+    assert execution["status"] == "failed"
+
+
+def test_unparsable_json_body_is_422_without_an_execution(admin: Admin, user: httpx.Client) -> None:
+    """A body that claims JSON but is not never reaches the script."""
+    admin.script("s", "def handle(e, ctx):\n    return 1\n")
+    admin.route("POST", "/j", "s")
+    r = user.post(
+        f"/apps/{admin.app_name}/j", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+    assert admin.executions() == []
+
+
+def test_saturated_gate_answers_503(server: Server, admin: Admin) -> None:
+    """With every gate slot busy, a sync request is refused with Retry-After."""
+    admin.script("slow", "import time\ndef handle(e, ctx):\n    time.sleep(3)\n")
+    admin.script("fast", "def handle(e, ctx):\n    return 1\n")
+    admin.route("GET", "/slow", "slow")
+    admin.route("GET", "/fast", "fast")
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        slow = [
+            pool.submit(httpx.get, f"{server.base_url}/apps/{admin.app_name}/slow", timeout=30)
+            for _ in range(4)
+        ]
+        time.sleep(1.0)
+        r = httpx.get(f"{server.base_url}/apps/{admin.app_name}/fast", timeout=30)
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"]
+        assert r.json()["error"]["code"] == "overloaded"
+        assert [f.result().status_code for f in slow] == [204] * 4
+
+
+def test_async_route_is_202_and_its_execution_is_readable_at_once(
+    admin: Admin, user: httpx.Client
+) -> None:
+    """202 with Location; the execution exists immediately and ends succeeded with a result."""
+    admin.script("job", "def handle(e, ctx):\n    return {'n': e['json']['n'] * 2}\n")
+    admin.route("POST", "/jobs", "job", mode="async")
+    r = user.post(f"/apps/{admin.app_name}/jobs", json={"n": 21})
+    assert r.status_code == 202
+    body = r.json()
+    assert set(body) == {"accepted_at", "execution_id"}
+    assert r.headers["location"] == f"{admin.base}/executions/{body['execution_id']}"
+    first = admin.get(f"/executions/{body['execution_id']}")
+    assert first["status"] in {"queued", "running", "succeeded"}
+    done = admin.wait(
+        lambda: (
+            (e := admin.get(f"/executions/{body['execution_id']}"))["status"] == "succeeded" and e
+        )
+    )
+    assert done["result"]["body"] == '{"n":42}'
+    assert done["source_kind"] == "http"
+
+
+def test_route_script_kv_write_fires_a_visible_trigger_execution(
+    admin: Admin, user: httpx.Client
+) -> None:
+    """A KV write made by a route's script fires a KV trigger; its execution is visible."""
+    admin.script("writer", "def handle(e, ctx):\n    ctx.kv.set('seen:' + e['params']['k'], 1)\n")
+    admin.script(
+        "audit",
+        "def handle(e, ctx):\n    ctx.log('audit', e['key'])\n"
+        "    ctx.docs.insert('audit', {'key': e['key'], 'depth': ctx.trigger_depth})\n",
+    )
+    admin.route("PUT", "/w/{k}", "writer")
+    admin.post("/triggers/kv", {"script": "audit", "key_glob": "seen:*", "ops": ["set"]})
+    assert user.put(f"/apps/{admin.app_name}/w/x").status_code == 204
+    kv_exec = admin.wait(
+        lambda: [e for e in admin.executions(source_kind="kv") if e["status"] == "succeeded"]
+    )
+    assert kv_exec[0]["trigger_depth"] == 1
+    assert any("audit" in line and "seen:x" in line for line in kv_exec[0]["logs"])
+    docs = admin.get("/docs/audit")["items"]
+    assert [d["data"] for d in docs] == [{"key": "seen:x", "depth": 1}]
+
+
+def test_docs_and_dead_letter_triggers(admin: Admin) -> None:
+    """A docs trigger that rejects is dead-lettered; the dead-letter trigger handles it."""
+    admin.script("picky", "def handle(e, ctx):\n    ctx.reject('no ' + e['op'])\n")
+    admin.script(
+        "dl", "def handle(e, ctx):\n    ctx.kv.set('dl', [e['source_kind'], e['error']['kind']])\n"
+    )
+    admin.post(
+        "/triggers/docs", {"script": "picky", "collection_glob": "orders", "ops": ["insert"]}
+    )
+    admin.post("/triggers/dead-letter", {"script": "dl", "source_kinds": ["docs"]})
+    admin.post("/docs/orders", {"total": 3})
+    dead = admin.wait(lambda: admin.get("/dead-letters")["items"])
+    assert dead[0]["source_kind"] == "docs"
+    admin.wait(lambda: admin.http.get(f"{admin.base}/kv/dl").status_code == 200)
+    assert admin.get("/kv/dl")["value"] == ["docs", "rejected"]
+
+
+def test_sigterm_under_load_loses_nothing(pg_server: PgServer, tmp_path: Path) -> None:
+    """Async requests accepted before SIGTERM all reach a final status after a restart."""
+    name = pg_server.create_database(template=pg_server.template)
+    url = pg_server.url(name)
+    log = tmp_path / "picloud.log"
+    final = {"succeeded", "failed", "dead_lettered", "skipped"}
+    try:
+        with serving(url, log) as first:
+            admin = Admin(first)
+            admin.script(
+                "work",
+                "import time\ndef handle(e, ctx):\n    time.sleep(0.05)\n"
+                "    ctx.kv.set('done:' + str(e['json']['i']), 1)\n",
+            )
+            admin.route("POST", "/work", "work", mode="async")
+            accepted = []
+            with first.client() as c:
+                for i in range(60):
+                    r = c.post(f"/apps/{admin.app_name}/work", json={"i": i})
+                    assert r.status_code == 202
+                    accepted.append(r.json()["execution_id"])
+            token, app_id = first.token, admin.app_id
+            admin.http.close()
+        # Stopped (exit 0) with work still queued or in flight; start again and drain.
+        with serving(url, log, token=token) as second, second.client(headers=second.auth) as c:
+
+            def all_final() -> bool:
+                statuses = [
+                    c.get(f"/api/v1/admin/apps/{app_id}/executions/{e}").json()["status"]
+                    for e in accepted
+                ]
+                return all(s in final for s in statuses)
+
+            deadline = time.monotonic() + 60
+            while not all_final():
+                assert time.monotonic() < deadline, "accepted work was lost"
+                time.sleep(0.2)
+            for i in range(60):
+                assert c.get(f"/api/v1/admin/apps/{app_id}/kv/done:{i}").status_code == 200
+    finally:
+        pg_server.drop_database(name)
