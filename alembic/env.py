@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from logging.config import fileConfig
 
+from alembic import context
 from sqlalchemy import Connection, create_engine, pool
 
-from alembic import context
 from manager_core.tables import metadata
 
 config = context.config
