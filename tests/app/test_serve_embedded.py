@@ -1,0 +1,126 @@
+"""`picloud serve` as a person runs it: no database URL, an embedded PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.app.server import PICLOUD, ROOT, free_port
+
+
+def start(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICLOUD_")}
+    env |= {"PICLOUD_DATA_DIR": str(data_dir), "PICLOUD_PORT": str(port)}
+    with log.open("ab") as out:
+        return subprocess.Popen([str(PICLOUD), "serve"], cwd=ROOT, env=env, stdout=out, stderr=out)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("not ready:\n" + log.read_text())
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(60)
+
+
+def test_serve_embedded_first_start_prints_a_token_and_second_start_reuses_the_data(
+    pg_data_dir: Path,
+) -> None:
+    """First start: embedded PostgreSQL, migration, a generated admin token printed once.
+    SIGTERM: exit 0 and PostgreSQL stopped. Second start: same data, no new admin."""
+    log = pg_data_dir / "serve.log"
+    port = free_port()
+    proc = start(pg_data_dir, port, log)
+    try:
+        wait_ready(proc, port, log)
+        match = re.search(r"its token \(shown once\):\n(\S+)", log.read_text())
+        assert match, log.read_text()
+        token = match.group(1)
+        auth = {"Authorization": f"Bearer {token}"}
+        created = httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/admin/apps",
+            headers=auth,
+            json={"name": "kept"},
+            timeout=30,
+        )
+        assert created.status_code == 201, created.text
+    finally:
+        code = stop(proc)
+    assert code == 0, log.read_text()
+    assert not (pg_data_dir / "pg" / "postmaster.pid").exists(), "embedded PostgreSQL left running"
+
+    first_log = log.read_text()
+    port = free_port()
+    proc = start(pg_data_dir, port, log)
+    try:
+        wait_ready(proc, port, log)
+        apps = httpx.get(f"http://127.0.0.1:{port}/api/v1/admin/apps", headers=auth, timeout=30)
+        assert [a["name"] for a in apps.json()["items"]] == ["kept"]
+    finally:
+        assert stop(proc) == 0
+    assert log.read_text()[len(first_log) :].count("shown once") == 0
+
+
+def test_admin_create_user_prints_a_working_token(pg_data_dir: Path) -> None:
+    """`picloud admin create-user NAME` prints a token that authenticates."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICLOUD_")}
+    env["PICLOUD_DATA_DIR"] = str(pg_data_dir)
+    made = subprocess.run(
+        [str(PICLOUD), "admin", "create-user", "ann"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    again = subprocess.run(
+        [str(PICLOUD), "admin", "create-user", "ann"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert again.returncode == 1
+    assert "taken" in again.stderr
+    log = pg_data_dir / "serve.log"
+    port = free_port()
+    proc = start(pg_data_dir, port, log)
+    try:
+        wait_ready(proc, port, log)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/admin/apps",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"name": "anns"},
+            timeout=30,
+        )
+        assert r.status_code == 201, r.text
+        forbidden = httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/admin/users",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"name": "x"},
+            timeout=30,
+        )
+        assert forbidden.status_code == 403
+    finally:
+        assert stop(proc) == 0
