@@ -326,3 +326,40 @@ async def test_a_row_whose_node_died_on_its_last_attempt_is_dead_lettered_not_ru
     (dl,) = await world.rows(t.dead_letters)
     assert (dl.attempts, dl.error_kind) == (4, "worker_crash")
     assert await world.kv_value("mirror:k") is None
+
+
+async def test_stop_lets_in_flight_executions_finish_within_the_grace(world: World) -> None:
+    """stop() stops claiming but a running script completes and commits."""
+    await kv_trigger(
+        world,
+        "import time\ndef handle(event, ctx):\n    time.sleep(0.5)\n    ctx.kv.set('done', 1)\n",
+        "go",
+    )
+    await world.kv.set(world.app_id, "go", 1)
+    async with world.running(world.dispatcher(shutdown_grace=10)):
+        await world.wait_count(t.executions, t.executions.c.status == "running")
+    assert await world.executions_by_status() == {"succeeded": 1}
+    assert await world.kv_value("done") == 1
+
+
+async def test_stop_gives_back_what_outlives_the_grace_and_it_runs_later(world: World) -> None:
+    """Past the grace period the execution is cancelled, its row given back uncounted,
+    and the next dispatcher runs it once."""
+    await kv_trigger(
+        world,
+        "import time\ndef handle(event, ctx):\n"
+        "    if ctx.kv.get('slow') is None:\n        time.sleep(30)\n    ctx.kv.set('done', 1)\n",
+        "go",
+    )
+    await world.kv.set(world.app_id, "go", 1)
+    async with world.running(world.dispatcher(shutdown_grace=0.3)):
+        await world.wait_count(t.executions, t.executions.c.status == "running")
+    (row,) = await world.rows(t.outbox)
+    assert (row.claimed_until, row.attempt_count) == (None, 0)
+    assert await world.executions_by_status() == {"queued": 1}
+    await world.kv.set(world.app_id, "slow", False)
+    async with world.running():
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded")
+    (execution,) = await world.rows(t.executions)
+    assert execution.attempts == 1
+    assert await world.kv_value("done") == 1
