@@ -363,3 +363,35 @@ async def test_stop_gives_back_what_outlives_the_grace_and_it_runs_later(world: 
     (execution,) = await world.rows(t.executions)
     assert execution.attempts == 1
     assert await world.kv_value("done") == 1
+
+
+async def test_sync_rows_run_only_on_the_node_whose_caller_waits(world: World) -> None:
+    """Another node never runs a sync row it cannot answer; once orphaned (older than the
+    longest wait), any node fails it without running it."""
+    script_id = await world.script("def handle(event, ctx):\n    ctx.kv.set('ran', 1)\n")
+    route = await _route(world, script_id)
+    inbox_id, receiver = world.inbox.register()  # as if this node's inbox were elsewhere
+    receiver.close()
+    row = NewOutboxRow(
+        execution_id=new_execution_id(),
+        app_id=world.app_id,
+        source_kind=OutboxSourceKind.HTTP,
+        payload=HttpDispatchPayload(route, HttpEvent("GET", "/").to_wire()).to_wire(),
+        script_id=script_id,
+        route_id=route,
+        reply_to=inbox_id,
+        reply_node="node-elsewhere",
+    )
+    await world.outbox.enqueue(row)
+    async with world.running(world.dispatcher("node-a")):
+        await anyio.sleep(0.5)
+    assert await world.executions_by_status() == {"queued": 1}
+    async with world.engine.begin() as conn:
+        await conn.execute(
+            sa.update(t.outbox).values(created_at=sa.text("now() - interval '1 hour'"))
+        )
+    async with world.running(world.dispatcher("node-a")):
+        await world.wait_count(t.executions, t.executions.c.status == "failed")
+    (execution,) = await world.rows(t.executions)
+    assert execution.error_kind == "worker_crash"
+    assert await world.kv_value("ran") is None

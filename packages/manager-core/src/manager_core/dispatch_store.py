@@ -30,6 +30,7 @@ from manager_core.postgres.outbox import outbox_row_from_row
 from picloud_shared import wire
 from picloud_shared.execution import ExecResult
 from picloud_shared.ids import ScriptId, UserId
+from picloud_shared.limits import MAX_TIMEOUT_SECONDS, SYNC_WAIT_BUFFER_SECONDS
 from picloud_shared.outbox import OutboxRow
 from picloud_shared.status import ExecutionStatus
 
@@ -38,6 +39,8 @@ _CLAIM = text(
     WITH due AS (
         SELECT id FROM outbox
         WHERE claimed_until IS NULL AND run_at <= now()
+          AND (reply_to IS NULL OR reply_node = :node
+               OR created_at < now() - make_interval(secs => :orphan_after))
         ORDER BY run_at, id
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
@@ -114,12 +117,27 @@ def new_claim_token(node_id: str) -> str:
     return f"{node_id}/{uuid.uuid4().hex[:12]}"
 
 
+# A sync HTTP row is run by the node whose caller waits for it (its inbox is in that
+# process). Past the longest possible wait nobody waits any more: any node may then
+# claim it, to fail it without running it.
+ORPHANED_SYNC_AFTER_SECONDS = MAX_TIMEOUT_SECONDS + SYNC_WAIT_BUFFER_SECONDS + 30
+
+
 async def claim(
     conn: AsyncConnection, *, node_id: str, limit: int, lease_seconds: float
 ) -> list[ClaimedRow]:
     """Claim up to ``limit`` due rows (caller commits)."""
     token = new_claim_token(node_id)
-    result = await conn.execute(_CLAIM, {"limit": limit, "token": token, "lease": lease_seconds})
+    result = await conn.execute(
+        _CLAIM,
+        {
+            "limit": limit,
+            "token": token,
+            "lease": lease_seconds,
+            "node": node_id,
+            "orphan_after": ORPHANED_SYNC_AFTER_SECONDS,
+        },
+    )
     out: list[ClaimedRow] = []
     for m in result.all():
         script = (

@@ -313,8 +313,9 @@ class Dispatcher:
         row = claim.row
         if row.trigger_depth > self.settings.max_trigger_depth:
             return await self._skip(claim)
-        if row.is_sync_http and row.attempt_count > 1:
-            # The node that first ran this request died; its caller is gone with it.
+        if row.is_sync_http and (row.attempt_count > 1 or row.reply_node != self.settings.node_id):
+            # The node whose caller waited for this died (before or while running it);
+            # the caller is gone with it, so the request is failed, not run.
             return await self._book_failure(
                 claim,
                 ExecResult.failed(
