@@ -305,3 +305,37 @@ def test_sigterm_under_load_loses_nothing(pg_server: PgServer, tmp_path: Path) -
                 assert c.get(f"/api/v1/admin/apps/{app_id}/kv/done:{i}").status_code == 200
     finally:
         pg_server.drop_database(name)
+
+
+def test_two_nodes_on_one_database_form_a_cluster(pg_server: PgServer, tmp_path: Path) -> None:
+    """Two `picloud serve` on one PostgreSQL: sync calls answer on either node, async work
+    is shared and each request runs exactly once."""
+    name = pg_server.create_database(template=pg_server.template)
+    url = pg_server.url(name)
+    try:
+        with (
+            serving(url, tmp_path / "a.log") as a,
+            serving(url, tmp_path / "b.log", token=a.token) as b,
+        ):
+            admin = Admin(a)
+            admin.script(
+                "count",
+                "def handle(e, ctx):\n    k = 'n:' + e['params']['i']\n"
+                "    ctx.kv.set(k, (ctx.kv.get(k) or 0) + 1)\n    return {'i': e['params']['i']}\n",
+            )
+            admin.route("POST", "/sync/{i}", "count")
+            admin.route("POST", "/async/{i}", "count", mode="async")
+            with a.client() as ca, b.client() as cb:
+                for i in range(20):
+                    node = ca if i % 2 else cb
+                    r = node.post(f"/apps/{admin.app_name}/sync/s{i}")
+                    assert r.status_code == 200, r.text
+                    assert r.json() == {"i": f"s{i}"}
+                    assert node.post(f"/apps/{admin.app_name}/async/a{i}").status_code == 202
+            admin.wait(lambda: len(admin.executions(status="succeeded")) == 40, timeout=60)
+            for i in range(20):
+                assert admin.get(f"/kv/n:s{i}")["value"] == 1
+                assert admin.get(f"/kv/n:a{i}")["value"] == 1
+            admin.http.close()
+    finally:
+        pg_server.drop_database(name)
