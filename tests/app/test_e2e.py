@@ -339,3 +339,36 @@ def test_two_nodes_on_one_database_form_a_cluster(pg_server: PgServer, tmp_path:
             admin.http.close()
     finally:
         pg_server.drop_database(name)
+
+
+def test_a_client_that_disconnects_leaves_an_abandoned_answer(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    """The caller gives up mid-wait; the script still finishes and its answer is
+    recorded in abandoned_executions."""
+    from sqlalchemy import create_engine, pool, text
+
+    name = pg_server.create_database(template=pg_server.template)
+    url = pg_server.url(name)
+    try:
+        with serving(url, tmp_path / "picloud.log") as server:
+            admin = Admin(server)
+            admin.script(
+                "slow", "import time\ndef handle(e, ctx):\n    time.sleep(1.5)\n    return 'late'\n"
+            )
+            admin.route("GET", "/slow", "slow")
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.get(f"{server.base_url}/apps/{admin.app_name}/slow", timeout=0.5)
+            done = admin.wait(lambda: admin.executions(status="succeeded"), timeout=30)
+            admin.http.close()
+        engine = create_engine(url, poolclass=pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text("SELECT execution_id, reason FROM abandoned_executions")
+                ).all()
+        finally:
+            engine.dispose()
+        assert [(str(r.execution_id), r.reason) for r in rows] == [(done[0]["id"], "receiver gone")]
+    finally:
+        pg_server.drop_database(name)
