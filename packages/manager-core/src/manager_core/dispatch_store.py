@@ -17,6 +17,7 @@ execution keeps killing its node still reaches ``max_attempts``.
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -55,11 +56,14 @@ _CLAIM = text(
         UPDATE executions e
         SET status = 'running', attempts = c.attempt_count,
             started_at = coalesce(e.started_at, now())
-        FROM claimed c WHERE e.id = c.execution_id
+        FROM claimed c
+        WHERE e.id = c.execution_id
+          -- spelled out so the planner probes the primary key instead of hashing a scan
+          AND e.id = ANY(ARRAY(SELECT execution_id FROM claimed))
     )
     SELECT c.*,
            a.name AS app_name,
-           s.id IS NOT NULL AS script_exists, s.source, s.version,
+           s.id IS NOT NULL AS script_exists, s.version,
            s.timeout_seconds, s.memory_limit_mb,
            (tr.id IS NOT NULL OR r.id IS NOT NULL) AS owner_exists,
            coalesce(tr.registered_by_principal, r.registered_by) AS principal_id,
@@ -87,6 +91,57 @@ _RECOVER = text(
     )
     """
 )
+
+
+class ScriptSources:
+    """Script sources by ``(script id, version)``, so a claim carries only versions.
+
+    A version's source never changes (an update makes a new version), so entries
+    never go stale; the least recently used are evicted past ``capacity``.
+    """
+
+    def __init__(self, capacity: int = 512) -> None:
+        self._capacity = capacity
+        self._cache: OrderedDict[tuple[ScriptId, int], str] = OrderedDict()
+
+    def get(self, script_id: ScriptId, version: int) -> str | None:
+        source = self._cache.get((script_id, version))
+        if source is not None:
+            self._cache.move_to_end((script_id, version))
+        return source
+
+    def put(self, script_id: ScriptId, version: int, source: str) -> None:
+        self._cache[(script_id, version)] = source
+        self._cache.move_to_end((script_id, version))
+        while len(self._cache) > self._capacity:
+            self._cache.popitem(last=False)
+
+    async def resolve(
+        self, conn: AsyncConnection, wanted: set[tuple[ScriptId, int]]
+    ) -> dict[tuple[ScriptId, int], tuple[int, str]]:
+        """``(id, version) → (version, source)`` for every wanted script, loading what
+        is not cached in one query. A script updated in between comes back at its
+        newer version, which is then the one that runs."""
+        out: dict[tuple[ScriptId, int], tuple[int, str]] = {}
+        missing: set[ScriptId] = set()
+        for sid, version in wanted:
+            source = self.get(sid, version)
+            if source is None:
+                missing.add(sid)
+            else:
+                out[(sid, version)] = (version, source)
+        if missing:
+            rows = await conn.execute(
+                select(t.scripts.c.id, t.scripts.c.version, t.scripts.c.source).where(
+                    t.scripts.c.id.in_(missing)
+                )
+            )
+            latest = {row.id: (row.version, row.source) for row in rows}
+            for sid, version in wanted:
+                if sid in latest:
+                    self.put(sid, *latest[sid])
+                    out[(sid, version)] = latest[sid]
+        return out
 
 
 @attrs.frozen
@@ -124,7 +179,12 @@ ORPHANED_SYNC_AFTER_SECONDS = MAX_TIMEOUT_SECONDS + SYNC_WAIT_BUFFER_SECONDS + 3
 
 
 async def claim(
-    conn: AsyncConnection, *, node_id: str, limit: int, lease_seconds: float
+    conn: AsyncConnection,
+    *,
+    node_id: str,
+    limit: int,
+    lease_seconds: float,
+    sources: ScriptSources,
 ) -> list[ClaimedRow]:
     """Claim up to ``limit`` due rows (caller commits)."""
     token = new_claim_token(node_id)
@@ -138,13 +198,14 @@ async def claim(
             "orphan_after": ORPHANED_SYNC_AFTER_SECONDS,
         },
     )
+    rows = result.all()
+    found = await sources.resolve(conn, {(m.script_id, m.version) for m in rows if m.script_exists})
     out: list[ClaimedRow] = []
-    for m in result.all():
-        script = (
-            ScriptInfo(m.script_id, m.source, m.version, m.timeout_seconds, m.memory_limit_mb)
-            if m.script_exists
-            else None
-        )
+    for m in rows:
+        script = None
+        if m.script_exists and (m.script_id, m.version) in found:
+            version, source = found[(m.script_id, m.version)]
+            script = ScriptInfo(m.script_id, source, version, m.timeout_seconds, m.memory_limit_mb)
         out.append(
             ClaimedRow(
                 row=outbox_row_from_row(m),

@@ -156,6 +156,7 @@ class Dispatcher:
         self._idle = anyio.Event()
         self._idle.set()
         self._completer = BatchCompleter(engine)
+        self._sources = store.ScriptSources()
         self._leased: dict[int, str] = {}  # rows this node is running → claim token
 
     # ------------------------------------------------------------------ lifecycle
@@ -237,6 +238,7 @@ class Dispatcher:
                 node_id=self.settings.node_id,
                 limit=limit,
                 lease_seconds=self.settings.lease_seconds,
+                sources=self._sources,
             )
         if claims:
             self.metrics.claimed += len(claims)
@@ -278,11 +280,13 @@ class Dispatcher:
         kind = claim.row.source_kind.value
         self._leased[claim.row.id] = claim.token
         try:
-            with permit:
-                try:
-                    outcome = await self._run_claim(claim)
-                except _Lost:
-                    outcome = "lost"
+            slot = _Slot(permit)
+            try:
+                outcome = await self._run_claim(claim, slot)
+            except _Lost:
+                outcome = "lost"
+            finally:
+                slot.release()
             self.metrics.executions[(kind, outcome)] += 1
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
@@ -308,7 +312,7 @@ class Dispatcher:
         except Exception:
             log.exception("could not give back %d row(s); their leases will expire", len(claims))
 
-    async def _run_claim(self, claim: store.ClaimedRow) -> str:
+    async def _run_claim(self, claim: store.ClaimedRow, slot: _Slot) -> str:
         """Run one claimed row to its outcome; returns the outcome's metric label."""
         row = claim.row
         if row.trigger_depth > self.settings.max_trigger_depth:
@@ -338,7 +342,7 @@ class Dispatcher:
             request, principal = self._build_request(claim)
         except _Unrunnable as exc:
             return await self._book_failure(claim, ExecResult.failed(row.execution_id, exc.error))
-        result = await self._run_in_transaction(claim, request, principal)
+        result = await self._run_in_transaction(claim, request, principal, slot)
         if result is None:
             return "succeeded"
         return await self._book_failure(claim, result)
@@ -389,7 +393,7 @@ class Dispatcher:
         return request, principal
 
     async def _run_in_transaction(
-        self, claim: store.ClaimedRow, request: ExecRequest, principal: Principal
+        self, claim: store.ClaimedRow, request: ExecRequest, principal: Principal, slot: _Slot
     ) -> ExecResult | None:
         """Run the script and commit its effects with the row's completion.
 
@@ -399,10 +403,11 @@ class Dispatcher:
         row = claim.row
         for _ in range(self.settings.max_conflict_reruns):
             try:
-                return await self._attempt(claim, request, principal)
+                return await self._attempt(claim, request, principal, slot)
             except _Rerun:
                 self.metrics.conflict_reruns += 1
                 await anyio.sleep(self._rand() * 0.005)
+                await slot.reacquire(self._gate)
         return ExecResult.failed(
             row.execution_id,
             ExecError(
@@ -411,7 +416,7 @@ class Dispatcher:
         )
 
     async def _attempt(
-        self, claim: store.ClaimedRow, request: ExecRequest, principal: Principal
+        self, claim: store.ClaimedRow, request: ExecRequest, principal: Principal, slot: _Slot
     ) -> ExecResult | None:
         """One run of the script. ``None`` when its success is committed; the failed
         result (nothing of it committed) otherwise. Raises ``_Rerun`` on a
@@ -420,6 +425,8 @@ class Dispatcher:
         txn = _ExecutionTransaction(self, claim, principal)
         try:
             result = await self._executor.execute(request, txn.host)
+            # The script is done: its gate slot is free while the outcome commits.
+            slot.release()
             error = txn.host.db_error
             if error is not None:
                 await txn.rollback()
@@ -547,6 +554,23 @@ class Dispatcher:
             return
         self.metrics.abandoned += 1
         await self._outbox.record_abandoned(row.execution_id, row.reply_to, "receiver gone", result)
+
+
+class _Slot:
+    """The gate permit of one execution: released as soon as its script has run
+    (committing the outcome needs no slot), taken again for a conflict re-run."""
+
+    def __init__(self, permit: Permit) -> None:
+        self._permit = permit
+
+    def release(self) -> None:
+        self._permit.release()
+
+    async def reacquire(self, gate: ExecutionGate) -> None:
+        self._permit.release()
+        permit = await gate.acquire()
+        assert permit is not None
+        self._permit = permit
 
 
 class _ExecutionTransaction:
