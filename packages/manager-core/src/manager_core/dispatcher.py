@@ -339,7 +339,8 @@ class Dispatcher:
                 ),
             )
         try:
-            request, principal = self._build_request(claim)
+            principal = self._resolve_trigger(claim)
+            request = self._build_exec_request(claim, principal)
         except _Unrunnable as exc:
             return await self._book_failure(claim, ExecResult.failed(row.execution_id, exc.error))
         result = await self._run_in_transaction(claim, request, principal, slot)
@@ -347,7 +348,9 @@ class Dispatcher:
             return "succeeded"
         return await self._book_failure(claim, result)
 
-    def _build_request(self, claim: store.ClaimedRow) -> tuple[ExecRequest, Principal]:
+    def _resolve_trigger(self, claim: store.ClaimedRow) -> Principal:
+        """The seed's ``resolve_trigger``: the trigger (or route) and its script still
+        exist, and whom the script runs as (the claim already joined them)."""
         row = claim.row
         if not claim.owner_exists:
             what = "route" if row.source_kind is OutboxSourceKind.HTTP else "trigger"
@@ -365,6 +368,12 @@ class Dispatcher:
             )
         except PrincipalRevoked as exc:
             raise _Unrunnable(ExecError(ExecErrorKind.PRINCIPAL_REVOKED, exc.message)) from None
+        return principal
+
+    def _build_exec_request(self, claim: store.ClaimedRow, principal: Principal) -> ExecRequest:
+        """The seed's ``build_exec_request``: one generic arm for kv | docs | dead_letter
+        (the trigger event), one for http (the ``HttpDispatchPayload``)."""
+        row = claim.row
         try:
             if row.source_kind is OutboxSourceKind.HTTP:
                 payload = HttpDispatchPayload.from_wire(row.payload)
@@ -376,7 +385,8 @@ class Dispatcher:
                 ExecError(ExecErrorKind.INTERNAL, f"undecodable outbox payload: {exc}")
             ) from None
         script = claim.script
-        request = ExecRequest(
+        assert script is not None
+        return ExecRequest(
             execution_id=row.execution_id,
             app_id=row.app_id,
             app_name=claim.app_name,
@@ -390,7 +400,6 @@ class Dispatcher:
             attempt=row.attempt_count,
             trigger_depth=row.trigger_depth,
         )
-        return request, principal
 
     async def _run_in_transaction(
         self, claim: store.ClaimedRow, request: ExecRequest, principal: Principal, slot: _Slot
