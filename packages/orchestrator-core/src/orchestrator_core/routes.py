@@ -25,7 +25,9 @@ from starlette.routing import BaseRoute, Route
 
 from orchestrator_core.inbox import InboxRegistry
 from orchestrator_core.paths import match_template
+from orchestrator_core.route_cache import CachedRouteTable
 from picloud_shared.domain import DispatchMode, RouteTarget
+from picloud_shared.errors import NotFound
 from picloud_shared.events import HttpEvent
 from picloud_shared.gate import ExecutionGate
 from picloud_shared.ids import ExecutionId, new_execution_id
@@ -128,10 +130,18 @@ class UserRouteOrchestrator:
     async def handle(self, request: Request) -> Response:
         app_name = request.path_params["app_name"]
         path = "/" + request.path_params.get("route_path", "")
-        targets = await self.route_table.routes_for_app(app_name)
+        cache = self.route_table if isinstance(self.route_table, CachedRouteTable) else None
+        if cache is None:
+            targets, cached = await self.route_table.routes_for_app(app_name), False
+        else:
+            targets, cached = await cache.lookup(app_name)
+        found = [] if targets is None else self._match(targets, request.method, path)
+        if cached and isinstance(found, list):
+            assert cache is not None  # never answer 404/405 from the cache: it may be new
+            targets = await cache.refresh(app_name)
+            found = [] if targets is None else self._match(targets, request.method, path)
         if targets is None:
             return _error(404, "not_found", f"no app named {app_name!r}")
-        found = self._match(targets, request.method, path)
         if isinstance(found, list):
             if found:
                 return _error(
@@ -166,9 +176,14 @@ class UserRouteOrchestrator:
             body=body,
             json=parsed,
         )
-        if target.dispatch_mode is DispatchMode.ASYNC:
-            return await self._dispatch_async(target, event)
-        return await self._dispatch_sync(request, target, event)
+        try:
+            if target.dispatch_mode is DispatchMode.ASYNC:
+                return await self._dispatch_async(target, event)
+            return await self._dispatch_sync(request, target, event)
+        except NotFound:  # the app was deleted after its routes were cached
+            if cache is not None:
+                cache.invalidate(app_name)
+            return _error(404, "not_found", f"no app named {app_name!r}")
 
     def _row(
         self,

@@ -32,6 +32,7 @@ from manager_core.postgres.scripts import PostgresScriptRepo
 from manager_core.postgres.triggers import PostgresTriggerRepo
 from manager_core.postgres.users import PostgresUserRepo
 from orchestrator_core.inbox import InboxRegistry
+from orchestrator_core.route_cache import CachedRouteTable
 from orchestrator_core.routes import UserRouteOrchestrator
 from picloud.settings import Settings
 from picloud_shared.gate import ExecutionGate
@@ -111,7 +112,7 @@ def build_services(
     inbox = InboxRegistry()
     inbox_resolver: InboxResolver = inbox
     routes = PostgresRouteRepo(engine)
-    route_table: RouteTable = routes
+    route_table: RouteTable = CachedRouteTable(routes)
     executions = PostgresExecutionRepo(engine)
     dead_letters = PostgresDeadLetterRepo(engine, outbox, event_emitter)
 

@@ -1,0 +1,120 @@
+"""CachedRouteTable, and the orchestrator's rule: never 404/405 from the cache."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from orchestrator_core.inbox import InboxRegistry
+from orchestrator_core.route_cache import CachedRouteTable
+from orchestrator_core.routes import UserRouteOrchestrator
+from picloud_shared.domain import DispatchMode, RouteTarget
+from picloud_shared.errors import NotFound
+from picloud_shared.gate import ExecutionGate
+from picloud_shared.ids import AppId, RouteId, ScriptId
+from picloud_shared.outbox import NewOutboxRow
+
+pytestmark = pytest.mark.anyio
+APP = AppId(uuid.uuid4())
+
+
+def async_route(path: str) -> RouteTarget:
+    return RouteTarget(
+        RouteId(uuid.uuid4()),
+        APP,
+        "shop",
+        "POST",
+        path,
+        DispatchMode.ASYNC,
+        ScriptId(uuid.uuid4()),
+        5,
+    )
+
+
+class CountingRoutes:
+    """The database's answer, counting reads."""
+
+    def __init__(self) -> None:
+        self.apps: dict[str, list[RouteTarget]] = {"shop": [async_route("/a")]}
+        self.reads = 0
+
+    async def routes_for_app(self, app_name: str) -> Sequence[RouteTarget] | None:
+        self.reads += 1
+        routes = self.apps.get(app_name)
+        return None if routes is None else list(routes)
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Outbox:
+    def __init__(self) -> None:
+        self.rows: list[NewOutboxRow] = []
+        self.app_gone = False
+
+    async def enqueue(self, row: NewOutboxRow) -> None:
+        if self.app_gone:
+            raise NotFound("app not found")
+        self.rows.append(row)
+
+
+async def test_answers_come_from_the_cache_until_the_ttl() -> None:
+    """Within ttl one read serves every lookup; after it, the table is read again."""
+    inner, clock = CountingRoutes(), Clock()
+    cache = CachedRouteTable(inner, ttl=1.0, clock=clock)
+    assert await cache.routes_for_app("shop") == await cache.routes_for_app("shop")
+    assert inner.reads == 1
+    clock.now = 1.5
+    await cache.routes_for_app("shop")
+    assert inner.reads == 2
+
+
+async def test_unknown_apps_are_not_cached() -> None:
+    """An app created a moment later is found at once."""
+    inner = CountingRoutes()
+    cache = CachedRouteTable(inner, clock=Clock())
+    assert await cache.routes_for_app("new") is None
+    inner.apps["new"] = []
+    assert await cache.routes_for_app("new") == []
+
+
+@pytest.fixture
+def wired() -> tuple[httpx.AsyncClient, CountingRoutes, Outbox, Clock]:
+    inner, clock, outbox = CountingRoutes(), Clock(), Outbox()
+    cache = CachedRouteTable(inner, ttl=10.0, clock=clock)
+    orch = UserRouteOrchestrator(cache, outbox, InboxRegistry(), ExecutionGate(2), node_id="n")
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=Starlette(routes=orch.routes())), base_url="http://t"
+    )
+    return client, inner, outbox, clock
+
+
+async def test_a_route_created_after_caching_is_served_at_once(wired) -> None:  # type: ignore[no-untyped-def]
+    """A cached miss is re-read before answering 404."""
+    client, inner, outbox, _ = wired
+    async with client:
+        assert (await client.post("/apps/shop/a")).status_code == 202
+        inner.apps["shop"].append(async_route("/b"))
+        assert (await client.post("/apps/shop/b")).status_code == 202
+        assert (await client.post("/apps/shop/a")).status_code == 202
+    assert inner.reads == 2
+    assert len(outbox.rows) == 3
+
+
+async def test_an_app_deleted_after_caching_answers_404(wired) -> None:  # type: ignore[no-untyped-def]
+    """The enqueue's NotFound becomes a 404 and drops the cached routes."""
+    client, inner, outbox, _ = wired
+    async with client:
+        assert (await client.post("/apps/shop/a")).status_code == 202
+        del inner.apps["shop"]
+        outbox.app_gone = True
+        assert (await client.post("/apps/shop/a")).status_code == 404
+        assert (await client.post("/apps/shop/a")).status_code == 404
