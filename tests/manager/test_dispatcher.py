@@ -395,3 +395,53 @@ async def test_sync_rows_run_only_on_the_node_whose_caller_waits(world: World) -
     (execution,) = await world.rows(t.executions)
     assert execution.error_kind == "worker_crash"
     assert await world.kv_value("ran") is None
+
+
+async def test_rows_that_lose_their_slot_after_the_claim_are_given_back_uncounted(
+    world: World,
+) -> None:
+    """Sync HTTP may take the free slots between a claim and its permits: those rows go
+    back due at once, no attempt counted, and run later exactly once."""
+    await kv_trigger(
+        world, "def handle(event, ctx):\n    ctx.kv.set('ran:' + event['key'], 1)\n", "n:*"
+    )
+    for i in range(3):
+        await world.kv.set(world.app_id, f"n:{i}", i)
+    dispatcher = world.dispatcher()
+    real_claim = dispatcher._claim
+    stolen: list[object] = []
+
+    async def claim_then_lose_the_slots(limit: int):  # type: ignore[no-untyped-def]
+        claims = await real_claim(limit)
+        if claims and not stolen:  # the first claim races a burst of sync requests
+            while (permit := world.gate.try_acquire()) is not None:
+                stolen.append(permit)
+        return claims
+
+    dispatcher._claim = claim_then_lose_the_slots  # type: ignore[method-assign]
+    async with world.running(dispatcher):
+        await world.wait_for(lambda: _has(stolen))
+        await anyio.sleep(0.3)
+        assert await world.executions_by_status() == {"queued": 3}
+        assert {r.attempt_count for r in await world.rows(t.outbox)} == {0}
+        for permit in stolen:
+            permit.release()  # type: ignore[attr-defined]
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded", at_least=3)
+    assert {r.attempts for r in await world.rows(t.executions)} == {1}
+
+
+async def _has(items: list[object]) -> bool:
+    return bool(items)
+
+
+async def test_a_registrant_who_no_longer_exists_is_principal_revoked(world: World) -> None:
+    """The trigger's registrant was deleted: dead-lettered as principal_revoked, not run."""
+    await kv_trigger(world, COPY_TO_MIRROR, "k")
+    async with world.engine.begin() as conn:
+        await conn.execute(sa.delete(t.users).where(t.users.c.id == world.owner))
+    await world.kv.set(world.app_id, "k", 1)
+    async with world.running():
+        await world.wait_count(t.dead_letters)
+    (dl,) = await world.rows(t.dead_letters)
+    assert (dl.error_kind, dl.attempts) == ("principal_revoked", 1)
+    assert "no longer exists" in dl.error_message
