@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
 from picloud_shared.events import HttpEvent
-from picloud_shared.ids import new_execution_id
+from picloud_shared.ids import RouteId, ScriptId, new_execution_id
 from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
 from picloud_shared.retry import Backoff, RetryPolicy
 from picloud_shared.triggers import (
@@ -223,16 +223,7 @@ async def test_sync_http_row_answers_the_inbox(world: World) -> None:
     route = await _route(world, script_id)
     inbox_id, receiver = world.inbox.register()
     event = HttpEvent("GET", "/hi")
-    row = NewOutboxRow(
-        execution_id=new_execution_id(),
-        app_id=world.app_id,
-        source_kind=OutboxSourceKind.HTTP,
-        payload=HttpDispatchPayload(route, event.to_wire()).to_wire(),
-        script_id=script_id,
-        route_id=route,
-        reply_to=inbox_id,
-        reply_node="node-a",
-    )
+    row = http_row(world, script_id, route, event, reply_to=inbox_id, reply_node="node-a")
     with receiver:
         await world.outbox.enqueue(row)
         async with world.running():
@@ -248,15 +239,8 @@ async def test_sync_http_answer_without_receiver_is_recorded_abandoned(world: Wo
     route = await _route(world, script_id)
     inbox_id, receiver = world.inbox.register()
     receiver.close()
-    row = NewOutboxRow(
-        execution_id=new_execution_id(),
-        app_id=world.app_id,
-        source_kind=OutboxSourceKind.HTTP,
-        payload=HttpDispatchPayload(route, HttpEvent("GET", "/").to_wire()).to_wire(),
-        script_id=script_id,
-        route_id=route,
-        reply_to=inbox_id,
-        reply_node="node-a",
+    row = http_row(
+        world, script_id, route, HttpEvent("GET", "/"), reply_to=inbox_id, reply_node="node-a"
     )
     await world.outbox.enqueue(row)
     async with world.running():
@@ -269,14 +253,7 @@ async def test_async_http_row_records_its_result(world: World) -> None:
     """An async http execution keeps the script's response as its result."""
     script_id = await world.script("def handle(event, ctx):\n    return {'ok': event['json']}\n")
     route = await _route(world, script_id)
-    row = NewOutboxRow(
-        execution_id=new_execution_id(),
-        app_id=world.app_id,
-        source_kind=OutboxSourceKind.HTTP,
-        payload=HttpDispatchPayload(route, HttpEvent("POST", "/", json=[1]).to_wire()).to_wire(),
-        script_id=script_id,
-        route_id=route,
-    )
+    row = http_row(world, script_id, route, HttpEvent("POST", "/", json=[1]))
     await world.outbox.enqueue(row)
     async with world.running():
         await world.wait_count(t.executions, t.executions.c.status == "succeeded")
@@ -284,6 +261,21 @@ async def test_async_http_row_records_its_result(world: World) -> None:
     assert execution.result["status"] == 200
     assert execution.result["body"] == '{"ok":[1]}'
     assert execution.finished_at is not None
+
+
+def http_row(
+    world: World, script_id: ScriptId, route: uuid.UUID, event: HttpEvent, **reply: object
+) -> NewOutboxRow:
+    """The outbox row the orchestrator writes for a request to ``route``."""
+    return NewOutboxRow(
+        execution_id=new_execution_id(),
+        app_id=world.app_id,
+        source_kind=OutboxSourceKind.HTTP,
+        payload=HttpDispatchPayload(RouteId(route), event.to_wire()).to_wire(),
+        script_id=script_id,
+        route_id=RouteId(route),
+        **reply,  # type: ignore[arg-type]
+    )
 
 
 async def _route(world: World, script_id: uuid.UUID) -> uuid.UUID:
@@ -372,13 +364,11 @@ async def test_sync_rows_run_only_on_the_node_whose_caller_waits(world: World) -
     route = await _route(world, script_id)
     inbox_id, receiver = world.inbox.register()  # as if this node's inbox were elsewhere
     receiver.close()
-    row = NewOutboxRow(
-        execution_id=new_execution_id(),
-        app_id=world.app_id,
-        source_kind=OutboxSourceKind.HTTP,
-        payload=HttpDispatchPayload(route, HttpEvent("GET", "/").to_wire()).to_wire(),
-        script_id=script_id,
-        route_id=route,
+    row = http_row(
+        world,
+        script_id,
+        route,
+        HttpEvent("GET", "/"),
         reply_to=inbox_id,
         reply_node="node-elsewhere",
     )
