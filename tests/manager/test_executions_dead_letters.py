@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
@@ -13,7 +14,7 @@ from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from manager_core.postgres.executions import PostgresExecutionRepo
 from manager_core.postgres.outbox import OutboxSignal, PostgresOutboxRepo
 from manager_core.postgres.triggers import PostgresTriggerRepo
-from picloud_shared.errors import Conflict, NotFound
+from picloud_shared.errors import Conflict, InvalidInput, NotFound
 from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
 from picloud_shared.ids import AppId, DeadLetterId, ExecutionId, new_execution_id
 from picloud_shared.outbox import NewOutboxRow, OutboxRow, OutboxSourceKind
@@ -131,8 +132,8 @@ async def test_list_newest_first_with_filters_and_keyset(engine: AsyncEngine) ->
 
 async def _claimed(outbox: PostgresOutboxRepo, app: AppId, **kw) -> OutboxRow:
     await _enqueue(outbox, app, **kw)
-    (row,) = await outbox.claim_due("n", 1, 30)
-    return row
+    (claimed,) = await outbox.claim_due("n", 1, 30)
+    return claimed.row
 
 
 async def test_create_get_list_resolve(engine: AsyncEngine) -> None:
@@ -182,7 +183,8 @@ async def test_create_fans_out_to_dead_letter_triggers(engine: AsyncEngine) -> N
     row = await _claimed(outbox, app, trigger_depth=1)
     await outbox.delete(row.id)
     letter = await repo.create(row, attempts=3, error_kind=None, error_message=None)
-    (out,) = await outbox.claim_due("n", 10, 30)
+    (claimed,) = await outbox.claim_due("n", 10, 30)
+    out = claimed.row
     assert (out.is_dead_letter_handler, out.dead_letter_id, out.trigger_id) == (
         True,
         letter.id,
@@ -204,8 +206,10 @@ async def test_replay_enqueues_a_fresh_execution(engine: AsyncEngine) -> None:
     outbox = PostgresOutboxRepo(engine)
     repo = PostgresDeadLetterRepo(engine, outbox)
     row = await _claimed(outbox, app, trigger_id=trig.id, script_id=script, trigger_depth=1)
-    await outbox.reschedule(row.id, row.run_at, count_attempt=True)
-    (row,) = await outbox.claim_due("n", 1, 30)
+    await outbox.reschedule(row.id, delay_ms=0)
+    (claimed,) = await outbox.claim_due("n", 1, 30)
+    row = claimed.row
+    assert row.attempt_count == 2
     letter = await repo.create(row, attempts=2, error_kind=None, error_message=None)
     await outbox.delete(row.id)
     outbox.signal.notify()
@@ -214,15 +218,38 @@ async def test_replay_enqueues_a_fresh_execution(engine: AsyncEngine) -> None:
     new_id = await repo.replay(app, letter.id)
     assert new_id != row.execution_id
     assert outbox.signal.pending
-    (again,) = await outbox.claim_due("n", 10, 30)
-    assert (again.execution_id, again.attempt_count, again.retry) == (new_id, 0, policy)
-    assert (again.payload, again.trigger_id, again.trigger_depth) == (row.payload, trig.id, 1)
+    (stored,) = await factories.rows(engine, t.outbox)
+    assert (stored.execution_id, stored.attempt_count) == (new_id, 0)
     execution = await PostgresExecutionRepo(engine).get(app, new_id)
     assert execution is not None
     assert execution.status is ExecutionStatus.QUEUED
+    (claimed,) = await outbox.claim_due("n", 10, 30)
+    again = claimed.row
+    assert (again.execution_id, again.attempt_count, again.retry) == (new_id, 1, policy)
+    assert (again.payload, again.trigger_id, again.trigger_depth) == (row.payload, trig.id, 1)
     assert (await repo.get(app, letter.id)).resolution == "replayed"  # type: ignore[union-attr]
     with pytest.raises(Conflict):
         await repo.replay(app, letter.id)
     with pytest.raises(NotFound):
         await repo.replay(await factories.app(engine), letter.id)
     assert len(await factories.rows(engine, t.outbox)) == 1
+
+
+async def test_mark_sets_the_resolution_and_its_time(engine: AsyncEngine) -> None:
+    """mark stores the resolution and its time; an unknown resolution is refused."""
+    app = await factories.app(engine)
+    async with engine.begin() as conn:
+        dl_id = (
+            await conn.execute(
+                sa.insert(t.dead_letters)
+                .values(app_id=app, execution_id=uuid.uuid4(), source_kind="kv", payload={})
+                .returning(t.dead_letters.c.id)
+            )
+        ).scalar_one()
+    repo = PostgresDeadLetterRepo(engine, PostgresOutboxRepo(engine))
+    assert await repo.mark(app, dl_id, "handler_failed") is True
+    (row,) = await factories.rows(engine, t.dead_letters)
+    assert row.resolution == "handler_failed"
+    assert row.resolved_at is not None
+    with pytest.raises(InvalidInput):
+        await repo.mark(app, dl_id, "forgotten")

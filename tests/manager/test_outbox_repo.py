@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
-from manager_core.postgres.outbox import OutboxSignal, PostgresOutboxRepo
+from manager_core.postgres.outbox import PostgresOutboxRepo
 from picloud_shared.errors import NotFound
 from picloud_shared.execution import ExecError, ExecResult
 from picloud_shared.ids import AppId, InboxId, new_execution_id
@@ -50,19 +50,25 @@ async def test_enqueue_writes_row_and_queued_execution(engine: AsyncEngine) -> N
     new = _row(app, reply_to=InboxId(uuid.uuid4()), reply_node="n1", trigger_depth=2, retry=policy)
     await repo.enqueue(new)
     assert repo.signal.pending
-    (claimed,) = await repo.claim_due("n1", 10, 30)
-    assert (claimed.execution_id, claimed.payload, claimed.reply_to) == (
-        new.execution_id,
-        new.payload,
-        new.reply_to,
-    )
-    assert (claimed.retry, claimed.trigger_depth, claimed.reply_node) == (policy, 2, "n1")
     (execution,) = await factories.rows(engine, t.executions)
     assert (execution.id, execution.status, execution.source_kind) == (
         new.execution_id,
         "queued",
         "http",
     )
+    (claimed,) = await repo.claim_due("n1", 10, 30)
+    assert (claimed.row.execution_id, claimed.row.payload, claimed.row.reply_to) == (
+        new.execution_id,
+        new.payload,
+        new.reply_to,
+    )
+    assert (claimed.row.retry, claimed.row.trigger_depth, claimed.row.reply_node) == (
+        policy,
+        2,
+        "n1",
+    )
+    (execution,) = await factories.rows(engine, t.executions)
+    assert (execution.status, execution.attempts) == ("running", 1)
 
 
 async def test_enqueue_for_a_missing_app_is_not_found(engine: AsyncEngine) -> None:
@@ -99,10 +105,15 @@ async def test_claim_respects_limit_and_leases(engine: AsyncEngine) -> None:
     first = await repo.claim_due("a", 3, 30)
     second = await repo.claim_due("b", 10, 30)
     assert (len(first), len(second)) == (3, 2)
-    assert {r.id for r in first}.isdisjoint({r.id for r in second})
+    assert {c.row.id for c in first}.isdisjoint({c.row.id for c in second})
     assert await repo.claim_due("c", 10, 30) == []
-    claimed_by = {r.id: r.claimed_by for r in await factories.rows(engine, t.outbox)}
-    assert sorted(claimed_by.values()) == ["a", "a", "a", "b", "b"]
+    claimed_by = [r.claimed_by for r in await factories.rows(engine, t.outbox)]
+    assert sorted(token.split("/")[0] for token in claimed_by) == ["a", "a", "a", "b", "b"]
+    assert {c.token for c in first} == {
+        r.claimed_by
+        for r in await factories.rows(engine, t.outbox)
+        if r.claimed_by.startswith("a/")
+    }
 
 
 async def test_concurrent_claimers_never_share_a_row(engine: AsyncEngine) -> None:
@@ -116,7 +127,7 @@ async def test_concurrent_claimers_never_share_a_row(engine: AsyncEngine) -> Non
     async def claim(node: str) -> None:
         got: list[int] = []
         while batch := await repo.claim_due(node, 3, 30):
-            got += [r.id for r in batch]
+            got += [c.row.id for c in batch]
         results[node] = got
 
     async with anyio.create_task_group() as tg:
@@ -126,65 +137,88 @@ async def test_concurrent_claimers_never_share_a_row(engine: AsyncEngine) -> Non
     assert len(every) == len(set(every)) == 40
 
 
-async def test_expired_lease_comes_back(engine: AsyncEngine) -> None:
-    """A leased row is not claimable until its lease expires; then another node gets it."""
+async def test_expired_lease_comes_back_with_its_attempt_counted(engine: AsyncEngine) -> None:
+    """A leased row is not claimable until its lease expires; then it is recovered and
+    another node gets it, the dead node's attempt still counted."""
     app = await factories.app(engine)
     repo = PostgresOutboxRepo(engine)
     await repo.enqueue(_row(app))
-    (row,) = await repo.claim_due("crashed", 1, 30)
+    (first,) = await repo.claim_due("crashed", 1, 30)
+    assert await repo.recover_expired() == 0
     assert await repo.claim_due("other", 1, 30) == []
     async with engine.begin() as conn:  # the lease runs out
         await conn.execute(
             sa.update(t.outbox).values(claimed_until=sa.func.now() - timedelta(seconds=1))
         )
+    assert await repo.recover_expired() == 1
     (again,) = await repo.claim_due("other", 1, 30)
-    assert (again.id, again.attempt_count) == (row.id, 0)
+    assert (again.row.id, again.row.attempt_count) == (first.row.id, 2)
     (stored,) = await factories.rows(engine, t.outbox)
-    assert stored.claimed_by == "other"
+    assert stored.claimed_by == again.token
+    assert stored.claimed_by.startswith("other/")
     assert stored.claimed_until > datetime.now(UTC)
 
 
 async def test_short_lease_expires_by_itself(engine: AsyncEngine) -> None:
-    """A lease of 50 ms is claimable again after it passed."""
+    """A lease of 50 ms is recovered and claimable again after it passed."""
     app = await factories.app(engine)
     repo = PostgresOutboxRepo(engine)
     await repo.enqueue(_row(app))
-    (row,) = await repo.claim_due("crashed", 1, 0.05)
+    (first,) = await repo.claim_due("crashed", 1, 0.05)
     await anyio.sleep(0.2)
-    assert [r.id for r in await repo.claim_due("other", 1, 30)] == [row.id]
+    assert await repo.recover_expired() == 1
+    assert [c.row.id for c in await repo.claim_due("other", 1, 30)] == [first.row.id]
 
 
-async def test_reschedule_counts_attempts_only_when_asked(engine: AsyncEngine) -> None:
-    """reschedule unclaims the row at run_at; attempt_count bumps only with count_attempt."""
+async def test_a_renewed_lease_does_not_expire(engine: AsyncEngine) -> None:
+    """renew_leases keeps a running row's lease from running out."""
     app = await factories.app(engine)
     repo = PostgresOutboxRepo(engine)
     await repo.enqueue(_row(app))
-    (row,) = await repo.claim_due("n", 1, 30)
-    await repo.reschedule(row.id, datetime.now(UTC) - timedelta(seconds=1), count_attempt=True)
-    (row,) = await repo.claim_due("n", 1, 30)
-    assert row.attempt_count == 1
-    await repo.reschedule(row.id, datetime.now(UTC) - timedelta(seconds=1), count_attempt=False)
-    (row,) = await repo.claim_due("n", 1, 30)
-    assert row.attempt_count == 1
-    later = datetime.now(UTC) + timedelta(hours=1)
-    await repo.reschedule(row.id, later, count_attempt=True)
+    (first,) = await repo.claim_due("n", 1, 0.3)
+    assert await repo.renew_leases([first.row.id], 30) == 1
+    await anyio.sleep(0.5)
+    assert await repo.recover_expired() == 0
+    assert await repo.claim_due("other", 1, 30) == []
+
+
+async def test_reschedule_keeps_the_attempt_and_give_back_uncounts_it(engine: AsyncEngine) -> None:
+    """A claim counts an attempt; reschedule keeps it (due after the delay); give_back
+    takes it back (due at once)."""
+    app = await factories.app(engine)
+    repo = PostgresOutboxRepo(engine)
+    await repo.enqueue(_row(app))
+    (c,) = await repo.claim_due("n", 1, 30)
+    assert c.row.attempt_count == 1
+    await repo.reschedule(c.row.id, delay_ms=0)
+    (c,) = await repo.claim_due("n", 1, 30)
+    assert c.row.attempt_count == 2
+    await repo.give_back(c.row.id, c.token)
+    assert repo.signal.pending
+    (c,) = await repo.claim_due("n", 1, 30)
+    assert c.row.attempt_count == 2
+    await repo.reschedule(c.row.id, delay_ms=3_600_000)
     assert await repo.claim_due("n", 1, 30) == []
-    stored = await repo.get(row.id)
+    stored = await repo.get(c.row.id)
     assert stored is not None
-    assert (stored.attempt_count, stored.run_at) == (2, later)
+    assert stored.attempt_count == 2
+    assert stored.run_at > datetime.now(UTC) + timedelta(minutes=59)
 
 
-async def test_release_makes_rows_due_now_unchanged(engine: AsyncEngine) -> None:
-    """release gives claimed rows back unclaimed, due at once, attempts untouched."""
+async def test_give_back_needs_the_claims_token(engine: AsyncEngine) -> None:
+    """Only the claim that owns a row can give it back; rows come back due at once."""
     app = await factories.app(engine)
     repo = PostgresOutboxRepo(engine)
     await repo.enqueue(_row(app))
     await repo.enqueue(_row(app))
     claimed = await repo.claim_due("n", 10, 300)
-    await repo.release([r.id for r in claimed])
+    await repo.give_back(claimed[0].row.id, "someone-else/0")
+    assert await repo.claim_due("m", 10, 300) == []
+    for c in claimed:
+        await repo.give_back(c.row.id, c.token)
     again = await repo.claim_due("m", 10, 300)
-    assert sorted(r.id for r in again) == sorted(r.id for r in claimed)
-    assert {r.attempt_count for r in again} == {0}
+    assert sorted(c.row.id for c in again) == sorted(c.row.id for c in claimed)
+    assert {c.row.attempt_count for c in again} == {1}
 
 
 async def test_delete_removes_a_finished_row(engine: AsyncEngine) -> None:
@@ -192,8 +226,8 @@ async def test_delete_removes_a_finished_row(engine: AsyncEngine) -> None:
     app = await factories.app(engine)
     repo = PostgresOutboxRepo(engine)
     await repo.enqueue(_row(app))
-    (row,) = await repo.claim_due("n", 1, 30)
-    assert await repo.delete(row.id) is True
+    (c,) = await repo.claim_due("n", 1, 30)
+    assert await repo.delete(c.row.id) is True
     assert await factories.rows(engine, t.outbox) == []
     assert len(await factories.rows(engine, t.executions)) == 1
 
@@ -211,51 +245,3 @@ async def test_record_abandoned_is_idempotent(engine: AsyncEngine) -> None:
     (row,) = await factories.rows(engine, t.abandoned_executions)
     assert (row.app_id, row.inbox_id, row.reason) == (app, new.reply_to, "receiver gone")
     assert row.result == result.to_wire()
-
-
-async def test_mark_dead_letter_sets_resolution(engine: AsyncEngine) -> None:
-    """mark_dead_letter stores the resolution and its time."""
-    app = await factories.app(engine)
-    async with engine.begin() as conn:
-        dl_id = (
-            await conn.execute(
-                sa.insert(t.dead_letters)
-                .values(app_id=app, execution_id=uuid.uuid4(), source_kind="kv", payload={})
-                .returning(t.dead_letters.c.id)
-            )
-        ).scalar_one()
-    await PostgresOutboxRepo(engine).mark_dead_letter(dl_id, "handler_failed")
-    (row,) = await factories.rows(engine, t.dead_letters)
-    assert row.resolution == "handler_failed"
-    assert row.resolved_at is not None
-
-
-async def test_wait_for_work_returns_on_enqueue_or_timeout(engine: AsyncEngine) -> None:
-    """wait_for_work times out when idle and returns promptly after an enqueue."""
-    app = await factories.app(engine)
-    repo = PostgresOutboxRepo(engine, OutboxSignal())
-    with anyio.fail_after(2):
-        await repo.wait_for_work(0.01)  # idle: times out
-    async with anyio.create_task_group() as tg:
-
-        async def enqueue_later() -> None:
-            await anyio.sleep(0.05)
-            await repo.enqueue(_row(app))
-
-        tg.start_soon(enqueue_later)
-        with anyio.fail_after(5):
-            await repo.wait_for_work(30)
-    assert not repo.signal.pending
-
-
-async def test_enqueue_in_a_callers_transaction_wakes_only_after_commit(
-    engine: AsyncEngine,
-) -> None:
-    """Joining a transaction defers the wake-up until the caller reports the commit."""
-    app = await factories.app(engine)
-    repo = PostgresOutboxRepo(engine)
-    async with engine.begin() as conn:
-        await repo.enqueue(_row(app), conn=conn)
-        assert not repo.signal.pending
-    assert repo.signal.committed(conn) is True
-    assert repo.signal.pending

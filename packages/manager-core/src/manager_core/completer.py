@@ -13,10 +13,8 @@ import logging
 
 import anyio
 import attrs
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from manager_core import dispatch_store as store
-from manager_core.db import transaction
+from manager_core.postgres.outbox import ClaimedRow, PostgresOutboxRepo
 from picloud_shared.execution import ExecResult
 
 log = logging.getLogger("picloud.dispatcher")
@@ -24,7 +22,7 @@ log = logging.getLogger("picloud.dispatcher")
 
 @attrs.define(eq=False)
 class _Item:
-    claim: store.ClaimedRow
+    claim: ClaimedRow
     result: ExecResult
     done: anyio.Event = attrs.Factory(anyio.Event)
     owned: bool = False
@@ -34,15 +32,15 @@ class _Item:
 class BatchCompleter:
     """Collects successful no-write executions and commits them in batches."""
 
-    def __init__(self, engine: AsyncEngine, max_batch: int = 256) -> None:
-        self._engine = engine
+    def __init__(self, outbox: PostgresOutboxRepo, max_batch: int = 256) -> None:
+        self._outbox = outbox
         self._max_batch = max_batch
         self._pending: list[_Item] = []
         self._wake = anyio.Event()
         self.batches = 0
         self.rows = 0
 
-    async def complete(self, claim: store.ClaimedRow, result: ExecResult) -> bool:
+    async def complete(self, claim: ClaimedRow, result: ExecResult) -> bool:
         """Wait until the row is committed as succeeded; ``False`` if this node no
         longer owned it. Raises the database error of a failed flush."""
         item = _Item(claim, result)
@@ -66,8 +64,7 @@ class BatchCompleter:
     async def _flush(self, batch: list[_Item]) -> None:
         try:
             with anyio.CancelScope(shield=True):
-                async with transaction(self._engine) as conn:
-                    owned = await store.complete_batch(conn, [(i.claim, i.result) for i in batch])
+                owned = await self._outbox.complete_batch([(i.claim, i.result) for i in batch])
         except Exception as exc:
             log.exception("completing %d execution(s) failed", len(batch))
             for item in batch:

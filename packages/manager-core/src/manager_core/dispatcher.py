@@ -43,13 +43,12 @@ import attrs
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from manager_core import dispatch_store as store
 from manager_core.completer import BatchCompleter
 from manager_core.db import is_retryable_conflict, shielded_commit, shielded_rollback, transaction
 from manager_core.guarded_host import GuardedHost
 from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from manager_core.postgres.executions import PostgresExecutionRepo
-from manager_core.postgres.outbox import PostgresOutboxRepo
+from manager_core.postgres.outbox import ClaimedRow, PostgresOutboxRepo
 from manager_core.principals import AdminPrincipalResolver
 from picloud_shared.errors import PrincipalRevoked
 from picloud_shared.events import HttpEvent, event_from_wire, script_event
@@ -155,8 +154,7 @@ class Dispatcher:
         self._in_flight = 0
         self._idle = anyio.Event()
         self._idle.set()
-        self._completer = BatchCompleter(engine)
-        self._sources = store.ScriptSources()
+        self._completer = BatchCompleter(outbox)
         self._leased: dict[int, str] = {}  # rows this node is running → claim token
 
     # ------------------------------------------------------------------ lifecycle
@@ -217,7 +215,7 @@ class Dispatcher:
                 log.exception("claiming outbox rows failed; retrying after the poll interval")
                 await anyio.sleep(self.settings.poll_interval)
                 continue
-            saturated: list[store.ClaimedRow] = []
+            saturated: list[ClaimedRow] = []
             for claim in claims:
                 permit = self._gate.try_acquire()
                 if permit is None:  # sync HTTP took the slot meanwhile
@@ -231,15 +229,10 @@ class Dispatcher:
                 # Drained: sleep until a local commit, stop(), or the poll interval.
                 await self._signal.wait(self.settings.poll_interval)
 
-    async def _claim(self, limit: int) -> list[store.ClaimedRow]:
-        async with transaction(self._engine) as conn:
-            claims = await store.claim(
-                conn,
-                node_id=self.settings.node_id,
-                limit=limit,
-                lease_seconds=self.settings.lease_seconds,
-                sources=self._sources,
-            )
+    async def _claim(self, limit: int) -> list[ClaimedRow]:
+        claims = await self._outbox.claim_due(
+            self.settings.node_id, limit, self.settings.lease_seconds
+        )
         if claims:
             self.metrics.claimed += len(claims)
             self.metrics.claim_batches += 1
@@ -247,8 +240,7 @@ class Dispatcher:
 
     async def _recover(self) -> None:
         try:
-            async with transaction(self._engine) as conn:
-                n = await store.recover_expired(conn)
+            n = await self._outbox.recover_expired()
             if n:
                 log.warning("%d outbox row(s) had an expired lease and are due again", n)
         except Exception:
@@ -259,8 +251,7 @@ class Dispatcher:
         if not self._leased:
             return
         try:
-            async with transaction(self._engine) as conn:
-                await store.renew_leases(conn, list(self._leased), self.settings.lease_seconds)
+            await self._outbox.renew_leases(list(self._leased), self.settings.lease_seconds)
         except Exception:
             log.exception("renewing leases failed")
 
@@ -275,7 +266,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ one row
 
-    async def _execute(self, claim: store.ClaimedRow, permit: Permit) -> None:
+    async def _execute(self, claim: ClaimedRow, permit: Permit) -> None:
         started = time.monotonic()
         kind = claim.row.source_kind.value
         self._leased[claim.row.id] = claim.token
@@ -300,19 +291,19 @@ class Dispatcher:
             self.metrics.duration_seconds[kind] += time.monotonic() - started
             self._finished()
 
-    async def _give_back(self, claim: store.ClaimedRow) -> None:
+    async def _give_back(self, claim: ClaimedRow) -> None:
         await self._give_back_all([claim])
 
-    async def _give_back_all(self, claims: list[store.ClaimedRow]) -> None:
+    async def _give_back_all(self, claims: list[ClaimedRow]) -> None:
         """Return claimed rows due at once, their attempt not counted."""
         try:
             async with transaction(self._engine) as conn:
                 for claim in claims:
-                    await store.give_back(conn, claim.row.id, claim.token)
+                    await self._outbox.give_back(claim.row.id, claim.token, conn=conn)
         except Exception:
             log.exception("could not give back %d row(s); their leases will expire", len(claims))
 
-    async def _run_claim(self, claim: store.ClaimedRow, slot: _Slot) -> str:
+    async def _run_claim(self, claim: ClaimedRow, slot: _Slot) -> str:
         """Run one claimed row to its outcome; returns the outcome's metric label."""
         row = claim.row
         if row.trigger_depth > self.settings.max_trigger_depth:
@@ -348,7 +339,7 @@ class Dispatcher:
             return "succeeded"
         return await self._book_failure(claim, result)
 
-    def _resolve_trigger(self, claim: store.ClaimedRow) -> Principal:
+    def _resolve_trigger(self, claim: ClaimedRow) -> Principal:
         """The seed's ``resolve_trigger``: the trigger (or route) and its script still
         exist, and whom the script runs as (the claim already joined them)."""
         row = claim.row
@@ -370,7 +361,7 @@ class Dispatcher:
             raise _Unrunnable(ExecError(ExecErrorKind.PRINCIPAL_REVOKED, exc.message)) from None
         return principal
 
-    def _build_exec_request(self, claim: store.ClaimedRow, principal: Principal) -> ExecRequest:
+    def _build_exec_request(self, claim: ClaimedRow, principal: Principal) -> ExecRequest:
         """The seed's ``build_exec_request``: one generic arm for kv | docs | dead_letter
         (the trigger event), one for http (the ``HttpDispatchPayload``)."""
         row = claim.row
@@ -402,7 +393,7 @@ class Dispatcher:
         )
 
     async def _run_in_transaction(
-        self, claim: store.ClaimedRow, request: ExecRequest, principal: Principal, slot: _Slot
+        self, claim: ClaimedRow, request: ExecRequest, principal: Principal, slot: _Slot
     ) -> ExecResult | None:
         """Run the script and commit its effects with the row's completion.
 
@@ -425,7 +416,7 @@ class Dispatcher:
         )
 
     async def _attempt(
-        self, claim: store.ClaimedRow, request: ExecRequest, principal: Principal, slot: _Slot
+        self, claim: ClaimedRow, request: ExecRequest, principal: Principal, slot: _Slot
     ) -> ExecResult | None:
         """One run of the script. ``None`` when its success is committed; the failed
         result (nothing of it committed) otherwise. Raises ``_Rerun`` on a
@@ -465,7 +456,7 @@ class Dispatcher:
             await self._deliver(claim, result)
         return None
 
-    async def _book_failure(self, claim: store.ClaimedRow, result: ExecResult) -> str:
+    async def _book_failure(self, claim: ClaimedRow, result: ExecResult) -> str:
         """Record a failed execution: reply, mark, reschedule, or dead-letter."""
         row = claim.row
         error = result.error
@@ -475,10 +466,10 @@ class Dispatcher:
         for _ in range(self.settings.max_conflict_reruns):
             try:
                 async with transaction(self._engine) as conn:
-                    if not await store.take(conn, row.id, claim.token):
+                    if not await self._outbox.take(row.id, claim.token, conn=conn):
                         raise _Lost
                     if row.is_sync_http or row.is_dead_letter_handler:
-                        await store.remove(conn, row.id)
+                        await self._outbox.delete(row.id, conn=conn)
                         await self._executions.finish_with(
                             row.execution_id, ExecutionStatus.FAILED, result, conn=conn
                         )
@@ -491,7 +482,7 @@ class Dispatcher:
                         outcome = "dead_lettered"
                     else:
                         delay = row.retry.delay_ms(attempts, self._rand())
-                        await store.reschedule(conn, row.id, delay_ms=delay)
+                        await self._outbox.reschedule(row.id, delay_ms=delay, conn=conn)
                         await self._executions.finish_with(
                             row.execution_id, ExecutionStatus.RETRYING, result, conn=conn
                         )
@@ -511,7 +502,7 @@ class Dispatcher:
         return outcome
 
     async def _dead_letter(
-        self, conn: AsyncConnection, claim: store.ClaimedRow, result: ExecResult
+        self, conn: AsyncConnection, claim: ClaimedRow, result: ExecResult
     ) -> None:
         """Dead-letter the row (the repo fans it out to dead-letter triggers)."""
         row = claim.row
@@ -524,13 +515,13 @@ class Dispatcher:
             error_message=error.message,
             conn=conn,
         )
-        await store.remove(conn, row.id)
+        await self._outbox.delete(row.id, conn=conn)
         await self._executions.finish_with(
             row.execution_id, ExecutionStatus.DEAD_LETTERED, result, conn=conn
         )
         log.info("execution %s dead-lettered as %s: %s", row.execution_id, dead.id, error.message)
 
-    async def _skip(self, claim: store.ClaimedRow) -> str:
+    async def _skip(self, claim: ClaimedRow) -> str:
         row = claim.row
         log.warning(
             "execution %s skipped: trigger depth %d exceeds the limit %d",
@@ -539,9 +530,9 @@ class Dispatcher:
             self.settings.max_trigger_depth,
         )
         async with transaction(self._engine) as conn:
-            if not await store.take(conn, row.id, claim.token):
+            if not await self._outbox.take(row.id, claim.token, conn=conn):
                 raise _Lost
-            await store.remove(conn, row.id)
+            await self._outbox.delete(row.id, conn=conn)
             await self._executions.finish(
                 row.execution_id,
                 ExecutionStatus.SKIPPED,
@@ -553,7 +544,7 @@ class Dispatcher:
         self.metrics.skipped_for_depth += 1
         return "skipped"
 
-    async def _deliver(self, claim: store.ClaimedRow, result: ExecResult) -> None:
+    async def _deliver(self, claim: ClaimedRow, result: ExecResult) -> None:
         """Answer the waiting caller; record the answer if nobody waits any more."""
         row = claim.row
         assert row.reply_to is not None
@@ -586,9 +577,7 @@ class _ExecutionTransaction:
     """One execution's transaction, opened at the script's first host call: it locks
     the claimed row, and serves the host calls."""
 
-    def __init__(
-        self, dispatcher: Dispatcher, claim: store.ClaimedRow, principal: Principal
-    ) -> None:
+    def __init__(self, dispatcher: Dispatcher, claim: ClaimedRow, principal: Principal) -> None:
         self._d = dispatcher
         self._claim = claim
         self._principal = principal
@@ -601,7 +590,7 @@ class _ExecutionTransaction:
         self.conn = conn
         await conn.execution_options(isolation_level=EXECUTION_ISOLATION)
         await conn.begin()
-        if not await store.take(conn, row.id, self._claim.token):
+        if not await self._d._outbox.take(row.id, self._claim.token, conn=conn):
             raise _Lost
         return self._d._host_factory(conn, row.app_id, self._principal, row.trigger_depth)
 
@@ -610,7 +599,7 @@ class _ExecutionTransaction:
         conn = self.conn
         assert conn is not None
         try:
-            await store.remove(conn, row.id)
+            await self._d._outbox.delete(row.id, conn=conn)
             await self._d._executions.finish_with(
                 row.execution_id, ExecutionStatus.SUCCEEDED, result, conn=conn
             )

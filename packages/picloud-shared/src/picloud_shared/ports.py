@@ -9,13 +9,12 @@ raises; anything not listed is a bug.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from picloud_shared.domain import RouteTarget
 from picloud_shared.events import TriggerEvent
 from picloud_shared.execution import ExecRequest, ExecResult
-from picloud_shared.ids import AppId, DeadLetterId, ExecutionId, InboxId, TriggerId
+from picloud_shared.ids import AppId, ExecutionId, InboxId, TriggerId
 from picloud_shared.inbox import DeliveryStatus, InboxResult
 from picloud_shared.outbox import NewOutboxRow, OutboxRow, OutboxSourceKind
 from picloud_shared.triggers import (
@@ -186,32 +185,53 @@ class OutboxWriter(Protocol):
         ...
 
 
+class ClaimedOutboxRow(Protocol):
+    """A row as ``OutboxRepo.claim_due`` hands it out: the row and its claim token
+    (adapters add whatever else running it needs)."""
+
+    @property
+    def row(self) -> OutboxRow: ...
+
+    @property
+    def token(self) -> str: ...
+
+
 @runtime_checkable
 class OutboxRepo(Protocol):
-    """The dispatcher's surface of the outbox."""
+    """The dispatcher's surface of the outbox.
 
-    async def claim_due(self, node: str, limit: int, lease_seconds: float) -> Sequence[OutboxRow]:
-        """Claim up to ``limit`` due rows (``FOR UPDATE SKIP LOCKED``) for ``node``,
-        leasing them for ``lease_seconds``; rows whose lease expired are due again."""
+    A claim leases rows to one node under a per-claim ``token``; the attempt is
+    counted when it is claimed. Adapters add the calls that join an execution's
+    own transaction (lock a claimed row, remove it, finish a batch).
+    """
+
+    async def claim_due(
+        self, node: str, limit: int, lease_seconds: float
+    ) -> Sequence[ClaimedOutboxRow]:
+        """Claim up to ``limit`` due rows for ``node`` (``FOR UPDATE SKIP LOCKED``),
+        leased for ``lease_seconds``, each attempt counted."""
         ...
 
-    async def reschedule(self, row_id: int, run_at: datetime, *, count_attempt: bool) -> None:
-        """Give a claimed row back, due at ``run_at``; bump ``attempt_count`` only when
-        ``count_attempt``."""
+    async def recover_expired(self) -> int:
+        """Make rows whose lease expired (and that nobody is running) due again."""
         ...
 
-    async def release(self, row_ids: Sequence[int]) -> None:
-        """Give claimed rows back unchanged and due now (shutdown, saturation)."""
+    async def renew_leases(self, row_ids: Sequence[int], lease_seconds: float) -> int:
+        """Extend the leases of rows this node is still running."""
+        ...
+
+    async def reschedule(self, row_id: int, *, delay_ms: float) -> None:
+        """Give a claimed row back, due after ``delay_ms``; its attempt stays counted."""
+        ...
+
+    async def give_back(self, row_id: int, token: str, *, delay_ms: float = 0.0) -> None:
+        """Give a claimed row back without counting its attempt (saturation, shutdown)."""
         ...
 
     async def record_abandoned(
         self, execution_id: ExecutionId, inbox_id: InboxId, reason: str, result: ExecResult | None
     ) -> None:
         """Record that a sync HTTP answer found no receiver."""
-        ...
-
-    async def mark_dead_letter(self, dead_letter_id: DeadLetterId, resolution: str) -> None:
-        """Set a dead letter's ``resolution`` (``handled`` / ``handler_failed`` / …)."""
         ...
 
     async def wait_for_work(self, timeout: float) -> None:

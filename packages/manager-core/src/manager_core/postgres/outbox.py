@@ -2,7 +2,8 @@
 
 One ``PostgresOutboxRepo`` object is both the orchestrator's
 :class:`~picloud_shared.ports.OutboxWriter` (``enqueue``) and the dispatcher's
-:class:`~picloud_shared.ports.OutboxRepo` (``claim_due`` … ``wait_for_work``).
+:class:`~picloud_shared.ports.OutboxRepo` (``claim_due`` … ``wait_for_work``, the SQL
+in :mod:`manager_core.postgres.outbox_claims`).
 
 Wake-ups: the dispatcher sleeps in ``wait_for_work`` on an :class:`OutboxSignal`.
 Whoever writes outbox rows notifies the signal *after* the transaction commits
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 import anyio
@@ -27,21 +27,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
 from manager_core.db import transaction
-from manager_core.postgres.triggers import retry_from_row, retry_values
-from picloud_shared.errors import InvalidInput, NotFound
+from manager_core.postgres import outbox_claims as claims
+from manager_core.postgres.outbox_claims import ClaimedRow, ScriptSources, outbox_row_from_row
+from manager_core.postgres.triggers import retry_values
+from picloud_shared.errors import NotFound
 from picloud_shared.execution import ExecResult
 from picloud_shared.ids import (
-    AppId,
-    DeadLetterId,
     ExecutionId,
     InboxId,
-    RouteId,
-    ScriptId,
-    TriggerId,
 )
-from picloud_shared.outbox import NewOutboxRow, OutboxRow, OutboxSourceKind
+from picloud_shared.outbox import NewOutboxRow, OutboxRow
 
-__all__ = ["OutboxSignal", "PostgresOutboxRepo", "outbox_row_from_row"]
+__all__ = ["ClaimedRow", "OutboxSignal", "PostgresOutboxRepo", "outbox_row_from_row"]
 
 _O, _E = t.outbox, t.executions
 
@@ -99,28 +96,6 @@ class OutboxSignal:
         return woke
 
 
-def outbox_row_from_row(row: Any) -> OutboxRow:
-    """An :class:`OutboxRow` from a full ``outbox`` row."""
-    return OutboxRow(
-        id=row.id,
-        execution_id=ExecutionId(row.execution_id),
-        app_id=AppId(row.app_id),
-        source_kind=OutboxSourceKind(row.source_kind),
-        payload=row.payload,
-        script_id=None if row.script_id is None else ScriptId(row.script_id),
-        trigger_id=None if row.trigger_id is None else TriggerId(row.trigger_id),
-        route_id=None if row.route_id is None else RouteId(row.route_id),
-        reply_to=None if row.reply_to is None else InboxId(row.reply_to),
-        reply_node=row.reply_node,
-        is_dead_letter_handler=row.is_dead_letter_handler,
-        dead_letter_id=None if row.dead_letter_id is None else DeadLetterId(row.dead_letter_id),
-        trigger_depth=row.trigger_depth,
-        attempt_count=row.attempt_count,
-        retry=retry_from_row(row),
-        run_at=row.run_at,
-    )
-
-
 def _existing(table: sa.Table, value: object) -> Any:
     """``value`` if a row of ``table`` has that id, else NULL: an execution record keeps
     its foreign keys valid when the trigger/route/script vanished meanwhile (the
@@ -142,6 +117,7 @@ class PostgresOutboxRepo:
     def __init__(self, engine: AsyncEngine, signal: OutboxSignal | None = None) -> None:
         self._engine = engine
         self.signal = signal if signal is not None else OutboxSignal()
+        self._sources = ScriptSources()
 
     # -- OutboxWriter ----------------------------------------------------------------
 
@@ -184,97 +160,61 @@ class PostgresOutboxRepo:
         else:
             self.signal.defer(conn)
 
-    # -- OutboxRepo ------------------------------------------------------------------
+    # -- OutboxRepo: the dispatcher's surface (SQL in ``outbox_claims``) ------------
 
     async def claim_due(
-        self,
-        node: str,
-        limit: int,
-        lease_seconds: float,
-        *,
-        conn: AsyncConnection | None = None,
-    ) -> Sequence[OutboxRow]:
+        self, node: str, limit: int, lease_seconds: float, *, conn: AsyncConnection | None = None
+    ) -> list[ClaimedRow]:
+        """Claim up to ``limit`` due rows for ``node`` with everything needed to run
+        them (see :func:`outbox_claims.claim`)."""
         if limit < 1:
             return []
-        # Two arms, each on its partial index; expired leases (crashed claimers) first.
-        stmt = sa.text(
-            """
-            WITH expired AS (
-                SELECT id FROM outbox
-                WHERE claimed_until IS NOT NULL AND claimed_until < now()
-                ORDER BY claimed_until
-                LIMIT :limit
-                FOR UPDATE SKIP LOCKED
-            ), fresh AS (
-                SELECT id FROM outbox
-                WHERE claimed_until IS NULL AND run_at <= now()
-                ORDER BY run_at, id
-                LIMIT :limit
-                FOR UPDATE SKIP LOCKED
-            ), picked AS (
-                SELECT id FROM (
-                    SELECT id, 0 AS arm FROM expired
-                    UNION ALL
-                    SELECT id, 1 AS arm FROM fresh
-                ) arms
-                ORDER BY arm
-                LIMIT :limit
-            )
-            UPDATE outbox o
-            SET claimed_by = :node,
-                claimed_until = now() + make_interval(secs => :lease)
-            FROM picked
-            WHERE o.id = picked.id
-            RETURNING o.*
-            """
-        ).bindparams(
-            sa.bindparam("limit", limit, sa.Integer),
-            sa.bindparam("node", node, sa.Text),
-            sa.bindparam("lease", float(lease_seconds), sa.Double),
-        )
-        stmt = stmt.columns(*_O.c)
         async with transaction(conn or self._engine) as c:
-            rows = (await c.execute(stmt)).all()
-        claimed = [outbox_row_from_row(r) for r in rows]
-        claimed.sort(key=lambda r: (r.run_at, r.id))
-        return claimed
+            return await claims.claim(
+                c, node_id=node, limit=limit, lease_seconds=lease_seconds, sources=self._sources
+            )
+
+    async def recover_expired(self, *, conn: AsyncConnection | None = None) -> int:
+        """Make rows whose lease expired, and that nobody is running, due again."""
+        async with transaction(conn or self._engine) as c:
+            return await claims.recover_expired(c)
+
+    async def renew_leases(
+        self, row_ids: Sequence[int], lease_seconds: float, *, conn: AsyncConnection | None = None
+    ) -> int:
+        """Extend the leases of rows this node is still running (the heartbeat)."""
+        if not row_ids:
+            return 0
+        async with transaction(conn or self._engine) as c:
+            return await claims.renew_leases(c, row_ids, lease_seconds)
+
+    async def take(self, row_id: int, token: str, *, conn: AsyncConnection) -> bool:
+        """Lock a claimed row for ``conn``'s transaction; ``False`` if another claim
+        owns it now."""
+        return await claims.take(conn, row_id, token)
 
     async def reschedule(
-        self,
-        row_id: int,
-        run_at: datetime,
-        *,
-        count_attempt: bool,
-        conn: AsyncConnection | None = None,
+        self, row_id: int, *, delay_ms: float, conn: AsyncConnection | None = None
     ) -> None:
-        stmt = (
-            sa.update(_O)
-            .where(_O.c.id == row_id)
-            .values(
-                run_at=run_at,
-                claimed_by=None,
-                claimed_until=None,
-                attempt_count=_O.c.attempt_count + (1 if count_attempt else 0),
-            )
-        )
+        """Give a claimed row back due after ``delay_ms`` (its attempt stays counted)."""
         async with transaction(conn or self._engine) as c:
-            await c.execute(stmt)
+            await claims.reschedule(c, row_id, delay_ms=delay_ms)
 
-    async def release(self, row_ids: Sequence[int], *, conn: AsyncConnection | None = None) -> None:
-        if not row_ids:
-            return
-        stmt = (
-            sa.update(_O)
-            .where(_O.c.id.in_(list(row_ids)))
-            .values(
-                claimed_by=None,
-                claimed_until=None,
-                run_at=sa.func.least(_O.c.run_at, sa.func.now()),
-            )
-        )
+    async def give_back(
+        self, row_id: int, token: str, *, delay_ms: float = 0.0, conn: AsyncConnection | None = None
+    ) -> None:
+        """Return a claimed row without counting its attempt (saturation, shutdown)."""
         async with transaction(conn or self._engine) as c:
-            await c.execute(stmt)
+            await claims.give_back(c, row_id, token, delay_ms=delay_ms)
         self._wake(conn)
+
+    async def complete_batch(
+        self, items: Sequence[tuple[ClaimedRow, ExecResult]], *, conn: AsyncConnection | None = None
+    ) -> set[int]:
+        """Finish successful executions that wrote nothing in one statement; the ids
+        of the rows this node still owned."""
+        async with transaction(conn or self._engine) as c:
+            return await claims.complete_batch(c, items)
 
     async def delete(self, row_id: int, *, conn: AsyncConnection | None = None) -> bool:
         """Remove a finished row (in the execution's own transaction)."""
@@ -311,24 +251,6 @@ class PostgresOutboxRepo:
                 ).where(_E.c.id == execution_id),
             )
             .on_conflict_do_nothing(index_elements=["execution_id"])
-        )
-        async with transaction(conn or self._engine) as c:
-            await c.execute(stmt)
-
-    async def mark_dead_letter(
-        self,
-        dead_letter_id: DeadLetterId,
-        resolution: str,
-        *,
-        conn: AsyncConnection | None = None,
-    ) -> None:
-        if resolution not in t.DEAD_LETTER_RESOLUTIONS:
-            raise InvalidInput(f"unknown resolution {resolution!r}")
-        d = t.dead_letters
-        stmt = (
-            sa.update(d)
-            .where(d.c.id == dead_letter_id)
-            .values(resolution=resolution, resolved_at=sa.func.now())
         )
         async with transaction(conn or self._engine) as c:
             await c.execute(stmt)

@@ -1,4 +1,5 @@
-"""The dispatcher's SQL: claim with context, take a claimed row, finish, release.
+"""The outbox's dispatcher-side SQL (``PostgresOutboxRepo`` serves it): claim with
+context, take a claimed row, finish, give back.
 
 Ownership of a claimed row has two layers:
 
@@ -23,16 +24,25 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager_core import tables as t
-from manager_core.postgres.outbox import outbox_row_from_row
+from manager_core.postgres.triggers import retry_from_row
 from picloud_shared import wire
 from picloud_shared.execution import ExecResult
-from picloud_shared.ids import ScriptId, UserId
+from picloud_shared.ids import (
+    AppId,
+    DeadLetterId,
+    ExecutionId,
+    InboxId,
+    RouteId,
+    ScriptId,
+    TriggerId,
+    UserId,
+)
 from picloud_shared.limits import MAX_TIMEOUT_SECONDS, SYNC_WAIT_BUFFER_SECONDS
-from picloud_shared.outbox import OutboxRow
+from picloud_shared.outbox import OutboxRow, OutboxSourceKind
 from picloud_shared.status import ExecutionStatus
 
 _CLAIM = text(
@@ -166,6 +176,28 @@ class ClaimedRow:
     user_exists: bool
     is_instance_admin: bool
     capabilities: tuple[str, ...]
+
+
+def outbox_row_from_row(row: Any) -> OutboxRow:
+    """An :class:`OutboxRow` from a full ``outbox`` row."""
+    return OutboxRow(
+        id=row.id,
+        execution_id=ExecutionId(row.execution_id),
+        app_id=AppId(row.app_id),
+        source_kind=OutboxSourceKind(row.source_kind),
+        payload=row.payload,
+        script_id=None if row.script_id is None else ScriptId(row.script_id),
+        trigger_id=None if row.trigger_id is None else TriggerId(row.trigger_id),
+        route_id=None if row.route_id is None else RouteId(row.route_id),
+        reply_to=None if row.reply_to is None else InboxId(row.reply_to),
+        reply_node=row.reply_node,
+        is_dead_letter_handler=row.is_dead_letter_handler,
+        dead_letter_id=None if row.dead_letter_id is None else DeadLetterId(row.dead_letter_id),
+        trigger_depth=row.trigger_depth,
+        attempt_count=row.attempt_count,
+        retry=retry_from_row(row),
+        run_at=row.run_at,
+    )
 
 
 def new_claim_token(node_id: str) -> str:
@@ -304,10 +336,6 @@ async def complete_batch(
         },
     )
     return {row.id for row in result}
-
-
-async def remove(conn: AsyncConnection, row_id: int) -> None:
-    await conn.execute(delete(t.outbox).where(t.outbox.c.id == row_id))
 
 
 async def reschedule(
