@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ import anyio
 from executor_core.host_bridge import OPS, HostBridge
 from executor_core.pool import WorkerPool
 from executor_core.process import WorkerGone, WorkerProcess, WorkerSpec
+from executor_core.script_api import SPIN_WORTH
 from executor_core.uids import UidClaim
 from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
 from picloud_shared.limits import (
@@ -89,14 +91,39 @@ _RECYCLE = frozenset(
         K.INTERNAL,
     }
 )
-_DONE_KEYS = frozenset({"t", "n", "ok", "resp", "kind", "msg", "tb", "cached", "has", "cpu"})
-_CALL_KEYS = frozenset({"t", "n", "id", "op", "a"})
+_DONE_KEYS = frozenset(
+    {"t", "n", "ok", "resp", "kind", "msg", "tb", "cached", "has", "cpu", "sp", "ts"}
+)
+_CALL_KEYS = frozenset({"t", "n", "id", "op", "a", "sp", "ts"})
 _LOG_KEYS = frozenset({"t", "n", "line"})
 _logged_missing: set[str] = set()
+
+# Busy-polling the pipes instead of sleeping on them: a sleeping process costs a
+# wake-up (tens to hundreds of µs on a VM) that a polling one does not.
+# * Workers poll for up to WORKER_SPIN_US (the window travels in every host frame)
+#   while fewer executions are in flight than there are CPUs (a polling worker must
+#   not take the CPU another execution or the host needs), and only when the same
+#   kind of wait was answered quickly last time (script_api.SPIN_WORTH): sparse
+#   traffic and slow host calls sleep at once.
+# * The host polls (blocking the event loop, at most HOST_SPIN) only when it runs a
+#   single execution, has a second CPU, the worker said it is awake (a log frame,
+#   or ``sp`` on the frame before its wait, within half its window) and it answered
+#   the host's previous frame quickly (SPIN_WORTH).
+# Both sides judge "quickly" from the peer's send time carried in the frame (``ts``;
+# perf_counter is CLOCK_MONOTONIC, one clock for all processes): their own clocks
+# would include the wake-up that polling is there to save.
+_CPUS = len(os.sched_getaffinity(0))
+HOST_SPIN = 80e-6  # seconds
+WORKER_SPIN_US = 200  # µs
+_AWAKE_FOR = WORKER_SPIN_US / 2e6  # seconds after a frame the worker surely still polls
 
 
 class _Violation(Exception):
     """The worker sent something it must not."""
+
+
+class _TimedOut(Exception):
+    """The deadline passed while the host served a call or a log line."""
 
 
 class _Failed(Exception):
@@ -174,6 +201,7 @@ class ProcessExecutor:
         self._pool: WorkerPool | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._closed = False
+        self._in_flight = 0  # executions running in a worker now
         self.compiles = 0
         self.cache_hits = 0
 
@@ -238,11 +266,14 @@ class ProcessExecutor:
         worker = await pool.acquire(request.app_id, address_space)
         _note_layers(worker.layers)
         logs: list[str] = []
+        self._in_flight += 1
         try:
             response, error = await self._run(worker, request, host, address_space, logs)
         except BaseException:
             pool.release(worker, reuse=False)
             raise
+        finally:
+            self._in_flight -= 1
         worker.executions += 1
         reuse = (
             (error is None or error.kind not in _RECYCLE)
@@ -264,67 +295,122 @@ class ProcessExecutor:
         address_space: int,
         logs: list[str],
     ) -> tuple[ScriptResponse | None, ExecError | None]:
-        nonce = os.urandom(8).hex()
         key = f"{request.script_id}@{request.script_version}"
         message: dict[str, Any] = {
             "t": "exec",
-            "n": nonce,
+            "n": os.urandom(8).hex(),
             "key": key,
             "ev": request.event,
             "ctx": request.context_wire(),
             "cpu": request.timeout_seconds,
+            "s": self._worker_spin(),
         }
         if key not in worker.scripts:
             message["src"] = request.source
         if address_space < worker.address_space:
             message["mem"] = address_space
             worker.address_space = address_space
-        bridge = HostBridge(host)
+        timeout = request.timeout_seconds
+        loop = worker.loop
+        if loop is None:  # not on asyncio: one cancel scope over the whole exchange
+            with anyio.move_on_after(timeout):
+                return await self._exchange(worker, message, host, logs, math.inf)
+            worker.kill()
+            return None, _timed_out(timeout)
+        # On asyncio the deadline is a plain timer that kills the worker and wakes
+        # its reader; only awaits on the host get a cancel scope (to the same deadline).
+        deadline = loop.time() + timeout
+        timer = loop.call_at(deadline, worker.expire)
+        try:
+            return await self._exchange(worker, message, host, logs, deadline)
+        finally:
+            timer.cancel()
+
+    async def _exchange(
+        self,
+        worker: WorkerProcess,
+        message: dict[str, Any],
+        host: HostApi,
+        logs: list[str],
+        deadline: float,  # loop time; inf when an outer cancel scope has it
+    ) -> tuple[ScriptResponse | None, ExecError | None]:
+        """Send ``exec``, serve the worker's frames until ``done``, classify."""
+        nonce, key, timeout = message["n"], message["key"], message["cpu"]
+        bridge: HostBridge | None = None
         log_bytes = 0
-        with anyio.move_on_after(request.timeout_seconds) as deadline:
+        try:
             try:
-                try:
-                    await worker.send(message)
-                except (TypeError, ValueError) as exc:
-                    return None, ExecError(K.INTERNAL, f"the event is not JSON: {exc}")
-                while True:
-                    frame = await worker.recv()
-                    t = frame.get("t")
-                    if frame.get("n") != nonce:
-                        raise _Violation("a frame of another execution")
-                    if t == "log" and frame.keys() <= _LOG_KEYS:
-                        line = frame.get("line")
-                        if not isinstance(line, str):
-                            raise _Violation("a log line must be a string")
-                        log_bytes += len(line.encode("utf-8", "replace"))
-                        if log_bytes > MAX_LOG_BYTES:
-                            raise _Failed(K.OUTPUT_LIMIT, f"logs are over {MAX_LOG_BYTES} bytes")
-                        logs.append(line)
+                await worker.send(message)
+            except (TypeError, ValueError) as exc:
+                return None, ExecError(K.INTERNAL, f"the event is not JSON: {exc}")
+            while True:
+                frame = await worker.recv(self._host_spin(worker))
+                t = frame.get("t")
+                now, sent = time.perf_counter(), frame.get("ts")
+                worker.answered_in = (sent if type(sent) is float else now) - worker.sent_at
+                worker.polls_until = (
+                    now + _AWAKE_FOR if t == "log" or frame.get("sp") is True else 0.0
+                )
+                if frame.get("n") != nonce:
+                    raise _Violation("a frame of another execution")
+                if t == "log" and frame.keys() <= _LOG_KEYS:
+                    line = frame.get("line")
+                    if not isinstance(line, str):
+                        raise _Violation("a log line must be a string")
+                    log_bytes += len(line.encode("utf-8", "replace"))
+                    if log_bytes > MAX_LOG_BYTES:
+                        raise _Failed(K.OUTPUT_LIMIT, f"logs are over {MAX_LOG_BYTES} bytes")
+                    logs.append(line)
+                    with anyio.CancelScope(deadline=deadline) as scope:
                         await host.log(line)
-                    elif t == "call" and frame.keys() == _CALL_KEYS:
-                        call_id, op = frame["id"], frame["op"]
-                        if type(call_id) is not int or op not in OPS:
-                            raise _Violation("a malformed host call")
-                        await worker.send(await bridge.serve(call_id, op, frame["a"]))
-                    elif t == "done" and frame.keys() <= _DONE_KEYS:
-                        if frame.get("has") is True:
-                            worker.scripts.add(key)
-                        return self._finish(worker, frame)
-                    else:
-                        raise _Violation(f"an unexpected frame {str(t)[:40]!r}")
-            except _Violation as exc:
-                worker.kill()
-                return None, ExecError(K.PROTOCOL_VIOLATION, f"worker sent {exc}")
-            except _Failed as exc:
-                worker.kill()
-                return None, ExecError(exc.kind, str(exc))
-            except WorkerGone as exc:
-                return None, await _crash(worker, str(exc))
-        assert deadline.cancelled_caught
-        worker.kill()
-        return None, ExecError(
-            K.TIMEOUT, f"the script ran past its {request.timeout_seconds} s timeout"
-        )
+                    if scope.cancelled_caught:
+                        raise _TimedOut
+                elif t == "call" and frame.keys() == _CALL_KEYS:
+                    call_id, op = frame["id"], frame["op"]
+                    if type(call_id) is not int or op not in OPS:
+                        raise _Violation("a malformed host call")
+                    if bridge is None:
+                        bridge = HostBridge(host)
+                    with anyio.CancelScope(deadline=deadline) as scope:
+                        reply = await bridge.serve(call_id, op, frame["a"])
+                    if scope.cancelled_caught:
+                        raise _TimedOut
+                    reply["s"] = self._worker_spin()
+                    await worker.send(reply)
+                elif t == "done" and frame.keys() <= _DONE_KEYS:
+                    if frame.get("has") is True:
+                        worker.scripts.add(key)
+                    return self._finish(worker, frame)
+                else:
+                    raise _Violation(f"an unexpected frame {str(t)[:40]!r}")
+        except _Violation as exc:
+            worker.kill()
+            return None, ExecError(K.PROTOCOL_VIOLATION, f"worker sent {exc}")
+        except _Failed as exc:
+            worker.kill()
+            return None, ExecError(exc.kind, str(exc))
+        except _TimedOut:
+            worker.kill()
+            return None, _timed_out(timeout)
+        except WorkerGone as exc:
+            if worker.expired:
+                return None, _timed_out(timeout)
+            return None, await _crash(worker, str(exc))
+
+    def _worker_spin(self) -> int:
+        """The spin window (µs) for the worker's next wait."""
+        return WORKER_SPIN_US if self._in_flight < _CPUS else 0
+
+    def _host_spin(self, worker: WorkerProcess) -> float:
+        """How long to busy-poll for the worker's next frame before yielding."""
+        if (
+            self._in_flight == 1
+            and _CPUS > 1
+            and worker.answered_in <= SPIN_WORTH
+            and time.perf_counter() < worker.polls_until
+        ):
+            return HOST_SPIN
+        return 0.0
 
     def _finish(
         self, worker: WorkerProcess, frame: dict[str, Any]
@@ -366,6 +452,10 @@ class ProcessExecutor:
         return None, ExecError(
             K(kind), msg[:MAX_MESSAGE_CHARS], None if tb is None else tb[-MAX_TRACEBACK_CHARS:]
         )
+
+
+def _timed_out(timeout: float) -> ExecError:
+    return ExecError(K.TIMEOUT, f"the script ran past its {timeout} s timeout")
 
 
 async def _crash(worker: WorkerProcess, why: str) -> ExecError:

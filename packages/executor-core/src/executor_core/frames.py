@@ -6,6 +6,10 @@ untrusted: decoding it must not be able to run code, and NaN/Infinity are refuse
 
 Host → worker: ``exec``, ``ret``, ``err``. Worker → host: ``ready``, ``call``,
 ``log``, ``done``. The host validates every worker frame (``host_bridge``).
+Frames that expect an answer carry hints for busy-polling (see
+``script_api.Channel``): the sender's ``perf_counter`` at sending (``ts``), and
+either the worker's polling window (``s``, µs, from the host) or whether the
+worker polls for the answer (``sp``).
 
 Standard library only: the worker bootstrap imports this module.
 """

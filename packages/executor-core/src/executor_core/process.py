@@ -75,12 +75,33 @@ class WorkerProcess:
     _eof: str | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _waiter: asyncio.Future[None] | None = None
+    expired: bool = False  # the execution's deadline passed (see expire)
+    # For the executor's busy-polling choice (perf_counter times and seconds):
+    sent_at: float = 0.0  # when the last frame was sent to the worker (its ``ts``)
+    answered_in: float = 0.0  # how long the worker took to answer it
+    polls_until: float = 0.0  # until when the worker surely polls its pipe
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The asyncio loop watching this worker (None on other backends)."""
+        return self._loop
+
+    def expire(self) -> None:
+        """The execution's deadline (a loop timer): kill the worker, wake its reader;
+        ``recv`` raises :class:`WorkerGone` from now on."""
+        self.expired = True
+        self.kill()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def send(self, message: dict[str, Any]) -> None:
+        """Send one frame, stamped with its send time (``ts``)."""
+        self.sent_at = message["ts"] = time.perf_counter()
         view = memoryview(frames.encode(message))
         while view:
             try:
@@ -92,10 +113,27 @@ class WorkerProcess:
                 raise WorkerGone(f"write failed: {exc}") from None
             view = view[n:]
 
-    async def recv(self) -> dict[str, Any]:
+    async def recv(self, spin: float = 0.0) -> dict[str, Any]:
+        """The next frame. With ``spin`` (seconds), first busy-poll the pipe that long
+        without yielding to the event loop: the caller bounds it and decides when
+        blocking the loop that briefly is worth a saved wake-up. Each empty poll
+        yields the CPU (``sched_yield``), in case the worker runs on this one."""
+        if self._pending:
+            return self._pending.pop(0)
+        if spin and self._eof is None:
+            deadline = time.perf_counter() + spin
+            while True:
+                self._drain()
+                if self._pending or self._eof is not None:
+                    break
+                if time.perf_counter() >= deadline:
+                    break
+                os.sched_yield()
         while not self._pending:
             if self._eof is not None:
                 raise WorkerGone(self._eof)
+            if self.expired:
+                raise WorkerGone("past the deadline")
             if self._loop is not None:
                 waiter = self._loop.create_future()
                 self._waiter = waiter

@@ -16,6 +16,7 @@ import _thread
 import binascii
 import io
 import os
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from executor_core import frames
@@ -72,8 +73,27 @@ class ResponseTooLarge(BaseException):
     """The response body is over the cap."""
 
 
+# A kind of wait spins only while the host answered the previous one within this
+# long (seconds), as told by the host's send time (``ts``, CLOCK_MONOTONIC like
+# perf_counter): what the worker's own clock sees includes its wake-up, which
+# spinning would have saved.
+SPIN_WORTH = 500e-6
+REPLY, NEXT_EXEC = 0, 1  # the two kinds of wait
+
+
 class Channel:
-    """The worker's end of the pipes, for one execution at a time."""
+    """The worker's end of the pipes, for one execution at a time.
+
+    Waiting for the host (a call's reply, the next ``exec``) may busy-poll the pipe
+    for up to ``spin`` seconds before a blocking read: a sleeping process costs a
+    wake-up (tens of µs on a VM) that a polling one does not. The host sets the
+    window in every frame it sends (``s``, µs; 0 when executions already compete
+    for the CPUs), and each kind of wait polls only while the host answered the
+    previous one quickly (``SPIN_WORTH``): a worker idle between sparse requests,
+    or waiting on a slow host call, sleeps at once. The frame before a wait tells
+    the host whether the worker will poll (``sp``) and when it was sent (``ts``), so
+    the host can make the same choice.
+    """
 
     def __init__(self, rfd: int, wfd: int) -> None:
         self.rfd = rfd
@@ -83,20 +103,65 @@ class Channel:
         self._lock = _thread.allocate_lock()
         self.log_bytes = 0
         self._buf = bytearray()
+        self.spin = 0.0  # seconds; from the host's last frame
+        self.waits = [0.0, 0.0]  # how long the host took to answer, per kind (seconds)
 
-    def read_frame(self) -> dict[str, Any] | None:
+    def set_spin(self, frame: dict[str, Any]) -> None:
+        us = frame.get("s")
+        self.spin = us / 1e6 if type(us) is int and 0 < us <= 1000 else 0.0
+
+    def will_spin(self, kind: int) -> bool:
+        """Whether the next wait of this kind polls before it sleeps."""
+        return self.spin > 0 and self.waits[kind] <= SPIN_WORTH
+
+    def read_frame(self, kind: int = REPLY) -> dict[str, Any] | None:
         """The next host frame (usually one ``read`` syscall); ``None`` at end of file."""
         buf = self._buf
+        started = 0.0
         while True:
             need = 4 + int.from_bytes(buf[:4], "big") if len(buf) >= 4 else 5
             if len(buf) >= need:
                 body = bytes(buf[4:need])
                 del buf[:need]
-                return frames.decode(body)
+                frame = frames.decode(body)
+                if started:
+                    sent = frame.get("ts")
+                    self.waits[kind] = (sent if type(sent) is float else perf_counter()) - started
+                else:
+                    self.waits[kind] = 0.0
+                return frame
+            if not started:
+                started = perf_counter()
+                if self.will_spin(kind):
+                    chunk = self._spin_read(need - len(buf), started + self.spin)
+                    if chunk is not None:
+                        if not chunk:
+                            return None
+                        buf += chunk
+                        continue
+            os.set_blocking(self.rfd, True)
             chunk = os.read(self.rfd, max(1 << 16, need - len(buf)))
             if not chunk:
                 return None
             buf += chunk
+
+    def _spin_read(self, need: int, deadline: float) -> bytes | None:
+        """Poll the pipe (non-blocking reads) until ``deadline``; ``None`` if nothing came.
+
+        Each empty poll yields the CPU: the scheduler often puts the host on the same
+        CPU as its worker, and a poll that did not yield would keep the host, which
+        is to write the frame, from running at all.
+        """
+        rfd = self.rfd
+        os.set_blocking(rfd, False)
+        size = max(1 << 16, need)
+        while True:
+            try:
+                return os.read(rfd, size)
+            except BlockingIOError:
+                if perf_counter() >= deadline:
+                    return None
+                os.sched_yield()
 
     def start(self, nonce: str) -> None:
         self.nonce = nonce
@@ -111,11 +176,14 @@ class Channel:
         with self._lock:
             self._seq += 1
             seq = self._seq
-            data = frames.encode({"t": "call", "n": self.nonce, "id": seq, "op": op, "a": args})
-            frames.write_all(self.wfd, data)
-            reply = self.read_frame()
+            call = {"t": "call", "n": self.nonce, "id": seq, "op": op, "a": args}
+            call["sp"] = self.will_spin(REPLY)
+            call["ts"] = perf_counter()
+            frames.write_all(self.wfd, frames.encode(call))
+            reply = self.read_frame(REPLY)
         if reply is None or reply.get("id") != seq:
             raise SystemExit("host channel closed")
+        self.set_spin(reply)
         if reply.get("t") == "err":
             raise error_class(str(reply.get("code")))(str(reply.get("msg")))
         return reply.get("v")

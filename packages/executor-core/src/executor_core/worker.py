@@ -126,7 +126,7 @@ class Worker:
 
     def serve(self) -> None:
         while True:
-            frame = self.channel.read_frame()
+            frame = self.channel.read_frame(script_api.NEXT_EXEC)
             if frame is None or frame.get("t") != "exec":
                 return
             self.run(frame)
@@ -154,19 +154,24 @@ class Worker:
     def run(self, frame: dict[str, Any]) -> None:
         ch = self.channel
         ch.start(frame["n"])
+        ch.set_spin(frame)
         mem = frame.get("mem")
         if mem is not None:
             sandbox.set_limit(resource.RLIMIT_AS, int(mem))
-        # RLIMIT_CPU as a per-execution delta: CPU used so far plus this budget. The
-        # soft limit stays in place afterwards (an idle worker burns no CPU) and the
-        # next execution moves it again: two syscalls per execution, not five.
+        # RLIMIT_CPU as a per-execution delta: CPU used so far plus this budget, in
+        # whole seconds. The soft limit stays in place afterwards (an idle worker burns
+        # at most a spin window) and the next execution moves it again, only if it
+        # changed: a read, and a write at most once a second of CPU used.
         used = _cpu_used()
         cpu_soft = math.ceil(used + float(frame["cpu"]))
-        try:
-            resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_soft, self.cpu_hard), self.cpu_hard))
-        except ValueError:  # the script lowered the hard limit: keep it
-            self.cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-            resource.setrlimit(resource.RLIMIT_CPU, (min(cpu_soft, self.cpu_hard), self.cpu_hard))
+        limits = (min(cpu_soft, self.cpu_hard), self.cpu_hard)
+        if resource.getrlimit(resource.RLIMIT_CPU) != limits:
+            try:
+                resource.setrlimit(resource.RLIMIT_CPU, limits)
+            except ValueError:  # the script lowered the hard limit: keep it
+                self.cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+                limits = (min(cpu_soft, self.cpu_hard), self.cpu_hard)
+                resource.setrlimit(resource.RLIMIT_CPU, limits)
         done: dict[str, Any] = {"t": "done", "n": ch.nonce}
         cached = False
         saved = sys.stdout, sys.stderr
@@ -197,6 +202,8 @@ class Worker:
         done["cached"] = cached
         done["has"] = frame["key"] in self.cache
         done["cpu"] = used  # as of the start: the host only tracks the lifetime budget
+        done["sp"] = ch.will_spin(script_api.NEXT_EXEC)
+        done["ts"] = time.perf_counter()
         ch.send(done)
 
 
