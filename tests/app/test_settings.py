@@ -40,6 +40,7 @@ def test_every_variable_is_read() -> None:
             "PICLOUD_DATA_DIR": "/srv/picloud",
             "PICLOUD_ADMIN_TOKEN": "s3cret",
             "PICLOUD_MAX_CONCURRENT_EXECUTIONS": "4",
+            "PICLOUD_SYNC_ADMISSION_WAIT_MS": "0",
             "PICLOUD_MAX_TRIGGER_DEPTH": "3",
             "PICLOUD_DISPATCH_POLL_INTERVAL_MS": "250",
             "PICLOUD_DISPATCH_BATCH_SIZE": "10",
@@ -47,6 +48,7 @@ def test_every_variable_is_read() -> None:
             "PICLOUD_EXECUTOR_MAX_EXECUTIONS_PER_WORKER": "50",
             "PICLOUD_EXECUTOR_IDLE_TTL_SECONDS": "60",
             "PICLOUD_DB_POOL_SIZE": "5",
+            "PICLOUD_DB_OUTBOX_POOL_SIZE": "3",
             "UNRELATED": "ignored",
         }
     )
@@ -57,6 +59,7 @@ def test_every_variable_is_read() -> None:
         data_dir=Path("/srv/picloud"),
         admin_token="s3cret",
         max_concurrent_executions=4,
+        sync_admission_wait_ms=0,
         max_trigger_depth=3,
         dispatch_poll_interval_ms=250,
         dispatch_batch_size=10,
@@ -64,6 +67,7 @@ def test_every_variable_is_read() -> None:
         executor_max_executions_per_worker=50,
         executor_idle_ttl_seconds=60,
         db_pool_size=5,
+        db_outbox_pool_size=3,
     )
 
 
@@ -94,6 +98,8 @@ def test_empty_variables_keep_defaults() -> None:
         ("PICLOUD_EXECUTOR_MAX_EXECUTIONS_PER_WORKER", "0"),
         ("PICLOUD_EXECUTOR_IDLE_TTL_SECONDS", "x"),
         ("PICLOUD_DB_POOL_SIZE", "0"),
+        ("PICLOUD_SYNC_ADMISSION_WAIT_MS", "-1"),
+        ("PICLOUD_DB_OUTBOX_POOL_SIZE", "0"),
         ("PICLOUD_DATABASE_URL", "mysql://u@h/db"),
     ],
 )

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from executor_core.executor import ProcessExecutor
 from manager_core import tables as t
+from manager_core.db import make_pool
 from manager_core.dispatcher import Dispatcher, DispatcherSettings
 from manager_core.host_api import PostgresHostApi
 from manager_core.outbox_event_emitter import OutboxEventEmitter
@@ -166,7 +167,10 @@ async def make_world(
     signal = OutboxSignal()
     triggers = PostgresTriggerRepo(engine)
     emitter = OutboxEventEmitter(triggers, signal)
-    async with ProcessExecutor(max_workers, spare_workers=1) as executor:
+    # As in the binary: the outbox's hot statements run on a plain psycopg pool.
+    pool = make_pool(engine.url.render_as_string(hide_password=False), max_size=4)
+    await pool.open(wait=True)
+    async with pool, ProcessExecutor(max_workers, spare_workers=1) as executor:
         world = World(
             engine=engine,
             executor=executor,
@@ -179,7 +183,7 @@ async def make_world(
             triggers=triggers,
             kv=PostgresKvRepo(engine, emitter),
             docs=PostgresDocumentRepo(engine, emitter),
-            outbox=PostgresOutboxRepo(engine, signal),
+            outbox=PostgresOutboxRepo(engine, signal, pool=pool),
             emitter=emitter,
         )
         if attach_app:

@@ -88,7 +88,9 @@ async def env() -> AsyncIterator[tuple[httpx.AsyncClient, FakeOutbox, FakeRoutes
     )
     async with anyio.create_task_group() as tg:
         outbox = FakeOutbox(inbox, tg)
-        orch = UserRouteOrchestrator(routes, outbox, inbox, gate, node_id="n1")
+        orch = UserRouteOrchestrator(
+            routes, outbox, inbox, gate, node_id="n1", admission_wait_seconds=0.2
+        )
         app = Starlette(routes=orch.routes())
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://test"
@@ -200,6 +202,25 @@ async def test_saturated_gate_is_503_with_retry_after(env) -> None:  # type: ign
     assert r.status_code == 503
     assert r.headers["retry-after"] == "1"
     assert outbox.rows == []
+    for p in permits:
+        assert p is not None
+        p.release()
+
+
+async def test_a_slot_freed_within_the_admission_wait_admits_the_request(env) -> None:  # type: ignore[no-untyped-def]
+    """A full gate that frees a slot within admission_wait_seconds: served, not 503."""
+    client, outbox, _, gate = env
+    permits = [gate.try_acquire() for _ in range(gate.capacity)]
+
+    async def free_one_soon() -> None:
+        await anyio.sleep(0.05)
+        permits[0].release()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(free_one_soon)
+        r = await client.get("/apps/shop/hello")
+    assert r.status_code == 200
+    assert len(outbox.rows) == 1
     for p in permits:
         assert p is not None
         p.release()

@@ -7,6 +7,13 @@ rows as it holds permits, so the batch is sized to the free capacity of the
 ``ExecutionGate`` it shares with sync HTTP. A saturated gate therefore leaves rows
 due in the outbox — never dropped, never double-run, no attempt counted.
 
+Rows written on this node can skip the claim: while the dispatcher runs it is
+attached to the ``PostgresOutboxRepo`` as a ``LocalRunner``, and ``enqueue`` (in its
+own transaction) writes a row it can run at once already claimed — lease, token,
+attempt 1 — and hands it over in memory (:meth:`Dispatcher.run_claimed`). The gate
+slot is reserved before the write; without one the row is written due, for a later
+claim. A handed-off row is as crash safe as a claimed one: its lease expires.
+
 Routing is generic: ``kv | docs | dead_letter`` rows decode their trigger event;
 ``http`` rows decode the ``HttpDispatchPayload``. Both become one ``ExecRequest``
 run as the registrant (``AdminPrincipalResolver``).
@@ -56,7 +63,7 @@ from picloud_shared.execution import ExecError, ExecRequest, ExecResult
 from picloud_shared.gate import ExecutionGate, Permit
 from picloud_shared.ids import AppId
 from picloud_shared.inbox import DeliveryStatus, InboxResult
-from picloud_shared.outbox import HttpDispatchPayload, OutboxSourceKind
+from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
 from picloud_shared.ports import Executor, HostApi, InboxResolver
 from picloud_shared.principals import Principal
 from picloud_shared.status import NON_RETRYABLE, ExecErrorKind, ExecutionStatus
@@ -111,6 +118,7 @@ class DispatcherMetrics:
     conflict_reruns: int = 0
     claimed: int = 0
     claim_batches: int = 0
+    handed_off: int = 0  # rows written claimed by this node and run without a claim
 
 
 class _Rerun(Exception):
@@ -156,6 +164,7 @@ class Dispatcher:
         self._idle.set()
         self._completer = BatchCompleter(outbox)
         self._leased: dict[int, str] = {}  # rows this node is running → claim token
+        self._executions_tg: anyio.abc.TaskGroup | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,11 +181,14 @@ class Dispatcher:
         async with anyio.create_task_group() as service:
             service.start_soon(self._completer.run)
             async with anyio.create_task_group() as executions:
+                self._executions_tg = executions
                 self._running = True
+                self._outbox.attach(self)
                 task_status.started()
                 try:
                     await self._claim_loop(executions)
                 finally:
+                    self._outbox.detach(self)
                     self._running = False
                     with (
                         anyio.CancelScope(shield=True),
@@ -185,6 +197,30 @@ class Dispatcher:
                         await self._idle.wait()
                     executions.cancel_scope.cancel()
             service.cancel_scope.cancel()
+
+    # ------------------------------------------------------------------ local hand-off
+
+    @property
+    def node_id(self) -> str:
+        return self.settings.node_id
+
+    @property
+    def lease_seconds(self) -> float:
+        return self.settings.lease_seconds
+
+    def reserve(self, row: NewOutboxRow) -> Permit | None:
+        """A gate slot for a row this node is about to write and run at once
+        (``PostgresOutboxRepo.enqueue``); ``None`` when saturated or stopping."""
+        if not self.ready:
+            return None
+        return self._gate.try_acquire()
+
+    def run_claimed(self, claim: ClaimedRow, permit: Permit) -> None:
+        """Run a row this node wrote already claimed (no claim transaction)."""
+        assert self._executions_tg is not None
+        self.metrics.handed_off += 1
+        self._started()
+        self._executions_tg.start_soon(self._execute, claim, permit)
 
     def stop(self) -> None:
         """Stop claiming; :meth:`run` returns after draining."""

@@ -4,8 +4,10 @@ Matches the request against the app's routes, builds the HTTP event, and writes
 one outbox row through :class:`~picloud_shared.ports.OutboxWriter`:
 
 * ``async`` routes answer ``202 {"accepted_at", "execution_id"}`` at once;
-* ``sync`` routes register an inbox receiver, write the row with ``reply_to``, and
-  wait up to the script's ``timeout_seconds`` + 2 s for the dispatcher's answer.
+* ``sync`` routes wait up to ``admission_wait_seconds`` for a free slot of the
+  execution gate (503 with ``Retry-After`` when none frees), register an inbox
+  receiver, write the row with ``reply_to``, and wait up to the script's
+  ``timeout_seconds`` + 2 s for the dispatcher's answer.
 
 It never imports manager-core: routes come from a ``RouteTable``, answers from the
 ``InboxRegistry``.
@@ -106,6 +108,8 @@ class UserRouteOrchestrator:
     max_body_bytes: int = MAX_REQUEST_BODY_BYTES
     wait_buffer_seconds: float = SYNC_WAIT_BUFFER_SECONDS
     retry_after_seconds: int = 1
+    #: How long a sync request waits for a gate slot before it is refused with 503.
+    admission_wait_seconds: float = 1.0
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -216,7 +220,10 @@ class UserRouteOrchestrator:
     async def _dispatch_sync(
         self, request: Request, target: RouteTarget, event: HttpEvent
     ) -> Response:
-        if not self.gate.has_capacity():
+        if not self.gate.has_capacity() and not (
+            self.admission_wait_seconds > 0
+            and await self.gate.wait_free(self.admission_wait_seconds)
+        ):
             return _failure(
                 InboxFailureKind.OVERLOADED,
                 "too many executions in flight; retry later",
@@ -240,24 +247,20 @@ class UserRouteOrchestrator:
 
     async def _wait(self, request: Request, receive: object, timeout: float) -> InboxResult | None:
         """Wait for the answer; give up on timeout or when the client disconnects."""
-        outcome: list[InboxResult | None] = [None]
+        result: InboxResult | None = None
+
+        async def watch_disconnect(scope: anyio.CancelScope) -> None:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    scope.cancel()
+                    return
 
         async with anyio.create_task_group() as tg:
-
-            async def wait_answer() -> None:
-                outcome[0] = await receive(timeout)  # type: ignore[operator]
-                tg.cancel_scope.cancel()
-
-            async def watch_disconnect() -> None:
-                while True:
-                    message = await request.receive()
-                    if message["type"] == "http.disconnect":
-                        tg.cancel_scope.cancel()
-                        return
-
-            tg.start_soon(wait_answer)
-            tg.start_soon(watch_disconnect)
-        return outcome[0]
+            tg.start_soon(watch_disconnect, tg.cancel_scope)
+            result = await receive(timeout)  # type: ignore[operator]
+            tg.cancel_scope.cancel()
+        return result
 
 
 def to_response(result: InboxResult) -> Response:

@@ -14,10 +14,11 @@ from contextlib import asynccontextmanager
 
 import anyio
 import attrs
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from executor_core.executor import ProcessExecutor
-from manager_core.db import make_engine
+from manager_core.db import make_engine, make_pool
 from manager_core.dispatcher import Dispatcher, DispatcherSettings
 from manager_core.host_api import PostgresHostApi
 from manager_core.outbox_event_emitter import OutboxEventEmitter
@@ -60,6 +61,7 @@ class Services:
 
     settings: Settings
     engine: AsyncEngine
+    pool: AsyncConnectionPool
     node_id: str
     signal: OutboxSignal
     users: PostgresUserRepo
@@ -99,7 +101,8 @@ def build_services(
     event_emitter: EventEmitter = emitter
     kv = PostgresKvRepo(engine, event_emitter)
     docs = PostgresDocumentRepo(engine, event_emitter)
-    outbox = PostgresOutboxRepo(engine, signal)
+    pool = make_pool(database_url, max_size=settings.db_outbox_pool_size)
+    outbox = PostgresOutboxRepo(engine, signal, pool=pool)
     outbox_repo: OutboxRepo = outbox
     outbox_writer: OutboxWriter = outbox
     executor = ProcessExecutor(
@@ -138,11 +141,19 @@ def build_services(
             max_trigger_depth=settings.max_trigger_depth,
         ),
     )
-    orchestrator = UserRouteOrchestrator(route_table, outbox_writer, inbox, gate, node_id=node)
+    orchestrator = UserRouteOrchestrator(
+        route_table,
+        outbox_writer,
+        inbox,
+        gate,
+        node_id=node,
+        admission_wait_seconds=settings.sync_admission_wait_ms / 1000,
+    )
     _ = trigger_repo
     return Services(
         settings=settings,
         engine=engine,
+        pool=pool,
         node_id=node,
         signal=signal,
         users=PostgresUserRepo(engine),
@@ -168,11 +179,17 @@ def build_services(
 
 @asynccontextmanager
 async def running(services: Services) -> AsyncIterator[Services]:
-    """Start the executor and the dispatcher; on exit drain and stop them, in order."""
-    async with services.executor, anyio.create_task_group() as tg:
-        await tg.start(services.dispatcher.run)
-        try:
-            yield services
-        finally:
-            services.dispatcher.stop()
-    await services.engine.dispose()
+    """Open the outbox pool, start the executor and the dispatcher; on exit drain and
+    stop them, in order."""
+    await services.pool.open(wait=True)
+    try:
+        async with services.executor, anyio.create_task_group() as tg:
+            await tg.start(services.dispatcher.run)
+            try:
+                yield services
+            finally:
+                services.dispatcher.stop()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await services.pool.close()
+            await services.engine.dispose()

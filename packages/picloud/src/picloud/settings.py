@@ -69,6 +69,8 @@ class Settings:
     #: Token of the instance admin created on first start (generated when unset).
     admin_token: str | None = None
     max_concurrent_executions: int = 16
+    #: How long a sync request may wait for a free execution slot before its 503.
+    sync_admission_wait_ms: int = 1000
     max_trigger_depth: int = 8
     dispatch_poll_interval_ms: int = 100
     dispatch_batch_size: int = 64
@@ -76,6 +78,8 @@ class Settings:
     executor_max_executions_per_worker: int = 1000
     executor_idle_ttl_seconds: int = 300
     db_pool_size: int = 20
+    #: Plain psycopg connections for the outbox's hot single statements.
+    db_outbox_pool_size: int = 8
 
     @property
     def embedded_pg_dir(self) -> Path:
@@ -104,6 +108,7 @@ class Settings:
             "data_dir": get("DATA_DIR", lambda v: Path(v).expanduser()),
             "admin_token": get("ADMIN_TOKEN", _non_empty),
             "max_concurrent_executions": get("MAX_CONCURRENT_EXECUTIONS", _positive_int),
+            "sync_admission_wait_ms": get("SYNC_ADMISSION_WAIT_MS", _non_negative_int),
             "max_trigger_depth": get("MAX_TRIGGER_DEPTH", _non_negative_int),
             "dispatch_poll_interval_ms": get("DISPATCH_POLL_INTERVAL_MS", _positive_int),
             "dispatch_batch_size": get("DISPATCH_BATCH_SIZE", _positive_int),
@@ -113,5 +118,6 @@ class Settings:
             ),
             "executor_idle_ttl_seconds": get("EXECUTOR_IDLE_TTL_SECONDS", _positive_int),
             "db_pool_size": get("DB_POOL_SIZE", _positive_int),
+            "db_outbox_pool_size": get("DB_OUTBOX_POOL_SIZE", _positive_int),
         }
         return cls(**{name: value for name, value in values.items() if value is not None})

@@ -16,31 +16,56 @@ committed, calls :meth:`OutboxSignal.committed`.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Protocol
 
 import anyio
 import sqlalchemy as sa
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
-from manager_core.db import transaction
+from manager_core.db import SqlConn, transaction
 from manager_core.postgres import outbox_claims as claims
-from manager_core.postgres.outbox_claims import ClaimedRow, ScriptSources, outbox_row_from_row
-from manager_core.postgres.triggers import retry_values
+from manager_core.postgres import outbox_enqueue as enqueue_sql
+from manager_core.postgres.outbox_claims import (
+    ClaimedRow,
+    ScriptSources,
+    new_claim_token,
+    outbox_row_from_row,
+)
 from picloud_shared.errors import NotFound
 from picloud_shared.execution import ExecResult
+from picloud_shared.gate import Permit
 from picloud_shared.ids import (
     ExecutionId,
     InboxId,
 )
 from picloud_shared.outbox import NewOutboxRow, OutboxRow
 
-__all__ = ["ClaimedRow", "OutboxSignal", "PostgresOutboxRepo", "outbox_row_from_row"]
+__all__ = ["ClaimedRow", "LocalRunner", "OutboxSignal", "PostgresOutboxRepo", "outbox_row_from_row"]
 
 _O, _E = t.outbox, t.executions
+
+
+class LocalRunner(Protocol):
+    """A dispatcher running on this node, ready to run rows the moment they are
+    written (see :meth:`PostgresOutboxRepo.enqueue`)."""
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def lease_seconds(self) -> float: ...
+
+    def reserve(self, row: NewOutboxRow) -> Permit | None:
+        """A gate slot to run ``row`` at once, or ``None`` (saturated, stopping)."""
+
+    def run_claimed(self, claim: ClaimedRow, permit: Permit) -> None:
+        """Start running a row this node just wrote claimed, holding ``permit``."""
 
 
 class OutboxSignal:
@@ -96,69 +121,112 @@ class OutboxSignal:
         return woke
 
 
-def _existing(table: sa.Table, value: object) -> Any:
-    """``value`` if a row of ``table`` has that id, else NULL: an execution record keeps
-    its foreign keys valid when the trigger/route/script vanished meanwhile (the
-    outbox row keeps the original id and the dispatcher fails it cleanly)."""
-    if value is None:
-        return sa.null()
-    return sa.select(table.c.id).where(table.c.id == value).scalar_subquery()
-
-
 class PostgresOutboxRepo:
     """:class:`~picloud_shared.ports.OutboxWriter` and
     :class:`~picloud_shared.ports.OutboxRepo` on PostgreSQL.
 
     ``signal`` is the node's wake-up (a fresh one when not given); share it with the
-    :class:`~manager_core.outbox_event_emitter.OutboxEventEmitter`. Every method takes
-    an optional ``conn`` to join the caller's transaction.
+    :class:`~manager_core.outbox_event_emitter.OutboxEventEmitter`. ``pool`` (see
+    :func:`manager_core.db.make_pool`, opened and closed by the caller) serves the hot
+    single statements. Every method takes an optional ``conn`` to join the caller's
+    transaction.
     """
 
-    def __init__(self, engine: AsyncEngine, signal: OutboxSignal | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        signal: OutboxSignal | None = None,
+        *,
+        pool: AsyncConnectionPool | None = None,
+    ) -> None:
         self._engine = engine
+        # The hot statements (enqueue, claim, completion, leases) are single statements:
+        # autocommitted, on ``pool`` when given (plain psycopg, cheapest), else on the
+        # engine.
+        self._pool = pool
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._runners: dict[str, LocalRunner] = {}
         self.signal = signal if signal is not None else OutboxSignal()
         self._sources = ScriptSources()
 
     # -- OutboxWriter ----------------------------------------------------------------
 
     async def enqueue(self, row: NewOutboxRow, *, conn: AsyncConnection | None = None) -> None:
-        execution = (
-            sa.insert(_E)
-            .from_select(
-                [
-                    "id",
-                    "app_id",
-                    "source_kind",
-                    "trigger_id",
-                    "route_id",
-                    "script_id",
-                    "status",
-                    "trigger_depth",
-                ],
-                sa.select(
-                    sa.literal(row.execution_id, _E.c.id.type),
-                    t.apps.c.id,
-                    sa.literal(row.source_kind.value),
-                    _existing(t.triggers, row.trigger_id),
-                    _existing(t.routes, row.route_id),
-                    _existing(t.scripts, row.script_id),
-                    sa.literal("queued"),
-                    sa.literal(row.trigger_depth),
-                ).where(t.apps.c.id == row.app_id),
-            )
-            .returning(_E.c.id)
-        )
+        """Write the row and its execution record (one statement).
+
+        In its own transaction (no ``conn``), a row that a dispatcher attached on
+        this node can run at once is written already claimed by it and handed over
+        in memory (:meth:`attach`): no claim transaction, no wake-up. A sync HTTP
+        row goes only to the dispatcher of its ``reply_node``.
+        """
+        if conn is None and (runner := self._runner_for(row)) is not None:
+            permit = runner.reserve(row)
+            if permit is not None:
+                await self._enqueue_claimed(row, runner, permit)
+                return
         try:
-            async with transaction(conn or self._engine) as c:
-                if (await c.execute(execution)).one_or_none() is None:
+            async with self._hot(conn) as c:
+                if not await enqueue_sql.enqueue(c, row):
                     raise NotFound("app not found")
-                await c.execute(sa.insert(_O).values(**_outbox_values(row)))
-        except IntegrityError as exc:  # the app vanished between the two statements
+        except IntegrityError as exc:  # the app vanished while the row was written
             raise NotFound("app not found") from exc
         if conn is None:
             self.signal.notify()
         else:
             self.signal.defer(conn)
+
+    async def _enqueue_claimed(
+        self, row: NewOutboxRow, runner: LocalRunner, permit: Permit
+    ) -> None:
+        # Shielded: once committed, the row must reach its runner (a cancelled caller
+        # would otherwise leave it claimed until its lease expires).
+        with anyio.CancelScope(shield=True):
+            try:
+                async with self._hot(None) as c:
+                    claim = await enqueue_sql.enqueue_claimed(
+                        c,
+                        row,
+                        token=new_claim_token(runner.node_id),
+                        lease_seconds=runner.lease_seconds,
+                        sources=self._sources,
+                    )
+            except IntegrityError as exc:
+                permit.release()
+                raise NotFound("app not found") from exc
+            except BaseException:
+                permit.release()
+                raise
+            if claim is None:
+                permit.release()
+                raise NotFound("app not found")
+            runner.run_claimed(claim, permit)
+
+    @asynccontextmanager
+    async def _hot(self, conn: AsyncConnection | None) -> AsyncIterator[SqlConn]:
+        """The caller's transaction, else an autocommit connection."""
+        if conn is not None:
+            yield conn
+        elif self._pool is not None:
+            async with self._pool.connection() as c:
+                yield c
+        else:
+            async with self._autocommit.connect() as c:
+                yield c
+
+    # -- local runners ------------------------------------------------------------------
+
+    def attach(self, runner: LocalRunner) -> None:
+        """Let ``enqueue`` hand rows it writes to ``runner`` (a running dispatcher)."""
+        self._runners[runner.node_id] = runner
+
+    def detach(self, runner: LocalRunner) -> None:
+        if self._runners.get(runner.node_id) is runner:
+            del self._runners[runner.node_id]
+
+    def _runner_for(self, row: NewOutboxRow) -> LocalRunner | None:
+        if row.reply_to is not None:
+            return self._runners.get(row.reply_node) if row.reply_node is not None else None
+        return next(iter(self._runners.values()), None)
 
     # -- OutboxRepo: the dispatcher's surface (SQL in ``outbox_claims``) ------------
 
@@ -169,14 +237,14 @@ class PostgresOutboxRepo:
         them (see :func:`outbox_claims.claim`)."""
         if limit < 1:
             return []
-        async with transaction(conn or self._engine) as c:
+        async with self._hot(conn) as c:
             return await claims.claim(
                 c, node_id=node, limit=limit, lease_seconds=lease_seconds, sources=self._sources
             )
 
     async def recover_expired(self, *, conn: AsyncConnection | None = None) -> int:
         """Make rows whose lease expired, and that nobody is running, due again."""
-        async with transaction(conn or self._engine) as c:
+        async with self._hot(conn) as c:
             return await claims.recover_expired(c)
 
     async def renew_leases(
@@ -185,7 +253,7 @@ class PostgresOutboxRepo:
         """Extend the leases of rows this node is still running (the heartbeat)."""
         if not row_ids:
             return 0
-        async with transaction(conn or self._engine) as c:
+        async with self._hot(conn) as c:
             return await claims.renew_leases(c, row_ids, lease_seconds)
 
     async def take(self, row_id: int, token: str, *, conn: AsyncConnection) -> bool:
@@ -213,7 +281,7 @@ class PostgresOutboxRepo:
     ) -> set[int]:
         """Finish successful executions that wrote nothing in one statement; the ids
         of the rows this node still owned."""
-        async with transaction(conn or self._engine) as c:
+        async with self._hot(conn) as c:
             return await claims.complete_batch(c, items)
 
     async def delete(self, row_id: int, *, conn: AsyncConnection | None = None) -> bool:
@@ -263,24 +331,3 @@ class PostgresOutboxRepo:
             self.signal.notify()
         else:
             self.signal.defer(conn)
-
-
-def _outbox_values(row: NewOutboxRow) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "execution_id": row.execution_id,
-        "app_id": row.app_id,
-        "source_kind": row.source_kind.value,
-        "trigger_id": row.trigger_id,
-        "route_id": row.route_id,
-        "script_id": row.script_id,
-        "payload": row.payload,
-        "reply_to": row.reply_to,
-        "reply_node": row.reply_node,
-        "is_dead_letter_handler": row.is_dead_letter_handler,
-        "dead_letter_id": row.dead_letter_id,
-        "trigger_depth": row.trigger_depth,
-        **retry_values(row.retry),
-    }
-    if row.run_at is not None:
-        values["run_at"] = row.run_at
-    return values

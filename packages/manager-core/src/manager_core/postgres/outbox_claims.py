@@ -24,10 +24,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager_core import tables as t
+from manager_core.db import SqlConn, execute, fetch
 from manager_core.postgres.triggers import retry_from_row
 from picloud_shared import wire
 from picloud_shared.execution import ExecResult
@@ -45,32 +46,10 @@ from picloud_shared.limits import MAX_TIMEOUT_SECONDS, SYNC_WAIT_BUFFER_SECONDS
 from picloud_shared.outbox import OutboxRow, OutboxSourceKind
 from picloud_shared.status import ExecutionStatus
 
-_CLAIM = text(
-    """
-    WITH due AS (
-        SELECT id FROM outbox
-        WHERE claimed_until IS NULL AND run_at <= now()
-          AND (reply_to IS NULL OR reply_node = :node
-               OR created_at < now() - make_interval(secs => :orphan_after))
-        ORDER BY run_at, id
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    ), claimed AS (
-        UPDATE outbox o
-        SET claimed_by = :token,
-            claimed_until = now() + make_interval(secs => :lease),
-            attempt_count = o.attempt_count + 1
-        FROM due WHERE o.id = due.id
-        RETURNING o.*
-    ), running AS (
-        UPDATE executions e
-        SET status = 'running', attempts = c.attempt_count,
-            started_at = coalesce(e.started_at, now())
-        FROM claimed c
-        WHERE e.id = c.execution_id
-          -- spelled out so the planner probes the primary key instead of hashing a scan
-          AND e.id = ANY(ARRAY(SELECT execution_id FROM claimed))
-    )
+# What a claimed row needs to run, joined to the claimed rows ``c`` (a CTE named
+# ``claimed``): its app, script version and limits, whether its trigger or route still
+# exists, and the registrant it runs as.
+CLAIM_CONTEXT = """
     SELECT c.*,
            a.name AS app_name,
            s.id IS NOT NULL AS script_exists, s.version,
@@ -87,20 +66,55 @@ _CLAIM = text(
     LEFT JOIN routes r ON r.id = c.route_id AND r.app_id = c.app_id
     LEFT JOIN users u ON u.id = coalesce(tr.registered_by_principal, r.registered_by)
     LEFT JOIN app_members m ON m.app_id = c.app_id AND m.user_id = u.id
+"""
+
+# ``set_config(..., true)`` in the statement itself: a lost claim is harmless (the rows
+# are simply not claimed), so its commit need not wait for the disk, and the claim runs
+# as one autocommitted statement.
+_CLAIM = (
+    """
+    WITH nosync AS (
+        SELECT set_config('synchronous_commit', 'off', true) AS off
+    ), due AS (
+        SELECT id FROM outbox
+        WHERE claimed_until IS NULL AND run_at <= now()
+          AND (reply_to IS NULL OR reply_node = %(node)s
+               OR created_at < now() - make_interval(secs => CAST(%(orphan_after)s AS float8)))
+        ORDER BY run_at, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE outbox o
+        SET claimed_by = %(token)s,
+            claimed_until = now() + make_interval(secs => CAST(%(lease)s AS float8)),
+            attempt_count = o.attempt_count + 1
+        FROM due WHERE o.id = due.id
+        RETURNING o.*
+    ), running AS (
+        UPDATE executions e
+        SET status = 'running', attempts = c.attempt_count,
+            started_at = coalesce(e.started_at, now())
+        FROM claimed c
+        WHERE e.id = c.execution_id
+          -- spelled out so the planner probes the primary key instead of hashing a scan
+          AND e.id = ANY(ARRAY(SELECT execution_id FROM claimed))
+    )
+    """
+    + CLAIM_CONTEXT
+    + """
+    CROSS JOIN nosync
     ORDER BY c.run_at, c.id
     """
 )
 
 # Rows whose lease expired and whose execution is not running (not locked) are due again.
-_RECOVER = text(
-    """
+_RECOVER = """
     UPDATE outbox SET claimed_by = NULL, claimed_until = NULL
     WHERE id IN (
         SELECT id FROM outbox WHERE claimed_until < now()
         FOR UPDATE SKIP LOCKED
     )
-    """
-)
+"""
 
 
 class ScriptSources:
@@ -127,7 +141,7 @@ class ScriptSources:
             self._cache.popitem(last=False)
 
     async def resolve(
-        self, conn: AsyncConnection, wanted: set[tuple[ScriptId, int]]
+        self, conn: SqlConn, wanted: set[tuple[ScriptId, int]]
     ) -> dict[tuple[ScriptId, int], tuple[int, str]]:
         """``(id, version) → (version, source)`` for every wanted script, loading what
         is not cached in one query. A script updated in between comes back at its
@@ -141,10 +155,10 @@ class ScriptSources:
             else:
                 out[(sid, version)] = (version, source)
         if missing:
-            rows = await conn.execute(
-                select(t.scripts.c.id, t.scripts.c.version, t.scripts.c.source).where(
-                    t.scripts.c.id.in_(missing)
-                )
+            rows = await fetch(
+                conn,
+                "SELECT id, version, source FROM scripts WHERE id = ANY(%(ids)s)",
+                {"ids": list(missing)},
             )
             latest = {row.id: (row.version, row.source) for row in rows}
             for sid, version in wanted:
@@ -211,19 +225,17 @@ ORPHANED_SYNC_AFTER_SECONDS = MAX_TIMEOUT_SECONDS + SYNC_WAIT_BUFFER_SECONDS + 3
 
 
 async def claim(
-    conn: AsyncConnection,
+    conn: SqlConn,
     *,
     node_id: str,
     limit: int,
     lease_seconds: float,
     sources: ScriptSources,
 ) -> list[ClaimedRow]:
-    """Claim up to ``limit`` due rows (caller commits)."""
+    """Claim up to ``limit`` due rows (one statement: run it autocommitted, or commit)."""
     token = new_claim_token(node_id)
-    # A claim lost in a crash is harmless (the rows are simply not claimed), so its
-    # commit need not wait for the disk.
-    await conn.execute(text("SET LOCAL synchronous_commit = off"))
-    result = await conn.execute(
+    rows = await fetch(
+        conn,
         _CLAIM,
         {
             "limit": limit,
@@ -233,7 +245,13 @@ async def claim(
             "orphan_after": ORPHANED_SYNC_AFTER_SECONDS,
         },
     )
-    rows = result.all()
+    return await claimed_rows(conn, rows, token, sources)
+
+
+async def claimed_rows(
+    conn: SqlConn, rows: Sequence[Any], token: str, sources: ScriptSources
+) -> list[ClaimedRow]:
+    """``ClaimedRow``s from rows of :data:`CLAIM_CONTEXT` (sources from the cache)."""
     found = await sources.resolve(conn, {(m.script_id, m.version) for m in rows if m.script_exists})
     out: list[ClaimedRow] = []
     for m in rows:
@@ -257,10 +275,9 @@ async def claim(
     return out
 
 
-async def recover_expired(conn: AsyncConnection) -> int:
+async def recover_expired(conn: SqlConn) -> int:
     """Make rows whose lease expired (and that nobody is running) due again."""
-    result = await conn.execute(_RECOVER)
-    return result.rowcount
+    return await execute(conn, _RECOVER, {})
 
 
 async def take(conn: AsyncConnection, row_id: int, token: str) -> bool:
@@ -277,32 +294,32 @@ async def take(conn: AsyncConnection, row_id: int, token: str) -> bool:
     return result.first() is not None
 
 
-async def renew_leases(conn: AsyncConnection, row_ids: Sequence[int], lease_seconds: float) -> int:
+async def renew_leases(conn: SqlConn, row_ids: Sequence[int], lease_seconds: float) -> int:
     """Extend the lease of rows this node is still running (the heartbeat)."""
     if not row_ids:
         return 0
-    result = await conn.execute(
-        update(t.outbox)
-        .where(t.outbox.c.id.in_(row_ids), t.outbox.c.claimed_until.is_not(None))
-        .values(claimed_until=text("now() + make_interval(secs => :lease)")),
-        {"lease": lease_seconds},
+    return await execute(
+        conn,
+        """
+        UPDATE outbox SET claimed_until = now() + make_interval(secs => CAST(%(lease)s AS float8))
+        WHERE id = ANY(%(ids)s) AND claimed_until IS NOT NULL
+        """,
+        {"lease": lease_seconds, "ids": list(row_ids)},
     )
-    return result.rowcount
 
 
-_COMPLETE_BATCH = text(
-    """
+_COMPLETE_BATCH = """
     WITH done AS (
         DELETE FROM outbox o
-        USING unnest(CAST(:ids AS bigint[]), CAST(:tokens AS text[])) AS d(id, token)
+        USING unnest(CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS text[])) AS d(id, token)
         WHERE o.id = d.id AND o.claimed_by = d.token
         RETURNING o.id, o.execution_id, o.dead_letter_id, o.is_dead_letter_handler
     ), finished AS (
         UPDATE executions e
         SET status = 'succeeded', attempts = f.attempts, logs = f.logs, result = f.result,
             error_kind = NULL, error_message = NULL, finished_at = now()
-        FROM unnest(CAST(:execution_ids AS uuid[]), CAST(:attempts AS int[]),
-                    CAST(:logs AS jsonb[]), CAST(:results AS jsonb[]))
+        FROM unnest(CAST(%(execution_ids)s AS uuid[]), CAST(%(attempts)s AS int[]),
+                    CAST(%(logs)s AS jsonb[]), CAST(%(results)s AS jsonb[]))
              AS f(id, attempts, logs, result)
         WHERE e.id = f.id AND e.id IN (SELECT execution_id FROM done)
     ), handled AS (
@@ -310,19 +327,17 @@ _COMPLETE_BATCH = text(
         WHERE id IN (SELECT dead_letter_id FROM done WHERE is_dead_letter_handler)
     )
     SELECT id FROM done
-    """
-)
+"""
 
 
-async def complete_batch(
-    conn: AsyncConnection, items: Sequence[tuple[ClaimedRow, ExecResult]]
-) -> set[int]:
+async def complete_batch(conn: SqlConn, items: Sequence[tuple[ClaimedRow, ExecResult]]) -> set[int]:
     """Finish successful executions that wrote nothing, all in one statement.
 
     Returns the ids of the rows this node still owned (the others were lost to a
     recovered lease and are left alone).
     """
-    result = await conn.execute(
+    rows = await fetch(
+        conn,
         _COMPLETE_BATCH,
         {
             "ids": [c.row.id for c, _ in items],
@@ -335,7 +350,7 @@ async def complete_batch(
             ],
         },
     )
-    return {row.id for row in result}
+    return {row.id for row in rows}
 
 
 async def reschedule(
