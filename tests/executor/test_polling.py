@@ -18,7 +18,7 @@ from executor_core import executor as executor_module
 from executor_core import frames
 from executor_core.executor import ProcessExecutor
 from executor_core.memory_host import MemoryHostApi
-from executor_core.script_api import NEXT_EXEC, REPLY, SPIN_WORTH, Channel
+from executor_core.script_api import NEXT_EXEC, REPLY, Channel
 from picloud_shared.execution import ExecRequest, ExecResult
 from picloud_shared.status import ExecErrorKind
 
@@ -105,14 +105,14 @@ def test_end_of_file_while_polling_is_end_of_file(pipe: tuple[int, int]) -> None
 
 
 def test_a_slow_answer_stops_polling_for_that_kind_of_wait(pipe: tuple[int, int]) -> None:
-    """The host's send time (``ts``) tells how long it took; past SPIN_WORTH the next
-    wait of that kind sleeps at once, the other kind is unaffected; a quick answer
-    turns polling back on."""
+    """The host's send time (``ts``) tells how long it took; past the polling window
+    the next wait of that kind sleeps at once, the other kind is unaffected; a quick
+    answer turns polling back on."""
     r, w = pipe
     channel = polling_channel(r)
     assert channel.will_spin(REPLY)
     assert channel.will_spin(NEXT_EXEC)
-    late = time.perf_counter() + 100 * SPIN_WORTH  # as if sent long after the wait began
+    late = time.perf_counter() + 100 * channel.spin  # as if sent long after the wait began
     thread = write_later(w, frames.encode({"t": "ret", "id": 1, "ts": late}), 0.01)
     channel.read_frame(REPLY)
     thread.join()
@@ -127,13 +127,30 @@ def test_a_slow_answer_stops_polling_for_that_kind_of_wait(pipe: tuple[int, int]
 # --- the host's side ----------------------------------------------------------------
 
 
-def executor_with(max_workers: int = 2) -> ProcessExecutor:
-    return ProcessExecutor(max_workers, spare_workers=0, uid_base=uid_base())
+def executor_with(max_workers: int = 2, **kw: Any) -> ProcessExecutor:
+    return ProcessExecutor(max_workers, spare_workers=0, uid_base=uid_base(), **kw)
 
 
-async def test_a_lone_execution_lets_its_worker_poll(make_request: MakeRequest) -> None:
-    """One execution at a time on a multi-CPU machine: the worker gets a window, in
-    the exec frame and in every reply; on one CPU polling could only steal it."""
+@pytest.fixture
+def run_queue(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    """Pretend the machine has this many runnable tasks (the test suite's own load
+    must not decide what these tests see)."""
+    path = tmp_path / "loadavg"
+
+    def runnable(n: int) -> None:
+        path.write_text(f"0.50 0.40 0.30 {n}/300 12345\n")
+
+    runnable(1)
+    monkeypatch.setattr(executor_module, "RUNQUEUE", str(path))
+    return runnable
+
+
+async def test_a_lone_execution_lets_its_worker_poll(
+    make_request: MakeRequest, run_queue: Callable[[int], None]
+) -> None:
+    """One execution at a time on an otherwise idle multi-CPU machine: the worker
+    gets a window, in the exec frame and in every reply; on one CPU polling could
+    only steal it."""
     host = MemoryHostApi()
     expected = executor_module.WORKER_SPIN_US / 1e6 if MULTI_CPU else 0.0
     async with executor_with() as ex:
@@ -141,7 +158,28 @@ async def test_a_lone_execution_lets_its_worker_poll(make_request: MakeRequest) 
             assert value(await ex.execute(make_request(source), host)) == pytest.approx(expected)
 
 
-async def test_competing_executions_sleep_instead_of_polling(make_request: MakeRequest) -> None:
+async def test_a_busy_machine_sleeps_instead_of_polling(
+    make_request: MakeRequest, run_queue: Callable[[int], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other runnable tasks on the machine, or busy_poll=False: no window; when the
+    other tasks are gone, the window comes back."""
+    monkeypatch.setattr(executor_module, "RUNQUEUE_EVERY", 0.0)  # sample every time
+    host = MemoryHostApi()
+    run_queue(len(os.sched_getaffinity(0)) + 1)
+    async with executor_with() as ex:
+        for source in (WINDOW, WINDOW_AFTER_CALL):
+            assert value(await ex.execute(make_request(source), host)) == 0.0
+        run_queue(1)
+        expected = executor_module.WORKER_SPIN_US / 1e6 if MULTI_CPU else 0.0
+        assert value(await ex.execute(make_request(WINDOW), host)) == pytest.approx(expected)
+    async with executor_with(busy_poll=False) as ex:
+        for source in (WINDOW, WINDOW_AFTER_CALL):
+            assert value(await ex.execute(make_request(source), host)) == 0.0
+
+
+async def test_competing_executions_sleep_instead_of_polling(
+    make_request: MakeRequest, run_queue: Callable[[int], None]
+) -> None:
     """With as many executions in flight as CPUs, every reply tells the workers to
     sleep (a polling worker would take a CPU another execution needs)."""
     n = len(os.sched_getaffinity(0)) + 1

@@ -12,6 +12,9 @@ Workers start at the largest limit and only ever lower it per execution; a
 request needing more than a warm worker still allows gets another worker.
 CPU: ``RLIMIT_CPU`` is set per execution to the CPU time used so far plus the
 script's ``timeout_seconds`` (SIGXCPU → ``cpu_limit``).
+Latency: while CPUs are free, host and worker busy-poll the pipes for a bounded
+time instead of sleeping on them (a wake-up costs tens to hundreds of µs on a VM);
+the rules are with ``HOST_SPIN`` below, ``busy_poll=False`` turns it off.
 
 Usage::
 
@@ -36,7 +39,6 @@ import anyio
 from executor_core.host_bridge import OPS, HostBridge
 from executor_core.pool import WorkerPool
 from executor_core.process import WorkerGone, WorkerProcess, WorkerSpec
-from executor_core.script_api import SPIN_WORTH
 from executor_core.uids import UidClaim
 from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
 from picloud_shared.limits import (
@@ -100,22 +102,61 @@ _logged_missing: set[str] = set()
 
 # Busy-polling the pipes instead of sleeping on them: a sleeping process costs a
 # wake-up (tens to hundreds of µs on a VM) that a polling one does not.
-# * Workers poll for up to WORKER_SPIN_US (the window travels in every host frame)
-#   while fewer executions are in flight than there are CPUs (a polling worker must
-#   not take the CPU another execution or the host needs), and only when the same
-#   kind of wait was answered quickly last time (script_api.SPIN_WORTH): sparse
-#   traffic and slow host calls sleep at once.
+# * Nobody polls unless the host and every execution in flight can each have a CPU
+#   no other task wants: fewer executions in flight than CPUs, and the machine's
+#   other runnable tasks (RUNQUEUE, sampled every RUNQUEUE_EVERY) fit in the rest.
+#   On a busy machine a wake-up is cheap (no idle CPU to wake) and a poll would
+#   only take a CPU from someone else.
+# * Workers poll for up to WORKER_SPIN_US (the window travels in every host frame),
+#   and only if polling would have caught the same kind of wait last time
+#   (script_api.Channel): sparse traffic and slow host calls sleep at once.
 # * The host polls (blocking the event loop, at most HOST_SPIN) only when it runs a
-#   single execution, has a second CPU, the worker said it is awake (a log frame,
-#   or ``sp`` on the frame before its wait, within half its window) and it answered
-#   the host's previous frame quickly (SPIN_WORTH).
-# Both sides judge "quickly" from the peer's send time carried in the frame (``ts``;
-# perf_counter is CLOCK_MONOTONIC, one clock for all processes): their own clocks
-# would include the wake-up that polling is there to save.
+#   single execution, the worker said it is awake (a log frame, or ``sp`` on the
+#   frame before its wait, within half its window) and it answered the host's
+#   previous frame within HOST_SPIN.
+# Both sides judge how long the other took from its send time carried in the frame
+# (``ts``; perf_counter is CLOCK_MONOTONIC, one clock for all processes): their own
+# clocks would include the wake-up that polling is there to save. Every empty poll
+# yields the CPU (sched_yield): the scheduler often puts a worker on its host's CPU.
 _CPUS = len(os.sched_getaffinity(0))
 HOST_SPIN = 80e-6  # seconds
 WORKER_SPIN_US = 200  # µs
 _AWAKE_FOR = WORKER_SPIN_US / 2e6  # seconds after a frame the worker surely still polls
+RUNQUEUE = "/proc/loadavg"  # its fourth field: runnable tasks / all tasks
+RUNQUEUE_EVERY = 1e-3  # seconds
+
+
+class _RunQueue:
+    """How many runnable tasks on the machine are not ours, sampled at most every
+    RUNQUEUE_EVERY (one ``pread`` of RUNQUEUE); 0 where it cannot be read."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._at = -math.inf
+        self._others = 0
+
+    def open(self) -> None:
+        with contextlib.suppress(OSError):
+            self._fd = os.open(RUNQUEUE, os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def others(self, ours: int) -> int:
+        """``ours``: how many of the runnable tasks are the caller's right now."""
+        now = time.perf_counter()
+        if self._fd is not None and now - self._at >= RUNQUEUE_EVERY:
+            self._at = now
+            try:
+                data = os.pread(self._fd, 128, 0)
+                slash = data.index(b"/")
+                runnable = int(data[data.rindex(b" ", 0, slash) + 1 : slash])
+            except (OSError, ValueError):
+                return self._others
+            self._others = max(0, runnable - ours)
+        return self._others
 
 
 class _Violation(Exception):
@@ -192,6 +233,7 @@ class ProcessExecutor:
         uid_base: int | None = 61000,  # first uid tried; claimed machine-wide (uids.py)
         scratch_root: str | None = None,
         file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT,
+        busy_poll: bool = True,  # poll the pipes briefly while CPUs are free (module notes)
     ) -> None:
         self._scratch_parent = scratch_root
         self._uid_base = uid_base if _is_root() else None
@@ -202,6 +244,8 @@ class ProcessExecutor:
         self._stack: contextlib.AsyncExitStack | None = None
         self._closed = False
         self._in_flight = 0  # executions running in a worker now
+        self._busy_poll = busy_poll
+        self._run_queue = _RunQueue()
         self.compiles = 0
         self.cache_hits = 0
 
@@ -241,6 +285,9 @@ class ProcessExecutor:
         if claim is not None:
             stack.callback(claim.release)
         stack.callback(shutil.rmtree, root, True)
+        if self._busy_poll and _CPUS > 1:
+            self._run_queue.open()
+            stack.callback(self._run_queue.close)
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.push_async_callback(self._pool.aclose)
         stack.callback(tg.cancel_scope.cancel)
@@ -303,7 +350,7 @@ class ProcessExecutor:
             "ev": request.event,
             "ctx": request.context_wire(),
             "cpu": request.timeout_seconds,
-            "s": self._worker_spin(),
+            "s": self._worker_spin(worker),
         }
         if key not in worker.scripts:
             message["src"] = request.source
@@ -375,7 +422,7 @@ class ProcessExecutor:
                         reply = await bridge.serve(call_id, op, frame["a"])
                     if scope.cancelled_caught:
                         raise _TimedOut
-                    reply["s"] = self._worker_spin()
+                    reply["s"] = self._worker_spin(worker)
                     await worker.send(reply)
                 elif t == "done" and frame.keys() <= _DONE_KEYS:
                     if frame.get("has") is True:
@@ -397,17 +444,25 @@ class ProcessExecutor:
                 return None, _timed_out(timeout)
             return None, await _crash(worker, str(exc))
 
-    def _worker_spin(self) -> int:
-        """The spin window (µs) for the worker's next wait."""
-        return WORKER_SPIN_US if self._in_flight < _CPUS else 0
+    def _cpus_to_spare(self, worker: WorkerProcess) -> bool:
+        """Whether the host and every execution in flight can poll on a CPU of their
+        own, with the machine's other runnable tasks on the remaining ones."""
+        if not self._busy_poll or self._in_flight >= _CPUS:
+            return False
+        ours = 1 + int(time.perf_counter() < worker.polls_until)  # the host, a polling worker
+        return 1 + self._in_flight + self._run_queue.others(ours) <= _CPUS
+
+    def _worker_spin(self, worker: WorkerProcess) -> int:
+        """The polling window (µs) for the worker's next wait."""
+        return WORKER_SPIN_US if self._cpus_to_spare(worker) else 0
 
     def _host_spin(self, worker: WorkerProcess) -> float:
         """How long to busy-poll for the worker's next frame before yielding."""
         if (
             self._in_flight == 1
-            and _CPUS > 1
-            and worker.answered_in <= SPIN_WORTH
+            and worker.answered_in <= HOST_SPIN
             and time.perf_counter() < worker.polls_until
+            and self._cpus_to_spare(worker)
         ):
             return HOST_SPIN
         return 0.0

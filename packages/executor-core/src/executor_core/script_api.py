@@ -73,11 +73,6 @@ class ResponseTooLarge(BaseException):
     """The response body is over the cap."""
 
 
-# A kind of wait spins only while the host answered the previous one within this
-# long (seconds), as told by the host's send time (``ts``, CLOCK_MONOTONIC like
-# perf_counter): what the worker's own clock sees includes its wake-up, which
-# spinning would have saved.
-SPIN_WORTH = 500e-6
 REPLY, NEXT_EXEC = 0, 1  # the two kinds of wait
 
 
@@ -88,11 +83,14 @@ class Channel:
     for up to ``spin`` seconds before a blocking read: a sleeping process costs a
     wake-up (tens of µs on a VM) that a polling one does not. The host sets the
     window in every frame it sends (``s``, µs; 0 when executions already compete
-    for the CPUs), and each kind of wait polls only while the host answered the
-    previous one quickly (``SPIN_WORTH``): a worker idle between sparse requests,
-    or waiting on a slow host call, sleeps at once. The frame before a wait tells
-    the host whether the worker will poll (``sp``) and when it was sent (``ts``), so
-    the host can make the same choice.
+    for the CPUs), and each kind of wait polls only if polling would have caught
+    the previous one (the host answered within the window): a worker idle between
+    sparse requests, or waiting on a slow host call, sleeps at once. How long the
+    host took is told by its send time in the frame (``ts``; ``perf_counter`` is
+    CLOCK_MONOTONIC, one clock for all processes), not by the worker's own clock,
+    which would include the wake-up polling is there to save. The frame before a
+    wait tells the host whether the worker will poll (``sp``) and when it was sent
+    (``ts``), so the host can make the same choice.
     """
 
     def __init__(self, rfd: int, wfd: int) -> None:
@@ -112,7 +110,7 @@ class Channel:
 
     def will_spin(self, kind: int) -> bool:
         """Whether the next wait of this kind polls before it sleeps."""
-        return self.spin > 0 and self.waits[kind] <= SPIN_WORTH
+        return self.spin > 0 and self.waits[kind] <= self.spin
 
     def read_frame(self, kind: int = REPLY) -> dict[str, Any] | None:
         """The next host frame (usually one ``read`` syscall); ``None`` at end of file."""
