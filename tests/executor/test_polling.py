@@ -18,6 +18,7 @@ from executor_core import executor as executor_module
 from executor_core import frames
 from executor_core.executor import ProcessExecutor
 from executor_core.memory_host import MemoryHostApi
+from executor_core.process import WorkerProcess
 from executor_core.script_api import NEXT_EXEC, REPLY, Channel
 from picloud_shared.execution import ExecRequest, ExecResult
 from picloud_shared.status import ExecErrorKind
@@ -268,3 +269,28 @@ async def test_a_host_await_past_the_deadline_times_out(
         assert result.error is not None
         assert result.error.kind is ExecErrorKind.TIMEOUT
         assert value(await ex.execute(make_request(source), MemoryHostApi())) != first
+
+
+async def test_the_portable_path_without_an_asyncio_reader(
+    make_request: MakeRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off asyncio (no reader callback, no loop timer: anyio waits and one cancel scope
+    for the deadline) the results are the same, timeouts included."""
+    monkeypatch.setattr(WorkerProcess, "watch", lambda self: None)
+    host = MemoryHostApi()
+    calls = (
+        "def handle(e, ctx):\n"
+        "    ctx.kv.set('k', 41)\n"
+        "    print('hi')\n"
+        "    return ctx.kv.get('k') + 1\n"
+    )
+    sleeper = "import time\ndef handle(e, ctx):\n    time.sleep(30)\n"
+    async with executor_with() as ex:
+        for _ in range(3):
+            result = await ex.execute(make_request(calls), host)
+            assert value(result) == 42
+            assert result.logs == ("hi",)
+        result = await ex.execute(make_request(sleeper, timeout_seconds=1), host)
+        assert result.error is not None
+        assert result.error.kind is ExecErrorKind.TIMEOUT
+        assert value(await ex.execute(make_request(calls), host)) == 42
