@@ -164,7 +164,25 @@ class _Violation(Exception):
 
 
 class _TimedOut(Exception):
-    """The deadline passed while the host served a call or a log line."""
+    """The deadline passed once the host was involved (its cancel scope caught it)."""
+
+
+class _Serving:
+    """One execution's exchange with its worker, as ``ProcessExecutor._serve`` goes."""
+
+    __slots__ = ("bridge", "host", "key", "log_bytes", "logs", "nonce", "result", "worker")
+
+    def __init__(
+        self, worker: WorkerProcess, nonce: str, key: str, host: HostApi, logs: list[str]
+    ) -> None:
+        self.worker = worker
+        self.nonce = nonce
+        self.key = key
+        self.host = host
+        self.logs = logs
+        self.log_bytes = 0
+        self.bridge: HostBridge | None = None
+        self.result: tuple[ScriptResponse | None, ExecError | None] | None = None
 
 
 class _Failed(Exception):
@@ -382,54 +400,23 @@ class ProcessExecutor:
         deadline: float,  # loop time; inf when an outer cancel scope has it
     ) -> tuple[ScriptResponse | None, ExecError | None]:
         """Send ``exec``, serve the worker's frames until ``done``, classify."""
-        nonce, key, timeout = message["n"], message["key"], message["cpu"]
-        bridge: HostBridge | None = None
-        log_bytes = 0
+        run = _Serving(worker, message["n"], message["key"], host, logs)
         try:
             try:
                 await worker.send(message)
             except (TypeError, ValueError) as exc:
                 return None, ExecError(K.INTERNAL, f"the event is not JSON: {exc}")
-            while True:
-                frame = await worker.recv(self._host_spin(worker))
-                t = frame.get("t")
-                now, sent = time.perf_counter(), frame.get("ts")
-                worker.answered_in = (sent if type(sent) is float else now) - worker.sent_at
-                worker.polls_until = (
-                    now + _AWAKE_FOR if t == "log" or frame.get("sp") is True else 0.0
-                )
-                if frame.get("n") != nonce:
-                    raise _Violation("a frame of another execution")
-                if t == "log" and frame.keys() <= _LOG_KEYS:
-                    line = frame.get("line")
-                    if not isinstance(line, str):
-                        raise _Violation("a log line must be a string")
-                    log_bytes += len(line.encode("utf-8", "replace"))
-                    if log_bytes > MAX_LOG_BYTES:
-                        raise _Failed(K.OUTPUT_LIMIT, f"logs are over {MAX_LOG_BYTES} bytes")
-                    logs.append(line)
-                    with anyio.CancelScope(deadline=deadline) as scope:
-                        await host.log(line)
-                    if scope.cancelled_caught:
-                        raise _TimedOut
-                elif t == "call" and frame.keys() == _CALL_KEYS:
-                    call_id, op = frame["id"], frame["op"]
-                    if type(call_id) is not int or op not in OPS:
-                        raise _Violation("a malformed host call")
-                    if bridge is None:
-                        bridge = HostBridge(host)
-                    with anyio.CancelScope(deadline=deadline) as scope:
-                        reply = await bridge.serve(call_id, op, frame["a"])
-                    if scope.cancelled_caught:
-                        raise _TimedOut
-                    reply["s"] = self._worker_spin(worker)
-                    await worker.send(reply)
-                elif t == "done" and frame.keys() <= _DONE_KEYS:
-                    if frame.get("has") is True:
-                        worker.scripts.add(key)
-                    return self._finish(worker, frame)
-                else:
-                    raise _Violation(f"an unexpected frame {str(t)[:40]!r}")
+            needs_host = await self._serve(run, None)
+            if needs_host is not None:
+                # From the first call or log line on, the host is awaited: the rest
+                # runs under a cancel scope to the deadline (the timer only reaches the
+                # worker). Executions that never call the host never pay for one.
+                with anyio.CancelScope(deadline=deadline) as scope:
+                    await self._serve(run, needs_host)
+                if scope.cancelled_caught:
+                    raise _TimedOut
+            assert run.result is not None
+            return run.result
         except _Violation as exc:
             worker.kill()
             return None, ExecError(K.PROTOCOL_VIOLATION, f"worker sent {exc}")
@@ -438,11 +425,59 @@ class ProcessExecutor:
             return None, ExecError(exc.kind, str(exc))
         except _TimedOut:
             worker.kill()
-            return None, _timed_out(timeout)
+            return None, _timed_out(message["cpu"])
         except WorkerGone as exc:
             if worker.expired:
-                return None, _timed_out(timeout)
+                return None, _timed_out(message["cpu"])
             return None, await _crash(worker, str(exc))
+
+    async def _serve(self, run: _Serving, pending: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Serve the worker's frames until ``done`` (sets ``run.result``, returns None).
+        Without ``pending`` it stops at the first frame that needs the host and returns
+        it; with it (that frame), it serves that one and everything after it."""
+        worker = run.worker
+        frame = pending
+        while True:
+            if frame is None:
+                frame = await worker.recv(self._host_spin(worker))
+                now, sent = time.perf_counter(), frame.get("ts")
+                worker.answered_in = (sent if type(sent) is float else now) - worker.sent_at
+                worker.polls_until = (
+                    now + _AWAKE_FOR if frame.get("t") == "log" or frame.get("sp") is True else 0.0
+                )
+                if frame.get("n") != run.nonce:
+                    raise _Violation("a frame of another execution")
+            t = frame.get("t")
+            if t == "log" and frame.keys() <= _LOG_KEYS:
+                if pending is None:
+                    return frame
+                line = frame.get("line")
+                if not isinstance(line, str):
+                    raise _Violation("a log line must be a string")
+                run.log_bytes += len(line.encode("utf-8", "replace"))
+                if run.log_bytes > MAX_LOG_BYTES:
+                    raise _Failed(K.OUTPUT_LIMIT, f"logs are over {MAX_LOG_BYTES} bytes")
+                run.logs.append(line)
+                await run.host.log(line)
+            elif t == "call" and frame.keys() == _CALL_KEYS:
+                if pending is None:
+                    return frame
+                call_id, op = frame["id"], frame["op"]
+                if type(call_id) is not int or op not in OPS:
+                    raise _Violation("a malformed host call")
+                if run.bridge is None:
+                    run.bridge = HostBridge(run.host)
+                reply = await run.bridge.serve(call_id, op, frame["a"])
+                reply["s"] = self._worker_spin(worker)
+                await worker.send(reply)
+            elif t == "done" and frame.keys() <= _DONE_KEYS:
+                if frame.get("has") is True:
+                    worker.scripts.add(run.key)
+                run.result = self._finish(worker, frame)
+                return None
+            else:
+                raise _Violation(f"an unexpected frame {str(t)[:40]!r}")
+            frame = None
 
     def _cpus_to_spare(self, worker: WorkerProcess) -> bool:
         """Whether the host and every execution in flight can poll on a CPU of their
