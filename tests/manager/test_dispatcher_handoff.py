@@ -105,6 +105,27 @@ async def test_without_a_free_slot_the_row_is_written_due_and_claimed_later(worl
     assert await world.kv_value("ran") == 1
 
 
+async def test_under_load_an_async_row_is_left_to_a_batched_claim(engine: AsyncEngine) -> None:
+    """With more than half the gate busy, an async row is written due, to be claimed in
+    a batch later (a sync row, whose caller waits, takes any free slot)."""
+    async with make_world(engine, gate_size=4) as world:
+        await _under_load(world)
+
+
+async def _under_load(world: World) -> None:
+    dispatcher = world.dispatcher("node-a")
+    script_id = await world.script(SET_RAN)
+    route = await _route(world, script_id)
+    held = [world.gate.try_acquire() for _ in range(3)]  # 1 of 4 free
+    async with world.running(dispatcher):
+        await world.outbox.enqueue(http_row(world, script_id, route, HttpEvent("POST", "/")))
+        for permit in held:
+            assert permit is not None
+            permit.release()
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded")
+    assert (dispatcher.metrics.handed_off, dispatcher.metrics.claimed) == (0, 1)
+
+
 async def test_a_stopped_dispatcher_takes_no_hand_off(world: World) -> None:
     """After stop, enqueue writes plain due rows (a later node claims them)."""
     dispatcher = world.dispatcher("node-a")
@@ -188,3 +209,25 @@ async def test_only_a_sync_row_is_written_without_waiting_for_the_disk(
         )
         mode = (await conn.execute(sa.text("SHOW synchronous_commit"))).scalar_one()
     assert mode == ("off" if sync else "remote_write")
+
+
+async def test_a_no_write_execution_is_group_committed_with_its_logs_and_result(
+    world: World,
+) -> None:
+    """No data touched: the completer records status, attempts, logs and the response."""
+    dispatcher = world.dispatcher("node-a")
+    source = "def handle(event, ctx):\n    ctx.log('one')\n    ctx.log('two')\n    return [1]\n"
+    script_id = await world.script(source)
+    route = await _route(world, script_id)
+    async with world.running(dispatcher):
+        await world.outbox.enqueue(http_row(world, script_id, route, HttpEvent("POST", "/")))
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded")
+    assert dispatcher._completer.rows == 1
+    (execution,) = await world.rows(t.executions)
+    assert execution.logs == ["one", "two"]
+    assert (execution.attempts, execution.result["status"], execution.result["body"]) == (
+        1,
+        200,
+        "[1]",
+    )
+    assert execution.finished_at is not None

@@ -103,6 +103,7 @@ class DispatcherSettings:
     shutdown_grace: float = 10.0
     max_conflict_reruns: int = 100
     recover_interval: float = 1.0
+    claim_linger: float = 0.002  # see Dispatcher._gather_slots
 
 
 @attrs.define
@@ -165,6 +166,7 @@ class Dispatcher:
         self._completer = BatchCompleter(outbox)
         self._leased: dict[int, str] = {}  # rows this node is running → claim token
         self._executions_tg: anyio.abc.TaskGroup | None = None
+        self._slots_gathered: anyio.Event | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -210,8 +212,13 @@ class Dispatcher:
 
     def reserve(self, row: NewOutboxRow) -> Permit | None:
         """A gate slot for a row this node is about to write and run at once
-        (``PostgresOutboxRepo.enqueue``); ``None`` when saturated or stopping."""
+        (``PostgresOutboxRepo.enqueue``); ``None`` when saturated or stopping.
+
+        A row nobody waits for (async) is taken only while at least half the gate is
+        free: under load it is cheaper to leave it to a batched claim."""
         if not self.ready:
+            return None
+        if row.reply_to is None and self._gate.free < self._batch_floor:
             return None
         return self._gate.try_acquire()
 
@@ -244,6 +251,8 @@ class Dispatcher:
             if free == 0:
                 await self._gate.wait_free(self.settings.poll_interval)
                 continue
+            if self.settings.claim_linger and free < self._batch_floor and self._in_flight > 0:
+                free = await self._gather_slots()
             limit = min(self.settings.batch_size, free)
             try:
                 claims = await self._claim(limit)
@@ -264,6 +273,26 @@ class Dispatcher:
             if len(claims) < limit:
                 # Drained: sleep until a local commit, stop(), or the poll interval.
                 await self._signal.wait(self.settings.poll_interval)
+
+    @property
+    def _batch_floor(self) -> int:
+        return max(1, min(self.settings.batch_size, self._gate.capacity // 2))
+
+    async def _gather_slots(self) -> int:
+        """Under load, let a few more running executions give their slot back (at most
+        ``claim_linger`` seconds) so the next claim is a batch, not a row at a time:
+        a claim costs a round trip whatever its size. Returns the free slots."""
+        self._slots_gathered = anyio.Event()
+        with anyio.move_on_after(self.settings.claim_linger):
+            await self._slots_gathered.wait()
+        self._slots_gathered = None
+        return self._gate.free
+
+    def _slot_released(self) -> None:
+        if self._slots_gathered is not None and (
+            self._gate.free >= self._batch_floor or self._in_flight <= 1
+        ):
+            self._slots_gathered.set()
 
     async def _claim(self, limit: int) -> list[ClaimedRow]:
         claims = await self._outbox.claim_due(
@@ -307,7 +336,7 @@ class Dispatcher:
         kind = claim.row.source_kind.value
         self._leased[claim.row.id] = claim.token
         try:
-            slot = _Slot(permit)
+            slot = _Slot(permit, self._slot_released)
             try:
                 outcome = await self._run_claim(claim, slot)
             except _Lost:
@@ -596,17 +625,23 @@ class _Slot:
     """The gate permit of one execution: released as soon as its script has run
     (committing the outcome needs no slot), taken again for a conflict re-run."""
 
-    def __init__(self, permit: Permit) -> None:
+    def __init__(self, permit: Permit, on_release: Callable[[], None]) -> None:
         self._permit = permit
+        self._on_release = on_release
+        self._held = True
 
     def release(self) -> None:
         self._permit.release()
+        if self._held:
+            self._held = False
+            self._on_release()
 
     async def reacquire(self, gate: ExecutionGate) -> None:
-        self._permit.release()
+        self.release()
         permit = await gate.acquire()
         assert permit is not None
         self._permit = permit
+        self._held = True
 
 
 class _ExecutionTransaction:

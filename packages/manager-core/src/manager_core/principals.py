@@ -9,6 +9,7 @@ retried.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from picloud_shared.errors import PrincipalRevoked
@@ -45,9 +46,16 @@ class AdminPrincipalResolver:
         """
         if user_id is None or not user_exists:
             raise PrincipalRevoked("the user who registered this no longer exists")
-        caps = Capability.parse_all(capabilities or ())
+        caps = _parse_capabilities(tuple(capabilities or ()))
         principal = Principal(user_id, app_id, caps, is_instance_admin)
         required = REQUIRED_CAPABILITY[source_kind]
         if not principal.can(required):
             raise PrincipalRevoked(f"the user who registered this no longer holds {required.value}")
         return principal
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_capabilities(names: tuple[str, ...]) -> frozenset[Capability]:
+    """``Capability.parse_all``, cached: every claimed row carries its registrant's
+    capabilities, and a node sees few distinct sets."""
+    return Capability.parse_all(names)
