@@ -262,7 +262,7 @@ class ProcessExecutor:
         self._stack: contextlib.AsyncExitStack | None = None
         self._closed = False
         self._in_flight = 0  # executions running in a worker now
-        self._busy_poll = busy_poll
+        self._may_poll = busy_poll and _CPUS > 1
         self._run_queue = _RunQueue()
         self.compiles = 0
         self.cache_hits = 0
@@ -303,7 +303,7 @@ class ProcessExecutor:
         if claim is not None:
             stack.callback(claim.release)
         stack.callback(shutil.rmtree, root, True)
-        if self._busy_poll and _CPUS > 1:
+        if self._may_poll:
             self._run_queue.open()
             stack.callback(self._run_queue.close)
         tg = await stack.enter_async_context(anyio.create_task_group())
@@ -411,7 +411,9 @@ class ProcessExecutor:
                 # From the first call or log line on, the host is awaited: the rest
                 # runs under a cancel scope to the deadline (the timer only reaches the
                 # worker). Executions that never call the host never pay for one.
-                with anyio.CancelScope(deadline=deadline) as scope:
+                loop = worker.loop
+                delay = None if loop is None else deadline - loop.time()
+                with anyio.move_on_after(delay) as scope:  # cheaper than CancelScope(...)
                     await self._serve(run, needs_host)
                 if scope.cancelled_caught:
                     raise _TimedOut
@@ -440,11 +442,11 @@ class ProcessExecutor:
         while True:
             if frame is None:
                 frame = await worker.recv(self._host_spin(worker))
-                now, sent = time.perf_counter(), frame.get("ts")
-                worker.answered_in = (sent if type(sent) is float else now) - worker.sent_at
-                worker.polls_until = (
-                    now + _AWAKE_FOR if frame.get("t") == "log" or frame.get("sp") is True else 0.0
-                )
+                if self._may_poll:  # what the worker's frame tells about polling
+                    now, sent = time.perf_counter(), frame.get("ts")
+                    worker.answered_in = (sent if type(sent) is float else now) - worker.sent_at
+                    awake = frame.get("t") == "log" or frame.get("sp") is True
+                    worker.polls_until = now + _AWAKE_FOR if awake else 0.0
                 if frame.get("n") != run.nonce:
                     raise _Violation("a frame of another execution")
             t = frame.get("t")
@@ -482,7 +484,7 @@ class ProcessExecutor:
     def _cpus_to_spare(self, worker: WorkerProcess) -> bool:
         """Whether the host and every execution in flight can poll on a CPU of their
         own, with the machine's other runnable tasks on the remaining ones."""
-        if not self._busy_poll or self._in_flight >= _CPUS:
+        if not self._may_poll or self._in_flight >= _CPUS:
             return False
         ours = 1 + int(time.perf_counter() < worker.polls_until)  # the host, a polling worker
         return 1 + self._in_flight + self._run_queue.others(ours) <= _CPUS

@@ -102,6 +102,7 @@ class Channel:
         self.log_bytes = 0
         self._buf = bytearray()
         self.spin = 0.0  # seconds; from the host's last frame
+        self._polling = False  # rfd is non-blocking (set so by a poll)
         self.waits = [0.0, 0.0]  # how long the host took to answer, per kind (seconds)
 
     def set_spin(self, frame: dict[str, Any]) -> None:
@@ -137,7 +138,9 @@ class Channel:
                             return None
                         buf += chunk
                         continue
-            os.set_blocking(self.rfd, True)
+            if self._polling:
+                os.set_blocking(self.rfd, True)
+                self._polling = False
             chunk = os.read(self.rfd, max(1 << 16, need - len(buf)))
             if not chunk:
                 return None
@@ -151,7 +154,9 @@ class Channel:
         is to write the frame, from running at all.
         """
         rfd = self.rfd
-        os.set_blocking(rfd, False)
+        if not self._polling:
+            os.set_blocking(rfd, False)
+            self._polling = True
         size = max(1 << 16, need)
         while True:
             try:
