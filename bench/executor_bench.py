@@ -1,4 +1,5 @@
-"""Executor benchmark: warm no-op execution, host-call round trip, cold start, steady traffic.
+"""Executor benchmark: warm no-op execution, host-call round trip, cold start, steady
+traffic, throughput with more executions in flight than CPUs.
 
     .venv/bin/python bench/executor_bench.py [--quick]
 
@@ -145,6 +146,40 @@ async def steady(n: int) -> dict[str, float]:
     }
 
 
+async def concurrent(n: int, apps: int = 4) -> dict[str, float]:
+    """Throughput with more executions in flight than CPUs, where nobody should poll:
+    one caller per app, each a loop of a script making one host call, one warm
+    worker per app (no eviction, no spawn)."""
+    host = MemoryHostApi()
+    script = ScriptId(uuid.uuid4())
+    source = "def handle(event, ctx):\n    return ctx.kv.get('k')\n"
+    app_ids = [AppId(uuid.uuid4()) for _ in range(apps)]
+    times: list[float] = []
+    async with ProcessExecutor(apps, spare_workers=0, max_executions_per_worker=10**6) as ex:
+        for app in app_ids:
+            await ex.execute(request(app, script, source), host)
+        spawned = ex.pool.spawned
+
+        async def caller(app: AppId) -> None:
+            for _ in range(n // apps):
+                req = request(app, script, source)
+                t = time.perf_counter()
+                await ex.execute(req, host)
+                times.append(time.perf_counter() - t)
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for app in app_ids:
+                tg.start_soon(caller, app)
+        elapsed = time.perf_counter() - started
+        assert ex.pool.spawned == spawned, "a worker was replaced during the run"
+    return {
+        "executions_per_s": len(times) / elapsed,
+        "median_us": statistics.median(times) * 1e6,
+        "p99_us": pct(times, 0.99) * 1e6,
+    }
+
+
 async def main(quick: bool) -> None:
     k = 5 if quick else 1
     print(
@@ -155,6 +190,7 @@ async def main(quick: bool) -> None:
     print("host call round trip :", await host_call(5000 // k))
     print("cold worker start    :", await cold_start(30 // k))
     print("steady warm traffic  :", await steady(2000 // k))
+    print("4 apps concurrently  :", await concurrent(8000 // k))
 
 
 if __name__ == "__main__":
