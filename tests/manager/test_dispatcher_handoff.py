@@ -142,11 +142,14 @@ async def test_a_stopped_dispatcher_takes_no_hand_off(world: World) -> None:
 async def _write_claimed_then_die(world: World, row: object, lease: float) -> None:
     """What a node leaves behind when it dies right after writing a row claimed."""
     async with world.engine.connect() as conn:
-        claim = await outbox_enqueue.enqueue_claimed(
-            conn, row, token="dead-node/x", lease_seconds=lease, sources=ScriptSources()
-        )  # type: ignore[arg-type]
+        written = await outbox_enqueue.write(
+            conn,
+            [outbox_enqueue.Pending(row, "dead-node/x")],  # type: ignore[arg-type]
+            lease_seconds=lease,
+            sources=ScriptSources(),
+        )
         await conn.commit()
-    assert claim is not None
+    (claim,) = written.values()
     assert claim.row.attempt_count == 1
 
 
@@ -204,8 +207,8 @@ async def test_only_a_sync_row_is_written_without_waiting_for_the_disk(
     row = http_row(world, script_id, route, HttpEvent("GET", "/"), **reply)
     async with world.engine.begin() as conn:
         await conn.execute(sa.text("SET LOCAL synchronous_commit = remote_write"))
-        await outbox_enqueue.enqueue_claimed(
-            conn, row, token="n/x", lease_seconds=30, sources=ScriptSources()
+        await outbox_enqueue.write(
+            conn, [outbox_enqueue.Pending(row, "n/x")], lease_seconds=30, sources=ScriptSources()
         )
         mode = (await conn.execute(sa.text("SHOW synchronous_commit"))).scalar_one()
     assert mode == ("off" if sync else "remote_write")

@@ -78,6 +78,45 @@ async def test_enqueue_for_a_missing_app_is_not_found(engine: AsyncEngine) -> No
     assert await factories.rows(engine, t.outbox) == []
 
 
+async def test_concurrent_enqueues_share_statements_and_commits(engine: AsyncEngine) -> None:
+    """Enqueues that arrive while one is being written go out together (group commit);
+    every row is written once."""
+    app = await factories.app(engine)
+    repo = PostgresOutboxRepo(engine)
+    rows = [_row(app) for _ in range(24)]
+    async with anyio.create_task_group() as tg:
+        for row in rows:
+            tg.start_soon(repo.enqueue, row)
+    assert repo._writer.rows == 24
+    assert repo._writer.batches < 24
+    written = await factories.rows(engine, t.outbox)
+    assert sorted(str(r.execution_id) for r in written) == sorted(str(r.execution_id) for r in rows)
+
+
+async def test_a_missing_app_fails_only_its_own_row_in_a_batch(engine: AsyncEngine) -> None:
+    """A row for an app that does not exist is NotFound; the rows batched with it are
+    written."""
+    app = await factories.app(engine)
+    repo = PostgresOutboxRepo(engine)
+    good = [_row(app) for _ in range(6)]
+    bad = _row(AppId(uuid.uuid4()))
+    outcomes: dict[str, str] = {}
+
+    async def enqueue(row: NewOutboxRow) -> None:
+        try:
+            await repo.enqueue(row)
+            outcomes[str(row.execution_id)] = "ok"
+        except NotFound:
+            outcomes[str(row.execution_id)] = "not_found"
+
+    async with anyio.create_task_group() as tg:
+        for row in [*good[:3], bad, *good[3:]]:
+            tg.start_soon(enqueue, row)
+    assert outcomes.pop(str(bad.execution_id)) == "not_found"
+    assert set(outcomes.values()) == {"ok"}
+    assert len(await factories.rows(engine, t.outbox)) == 6
+
+
 async def test_enqueue_tolerates_a_vanished_route(engine: AsyncEngine) -> None:
     """A route id that no longer exists stays on the outbox row; the record's is NULL."""
     app = await factories.app(engine)

@@ -198,6 +198,7 @@ class Dispatcher:
                     ):
                         await self._idle.wait()
                     executions.cancel_scope.cancel()
+            self._executions_tg = None
             service.cancel_scope.cancel()
 
     # ------------------------------------------------------------------ local hand-off
@@ -224,7 +225,10 @@ class Dispatcher:
 
     def run_claimed(self, claim: ClaimedRow, permit: Permit) -> None:
         """Run a row this node wrote already claimed (no claim transaction)."""
-        assert self._executions_tg is not None
+        if self._executions_tg is None:  # stopped since reserve(): the lease brings it back
+            permit.release()
+            log.warning("outbox row %s was handed over after stop", claim.row.id)
+            return
         self.metrics.handed_off += 1
         self._started()
         self._executions_tg.start_soon(self._execute, claim, permit)

@@ -37,6 +37,7 @@ from manager_core.postgres.outbox_claims import (
     new_claim_token,
     outbox_row_from_row,
 )
+from manager_core.postgres.outbox_enqueue import GroupWriter, Pending
 from picloud_shared.errors import NotFound
 from picloud_shared.execution import ExecResult
 from picloud_shared.gate import Permit
@@ -148,58 +149,56 @@ class PostgresOutboxRepo:
         self._runners: dict[str, LocalRunner] = {}
         self.signal = signal if signal is not None else OutboxSignal()
         self._sources = ScriptSources()
+        self._writer = GroupWriter(
+            lambda: self._hot(None), lease_seconds=self._lease_seconds, sources=self._sources
+        )
 
     # -- OutboxWriter ----------------------------------------------------------------
 
     async def enqueue(self, row: NewOutboxRow, *, conn: AsyncConnection | None = None) -> None:
-        """Write the row and its execution record (one statement).
+        """Write the row and its execution record.
 
-        In its own transaction (no ``conn``), a row that a dispatcher attached on
-        this node can run at once is written already claimed by it and handed over
-        in memory (:meth:`attach`): no claim transaction, no wake-up. A sync HTTP
-        row goes only to the dispatcher of its ``reply_node``.
+        In the caller's transaction (``conn``): one statement. In its own: concurrent
+        enqueues share one statement and one commit (:class:`GroupWriter`), and a row
+        that a dispatcher attached on this node can run at once is written already
+        claimed by it and handed over in memory (:meth:`attach`): no claim
+        transaction, no wake-up. A sync HTTP row goes only to the dispatcher of its
+        ``reply_node``.
         """
-        if conn is None and (runner := self._runner_for(row)) is not None:
-            permit = runner.reserve(row)
-            if permit is not None:
-                await self._enqueue_claimed(row, runner, permit)
-                return
+        if conn is not None:
+            try:
+                written = await enqueue_sql.write(
+                    conn, [Pending(row)], lease_seconds=0, sources=self._sources
+                )
+            except IntegrityError as exc:
+                raise NotFound("app not found") from exc
+            if not written:
+                raise NotFound("app not found")
+            self.signal.defer(conn)
+            return
+        runner = self._runner_for(row)
+        permit = None if runner is None else runner.reserve(row)
+        token = None if runner is None or permit is None else new_claim_token(runner.node_id)
+
+        def on_written(claim: ClaimedRow | None) -> None:
+            if permit is None:
+                if claim is not None:
+                    self.signal.notify()
+            elif claim is None:
+                permit.release()
+            else:
+                assert runner is not None
+                runner.run_claimed(claim, permit)
+
         try:
-            async with self._hot(conn) as c:
-                if not await enqueue_sql.enqueue(c, row):
-                    raise NotFound("app not found")
+            claim = await self._writer.write(Pending(row, token), on_written)
         except IntegrityError as exc:  # the app vanished while the row was written
             raise NotFound("app not found") from exc
-        if conn is None:
-            self.signal.notify()
-        else:
-            self.signal.defer(conn)
+        if claim is None:
+            raise NotFound("app not found")
 
-    async def _enqueue_claimed(
-        self, row: NewOutboxRow, runner: LocalRunner, permit: Permit
-    ) -> None:
-        # Shielded: once committed, the row must reach its runner (a cancelled caller
-        # would otherwise leave it claimed until its lease expires).
-        with anyio.CancelScope(shield=True):
-            try:
-                async with self._hot(None) as c:
-                    claim = await enqueue_sql.enqueue_claimed(
-                        c,
-                        row,
-                        token=new_claim_token(runner.node_id),
-                        lease_seconds=runner.lease_seconds,
-                        sources=self._sources,
-                    )
-            except IntegrityError as exc:
-                permit.release()
-                raise NotFound("app not found") from exc
-            except BaseException:
-                permit.release()
-                raise
-            if claim is None:
-                permit.release()
-                raise NotFound("app not found")
-            runner.run_claimed(claim, permit)
+    def _lease_seconds(self) -> float:
+        return max((r.lease_seconds for r in self._runners.values()), default=60.0)
 
     @asynccontextmanager
     async def _hot(self, conn: AsyncConnection | None) -> AsyncIterator[SqlConn]:

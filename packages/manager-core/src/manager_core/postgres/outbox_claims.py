@@ -245,13 +245,14 @@ async def claim(
             "orphan_after": ORPHANED_SYNC_AFTER_SECONDS,
         },
     )
-    return await claimed_rows(conn, rows, token, sources)
+    return await claimed_rows(conn, rows, sources)
 
 
 async def claimed_rows(
-    conn: SqlConn, rows: Sequence[Any], token: str, sources: ScriptSources
+    conn: SqlConn, rows: Sequence[Any], sources: ScriptSources
 ) -> list[ClaimedRow]:
-    """``ClaimedRow``s from rows of :data:`CLAIM_CONTEXT` (sources from the cache)."""
+    """``ClaimedRow``s from rows of :data:`CLAIM_CONTEXT` (sources from the cache); each
+    keeps the token it was claimed under (``claimed_by``)."""
     found = await sources.resolve(conn, {(m.script_id, m.version) for m in rows if m.script_exists})
     out: list[ClaimedRow] = []
     for m in rows:
@@ -262,7 +263,7 @@ async def claimed_rows(
         out.append(
             ClaimedRow(
                 row=outbox_row_from_row(m),
-                token=token,
+                token=m.claimed_by,
                 app_name=m.app_name,
                 script=script,
                 owner_exists=m.owner_exists,

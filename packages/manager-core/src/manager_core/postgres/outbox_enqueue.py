@@ -1,22 +1,31 @@
-"""Writing one outbox row with its execution record, in one statement.
+"""Writing outbox rows with their execution records: one statement per batch.
 
-:func:`enqueue` inserts the ``executions`` record and the ``outbox`` row together
-(a data-modifying CTE: one round trip). The execution keeps its foreign keys valid
-when the trigger, route or script vanished meanwhile (those ids become NULL there;
-the outbox row keeps the originals and the dispatcher fails it cleanly); a missing
-app inserts nothing.
+:func:`write` inserts the ``executions`` records and the ``outbox`` rows of a batch
+together (data-modifying CTEs: one round trip, one commit). An execution keeps its
+foreign keys valid when the trigger, route or script vanished meanwhile (those ids
+become NULL there; the outbox row keeps the originals and the dispatcher fails it
+cleanly); a row whose app is missing is not written.
 
-:func:`enqueue_claimed` writes the row already claimed by this node — the lease and
-token set, the attempt counted, the execution ``running`` — and returns it with
-everything needed to run it (:data:`~manager_core.postgres.outbox_claims.CLAIM_CONTEXT`),
-so a node that will run the row itself skips the claim transaction.
+A row may be written already claimed by this node (a :class:`Pending` with a
+``token``): the lease set, the attempt counted, the execution ``running``. It comes
+back with everything needed to run it
+(:data:`~manager_core.postgres.outbox_claims.CLAIM_CONTEXT`), so a node that runs
+the row itself skips the claim transaction.
+
+:class:`GroupWriter` batches concurrent enqueues (group commit, no background task):
+the first caller writes, callers arriving meanwhile are written together next.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from psycopg.types.json import Jsonb
+import anyio
+import attrs
+from sqlalchemy.exc import IntegrityError
 
 from manager_core.db import SqlConn, fetch
 from manager_core.postgres.outbox_claims import (
@@ -27,21 +36,35 @@ from manager_core.postgres.outbox_claims import (
 )
 from manager_core.postgres.triggers import retry_values
 from picloud_shared import wire
+from picloud_shared.ids import ExecutionId
 from picloud_shared.outbox import NewOutboxRow
 
-_INSERT = """
-    WITH app AS (
-        SELECT id FROM apps WHERE id = CAST(%(app_id)s AS uuid)
+log = logging.getLogger("picloud.outbox")
+
+# ``durable`` false: the commit need not wait for the disk. That is right when every
+# row is a sync HTTP row: if its record is lost in a crash, its caller is gone with
+# it, and the execution's own completion commits durably (WAL order makes this one
+# durable too). Anything else is durable: an async row's 202 promised acceptance.
+# The rows travel as one JSON array (one parameter, one ``json.dumps``), typed by
+# ``jsonb_populate_recordset`` against the outbox's own row type on the server.
+_WRITE = (
+    """
+    WITH commit_mode AS (
+        SELECT set_config('synchronous_commit', CASE WHEN %(durable)s
+               THEN current_setting('synchronous_commit') ELSE 'off' END, true) AS mode
+    ), r AS (
+        SELECT * FROM jsonb_populate_recordset(NULL::outbox, CAST(%(rows)s AS jsonb))
     ), execution AS (
         INSERT INTO executions (id, app_id, source_kind, trigger_id, route_id, script_id,
                                 status, attempts, trigger_depth, started_at)
-        SELECT CAST(%(execution_id)s AS uuid), app.id, CAST(%(source_kind)s AS text),
-               (SELECT id FROM triggers WHERE id = CAST(%(trigger_id)s AS uuid)),
-               (SELECT id FROM routes WHERE id = CAST(%(route_id)s AS uuid)),
-               (SELECT id FROM scripts WHERE id = CAST(%(script_id)s AS uuid)),
-               CAST(%(status)s AS text), CAST(%(attempt)s AS int), CAST(%(trigger_depth)s AS int),
-               CASE WHEN CAST(%(claimed_by)s AS text) IS NULL THEN NULL ELSE now() END
-        FROM app
+        SELECT r.execution_id, a.id, r.source_kind,
+               (SELECT id FROM triggers WHERE id = r.trigger_id),
+               (SELECT id FROM routes WHERE id = r.route_id),
+               (SELECT id FROM scripts WHERE id = r.script_id),
+               CASE WHEN r.claimed_by IS NULL THEN 'queued' ELSE 'running' END,
+               r.attempt_count, r.trigger_depth,
+               CASE WHEN r.claimed_by IS NULL THEN NULL ELSE now() END
+        FROM r JOIN apps a ON a.id = r.app_id
         RETURNING id
     ), claimed AS (
         INSERT INTO outbox (execution_id, app_id, source_kind, trigger_id, route_id,
@@ -49,87 +72,171 @@ _INSERT = """
                             dead_letter_id, trigger_depth, attempt_count, retry_backoff,
                             retry_base_delay_ms, retry_max_delay_ms, retry_max_attempts,
                             retry_jitter, run_at, claimed_by, claimed_until)
-        SELECT execution.id, CAST(%(app_id)s AS uuid), CAST(%(source_kind)s AS text),
-               CAST(%(trigger_id)s AS uuid), CAST(%(route_id)s AS uuid),
-               CAST(%(script_id)s AS uuid),
-               %(payload)s, CAST(%(reply_to)s AS uuid), CAST(%(reply_node)s AS text),
-               CAST(%(is_dead_letter_handler)s AS boolean), CAST(%(dead_letter_id)s AS uuid),
-               CAST(%(trigger_depth)s AS int), CAST(%(attempt)s AS int),
-               CAST(%(retry_backoff)s AS text), CAST(%(retry_base_delay_ms)s AS int),
-               CAST(%(retry_max_delay_ms)s AS int), CAST(%(retry_max_attempts)s AS int),
-               CAST(%(retry_jitter)s AS float8), coalesce(CAST(%(run_at)s AS timestamptz), now()),
-               CAST(%(claimed_by)s AS text),
-               now() + make_interval(secs => CAST(%(lease)s AS float8))
-        FROM execution
+        SELECT execution.id, r.app_id, r.source_kind, r.trigger_id, r.route_id, r.script_id,
+               r.payload, r.reply_to, r.reply_node, r.is_dead_letter_handler,
+               r.dead_letter_id, r.trigger_depth, r.attempt_count, r.retry_backoff,
+               r.retry_base_delay_ms, r.retry_max_delay_ms, r.retry_max_attempts,
+               r.retry_jitter, coalesce(r.run_at, now()), r.claimed_by,
+               CASE WHEN r.claimed_by IS NULL THEN NULL
+                    ELSE now() + make_interval(secs => CAST(%(lease)s AS float8)) END
+        FROM r JOIN execution ON execution.id = r.execution_id
         RETURNING *
     )
-"""
-
-_ENQUEUE = _INSERT + "SELECT id FROM claimed"
-
-# ``durable`` false: the commit need not wait for the disk. That is right for a sync
-# HTTP row: if its record is lost in a crash, its caller is gone with it, and the
-# execution's own completion commits durably (WAL order makes this one durable too).
-# An async row is durable: its 202 promises the request was accepted.
-_ENQUEUE_CLAIMED = (
-    _INSERT.replace(
-        "WITH app AS",
-        """WITH commit_mode AS (
-        SELECT set_config('synchronous_commit', CASE WHEN %(durable)s
-               THEN current_setting('synchronous_commit') ELSE 'off' END, true) AS mode
-    ), app AS""",
-        1,
-    )
+    """
     + CLAIM_CONTEXT
     + " CROSS JOIN commit_mode"
 )
 
 
-def _params(
-    row: NewOutboxRow, claimed_by: str | None, lease_seconds: float | None
-) -> dict[str, Any]:
+@attrs.frozen
+class Pending:
+    """One row to write: due (``token`` None) or already claimed under ``token``."""
+
+    row: NewOutboxRow
+    token: str | None = None
+
+
+def _document(p: Pending) -> dict[str, Any]:
+    row = p.row
+
+    def text(value: object) -> str | None:
+        return None if value is None else str(value)
+
     return {
-        "execution_id": row.execution_id,
-        "app_id": row.app_id,
+        "execution_id": str(row.execution_id),
+        "app_id": str(row.app_id),
         "source_kind": row.source_kind.value,
-        "trigger_id": row.trigger_id,
-        "route_id": row.route_id,
-        "script_id": row.script_id,
-        "payload": Jsonb(row.payload, dumps=wire.dumps),
-        "reply_to": row.reply_to,
+        "trigger_id": text(row.trigger_id),
+        "route_id": text(row.route_id),
+        "script_id": text(row.script_id),
+        "payload": row.payload,
+        "reply_to": text(row.reply_to),
         "reply_node": row.reply_node,
         "is_dead_letter_handler": row.is_dead_letter_handler,
-        "dead_letter_id": row.dead_letter_id,
+        "dead_letter_id": text(row.dead_letter_id),
         "trigger_depth": row.trigger_depth,
-        "run_at": row.run_at,
-        "status": "queued" if claimed_by is None else "running",
-        "attempt": 0 if claimed_by is None else 1,
-        "claimed_by": claimed_by,
-        "lease": lease_seconds,
+        "attempt_count": 0 if p.token is None else 1,
+        "run_at": None if row.run_at is None else row.run_at.isoformat(),
+        "claimed_by": p.token,
         **retry_values(row.retry),
     }
 
 
-async def enqueue(conn: SqlConn, row: NewOutboxRow) -> bool:
-    """Insert the row and its execution record, due at ``row.run_at`` (or now).
-    ``False`` when the app does not exist (nothing written)."""
-    return bool(await fetch(conn, _ENQUEUE, _params(row, None, None)))
+async def write(
+    conn: SqlConn, batch: Sequence[Pending], *, lease_seconds: float, sources: ScriptSources
+) -> dict[ExecutionId, ClaimedRow]:
+    """Insert every row of ``batch`` with its execution record in one statement.
+
+    Returns the rows written, by execution id, as :class:`ClaimedRow` (for a row
+    written due, ``token`` is None and only ``row`` matters); a row whose app does
+    not exist is missing from the result. Autocommitted, the statement is its own
+    transaction; it waits for the disk unless every row is a sync HTTP row.
+    """
+    params = {
+        "rows": wire.dumps([_document(p) for p in batch]),
+        "lease": lease_seconds,
+        "durable": any(p.row.reply_to is None for p in batch),
+    }
+    rows = await fetch(conn, _WRITE, params)
+    return {c.row.execution_id: c for c in await claimed_rows(conn, rows, sources)}
 
 
-async def enqueue_claimed(
-    conn: SqlConn,
-    row: NewOutboxRow,
-    *,
-    token: str,
-    lease_seconds: float,
-    sources: ScriptSources,
-) -> ClaimedRow | None:
-    """Insert the row already claimed under ``token`` (attempt 1, execution
-    ``running``) and return it ready to run; ``None`` when the app does not exist.
-    Run it as its own (autocommitted) statement: a sync HTTP row's commit does not
-    wait for the disk."""
-    params = _params(row, token, lease_seconds)
-    params["durable"] = row.reply_to is None
-    rows = await fetch(conn, _ENQUEUE_CLAIMED, params)
-    claimed = await claimed_rows(conn, rows, token, sources)
-    return claimed[0] if claimed else None
+@attrs.define(eq=False)
+class _Waiter:
+    pending: Pending
+    on_written: Callable[[ClaimedRow | None], None]
+    done: anyio.Event = attrs.Factory(anyio.Event)
+    result: ClaimedRow | None = None
+    error: BaseException | None = None
+
+
+class GroupWriter:
+    """Concurrent enqueues share statements and commits (group commit).
+
+    The caller that finds no write in progress writes everything pending, then
+    whatever arrived meanwhile, until nothing is left; the others wait. At low load a
+    batch is one row and nobody waits; under load batches grow by themselves. The
+    writing is shielded from cancellation, and ``on_written`` runs for every row as
+    soon as its batch committed, whoever waits for it (a claimed row must reach its
+    runner even when its caller is gone).
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], AbstractAsyncContextManager[SqlConn]],
+        *,
+        lease_seconds: Callable[[], float],
+        sources: ScriptSources,
+        max_batch: int = 128,
+    ) -> None:
+        self._connect = connect
+        self._lease_seconds = lease_seconds
+        self._sources = sources
+        self._max_batch = max_batch
+        self._queue: list[_Waiter] = []
+        self._writing = False
+        self.batches = 0
+        self.rows = 0
+
+    async def write(
+        self, pending: Pending, on_written: Callable[[ClaimedRow | None], None]
+    ) -> ClaimedRow | None:
+        """Write one row; its :class:`ClaimedRow`, or ``None`` when its app does not
+        exist. Raises the database error of a failed write."""
+        waiter = _Waiter(pending, on_written)
+        self._queue.append(waiter)
+        if self._writing:
+            await waiter.done.wait()
+        else:
+            self._writing = True
+            try:
+                with anyio.CancelScope(shield=True):
+                    while self._queue:
+                        batch = self._queue[: self._max_batch]
+                        del self._queue[: self._max_batch]
+                        await self._flush(batch)
+            finally:
+                self._writing = False
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result
+
+    async def _flush(self, batch: list[_Waiter]) -> None:
+        try:
+            written = await self._write([w.pending for w in batch])
+        except IntegrityError as exc:  # a row's app vanished meanwhile
+            if len(batch) == 1:
+                _fail(batch, exc)
+            else:  # isolate it; the others are written
+                for w in batch:
+                    await self._flush([w])
+            return
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        self.batches += 1
+        self.rows += len(batch)
+        for w in batch:
+            w.result = written.get(w.pending.row.execution_id)
+            _finish(w, w.result)
+
+    async def _write(self, batch: list[Pending]) -> dict[ExecutionId, ClaimedRow]:
+        async with self._connect() as conn:
+            return await write(
+                conn, batch, lease_seconds=self._lease_seconds(), sources=self._sources
+            )
+
+
+def _fail(batch: list[_Waiter], error: Exception) -> None:
+    for w in batch:
+        w.error = error
+        _finish(w, None)
+
+
+def _finish(waiter: _Waiter, claim: ClaimedRow | None) -> None:
+    try:
+        waiter.on_written(claim)
+    except Exception:  # never leave the rest of the batch waiting
+        log.exception("handing over outbox row %s failed", waiter.pending.row.execution_id)
+    finally:
+        waiter.done.set()
