@@ -236,7 +236,10 @@ class Picloud:
             outbox=self.outbox,
             signal=self.signal,
             settings=DispatcherSettings(
-                node_id="bench", poll_interval=poll_interval, batch_size=self.args.batch_size
+                node_id="bench",
+                poll_interval=poll_interval,
+                batch_size=self.args.batch_size,
+                claim_linger=self.args.claim_linger,
             ),
         )
 
@@ -589,6 +592,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--claim-linger", type=float, default=0.002, help="DispatcherSettings.claim_linger (s)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--gate", type=int, default=16, help="picloud execution gate size")
     p.add_argument("--workers", type=int, default=8, help="picloud executor worker processes")

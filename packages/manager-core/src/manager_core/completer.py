@@ -2,9 +2,11 @@
 
 A script that made no host call leaves nothing to commit but its own bookkeeping:
 remove the outbox row, mark the execution succeeded (and a handled dead letter).
-Those finish together: each caller of :meth:`BatchCompleter.complete` waits while
-the completer flushes everything pending in one statement and one commit. At low
-load a batch is one row and nothing waits; under load batches grow by themselves.
+Those finish together, leader/follower style, with no background task: the caller
+of :meth:`BatchCompleter.complete` that finds no flush in progress flushes
+everything pending in one statement and one commit, then whatever arrived
+meanwhile; the others wait. At low load a batch is one row and nothing waits;
+under load batches grow by themselves.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class BatchCompleter:
         self._outbox = outbox
         self._max_batch = max_batch
         self._pending: list[_Item] = []
-        self._wake = anyio.Event()
+        self._flushing = False
         self.batches = 0
         self.rows = 0
 
@@ -45,26 +47,26 @@ class BatchCompleter:
         longer owned it. Raises the database error of a failed flush."""
         item = _Item(claim, result)
         self._pending.append(item)
-        self._wake.set()
-        await item.done.wait()
+        if self._flushing:
+            await item.done.wait()
+        else:
+            self._flushing = True
+            try:
+                # Shielded: the followers' rows are in this caller's hands.
+                with anyio.CancelScope(shield=True):
+                    while self._pending:
+                        batch = self._pending[: self._max_batch]
+                        del self._pending[: self._max_batch]
+                        await self._flush(batch)
+            finally:
+                self._flushing = False
         if item.error is not None:
             raise item.error
         return item.owned
 
-    async def run(self) -> None:
-        """Flush pending completions until cancelled."""
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                await self._flush(batch)
-
     async def _flush(self, batch: list[_Item]) -> None:
         try:
-            with anyio.CancelScope(shield=True):
-                owned = await self._outbox.complete_batch([(i.claim, i.result) for i in batch])
+            owned = await self._outbox.complete_batch([(i.claim, i.result) for i in batch])
         except Exception as exc:
             log.exception("completing %d execution(s) failed", len(batch))
             for item in batch:

@@ -180,26 +180,23 @@ class Dispatcher:
     ) -> None:
         """Run until :meth:`stop`; then let in-flight executions finish within the
         grace period and give the rest back."""
-        async with anyio.create_task_group() as service:
-            service.start_soon(self._completer.run)
-            async with anyio.create_task_group() as executions:
-                self._executions_tg = executions
-                self._running = True
-                self._outbox.attach(self)
-                task_status.started()
-                try:
-                    await self._claim_loop(executions)
-                finally:
-                    self._outbox.detach(self)
-                    self._running = False
-                    with (
-                        anyio.CancelScope(shield=True),
-                        anyio.move_on_after(self.settings.shutdown_grace),
-                    ):
-                        await self._idle.wait()
-                    executions.cancel_scope.cancel()
-            self._executions_tg = None
-            service.cancel_scope.cancel()
+        async with anyio.create_task_group() as executions:
+            self._executions_tg = executions
+            self._running = True
+            self._outbox.attach(self)
+            task_status.started()
+            try:
+                await self._claim_loop(executions)
+            finally:
+                self._outbox.detach(self)
+                self._running = False
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(self.settings.shutdown_grace),
+                ):
+                    await self._idle.wait()
+                executions.cancel_scope.cancel()
+        self._executions_tg = None
 
     # ------------------------------------------------------------------ local hand-off
 
