@@ -195,12 +195,13 @@ async def test_an_async_row_whose_node_died_after_writing_it_runs_elsewhere(
     assert await world.kv_value("ran") == 2
 
 
-@pytest.mark.parametrize("sync", [True, False])
+@pytest.mark.parametrize(("sync", "own"), [(True, True), (False, True), (True, False)])
 async def test_only_a_sync_row_is_written_without_waiting_for_the_disk(
-    world: World, sync: bool
+    world: World, sync: bool, own: bool
 ) -> None:
-    """A sync row's claimed write commits asynchronously (its caller dies with a crash);
-    an async row's is durable (its 202 promised acceptance)."""
+    """A sync row's own write commits asynchronously (its caller dies with a crash); an
+    async row's is durable (its 202 promised acceptance); a caller's transaction keeps
+    its own commit mode whatever it writes."""
     script_id = await world.script(SET_RAN)
     route = await _route(world, script_id)
     reply = {"reply_to": InboxId(uuid.uuid4()), "reply_node": "n"} if sync else {}
@@ -208,10 +209,14 @@ async def test_only_a_sync_row_is_written_without_waiting_for_the_disk(
     async with world.engine.begin() as conn:
         await conn.execute(sa.text("SET LOCAL synchronous_commit = remote_write"))
         await outbox_enqueue.write(
-            conn, [outbox_enqueue.Pending(row, "n/x")], lease_seconds=30, sources=ScriptSources()
+            conn,
+            [outbox_enqueue.Pending(row, "n/x")],
+            lease_seconds=30,
+            sources=ScriptSources(),
+            own_transaction=own,
         )
         mode = (await conn.execute(sa.text("SHOW synchronous_commit"))).scalar_one()
-    assert mode == ("off" if sync else "remote_write")
+    assert mode == ("off" if sync and own else "remote_write")
 
 
 async def test_a_no_write_execution_is_group_committed_with_its_logs_and_result(

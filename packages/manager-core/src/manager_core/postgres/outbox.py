@@ -229,14 +229,13 @@ class PostgresOutboxRepo:
 
     # -- OutboxRepo: the dispatcher's surface (SQL in ``outbox_claims``) ------------
 
-    async def claim_due(
-        self, node: str, limit: int, lease_seconds: float, *, conn: AsyncConnection | None = None
-    ) -> list[ClaimedRow]:
+    async def claim_due(self, node: str, limit: int, lease_seconds: float) -> list[ClaimedRow]:
         """Claim up to ``limit`` due rows for ``node`` with everything needed to run
-        them (see :func:`outbox_claims.claim`)."""
+        them (see :func:`outbox_claims.claim`). Always its own autocommitted statement:
+        it commits without waiting for the disk."""
         if limit < 1:
             return []
-        async with self._hot(conn) as c:
+        async with self._hot(None) as c:
             return await claims.claim(
                 c, node_id=node, limit=limit, lease_seconds=lease_seconds, sources=self._sources
             )

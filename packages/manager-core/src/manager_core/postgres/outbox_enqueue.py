@@ -123,19 +123,25 @@ def _document(p: Pending) -> dict[str, Any]:
 
 
 async def write(
-    conn: SqlConn, batch: Sequence[Pending], *, lease_seconds: float, sources: ScriptSources
+    conn: SqlConn,
+    batch: Sequence[Pending],
+    *,
+    lease_seconds: float,
+    sources: ScriptSources,
+    own_transaction: bool = False,
 ) -> dict[ExecutionId, ClaimedRow]:
     """Insert every row of ``batch`` with its execution record in one statement.
 
     Returns the rows written, by execution id, as :class:`ClaimedRow` (for a row
     written due, ``token`` is None and only ``row`` matters); a row whose app does
-    not exist is missing from the result. Autocommitted, the statement is its own
-    transaction; it waits for the disk unless every row is a sync HTTP row.
+    not exist is missing from the result. With ``own_transaction`` (the statement is
+    autocommitted) it waits for the disk unless every row is a sync HTTP row; in a
+    caller's transaction it never changes how that transaction commits.
     """
     params = {
         "rows": wire.dumps([_document(p) for p in batch]),
         "lease": lease_seconds,
-        "durable": any(p.row.reply_to is None for p in batch),
+        "durable": not own_transaction or any(p.row.reply_to is None for p in batch),
     }
     rows = await fetch(conn, _WRITE, params)
     return {c.row.execution_id: c for c in await claimed_rows(conn, rows, sources)}
@@ -223,7 +229,11 @@ class GroupWriter:
     async def _write(self, batch: list[Pending]) -> dict[ExecutionId, ClaimedRow]:
         async with self._connect() as conn:
             return await write(
-                conn, batch, lease_seconds=self._lease_seconds(), sources=self._sources
+                conn,
+                batch,
+                lease_seconds=self._lease_seconds(),
+                sources=self._sources,
+                own_transaction=True,
             )
 
 
