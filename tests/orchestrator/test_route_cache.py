@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -118,3 +119,57 @@ async def test_an_app_deleted_after_caching_answers_404(wired) -> None:  # type:
         outbox.app_gone = True
         assert (await client.post("/apps/shop/a")).status_code == 404
         assert (await client.post("/apps/shop/a")).status_code == 404
+
+
+class SlowRoutes(CountingRoutes):
+    """Reads that take a moment, so lookups pile up behind one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = False
+
+    async def routes_for_app(self, app_name: str) -> Sequence[RouteTarget] | None:
+        await anyio.sleep(0.05)
+        if self.fail:
+            self.reads += 1
+            raise RuntimeError("database down")
+        return await super().routes_for_app(app_name)
+
+
+async def test_concurrent_lookups_of_an_expired_app_share_one_read() -> None:
+    """No stampede: lookups that arrive while an app's routes are being read wait for
+    that read instead of each making their own."""
+    inner, clock = SlowRoutes(), Clock()
+    cache = CachedRouteTable(inner, ttl=1.0, clock=clock)
+    answers: list[object] = []
+
+    async def lookup() -> None:
+        answers.append(await cache.routes_for_app("shop"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(lookup)
+    assert inner.reads == 1
+    assert len(answers) == 10
+    assert all(a == answers[0] for a in answers)
+
+
+async def test_a_failed_shared_read_is_retried_by_each_waiter() -> None:
+    """When the shared read fails, a waiter reads for itself rather than inheriting the
+    error or a stale answer."""
+    inner = SlowRoutes()
+    inner.fail = True
+    cache = CachedRouteTable(inner, ttl=1.0, clock=Clock())
+    errors: list[BaseException] = []
+
+    async def lookup() -> None:
+        try:
+            await cache.routes_for_app("shop")
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(lookup)
+    assert len(errors) == 3
+    assert inner.reads == 3

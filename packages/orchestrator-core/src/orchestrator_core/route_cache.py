@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+import anyio
+
 from picloud_shared.domain import RouteTarget
 from picloud_shared.ports import RouteTable
 
@@ -32,6 +34,7 @@ class CachedRouteTable:
         self._max_apps = max_apps
         self._clock = clock
         self._entries: dict[str, tuple[float, Sequence[RouteTarget]]] = {}
+        self._in_flight: dict[str, _Flight] = {}
         self.hits = 0
         self.misses = 0
 
@@ -48,9 +51,28 @@ class CachedRouteTable:
         return await self.refresh(app_name), False
 
     async def refresh(self, app_name: str) -> Sequence[RouteTarget] | None:
-        """Read through to the inner table; unknown apps are not cached."""
+        """Read through to the inner table; unknown apps are not cached. Concurrent
+        refreshes of one app share a single read (no stampede when an entry expires
+        under load)."""
+        shared = self._in_flight.get(app_name)
+        if shared is not None:
+            await shared.done.wait()
+            if shared.error is None:
+                return shared.targets
+            # the shared read failed: read for ourselves (alongside any other waiter)
+        flight = _Flight()
+        self._in_flight[app_name] = flight
         self.misses += 1
-        targets = await self._inner.routes_for_app(app_name)
+        try:
+            targets = await self._inner.routes_for_app(app_name)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            if self._in_flight.get(app_name) is flight:
+                del self._in_flight[app_name]
+            flight.done.set()
+        flight.targets = targets
         if targets is None:
             self._entries.pop(app_name, None)
             return None
@@ -65,3 +87,12 @@ class CachedRouteTable:
             self._entries.clear()
         else:
             self._entries.pop(app_name, None)
+
+
+class _Flight:
+    """One read of an app's routes that concurrent refreshes wait for."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.targets: Sequence[RouteTarget] | None = None
+        self.error: BaseException | None = None
