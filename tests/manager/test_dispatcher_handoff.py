@@ -239,3 +239,26 @@ async def test_a_no_write_execution_is_group_committed_with_its_logs_and_result(
         "[1]",
     )
     assert execution.finished_at is not None
+
+
+async def test_rows_no_runner_took_before_the_stop_are_given_back_uncounted(
+    world: World,
+) -> None:
+    """A row handed to the runners but not started when the dispatcher stops goes back
+    due, its attempt not counted, its slot freed."""
+    dispatcher = world.dispatcher("node-a")
+    script_id = await world.script(SET_RAN)
+    route = await _route(world, script_id)
+    await world.outbox.enqueue(http_row(world, script_id, route, HttpEvent("POST", "/")))
+    (claim,) = await world.outbox.claim_due("node-a", 10, 30)
+    permit = world.gate.try_acquire()
+    assert permit is not None
+    send, receive = anyio.create_memory_object_stream[object](10)
+    with send, receive:
+        dispatcher._started()
+        send.send_nowait((claim, permit))
+        await dispatcher._give_back_unstarted(receive)  # type: ignore[arg-type]
+    (row,) = await world.rows(t.outbox)
+    assert (row.claimed_by, row.attempt_count) == (None, 0)
+    assert world.gate.free == world.gate.capacity
+    assert await world.executions_by_status() == {"queued": 1}
