@@ -21,7 +21,7 @@ run as the registrant (``AdminPrincipalResolver``).
 Outcomes (DESIGN.md, "The execution pipeline"):
 
 * success — effects, fan-out, execution record and the row's removal commit in
-  one transaction (see ``EXECUTION_ISOLATION``); a serialization failure re-runs
+  one transaction (see ``execution_txn.EXECUTION_ISOLATION``); a serialization failure re-runs
   the script transparently (not an attempt). A script that touched no data has
   nothing but bookkeeping to commit: that goes through the group-commit
   ``BatchCompleter``;
@@ -52,8 +52,16 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core.completer import BatchCompleter
-from manager_core.db import is_retryable_conflict, shielded_commit, shielded_rollback, transaction
-from manager_core.guarded_host import GuardedHost
+from manager_core.db import is_retryable_conflict, transaction
+from manager_core.execution_txn import (
+    ExecutionTransaction,
+    HostFactory,
+    Lost,
+    Rerun,
+    Slot,
+    TransactionDeps,
+    Unrunnable,
+)
 from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from manager_core.postgres.executions import PostgresExecutionRepo
 from manager_core.postgres.outbox import ClaimedRow, PostgresOutboxRepo
@@ -62,28 +70,14 @@ from picloud_shared.errors import PrincipalRevoked
 from picloud_shared.events import HttpEvent, event_from_wire, script_event
 from picloud_shared.execution import ExecError, ExecRequest, ExecResult
 from picloud_shared.gate import ExecutionGate, Permit
-from picloud_shared.ids import AppId
 from picloud_shared.inbox import DeliveryStatus, InboxResult
 from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
-from picloud_shared.ports import Executor, HostApi, InboxResolver
+from picloud_shared.ports import Executor, InboxResolver
 from picloud_shared.principals import Principal
 from picloud_shared.status import NON_RETRYABLE, ExecErrorKind, ExecutionStatus
 from picloud_shared.wire import JsonObject, WireError
 
 log = logging.getLogger("picloud.dispatcher")
-
-# Each execution's effects run in one REPEATABLE READ transaction whose host reads
-# lock what they read (``ctx.kv.get``/``ctx.docs.get`` are ``SELECT … FOR UPDATE``):
-# a read-modify-write of a key is serialized with every other execution touching
-# that key, and a write that lost a race (a row changed or inserted after the
-# snapshot) fails with a serialization error, which re-runs the script
-# transparently. SERIALIZABLE would also do, but its page-level predicate locks
-# made executions writing *different* keys abort each other (1.5 re-runs per
-# execution in bench), so only real contention costs a re-run here.
-EXECUTION_ISOLATION = "REPEATABLE READ"
-
-HostFactory = Callable[[AsyncConnection, AppId, Principal, int], HostApi]
-"""Builds the ``HostApi`` of one execution: (transaction, app, principal, trigger depth)."""
 
 
 class WorkSignal(Protocol):
@@ -121,10 +115,6 @@ class DispatcherMetrics:
     claimed: int = 0
     claim_batches: int = 0
     handed_off: int = 0  # rows written claimed by this node and run without a claim
-
-
-class _Rerun(Exception):
-    """The transaction hit a serialization conflict; run the script again."""
 
 
 class Dispatcher:
@@ -166,6 +156,9 @@ class Dispatcher:
         self._idle.set()
         self._completer = BatchCompleter(outbox)
         self._leased: dict[int, str] = {}  # rows this node is running → claim token
+        self._txn_deps = TransactionDeps(
+            engine, outbox, executions, dead_letters, host_factory, signal
+        )
         self._runs: anyio.abc.ObjectSendStream[tuple[ClaimedRow, Permit]] | None = None
         self._slots_gathered: anyio.Event | None = None
 
@@ -379,10 +372,10 @@ class Dispatcher:
         kind = claim.row.source_kind.value
         self._leased[claim.row.id] = claim.token
         try:
-            slot = _Slot(permit, self._slot_released)
+            slot = Slot(permit, self._slot_released)
             try:
                 outcome = await self._run_claim(claim, slot)
-            except _Lost:
+            except Lost:
                 outcome = "lost"
             finally:
                 slot.release()
@@ -411,7 +404,7 @@ class Dispatcher:
         except Exception:
             log.exception("could not give back %d row(s); their leases will expire", len(claims))
 
-    async def _run_claim(self, claim: ClaimedRow, slot: _Slot) -> str:
+    async def _run_claim(self, claim: ClaimedRow, slot: Slot) -> str:
         """Run one claimed row to its outcome; returns the outcome's metric label."""
         row = claim.row
         if row.trigger_depth > self.settings.max_trigger_depth:
@@ -440,7 +433,7 @@ class Dispatcher:
         try:
             principal = self._resolve_trigger(claim)
             request = self._build_exec_request(claim, principal)
-        except _Unrunnable as exc:
+        except Unrunnable as exc:
             return await self._book_failure(claim, ExecResult.failed(row.execution_id, exc.error))
         result = await self._run_in_transaction(claim, request, principal, slot)
         if result is None:
@@ -453,9 +446,9 @@ class Dispatcher:
         row = claim.row
         if not claim.owner_exists:
             what = "route" if row.source_kind is OutboxSourceKind.HTTP else "trigger"
-            raise _Unrunnable(ExecError(ExecErrorKind.INTERNAL, f"the {what} no longer exists"))
+            raise Unrunnable(ExecError(ExecErrorKind.INTERNAL, f"the {what} no longer exists"))
         if claim.script is None:
-            raise _Unrunnable(ExecError(ExecErrorKind.INTERNAL, "the script no longer exists"))
+            raise Unrunnable(ExecError(ExecErrorKind.INTERNAL, "the script no longer exists"))
         try:
             principal = self._principals.resolve(
                 app_id=row.app_id,
@@ -466,7 +459,7 @@ class Dispatcher:
                 capabilities=claim.capabilities,
             )
         except PrincipalRevoked as exc:
-            raise _Unrunnable(ExecError(ExecErrorKind.PRINCIPAL_REVOKED, exc.message)) from None
+            raise Unrunnable(ExecError(ExecErrorKind.PRINCIPAL_REVOKED, exc.message)) from None
         return principal
 
     def _build_exec_request(self, claim: ClaimedRow, principal: Principal) -> ExecRequest:
@@ -480,7 +473,7 @@ class Dispatcher:
             else:
                 event = script_event(event_from_wire(row.payload))
         except WireError as exc:
-            raise _Unrunnable(
+            raise Unrunnable(
                 ExecError(ExecErrorKind.INTERNAL, f"undecodable outbox payload: {exc}")
             ) from None
         script = claim.script
@@ -501,7 +494,7 @@ class Dispatcher:
         )
 
     async def _run_in_transaction(
-        self, claim: ClaimedRow, request: ExecRequest, principal: Principal, slot: _Slot
+        self, claim: ClaimedRow, request: ExecRequest, principal: Principal, slot: Slot
     ) -> ExecResult | None:
         """Run the script and commit its effects with the row's completion.
 
@@ -512,7 +505,7 @@ class Dispatcher:
         for _ in range(self.settings.max_conflict_reruns):
             try:
                 return await self._attempt(claim, request, principal, slot)
-            except _Rerun:
+            except Rerun:
                 self.metrics.conflict_reruns += 1
                 await anyio.sleep(self._rand() * 0.005)
                 await slot.reacquire(self._gate)
@@ -524,13 +517,13 @@ class Dispatcher:
         )
 
     async def _attempt(
-        self, claim: ClaimedRow, request: ExecRequest, principal: Principal, slot: _Slot
+        self, claim: ClaimedRow, request: ExecRequest, principal: Principal, slot: Slot
     ) -> ExecResult | None:
         """One run of the script. ``None`` when its success is committed; the failed
-        result (nothing of it committed) otherwise. Raises ``_Rerun`` on a
-        serialization conflict and ``_Lost`` when another claim owns the row."""
+        result (nothing of it committed) otherwise. Raises ``Rerun`` on a
+        serialization conflict and ``Lost`` when another claim owns the row."""
         row = claim.row
-        txn = _ExecutionTransaction(self, claim, principal)
+        txn = ExecutionTransaction(self._txn_deps, claim, principal)
         try:
             result = await self._executor.execute(request, txn.host)
             # The script is done: its gate slot is free while the outcome commits.
@@ -538,10 +531,10 @@ class Dispatcher:
             error = txn.host.db_error
             if error is not None:
                 await txn.rollback()
-                if isinstance(error, _Lost):
-                    raise _Lost from None
+                if isinstance(error, Lost):
+                    raise Lost from None
                 if is_retryable_conflict(error):
-                    raise _Rerun from None
+                    raise Rerun from None
                 log.error("host call failed in execution %s: %r", row.execution_id, error)
                 return ExecResult.failed(
                     row.execution_id,
@@ -555,7 +548,7 @@ class Dispatcher:
             if txn.conn is None:
                 # The script touched no data: group-commit its bookkeeping.
                 if not await self._completer.complete(claim, result):
-                    raise _Lost
+                    raise Lost
             else:
                 await txn.commit_success(result)
         finally:
@@ -575,7 +568,7 @@ class Dispatcher:
             try:
                 async with transaction(self._engine) as conn:
                     if not await self._outbox.take(row.id, claim.token, conn=conn):
-                        raise _Lost
+                        raise Lost
                     if row.is_sync_http or row.is_dead_letter_handler:
                         await self._outbox.delete(row.id, conn=conn)
                         await self._executions.finish_with(
@@ -639,7 +632,7 @@ class Dispatcher:
         )
         async with transaction(self._engine) as conn:
             if not await self._outbox.take(row.id, claim.token, conn=conn):
-                raise _Lost
+                raise Lost
             await self._outbox.delete(row.id, conn=conn)
             await self._executions.finish(
                 row.execution_id,
@@ -662,89 +655,3 @@ class Dispatcher:
             return
         self.metrics.abandoned += 1
         await self._outbox.record_abandoned(row.execution_id, row.reply_to, "receiver gone", result)
-
-
-class _Slot:
-    """The gate permit of one execution: released as soon as its script has run
-    (committing the outcome needs no slot), taken again for a conflict re-run."""
-
-    def __init__(self, permit: Permit, on_release: Callable[[], None]) -> None:
-        self._permit = permit
-        self._on_release = on_release
-        self._held = True
-
-    def release(self) -> None:
-        self._permit.release()
-        if self._held:
-            self._held = False
-            self._on_release()
-
-    async def reacquire(self, gate: ExecutionGate) -> None:
-        self.release()
-        permit = await gate.acquire()
-        assert permit is not None
-        self._permit = permit
-        self._held = True
-
-
-class _ExecutionTransaction:
-    """One execution's transaction, opened at the script's first host call: it locks
-    the claimed row, and serves the host calls."""
-
-    def __init__(self, dispatcher: Dispatcher, claim: ClaimedRow, principal: Principal) -> None:
-        self._d = dispatcher
-        self._claim = claim
-        self._principal = principal
-        self.conn: AsyncConnection | None = None
-        self.host = GuardedHost(self._open)
-
-    async def _open(self) -> HostApi:
-        row = self._claim.row
-        conn = await self._d._engine.connect()
-        self.conn = conn
-        await conn.execution_options(isolation_level=EXECUTION_ISOLATION)
-        await conn.begin()
-        if not await self._d._outbox.take(row.id, self._claim.token, conn=conn):
-            raise _Lost
-        return self._d._host_factory(conn, row.app_id, self._principal, row.trigger_depth)
-
-    async def commit_success(self, result: ExecResult) -> None:
-        row = self._claim.row
-        conn = self.conn
-        assert conn is not None
-        try:
-            await self._d._outbox.delete(row.id, conn=conn)
-            await self._d._executions.finish_with(
-                row.execution_id, ExecutionStatus.SUCCEEDED, result, conn=conn
-            )
-            if row.is_dead_letter_handler and row.dead_letter_id is not None:
-                await self._d._dead_letters.mark(
-                    row.app_id, row.dead_letter_id, "handled", conn=conn
-                )
-            await shielded_commit(conn)
-        except DBAPIError as exc:
-            await shielded_rollback(conn)
-            if is_retryable_conflict(exc):
-                raise _Rerun from None
-            raise
-        self._d._signal.notify()  # the script's writes may have fanned out new rows
-
-    async def rollback(self) -> None:
-        if self.conn is not None and self.conn.in_transaction():
-            await shielded_rollback(self.conn)
-
-    async def close(self) -> None:
-        if self.conn is not None:
-            with anyio.CancelScope(shield=True):
-                await self.conn.close()
-            self.conn = None
-
-
-class _Unrunnable(Exception):
-    def __init__(self, error: ExecError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-class _Lost(Exception):
-    """Another claim owns the row now; leave it alone."""

@@ -1,0 +1,155 @@
+"""One execution's transaction and the small pieces the dispatcher runs it with.
+
+:class:`ExecutionTransaction` is opened lazily, at the script's first host call: it
+locks the claimed row and serves the host calls; on success the script's effects,
+the fan-out they caused, the execution record and the row's removal commit together
+(``EXECUTION_ISOLATION``). :class:`Slot` is the execution's gate permit. The
+exceptions say why a run stops short: :class:`Rerun` (a serialization conflict: run
+the script again), :class:`Lost` (another claim owns the row), :class:`Unrunnable`
+(the row cannot run at all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import anyio
+import attrs
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from manager_core.db import is_retryable_conflict, shielded_commit, shielded_rollback
+from manager_core.guarded_host import GuardedHost
+from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
+from manager_core.postgres.executions import PostgresExecutionRepo
+from manager_core.postgres.outbox import ClaimedRow, PostgresOutboxRepo
+from picloud_shared.execution import ExecError, ExecResult
+from picloud_shared.gate import ExecutionGate, Permit
+from picloud_shared.ids import AppId
+from picloud_shared.ports import HostApi
+from picloud_shared.principals import Principal
+from picloud_shared.status import ExecutionStatus
+
+# Each execution's effects run in one REPEATABLE READ transaction whose host reads
+# lock what they read (``ctx.kv.get``/``ctx.docs.get`` are ``SELECT … FOR UPDATE``):
+# a read-modify-write of a key is serialized with every other execution touching
+# that key, and a write that lost a race (a row changed or inserted after the
+# snapshot) fails with a serialization error, which re-runs the script
+# transparently. SERIALIZABLE would also do, but its page-level predicate locks
+# made executions writing *different* keys abort each other (1.5 re-runs per
+# execution in bench), so only real contention costs a re-run here.
+EXECUTION_ISOLATION = "REPEATABLE READ"
+
+HostFactory = Callable[[AsyncConnection, AppId, Principal, int], HostApi]
+"""Builds the ``HostApi`` of one execution: (transaction, app, principal, trigger depth)."""
+
+
+HostFactory = Callable[[AsyncConnection, AppId, Principal, int], HostApi]
+"""Builds the ``HostApi`` of one execution: (transaction, app, principal, trigger depth)."""
+
+
+class Notify(Protocol):
+    def notify(self) -> None: ...
+
+
+@attrs.frozen
+class TransactionDeps:
+    """What an execution's transaction needs from its dispatcher."""
+
+    engine: AsyncEngine
+    outbox: PostgresOutboxRepo
+    executions: PostgresExecutionRepo
+    dead_letters: PostgresDeadLetterRepo
+    host_factory: HostFactory
+    signal: Notify
+
+
+class Rerun(Exception):
+    """The transaction hit a serialization conflict; run the script again."""
+
+
+class Slot:
+    """The gate permit of one execution: released as soon as its script has run
+    (committing the outcome needs no slot), taken again for a conflict re-run."""
+
+    def __init__(self, permit: Permit, on_release: Callable[[], None]) -> None:
+        self._permit = permit
+        self._on_release = on_release
+        self._held = True
+
+    def release(self) -> None:
+        self._permit.release()
+        if self._held:
+            self._held = False
+            self._on_release()
+
+    async def reacquire(self, gate: ExecutionGate) -> None:
+        self.release()
+        permit = await gate.acquire()
+        assert permit is not None
+        self._permit = permit
+        self._held = True
+
+
+class ExecutionTransaction:
+    """One execution's transaction, opened at the script's first host call: it locks
+    the claimed row, and serves the host calls."""
+
+    def __init__(self, deps: TransactionDeps, claim: ClaimedRow, principal: Principal) -> None:
+        self._d = deps
+        self._claim = claim
+        self._principal = principal
+        self.conn: AsyncConnection | None = None
+        self.host = GuardedHost(self._open)
+
+    async def _open(self) -> HostApi:
+        row = self._claim.row
+        conn = await self._d.engine.connect()
+        self.conn = conn
+        await conn.execution_options(isolation_level=EXECUTION_ISOLATION)
+        await conn.begin()
+        if not await self._d.outbox.take(row.id, self._claim.token, conn=conn):
+            raise Lost
+        return self._d.host_factory(conn, row.app_id, self._principal, row.trigger_depth)
+
+    async def commit_success(self, result: ExecResult) -> None:
+        row = self._claim.row
+        conn = self.conn
+        assert conn is not None
+        try:
+            await self._d.outbox.delete(row.id, conn=conn)
+            await self._d.executions.finish_with(
+                row.execution_id, ExecutionStatus.SUCCEEDED, result, conn=conn
+            )
+            if row.is_dead_letter_handler and row.dead_letter_id is not None:
+                await self._d.dead_letters.mark(
+                    row.app_id, row.dead_letter_id, "handled", conn=conn
+                )
+            await shielded_commit(conn)
+        except DBAPIError as exc:
+            await shielded_rollback(conn)
+            if is_retryable_conflict(exc):
+                raise Rerun from None
+            raise
+        self._d.signal.notify()  # the script's writes may have fanned out new rows
+
+    async def rollback(self) -> None:
+        if self.conn is not None and self.conn.in_transaction():
+            await shielded_rollback(self.conn)
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            with anyio.CancelScope(shield=True):
+                await self.conn.close()
+            self.conn = None
+
+
+class Unrunnable(Exception):
+    def __init__(self, error: ExecError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Lost(Exception):
+    """Another claim owns the row now; leave it alone."""
