@@ -14,7 +14,7 @@ from manager_core.tables import metadata
 from picloud import migrations
 from tests.pg import PgServer
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 @pytest.fixture
@@ -150,3 +150,38 @@ def test_alembic_dir_override(monkeypatch: pytest.MonkeyPatch, tmp_path: object)
     assert migrations.alembic_dir({"PICLOUD_ALEMBIC_DIR": str(real)}) == real
     with pytest.raises(FileNotFoundError, match="PICLOUD_ALEMBIC_DIR"):
         migrations.alembic_dir({"PICLOUD_ALEMBIC_DIR": str(tmp_path)})
+
+
+def test_a_status_change_is_a_hot_update_after_0003(empty_db_url: str) -> None:
+    """No index of executions holds its status, so moving an execution through its
+    statuses adds no index entries (a heap-only update)."""
+    migrations.upgrade(empty_db_url, HEAD)
+    rows = _query(
+        empty_db_url,
+        """
+        WITH app AS (INSERT INTO apps (name) VALUES ('shop') RETURNING id),
+             e AS (INSERT INTO executions (id, app_id, source_kind)
+                   SELECT gen_random_uuid(), id, 'http' FROM app RETURNING id)
+        SELECT id FROM e
+        """,
+    )
+    (execution_id,) = rows[0]
+    engine = create_engine(empty_db_url, poolclass=pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE executions SET status = 'succeeded', attempts = 1,"
+                    " finished_at = now() WHERE id = :id"
+                ),
+                {"id": execution_id},
+            )
+            counts = conn.execute(
+                text(
+                    "SELECT pg_stat_get_xact_tuples_updated('executions'::regclass),"
+                    " pg_stat_get_xact_tuples_hot_updated('executions'::regclass)"
+                )
+            ).one()
+    finally:
+        engine.dispose()
+    assert tuple(counts) == (1, 1)

@@ -366,7 +366,8 @@ executions = Table(
     _one_of("status", EXECUTION_STATUSES, "status"),
     CheckConstraint("attempts >= 0", name="attempts"),
     CheckConstraint("trigger_depth >= 0", name="trigger_depth"),
-    Index("ix_executions_app_id_status", "app_id", "status"),
+    # No index holds the status, so status updates can be heap-only (HOT); the listing
+    # has its own index (ix_executions_app_id_created_at_id, below).
     Index("ix_executions_trigger_id", "trigger_id"),
     Index("ix_executions_route_id", "route_id"),
     Index("ix_executions_script_id", "script_id"),
