@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from manager_core import tables as t
 from manager_core.postgres import outbox_enqueue
 from manager_core.postgres.outbox_claims import ScriptSources
+from picloud_shared.errors import NotFound
 from picloud_shared.events import HttpEvent
 from picloud_shared.ids import InboxId
 from tests.manager.dispatch_world import World, make_world
@@ -262,3 +263,28 @@ async def test_rows_no_runner_took_before_the_stop_are_given_back_uncounted(
     assert (row.claimed_by, row.attempt_count) == (None, 0)
     assert world.gate.free == world.gate.capacity
     assert await world.executions_by_status() == {"queued": 1}
+
+
+async def test_a_row_violating_a_constraint_fails_alone_in_its_batch(world: World) -> None:
+    """On the pool (plain psycopg errors) as on the engine: the row that cannot be
+    written (here a reused execution id) fails with NotFound, and the rows batched with
+    it are written."""
+    script_id = await world.script(SET_RAN)
+    route = await _route(world, script_id)
+    first = http_row(world, script_id, route, HttpEvent("POST", "/"))
+    await world.outbox.enqueue(first)  # no dispatcher: written due
+    others = [http_row(world, script_id, route, HttpEvent("POST", "/")) for _ in range(5)]
+    outcomes: list[str] = []
+
+    async def enqueue(row: object) -> None:
+        try:
+            await world.outbox.enqueue(row)  # type: ignore[arg-type]
+            outcomes.append("ok")
+        except NotFound:
+            outcomes.append("not_found")
+
+    async with anyio.create_task_group() as tg:
+        for row in [*others[:2], first, *others[2:]]:
+            tg.start_soon(enqueue, row)
+    assert sorted(outcomes) == ["not_found"] + ["ok"] * 5
+    assert await world.count(t.outbox) == 6

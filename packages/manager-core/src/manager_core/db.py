@@ -64,6 +64,10 @@ def make_pool(url: str, *, max_size: int, min_size: int = 1) -> AsyncConnectionP
     )
 
 
+INTEGRITY_ERRORS = (IntegrityError, psycopg.IntegrityError)
+"""A constraint violation, through SQLAlchemy or on a plain psycopg connection."""
+
+
 SqlConn: TypeAlias = AsyncConnection | psycopg.AsyncConnection[Any]
 """Where plain SQL (``%(name)s`` parameters) runs: a SQLAlchemy connection (joining
 its transaction) or a psycopg connection from :func:`make_pool`."""

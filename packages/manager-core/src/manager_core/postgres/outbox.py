@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
-from manager_core.db import SqlConn, transaction
+from manager_core.db import INTEGRITY_ERRORS, SqlConn, transaction
 from manager_core.postgres import outbox_claims as claims
 from manager_core.postgres import outbox_enqueue as enqueue_sql
 from manager_core.postgres.outbox_claims import (
@@ -192,7 +192,7 @@ class PostgresOutboxRepo:
 
         try:
             claim = await self._writer.write(Pending(row, token), on_written)
-        except IntegrityError as exc:  # the app vanished while the row was written
+        except INTEGRITY_ERRORS as exc:  # the app vanished while the row was written
             raise NotFound("app not found") from exc
         if claim is None:
             raise NotFound("app not found")

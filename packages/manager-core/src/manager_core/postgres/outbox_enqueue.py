@@ -25,9 +25,8 @@ from typing import Any
 
 import anyio
 import attrs
-from sqlalchemy.exc import IntegrityError
 
-from manager_core.db import SqlConn, fetch
+from manager_core.db import INTEGRITY_ERRORS, SqlConn, fetch
 from manager_core.postgres.outbox_claims import (
     CLAIM_CONTEXT,
     ClaimedRow,
@@ -210,7 +209,7 @@ class GroupWriter:
     async def _flush(self, batch: list[_Waiter]) -> None:
         try:
             written = await self._write([w.pending for w in batch])
-        except IntegrityError as exc:  # a row's app vanished meanwhile
+        except INTEGRITY_ERRORS as exc:  # e.g. a row's app vanished meanwhile
             if len(batch) == 1:
                 _fail(batch, exc)
             else:  # isolate it; the others are written
