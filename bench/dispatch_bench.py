@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -593,7 +594,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
-        "--claim-linger", type=float, default=0.002, help="DispatcherSettings.claim_linger (s)"
+        "--claim-linger",
+        type=float,
+        default=attrs.fields(DispatcherSettings).claim_linger.default,
+        help="DispatcherSettings.claim_linger (s)",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--gate", type=int, default=16, help="picloud execution gate size")

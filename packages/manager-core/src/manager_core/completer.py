@@ -2,11 +2,8 @@
 
 A script that made no host call leaves nothing to commit but its own bookkeeping:
 remove the outbox row, mark the execution succeeded (and a handled dead letter).
-Those finish together, leader/follower style, with no background task: the caller
-of :meth:`BatchCompleter.complete` that finds no flush in progress flushes
-everything pending in one statement and one commit, then whatever arrived
-meanwhile; the others wait. At low load a batch is one row and nothing waits;
-under load batches grow by themselves.
+Those finish together in one statement and one commit
+(:class:`~manager_core.group_commit.GroupCommit`).
 """
 
 from __future__ import annotations
@@ -16,6 +13,7 @@ import logging
 import anyio
 import attrs
 
+from manager_core.group_commit import GroupCommit
 from manager_core.postgres.outbox import ClaimedRow, PostgresOutboxRepo
 from picloud_shared.execution import ExecResult
 
@@ -36,9 +34,7 @@ class BatchCompleter:
 
     def __init__(self, outbox: PostgresOutboxRepo, max_batch: int = 256) -> None:
         self._outbox = outbox
-        self._max_batch = max_batch
-        self._pending: list[_Item] = []
-        self._flushing = False
+        self._group = GroupCommit[_Item](lambda batch: self._flush(batch), max_batch)
         self.batches = 0
         self.rows = 0
 
@@ -46,20 +42,7 @@ class BatchCompleter:
         """Wait until the row is committed as succeeded; ``False`` if this node no
         longer owned it. Raises the database error of a failed flush."""
         item = _Item(claim, result)
-        self._pending.append(item)
-        if self._flushing:
-            await item.done.wait()
-        else:
-            self._flushing = True
-            try:
-                # Shielded: the followers' rows are in this caller's hands.
-                with anyio.CancelScope(shield=True):
-                    while self._pending:
-                        batch = self._pending[: self._max_batch]
-                        del self._pending[: self._max_batch]
-                        await self._flush(batch)
-            finally:
-                self._flushing = False
+        await self._group.submit(item)
         if item.error is not None:
             raise item.error
         return item.owned

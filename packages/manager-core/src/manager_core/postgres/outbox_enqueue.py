@@ -12,8 +12,7 @@ back with everything needed to run it
 (:data:`~manager_core.postgres.outbox_claims.CLAIM_CONTEXT`), so a node that runs
 the row itself skips the claim transaction.
 
-:class:`GroupWriter` batches concurrent enqueues (group commit, no background task):
-the first caller writes, callers arriving meanwhile are written together next.
+:class:`GroupWriter` batches concurrent enqueues (group commit, no background task).
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import anyio
 import attrs
 
 from manager_core.db import INTEGRITY_ERRORS, SqlConn, fetch
+from manager_core.group_commit import GroupCommit
 from manager_core.postgres.outbox_claims import (
     CLAIM_CONTEXT,
     ClaimedRow,
@@ -156,14 +156,10 @@ class _Waiter:
 
 
 class GroupWriter:
-    """Concurrent enqueues share statements and commits (group commit).
-
-    The caller that finds no write in progress writes everything pending, then
-    whatever arrived meanwhile, until nothing is left; the others wait. At low load a
-    batch is one row and nobody waits; under load batches grow by themselves. The
-    writing is shielded from cancellation, and ``on_written`` runs for every row as
-    soon as its batch committed, whoever waits for it (a claimed row must reach its
-    runner even when its caller is gone).
+    """Concurrent enqueues share statements and commits
+    (:class:`~manager_core.group_commit.GroupCommit`). ``on_written`` runs for every
+    row as soon as its batch committed, whoever waits for it (a claimed row must
+    reach its runner even when its caller is gone).
     """
 
     def __init__(
@@ -177,9 +173,7 @@ class GroupWriter:
         self._connect = connect
         self._lease_seconds = lease_seconds
         self._sources = sources
-        self._max_batch = max_batch
-        self._queue: list[_Waiter] = []
-        self._writing = False
+        self._group = GroupCommit[_Waiter](self._flush, max_batch)
         self.batches = 0
         self.rows = 0
 
@@ -189,19 +183,7 @@ class GroupWriter:
         """Write one row; its :class:`ClaimedRow`, or ``None`` when its app does not
         exist. Raises the database error of a failed write."""
         waiter = _Waiter(pending, on_written)
-        self._queue.append(waiter)
-        if self._writing:
-            await waiter.done.wait()
-        else:
-            self._writing = True
-            try:
-                with anyio.CancelScope(shield=True):
-                    while self._queue:
-                        batch = self._queue[: self._max_batch]
-                        del self._queue[: self._max_batch]
-                        await self._flush(batch)
-            finally:
-                self._writing = False
+        await self._group.submit(waiter)
         if waiter.error is not None:
             raise waiter.error
         return waiter.result
