@@ -12,10 +12,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
-from manager_core.postgres import outbox_enqueue
+from manager_core.postgres import outbox_claims, outbox_enqueue
 from manager_core.postgres.outbox_claims import ScriptSources
 from picloud_shared.errors import NotFound
 from picloud_shared.events import HttpEvent
+from picloud_shared.execution import ExecResult, ScriptResponse
 from picloud_shared.ids import InboxId
 from tests.manager.dispatch_world import World, make_world
 from tests.manager.test_dispatcher import _route, http_row
@@ -218,6 +219,32 @@ async def test_only_a_sync_row_is_written_without_waiting_for_the_disk(
         )
         mode = (await conn.execute(sa.text("SHOW synchronous_commit"))).scalar_one()
     assert mode == ("off" if sync and own else "remote_write")
+
+
+@pytest.mark.parametrize("own", [True, False])
+async def test_a_no_write_completion_is_committed_without_waiting_for_the_disk(
+    world: World, own: bool
+) -> None:
+    """Its own statement records bookkeeping only (the script wrote nothing): it does
+    not wait for the disk; in a caller's transaction it keeps that commit mode."""
+    script_id = await world.script(SET_RAN)
+    route = await _route(world, script_id)
+    row = http_row(world, script_id, route, HttpEvent("GET", "/"))
+    async with world.engine.begin() as conn:
+        written = await outbox_enqueue.write(
+            conn, [outbox_enqueue.Pending(row, "n/x")], lease_seconds=30, sources=ScriptSources()
+        )
+    (claim,) = written.values()
+    result = ExecResult.succeeded(row.execution_id, ScriptResponse.empty(), ("line",), 1.0)
+    async with world.engine.begin() as conn:
+        await conn.execute(sa.text("SET LOCAL synchronous_commit = remote_write"))
+        owned = await outbox_claims.complete_batch(conn, [(claim, result)], own_transaction=own)
+        mode = (await conn.execute(sa.text("SHOW synchronous_commit"))).scalar_one()
+    assert mode == ("off" if own else "remote_write")
+    assert owned == {claim.row.id}
+    assert await world.rows(t.outbox) == []
+    (execution,) = await world.rows(t.executions)
+    assert (execution.status, execution.logs) == ("succeeded", ["line"])
 
 
 async def test_a_no_write_execution_is_group_committed_with_its_logs_and_result(

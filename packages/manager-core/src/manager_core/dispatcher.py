@@ -24,7 +24,7 @@ Outcomes (DESIGN.md, "The execution pipeline"):
   one transaction (see ``execution_txn.EXECUTION_ISOLATION``); a serialization failure re-runs
   the script transparently (not an attempt). A script that touched no data has
   nothing but bookkeeping to commit: that goes through the group-commit
-  ``BatchCompleter``;
+  ``BatchCompleter``, without waiting for the disk (``outbox_claims._COMPLETE_BATCH``);
 * ``reply_to`` set — never retried; the answer goes to the ``InboxResolver`` after
   commit; an absent receiver is recorded in ``abandoned_executions``;
 * dead-letter handler — never retried, never dead-lettered; marks its dead letter

@@ -278,9 +278,10 @@ class PostgresOutboxRepo:
         self, items: Sequence[tuple[ClaimedRow, ExecResult]], *, conn: AsyncConnection | None = None
     ) -> set[int]:
         """Finish successful executions that wrote nothing in one statement; the ids
-        of the rows this node still owned."""
+        of the rows this node still owned. In its own transaction the commit does not
+        wait for the disk (``outbox_claims.complete_batch``)."""
         async with self._hot(conn) as c:
-            return await claims.complete_batch(c, items)
+            return await claims.complete_batch(c, items, own_transaction=conn is None)
 
     async def delete(self, row_id: int, *, conn: AsyncConnection | None = None) -> bool:
         """Remove a finished row (in the execution's own transaction)."""

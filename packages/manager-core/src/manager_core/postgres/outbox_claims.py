@@ -311,8 +311,16 @@ async def renew_leases(conn: SqlConn, row_ids: Sequence[int], lease_seconds: flo
 
 # The batch travels as one JSON array (one parameter, one ``json.dumps``) rather than
 # parallel arrays, whose element-by-element quoting cost more than the statement.
+# ``durable`` false (its own autocommitted statement): the commit does not wait for the
+# disk. What it records is bookkeeping only — these scripts wrote nothing — and if a
+# database crash loses it, the row is back under its expired lease: a trigger or
+# async row runs again (at least once, as after any crash; a re-run of a script that
+# writes nothing changes nothing), a sync row is failed (its caller was answered).
 _COMPLETE_BATCH = """
-    WITH f AS (
+    WITH commit_mode AS (
+        SELECT set_config('synchronous_commit', CASE WHEN %(durable)s
+               THEN current_setting('synchronous_commit') ELSE 'off' END, true) AS mode
+    ), f AS (
         SELECT * FROM jsonb_to_recordset(CAST(%(items)s AS jsonb))
             AS f(id bigint, token text, execution_id uuid, attempts int, logs jsonb,
                  result jsonb)
@@ -331,15 +339,22 @@ _COMPLETE_BATCH = """
         UPDATE dead_letters SET resolution = 'handled', resolved_at = now()
         WHERE id IN (SELECT dead_letter_id FROM done WHERE is_dead_letter_handler)
     )
-    SELECT id FROM done
+    SELECT id FROM done CROSS JOIN commit_mode
 """
 
 
-async def complete_batch(conn: SqlConn, items: Sequence[tuple[ClaimedRow, ExecResult]]) -> set[int]:
+async def complete_batch(
+    conn: SqlConn,
+    items: Sequence[tuple[ClaimedRow, ExecResult]],
+    *,
+    own_transaction: bool = False,
+) -> set[int]:
     """Finish successful executions that wrote nothing, all in one statement.
 
     Returns the ids of the rows this node still owned (the others were lost to a
-    recovered lease and are left alone).
+    recovered lease and are left alone). With ``own_transaction`` (the statement is
+    autocommitted) it does not wait for the disk (see ``_COMPLETE_BATCH``); in a
+    caller's transaction it never changes how that transaction commits.
     """
     batch = [
         {
@@ -352,7 +367,8 @@ async def complete_batch(conn: SqlConn, items: Sequence[tuple[ClaimedRow, ExecRe
         }
         for c, r in items
     ]
-    rows = await fetch(conn, _COMPLETE_BATCH, {"items": wire.dumps(batch)})
+    params = {"items": wire.dumps(batch), "durable": not own_transaction}
+    rows = await fetch(conn, _COMPLETE_BATCH, params)
     return {row.id for row in rows}
 
 
