@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import anyio
 import pytest
 
 from orchestrator_core.inbox import InboxRegistry
@@ -67,6 +68,34 @@ async def test_receive_times_out_and_a_late_answer_is_abandoned() -> None:
     with receiver:
         assert await receiver.receive(timeout=0.01) is None
     assert await registry.deliver(inbox_id, result()) is DeliveryStatus.ABANDONED
+
+
+async def test_an_answer_after_a_timed_out_wait_reaches_the_next_wait() -> None:
+    """A caller may wait in steps: an answer arriving between (or exactly as) one
+    wait times out is kept for the next."""
+    registry = InboxRegistry()
+    inbox_id, receiver = registry.register()
+    sent = result()
+    with receiver:
+        assert await receiver.receive(timeout=0.01) is None
+        assert await registry.deliver(inbox_id, sent) is DeliveryStatus.DELIVERED
+        assert await receiver.receive(timeout=0) == sent
+
+
+async def test_closing_wakes_a_wait_in_progress() -> None:
+    """A receiver closed (or cancelled) while someone waits on it ends that wait."""
+    registry = InboxRegistry()
+    inbox_id, receiver = registry.register()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_close_soon, registry, inbox_id)
+        with anyio.fail_after(5):
+            assert await receiver.receive(timeout=60) is None
+    assert await registry.deliver(inbox_id, result()) is DeliveryStatus.ABANDONED
+
+
+async def _close_soon(registry: InboxRegistry, inbox_id: InboxId) -> None:
+    await anyio.sleep(0.01)
+    assert registry.cancel(inbox_id) is True
 
 
 async def test_a_second_delivery_to_the_same_id_is_abandoned() -> None:

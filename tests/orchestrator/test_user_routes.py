@@ -15,7 +15,7 @@ import pytest
 from starlette.applications import Starlette
 
 from orchestrator_core.inbox import InboxRegistry
-from orchestrator_core.routes import UserRouteOrchestrator
+from orchestrator_core.routes import DISCONNECT_WATCH_AFTER, UserRouteOrchestrator
 from picloud_shared.domain import DispatchMode, RouteTarget
 from picloud_shared.events import HttpEvent
 from picloud_shared.execution import ScriptResponse
@@ -60,6 +60,7 @@ class FakeOutbox:
             row.execution_id, response=ScriptResponse.json({"ok": True})
         )
         self.delivery_statuses: list[str] = []
+        self.delay = 0.01  # seconds from enqueue to the answer
 
     async def enqueue(self, row: NewOutboxRow) -> None:
         self.rows.append(row)
@@ -69,7 +70,7 @@ class FakeOutbox:
                 self.tg.start_soon(self._deliver, row, result)
 
     async def _deliver(self, row: NewOutboxRow, result: InboxResult) -> None:
-        await anyio.sleep(0.01)
+        await anyio.sleep(self.delay)
         assert row.reply_to is not None
         status = await self.inbox.deliver(row.reply_to, result)
         self.delivery_statuses.append(status.value)
@@ -240,6 +241,57 @@ async def test_no_answer_in_time_is_504_and_the_late_answer_is_abandoned(env) ->
         row.reply_to, InboxResult(row.execution_id, response=ScriptResponse.empty())
     )
     assert status.value == "abandoned"
+
+
+async def test_an_answer_after_the_disconnect_watch_started_is_served(env) -> None:  # type: ignore[no-untyped-def]
+    """The wait goes on past the point where the client starts being watched."""
+    client, outbox, _, _ = env
+    outbox.delay = DISCONNECT_WATCH_AFTER * 3
+    r = await client.get("/apps/shop/hello")
+    assert r.status_code == 200
+    assert outbox.delivery_statuses == ["delivered"]
+
+
+async def test_a_client_gone_before_the_watch_starts_is_still_noticed() -> None:
+    """A disconnect that came before the watcher started is seen when it starts: the
+    receiver is dropped, so the (later) answer is abandoned."""
+    inbox = InboxRegistry()
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/apps/shop/hello",
+        "raw_path": b"/apps/shop/hello",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+        "server": ("test", 80),
+    }
+    async with anyio.create_task_group() as tg:
+        outbox = FakeOutbox(inbox, tg)
+        outbox.delay = 1.0
+        orch = UserRouteOrchestrator(
+            FakeRoutes([target("GET", "/hello", timeout=30)]),
+            outbox,
+            inbox,
+            ExecutionGate(4),
+            node_id="n1",
+        )
+        with anyio.fail_after(outbox.delay):  # long before the 30 s wait would end
+            await Starlette(routes=orch.routes())(scope, receive, send)  # type: ignore[arg-type]
+        assert len(inbox) == 0
+    assert outbox.delivery_statuses == ["abandoned"]
 
 
 async def test_script_headers_and_status_pass_through(env) -> None:  # type: ignore[no-untyped-def]

@@ -1,7 +1,7 @@
 """``InboxRegistry``: the in-process ``InboxResolver``.
 
 A sync HTTP request registers a one-shot receiver and writes its outbox row with
-``reply_to = inbox_id``; the dispatcher delivers the answer here. Pending senders
+``reply_to = inbox_id``; the dispatcher delivers the answer here. Pending receivers
 live in a plain dict keyed by inbox id (the event loop is single-threaded, so no
 lock is needed). A receiver that is closed — the client went away, the wait
 expired — is gone from the map, so a late delivery comes back ``ABANDONED`` and the
@@ -14,38 +14,48 @@ import math
 from types import TracebackType
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from picloud_shared.ids import InboxId, new_inbox_id
 from picloud_shared.inbox import DeliveryStatus, InboxResult
 
 
 class InboxReceiver:
-    """The waiting side of one registration. Close it (or leave its ``with``) when done."""
+    """The waiting side of one registration. Close it (or leave its ``with``) when done.
 
-    def __init__(
-        self,
-        registry: InboxRegistry,
-        inbox_id: InboxId,
-        stream: MemoryObjectReceiveStream[InboxResult],
-    ) -> None:
+    The answer is kept on the receiver itself (a slot and an event), never handed
+    to a waiting task: a wait that times out in the same instant the answer arrives
+    cannot lose it, so a caller may wait in several steps."""
+
+    def __init__(self, registry: InboxRegistry, inbox_id: InboxId) -> None:
         self._registry = registry
         self.inbox_id = inbox_id
-        self._stream = stream
+        self._result: InboxResult | None = None
+        self._arrived = anyio.Event()
+        self.closed = False
 
     async def receive(self, timeout: float | None = None) -> InboxResult | None:
-        """The delivered result, or ``None`` when ``timeout`` seconds pass first."""
-        with anyio.move_on_after(math.inf if timeout is None else timeout):
-            try:
-                return await self._stream.receive()
-            except anyio.EndOfStream:
-                return None
-        return None
+        """The delivered result, or ``None`` when ``timeout`` seconds pass first (or
+        the receiver was closed). May be called again after a timeout."""
+        if self._result is None and not self.closed:
+            with anyio.move_on_after(math.inf if timeout is None else timeout):
+                await self._arrived.wait()
+        return self._result
+
+    def _deliver(self, result: InboxResult) -> bool:
+        if self.closed or self._result is not None:
+            return False
+        self._result = result
+        self._arrived.set()
+        return True
 
     def close(self) -> None:
         """Drop the receiver: later deliveries are abandoned. Idempotent."""
         self._registry.cancel(self.inbox_id)
-        self._stream.close()
+        self._closed()
+
+    def _closed(self) -> None:
+        self.closed = True
+        self._arrived.set()  # wake a wait in progress: nothing will come
 
     def __enter__(self) -> InboxReceiver:
         return self
@@ -63,7 +73,7 @@ class InboxRegistry:
     """Pending one-shot receivers keyed by inbox id (implements ``InboxResolver``)."""
 
     def __init__(self) -> None:
-        self._pending: dict[InboxId, MemoryObjectSendStream[InboxResult]] = {}
+        self._pending: dict[InboxId, InboxReceiver] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -71,29 +81,25 @@ class InboxRegistry:
     def register(self) -> tuple[InboxId, InboxReceiver]:
         """A fresh inbox id and the receiver that will get its one result."""
         inbox_id = new_inbox_id()
-        send, receive = anyio.create_memory_object_stream[InboxResult](1)
-        self._pending[inbox_id] = send
-        return inbox_id, InboxReceiver(self, inbox_id, receive)
+        receiver = InboxReceiver(self, inbox_id)
+        self._pending[inbox_id] = receiver
+        return inbox_id, receiver
 
     async def deliver(
         self, inbox_id: InboxId, result: InboxResult, reply_node: str | None = None
     ) -> DeliveryStatus:
         """Hand ``result`` to its receiver: ``DELIVERED``, or ``ABANDONED`` when the id is
         unknown or the receiver was dropped."""
-        send = self._pending.pop(inbox_id, None)
-        if send is None:
+        receiver = self._pending.pop(inbox_id, None)
+        if receiver is None or not receiver._deliver(result):
             return DeliveryStatus.ABANDONED
-        with send:
-            try:
-                send.send_nowait(result)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.WouldBlock):
-                return DeliveryStatus.ABANDONED
         return DeliveryStatus.DELIVERED
 
     def cancel(self, inbox_id: InboxId) -> bool:
-        """Forget a registration; ``True`` if it was pending."""
-        send = self._pending.pop(inbox_id, None)
-        if send is None:
+        """Forget a registration (its receiver gets nothing more); ``True`` if it was
+        pending."""
+        receiver = self._pending.pop(inbox_id, None)
+        if receiver is None:
             return False
-        send.close()
+        receiver._closed()
         return True
