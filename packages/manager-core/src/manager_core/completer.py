@@ -43,8 +43,6 @@ class BatchCompleter:
         longer owned it. Raises the database error of a failed flush."""
         item = _Item(claim, result)
         await self._group.submit(item)
-        if item.error is not None:
-            raise item.error
         return item.owned
 
     async def _flush(self, batch: list[_Item]) -> None:

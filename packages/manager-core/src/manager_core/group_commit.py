@@ -16,9 +16,11 @@ import anyio
 
 
 class Waiting(Protocol):
-    """An item whose ``done`` the flush sets once the item is settled."""
+    """An item whose ``done`` the flush sets once the item is settled, with the
+    ``error`` that settled it, if any."""
 
     done: anyio.Event
+    error: BaseException | None
 
 
 T = TypeVar("T", bound=Waiting)
@@ -35,7 +37,13 @@ class GroupCommit(Generic[T]):
         self._flushing = False
 
     async def submit(self, item: T) -> None:
-        """Return once ``item`` has been flushed (its ``done`` is set)."""
+        """Return once ``item`` has been flushed (its ``done`` is set); raise its
+        ``error`` if the flush failed it."""
+        await self._settle(item)
+        if item.error is not None:
+            raise item.error
+
+    async def _settle(self, item: T) -> None:
         self._pending.append(item)
         if self._flushing:
             await item.done.wait()

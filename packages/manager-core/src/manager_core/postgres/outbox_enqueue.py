@@ -184,8 +184,6 @@ class GroupWriter:
         exist. Raises the database error of a failed write."""
         waiter = _Waiter(pending, on_written)
         await self._group.submit(waiter)
-        if waiter.error is not None:
-            raise waiter.error
         return waiter.result
 
     async def _flush(self, batch: list[_Waiter]) -> None:
