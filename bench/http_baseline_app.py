@@ -39,7 +39,9 @@ items = sa.Table(
 
 
 def create_app(database_url: str, pool_size: int, max_overflow: int) -> Starlette:
-    engine = make_engine(database_url, pool_size=pool_size, max_overflow=max_overflow)
+    engine = make_engine(
+        database_url, pool_size=pool_size, max_overflow=max_overflow, session_options=None
+    )
     insert = items.insert().returning(items.c.id, items.c.created_at)
 
     async def do_insert(request: Request) -> Response:

@@ -25,8 +25,9 @@ import attrs
 import pytest
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from manager_core.db import make_engine
 from picloud import migrations
 from picloud.embedded_pg import TEST_SETTINGS, EmbeddedPostgres
 
@@ -224,8 +225,9 @@ def empty_db_url(pg_server: PgServer) -> Iterator[str]:
 
 @pytest.fixture
 async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    """An ``AsyncEngine`` on ``db_url``; the test must return every pooled connection."""
-    engine = create_async_engine(db_url, pool_size=5, max_overflow=10)
+    """An ``AsyncEngine`` on ``db_url``, configured as the node's (``make_engine``); the
+    test must return every pooled connection."""
+    engine = make_engine(db_url, pool_size=5, max_overflow=10)
     try:
         yield engine
         assert engine.pool.checkedout() == 0, "a pooled connection was left checked out"  # type: ignore[attr-defined]

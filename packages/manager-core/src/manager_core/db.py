@@ -36,14 +36,44 @@ SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
 
 
+# Every connection picloud opens plans with sequential scans disabled (the planner
+# still uses one where no index can serve the query). Two reasons, both measured:
+# * psycopg prepares a statement from its fifth execution, and PostgreSQL then keeps
+#   a generic plan made for the table as it was. The outbox is a queue, empty most of
+#   the time: a lookup by id planned on an empty outbox is a sequential scan, and it
+#   stayed one (until the next analyze, up to minutes) while a backlog of thousands
+#   drained, one full scan per statement — a 45 s drain of 4000 rows in the HTTP
+#   benchmark (tests/manager/test_outbox_plans.py).
+# * Executions run SERIALIZABLE, and a sequential scan takes a predicate lock on the
+#   whole table: concurrent executions then conflict (and re-run) on rows they never
+#   shared. PostgreSQL's documentation advises encouraging index scans for that.
+SESSION_OPTIONS = "-c enable_seqscan=off"
+
+
+def _with_options(url: str, options: str | None) -> dict[str, str]:
+    """Connection arguments setting ``options``; a URL that sets its own keeps them."""
+    return {} if options is None or "options=" in url else {"options": options}
+
+
 def make_engine(
-    url: str, *, pool_size: int = 10, max_overflow: int = 5, **kwargs: object
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int = 5,
+    session_options: str | None = SESSION_OPTIONS,
+    **kwargs: object,
 ) -> AsyncEngine:
-    """An async engine for ``postgresql+psycopg://`` URLs (plain ``postgresql://`` is accepted)."""
+    """An async engine for ``postgresql+psycopg://`` URLs (plain ``postgresql://`` is
+    accepted); its connections get ``session_options`` (:data:`SESSION_OPTIONS`)."""
     if url.startswith(("postgresql://", "postgres://")):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=False, **kwargs
+        url,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=False,
+        connect_args=_with_options(url, session_options),
+        **kwargs,
     )
 
 
@@ -59,7 +89,8 @@ def make_pool(url: str, *, max_size: int, min_size: int = 1) -> AsyncConnectionP
         url,
         min_size=min(min_size, max_size),
         max_size=max_size,
-        kwargs={"autocommit": True, "row_factory": namedtuple_row},
+        kwargs={"autocommit": True, "row_factory": namedtuple_row}
+        | _with_options(url, SESSION_OPTIONS),
         open=False,
     )
 
@@ -81,11 +112,14 @@ async def fetch(conn: SqlConn, sql: str, params: Mapping[str, Any]) -> Sequence[
     return await cur.fetchall()
 
 
-async def execute(conn: SqlConn, sql: str, params: Mapping[str, Any]) -> int:
-    """Run ``sql``; the number of rows it affected."""
+async def execute(
+    conn: SqlConn, sql: str, params: Mapping[str, Any], *, prepare: bool | None = None
+) -> int:
+    """Run ``sql``; the number of rows it affected. ``prepare=False`` plans it afresh
+    on every run on a psycopg connection (see psycopg's ``prepare_threshold``)."""
     if isinstance(conn, AsyncConnection):
         return (await conn.exec_driver_sql(sql, dict(params))).rowcount
-    cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+    cur = await conn.execute(sql, params, prepare=prepare)  # type: ignore[arg-type]
     return cur.rowcount
 
 

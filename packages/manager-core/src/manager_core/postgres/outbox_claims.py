@@ -88,7 +88,7 @@ _CLAIM = (
         SET claimed_by = %(token)s,
             claimed_until = now() + make_interval(secs => CAST(%(lease)s AS float8)),
             attempt_count = o.attempt_count + 1
-        FROM due WHERE o.id = due.id
+        WHERE o.id = ANY(ARRAY(SELECT id FROM due))  -- probes, whatever the plan thinks
         RETURNING o.*
     ), running AS (
         UPDATE executions e
@@ -108,12 +108,15 @@ _CLAIM = (
 )
 
 # Rows whose lease expired and whose execution is not running (not locked) are due again.
+# The expired rows are found in one scan and then probed by id: no join the planner
+# could turn into a scan of the outbox per row when it believes the table is empty.
 _RECOVER = """
-    UPDATE outbox SET claimed_by = NULL, claimed_until = NULL
-    WHERE id IN (
+    WITH expired AS MATERIALIZED (
         SELECT id FROM outbox WHERE claimed_until < now()
         FOR UPDATE SKIP LOCKED
     )
+    UPDATE outbox SET claimed_by = NULL, claimed_until = NULL
+    WHERE id = ANY(ARRAY(SELECT id FROM expired))
 """
 
 
@@ -277,8 +280,12 @@ async def claimed_rows(
 
 
 async def recover_expired(conn: SqlConn) -> int:
-    """Make rows whose lease expired (and that nobody is running) due again."""
-    return await execute(conn, _RECOVER, {})
+    """Make rows whose lease expired (and that nobody is running) due again.
+
+    Never a prepared statement: without parameters it would keep one generic plan,
+    made while the outbox was (most likely) empty; planned afresh it sees the table's
+    size. Once a second per node, the planning costs nothing that matters."""
+    return await execute(conn, _RECOVER, {}, prepare=False)
 
 
 async def take(conn: AsyncConnection, row_id: int, token: str) -> bool:
@@ -309,6 +316,8 @@ async def renew_leases(conn: SqlConn, row_ids: Sequence[int], lease_seconds: flo
     )
 
 
+# Rows are found by ``id = ANY(ARRAY(...))``: an index probe per row whatever the
+# (cached, possibly empty-table) plan believes about the outbox's size.
 # The batch travels as one JSON array (one parameter, one ``json.dumps``) rather than
 # parallel arrays, whose element-by-element quoting cost more than the statement.
 # ``durable`` false (its own autocommitted statement): the commit does not wait for the
@@ -327,17 +336,17 @@ _COMPLETE_BATCH = """
     ), done AS (
         DELETE FROM outbox o
         USING f
-        WHERE o.id = f.id AND o.claimed_by = f.token
+        WHERE o.id = ANY(ARRAY(SELECT id FROM f)) AND o.id = f.id AND o.claimed_by = f.token
         RETURNING o.id, o.execution_id, o.dead_letter_id, o.is_dead_letter_handler
     ), finished AS (
         UPDATE executions e
         SET status = 'succeeded', attempts = f.attempts, logs = f.logs, result = f.result,
             error_kind = NULL, error_message = NULL, finished_at = now()
         FROM f
-        WHERE e.id = f.execution_id AND e.id IN (SELECT execution_id FROM done)
+        WHERE e.id = ANY(ARRAY(SELECT execution_id FROM done)) AND e.id = f.execution_id
     ), handled AS (
         UPDATE dead_letters SET resolution = 'handled', resolved_at = now()
-        WHERE id IN (SELECT dead_letter_id FROM done WHERE is_dead_letter_handler)
+        WHERE id = ANY(ARRAY(SELECT dead_letter_id FROM done WHERE is_dead_letter_handler))
     )
     SELECT id FROM done CROSS JOIN commit_mode
 """
