@@ -95,6 +95,33 @@ def test_health_readiness_and_metrics(server: Server, user: httpx.Client) -> Non
     assert "picloud_executions" in metrics.text
 
 
+def _counter(text: str, name: str) -> float:
+    (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_metrics_count_the_outbox_batches(admin: Admin, user: httpx.Client) -> None:
+    """The batching counters move with a sync request: one group-committed write that
+    carried its row, handed to this node's dispatcher, one no-write completion."""
+    admin.script("quiet", "def handle(e, ctx):\n    return None\n")
+    admin.route("GET", "/quiet", "quiet")
+    names = (
+        "picloud_outbox_write_batches_total",
+        "picloud_outbox_written_rows_total",
+        "picloud_outbox_handed_off_rows_total",
+        "picloud_completion_batches_total",
+        "picloud_completed_rows_total",
+    )
+    before = user.get("/metrics").text
+    assert user.get(f"/apps/{admin.app_name}/quiet").status_code == 204
+    after = user.get("/metrics").text
+    for name in names:
+        assert _counter(after, name) >= _counter(before, name) + 1, name
+    assert _counter(after, "picloud_outbox_written_rows_total") >= _counter(
+        after, "picloud_outbox_write_batches_total"
+    )
+
+
 def test_sync_route_with_path_params_query_and_json(admin: Admin, user: httpx.Client) -> None:
     """A sync route answers with the script's return value, built from the event."""
     admin.script(

@@ -162,6 +162,11 @@ class Dispatcher:
         self._runs: anyio.abc.ObjectSendStream[tuple[ClaimedRow, Permit]] | None = None
         self._slots_gathered: anyio.Event | None = None
 
+    @property
+    def completion_batches(self) -> tuple[int, int]:
+        """(statements, rows) of the group-committed no-write completions so far."""
+        return self._completer.batches, self._completer.rows
+
     # ------------------------------------------------------------------ lifecycle
 
     @property

@@ -67,6 +67,27 @@ class _Snapshot(Collector):
             ),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
+        written, written_rows = self._s.outbox.write_batches
+        completed, completed_rows = self._s.dispatcher.completion_batches
+        # Statements against rows: how well the outbox's batching works under load.
+        for name, help_text, value in (
+            ("picloud_outbox_claims", "Claim statements run", m.claim_batches),
+            ("picloud_outbox_claimed_rows", "Outbox rows claimed", m.claimed),
+            (
+                "picloud_outbox_handed_off_rows",
+                "Rows written already claimed by this node and run without a claim",
+                m.handed_off,
+            ),
+            ("picloud_outbox_write_batches", "Group-committed outbox writes", written),
+            ("picloud_outbox_written_rows", "Rows those writes carried", written_rows),
+            (
+                "picloud_completion_batches",
+                "Group-committed completions of executions that wrote nothing",
+                completed,
+            ),
+            ("picloud_completed_rows", "Executions those completions carried", completed_rows),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
         yield GaugeMetricFamily(
             "picloud_outbox_depth", "Rows waiting in the outbox", value=self._depth
         )

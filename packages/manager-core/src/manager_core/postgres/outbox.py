@@ -197,6 +197,11 @@ class PostgresOutboxRepo:
         if claim is None:
             raise NotFound("app not found")
 
+    @property
+    def write_batches(self) -> tuple[int, int]:
+        """(statements, rows) of the group-committed enqueues so far."""
+        return self._writer.batches, self._writer.rows
+
     def _lease_seconds(self) -> float:
         return max((r.lease_seconds for r in self._runners.values()), default=60.0)
 
