@@ -211,7 +211,18 @@ class Dispatcher:
             receive.close()
 
     async def _runner(self, runs: anyio.abc.ObjectReceiveStream[tuple[ClaimedRow, Permit]]) -> None:
-        async for claim, permit in runs:
+        while True:
+            # A row already waiting is taken without ``receive``'s checkpoint (one more
+            # pass of the event loop per execution); the execution awaited plenty.
+            try:
+                claim, permit = runs.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    claim, permit = await runs.receive()
+                except anyio.EndOfStream:
+                    return
+            except anyio.EndOfStream:
+                return
             await self._execute(claim, permit)
 
     async def _give_back_unstarted(
