@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -318,6 +319,28 @@ async def test_a_row_whose_node_died_on_its_last_attempt_is_dead_lettered_not_ru
     (dl,) = await world.rows(t.dead_letters)
     assert (dl.attempts, dl.error_kind) == (4, "worker_crash")
     assert await world.kv_value("mirror:k") is None
+
+
+async def test_a_slow_lease_recovery_does_not_hold_up_claims(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery runs beside the claim loop: while it hangs (here 30 s; a database
+    under pressure, or the 6 s plan of session 4), due rows are still claimed and run."""
+    recoveries: list[float] = []
+
+    async def hanging_recovery(**_: object) -> int:
+        recoveries.append(time.monotonic())
+        await anyio.sleep(30)
+        return 0
+
+    monkeypatch.setattr(world.outbox, "recover_expired", hanging_recovery)
+    await kv_trigger(world, COPY_TO_MIRROR, "user:*")
+    await world.kv.set(world.app_id, "user:1", {"n": 1})
+    async with world.running():
+        with anyio.fail_after(10):
+            await world.wait_count(t.executions, t.executions.c.status == "succeeded")
+    assert recoveries, "recovery never ran"
+    assert await world.kv_value("mirror:user:1") is not None
 
 
 async def test_stop_lets_in_flight_executions_finish_within_the_grace(world: World) -> None:

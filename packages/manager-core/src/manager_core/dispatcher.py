@@ -188,6 +188,7 @@ class Dispatcher:
             async with anyio.create_task_group() as executions:
                 for _ in range(2 * self._gate.capacity):
                     executions.start_soon(self._runner, receive)
+                executions.start_soon(self._maintain)
                 self._runs = send
                 self._running = True
                 self._outbox.attach(self)
@@ -287,17 +288,22 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ claiming
 
-    async def _claim_loop(self) -> None:
-        next_recover = 0.0
+    async def _maintain(self) -> None:
+        """Lease recovery every ``recover_interval`` and the heartbeat every third of
+        a lease, beside the claim loop (a slow recovery must not stop claiming) and
+        until the runners stop (leases of executions finishing within the shutdown
+        grace keep being renewed)."""
         next_heartbeat = time.monotonic() + self.settings.lease_seconds / 3
-        while not self._stopping.is_set():
-            now = time.monotonic()
-            if now >= next_recover:
-                next_recover = now + self.settings.recover_interval
+        while True:
+            if not self._stopping.is_set():
                 await self._recover()
-            if now >= next_heartbeat:
-                next_heartbeat = now + self.settings.lease_seconds / 3
+            if time.monotonic() >= next_heartbeat:
+                next_heartbeat = time.monotonic() + self.settings.lease_seconds / 3
                 await self._heartbeat()
+            await anyio.sleep(self.settings.recover_interval)
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping.is_set():
             free = self._gate.free
             if free == 0:
                 await self._gate.wait_free(self.settings.poll_interval)
@@ -360,6 +366,7 @@ class Dispatcher:
             n = await self._outbox.recover_expired()
             if n:
                 log.warning("%d outbox row(s) had an expired lease and are due again", n)
+                self._signal.notify()
         except Exception:
             log.exception("recovering expired leases failed")
 
