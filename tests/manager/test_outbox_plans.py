@@ -2,8 +2,8 @@
 after their plan was made.
 
 A queue table is empty most of the time, so a node's connections first run their
-statements against an empty outbox — and psycopg prepares a statement from its
-fifth execution on. A statement without parameters then keeps its *generic* plan,
+statements against an empty outbox — and psycopg prepares a statement once it has
+run five times. A statement without parameters then keeps its *generic* plan,
 made for an empty table, until the next analyze invalidates it. The lease recovery
 kept a nested loop whose inner side scanned the whole outbox once per row: at a
 few thousand rows each recovery took seconds, and the dispatcher claims nothing
@@ -34,7 +34,7 @@ from tests.manager import factories
 pytestmark = pytest.mark.anyio
 
 ROWS = 2000
-WARM_CALLS = 15  # psycopg prepares from the 6th run, PostgreSQL may go generic from the 6th
+WARM_CALLS = 15  # psycopg prepares after 5 runs; PostgreSQL may go generic after 5 more
 
 
 def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:

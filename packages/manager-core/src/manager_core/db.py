@@ -38,7 +38,7 @@ DEADLOCK_DETECTED = "40P01"
 
 # Every connection picloud opens plans with sequential scans disabled (the planner
 # still uses one where no index can serve the query). Two reasons, both measured:
-# * psycopg prepares a statement from its fifth execution, and PostgreSQL then keeps
+# * psycopg prepares a statement once it has run five times, and PostgreSQL then keeps
 #   a generic plan made for the table as it was. The outbox is a queue, empty most of
 #   the time: a lookup by id planned on an empty outbox is a sequential scan, and it
 #   stayed one (until the next analyze, up to minutes) while a backlog of thousands
