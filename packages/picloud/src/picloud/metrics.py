@@ -46,6 +46,8 @@ class _Snapshot(Collector):
         for kind, seconds in sorted(m.duration_seconds.items()):
             duration.add_metric([kind], seconds)
         yield duration
+        written, written_rows = self._s.outbox.write_batches
+        completed, completed_rows = self._s.dispatcher.completion_batches
         for name, help_text, value in (
             ("picloud_retries", "Executions rescheduled for a retry", m.retries),
             ("picloud_dead_letters", "Executions dead-lettered", m.dead_letters),
@@ -65,12 +67,7 @@ class _Snapshot(Collector):
                 "Admissions refused by a full execution gate",
                 self._s.gate.saturation_count,
             ),
-        ):
-            yield CounterMetricFamily(name, help_text, value=value)
-        written, written_rows = self._s.outbox.write_batches
-        completed, completed_rows = self._s.dispatcher.completion_batches
-        # Statements against rows: how well the outbox's batching works under load.
-        for name, help_text, value in (
+            # Statements against rows: how well the outbox's batching works under load.
             ("picloud_outbox_claims", "Claim statements run", m.claim_batches),
             ("picloud_outbox_claimed_rows", "Outbox rows claimed", m.claimed),
             (
