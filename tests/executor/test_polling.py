@@ -14,8 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from executor_core import executor as executor_module
-from executor_core import frames
+from executor_core import frames, polling
 from executor_core.executor import ProcessExecutor
 from executor_core.memory_host import MemoryHostApi
 from executor_core.process import WorkerProcess
@@ -142,7 +141,7 @@ def run_queue(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Callable[[int],
         path.write_text(f"0.50 0.40 0.30 {n}/300 12345\n")
 
     runnable(1)
-    monkeypatch.setattr(executor_module, "RUNQUEUE", str(path))
+    monkeypatch.setattr(polling, "RUNQUEUE", str(path))
     return runnable
 
 
@@ -153,7 +152,7 @@ async def test_a_lone_execution_lets_its_worker_poll(
     gets a window, in the exec frame and in every reply; on one CPU polling could
     only steal it."""
     host = MemoryHostApi()
-    expected = executor_module.WORKER_SPIN_US / 1e6 if MULTI_CPU else 0.0
+    expected = polling.WORKER_SPIN_US / 1e6 if MULTI_CPU else 0.0
     async with executor_with() as ex:
         for source in (WINDOW, WINDOW_AFTER_CALL, WINDOW):
             assert value(await ex.execute(make_request(source), host)) == pytest.approx(expected)
@@ -164,14 +163,14 @@ async def test_a_busy_machine_sleeps_instead_of_polling(
 ) -> None:
     """Other runnable tasks on the machine, or busy_poll=False: no window; when the
     other tasks are gone, the window comes back."""
-    monkeypatch.setattr(executor_module, "RUNQUEUE_EVERY", 0.0)  # sample every time
+    monkeypatch.setattr(polling, "RUNQUEUE_EVERY", 0.0)  # sample every time
     host = MemoryHostApi()
     run_queue(len(os.sched_getaffinity(0)) + 1)
     async with executor_with() as ex:
         for source in (WINDOW, WINDOW_AFTER_CALL):
             assert value(await ex.execute(make_request(source), host)) == 0.0
         run_queue(1)
-        expected = executor_module.WORKER_SPIN_US / 1e6 if MULTI_CPU else 0.0
+        expected = polling.WORKER_SPIN_US / 1e6 if MULTI_CPU else 0.0
         assert value(await ex.execute(make_request(WINDOW), host)) == pytest.approx(expected)
     async with executor_with(busy_poll=False) as ex:
         for source in (WINDOW, WINDOW_AFTER_CALL):
@@ -210,7 +209,7 @@ async def test_competing_executions_sleep_instead_of_polling(
         assert [value(r) for r in results] == [0.0] * n
         # Alone again: the window comes back.
         lone = value(await ex.execute(make_request(WINDOW_AFTER_CALL), MemoryHostApi()))
-        assert lone == (executor_module.WORKER_SPIN_US / 1e6 if MULTI_CPU else 0.0)
+        assert lone == (polling.WORKER_SPIN_US / 1e6 if MULTI_CPU else 0.0)
 
 
 async def test_answers_after_the_hosts_poll_are_still_served(make_request: MakeRequest) -> None:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from executor_core.executor import OWNER_FILE, SCRATCH_PREFIX, sweep_stale_scratch_roots
+from executor_core.scratch import OWNER_FILE, SCRATCH_PREFIX, sweep_stale_scratch_roots
 
 
 def make_root(parent: Path, name: str, pid: int | None) -> Path:

@@ -14,7 +14,7 @@ CPU: ``RLIMIT_CPU`` is set per execution to the CPU time used so far plus the
 script's ``timeout_seconds`` (SIGXCPU → ``cpu_limit``).
 Latency: while CPUs are free, host and worker busy-poll the pipes for a bounded
 time instead of sleeping on them (a wake-up costs tens to hundreds of µs on a VM);
-the rules are with ``HOST_SPIN`` below, ``busy_poll=False`` turns it off.
+the rules are in ``polling``; ``busy_poll=False`` turns it off.
 
 Usage::
 
@@ -30,15 +30,16 @@ import math
 import os
 import shutil
 import signal
-import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 
 from executor_core.host_bridge import OPS, HostBridge
+from executor_core.polling import Polling
 from executor_core.pool import WorkerPool
 from executor_core.process import WorkerGone, WorkerProcess, WorkerSpec
+from executor_core.scratch import make_scratch_root
 from executor_core.uids import UidClaim
 from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
 from picloud_shared.limits import (
@@ -100,64 +101,6 @@ _CALL_KEYS = frozenset({"t", "n", "id", "op", "a", "sp", "ts"})
 _LOG_KEYS = frozenset({"t", "n", "line"})
 _logged_missing: set[str] = set()
 
-# Busy-polling the pipes instead of sleeping on them: a sleeping process costs a
-# wake-up (tens to hundreds of µs on a VM) that a polling one does not.
-# * Nobody polls unless the host and every execution in flight can each have a CPU
-#   no other task wants: fewer executions in flight than CPUs, and the machine's
-#   other runnable tasks (RUNQUEUE, sampled every RUNQUEUE_EVERY) fit in the rest.
-#   On a busy machine a wake-up is cheap (no idle CPU to wake) and a poll would
-#   only take a CPU from someone else.
-# * Workers poll for up to WORKER_SPIN_US (the window travels in every host frame),
-#   and only if polling would have caught the same kind of wait last time
-#   (script_api.Channel): sparse traffic and slow host calls sleep at once.
-# * The host polls (blocking the event loop, at most HOST_SPIN) only when it runs a
-#   single execution, the worker said it is awake (a log frame, or ``sp`` on the
-#   frame before its wait, within half its window) and it answered the host's
-#   previous frame within HOST_SPIN.
-# Both sides judge how long the other took from its send time carried in the frame
-# (``ts``; perf_counter is CLOCK_MONOTONIC, one clock for all processes): their own
-# clocks would include the wake-up that polling is there to save. Every empty poll
-# yields the CPU (sched_yield): the scheduler often puts a worker on its host's CPU.
-_CPUS = len(os.sched_getaffinity(0))
-HOST_SPIN = 80e-6  # seconds
-WORKER_SPIN_US = 200  # µs
-_AWAKE_FOR = WORKER_SPIN_US / 2e6  # seconds after a frame the worker surely still polls
-RUNQUEUE = "/proc/loadavg"  # its fourth field: runnable tasks / all tasks
-RUNQUEUE_EVERY = 1e-3  # seconds
-
-
-class _RunQueue:
-    """How many runnable tasks on the machine are not ours, sampled at most every
-    RUNQUEUE_EVERY (one ``pread`` of RUNQUEUE); 0 where it cannot be read."""
-
-    def __init__(self) -> None:
-        self._fd: int | None = None
-        self._at = -math.inf
-        self._others = 0
-
-    def open(self) -> None:
-        with contextlib.suppress(OSError):
-            self._fd = os.open(RUNQUEUE, os.O_RDONLY | os.O_CLOEXEC)
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def others(self, ours: int) -> int:
-        """``ours``: how many of the runnable tasks are the caller's right now."""
-        now = time.perf_counter()
-        if self._fd is not None and now - self._at >= RUNQUEUE_EVERY:
-            self._at = now
-            try:
-                data = os.pread(self._fd, 128, 0)
-                slash = data.index(b"/")
-                runnable = int(data[data.rindex(b" ", 0, slash) + 1 : slash])
-            except (OSError, ValueError):
-                return self._others
-            self._others = max(0, runnable - ours)
-        return self._others
-
 
 class _Violation(Exception):
     """The worker sent something it must not."""
@@ -191,49 +134,6 @@ class _Failed(Exception):
         self.kind = kind
 
 
-SCRATCH_PREFIX = "picloud-exec-"
-OWNER_FILE = "owner.pid"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def sweep_stale_scratch_roots(parent: str | None = None) -> int:
-    """Remove scratch roots left by executors whose process died without cleaning up
-    (SIGKILL, power loss). A root without a readable owner pid is left alone."""
-    base = parent or tempfile.gettempdir()
-    removed = 0
-    for entry in os.scandir(base):
-        if not (entry.name.startswith(SCRATCH_PREFIX) and entry.is_dir(follow_symlinks=False)):
-            continue
-        try:
-            with open(os.path.join(entry.path, OWNER_FILE)) as owner:
-                pid = int(owner.read().strip())
-        except (OSError, ValueError):
-            continue
-        if pid != os.getpid() and not _alive(pid):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed += 1
-    return removed
-
-
-def make_scratch_root(parent: str | None = None) -> str:
-    """Sweep stale roots, then make this executor's own, owned by this process."""
-    sweep_stale_scratch_roots(parent)
-    root = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent)
-    os.chmod(root, 0o711)  # slot uids traverse into their own 0700 dirs
-    with open(os.path.join(root, OWNER_FILE), "w") as owner:
-        owner.write(str(os.getpid()))
-    return root
-
-
 def _is_root() -> bool:
     return os.geteuid() == 0
 
@@ -251,7 +151,7 @@ class ProcessExecutor:
         uid_base: int | None = 61000,  # first uid tried; claimed machine-wide (uids.py)
         scratch_root: str | None = None,
         file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT,
-        busy_poll: bool = True,  # poll the pipes briefly while CPUs are free (module notes)
+        busy_poll: bool = True,  # poll the pipes briefly while CPUs are free (polling.py)
     ) -> None:
         self._scratch_parent = scratch_root
         self._uid_base = uid_base if _is_root() else None
@@ -262,8 +162,7 @@ class ProcessExecutor:
         self._stack: contextlib.AsyncExitStack | None = None
         self._closed = False
         self._in_flight = 0  # executions running in a worker now
-        self._may_poll = busy_poll and _CPUS > 1
-        self._run_queue = _RunQueue()
+        self._polling = Polling(busy_poll)
         self.compiles = 0
         self.cache_hits = 0
 
@@ -303,9 +202,9 @@ class ProcessExecutor:
         if claim is not None:
             stack.callback(claim.release)
         stack.callback(shutil.rmtree, root, True)
-        if self._may_poll:
-            self._run_queue.open()
-            stack.callback(self._run_queue.close)
+        if self._polling.enabled:
+            self._polling.open()
+            stack.callback(self._polling.close)
         tg = await stack.enter_async_context(anyio.create_task_group())
         stack.push_async_callback(self._pool.aclose)
         stack.callback(tg.cancel_scope.cancel)
@@ -368,7 +267,7 @@ class ProcessExecutor:
             "ev": request.event,
             "ctx": request.context_wire(),
             "cpu": request.timeout_seconds,
-            "s": self._worker_spin(worker),
+            "s": self._polling.worker_spin(worker, self._in_flight),
         }
         if key not in worker.scripts:
             message["src"] = request.source
@@ -441,12 +340,9 @@ class ProcessExecutor:
         frame = pending
         while True:
             if frame is None:
-                frame = await worker.recv(self._host_spin(worker))
-                if self._may_poll:  # what the worker's frame tells about polling
-                    now, sent = time.perf_counter(), frame.get("ts")
-                    worker.answered_in = (sent if type(sent) is float else now) - worker.sent_at
-                    awake = frame.get("t") == "log" or frame.get("sp") is True
-                    worker.polls_until = now + _AWAKE_FOR if awake else 0.0
+                frame = await worker.recv(self._polling.host_spin(worker, self._in_flight))
+                if self._polling.enabled:
+                    self._polling.observe(worker, frame)
                 if frame.get("n") != run.nonce:
                     raise _Violation("a frame of another execution")
             t = frame.get("t")
@@ -470,7 +366,7 @@ class ProcessExecutor:
                 if run.bridge is None:
                     run.bridge = HostBridge(run.host)
                 reply = await run.bridge.serve(call_id, op, frame["a"])
-                reply["s"] = self._worker_spin(worker)
+                reply["s"] = self._polling.worker_spin(worker, self._in_flight)
                 await worker.send(reply)
             elif t == "done" and frame.keys() <= _DONE_KEYS:
                 if frame.get("has") is True:
@@ -480,29 +376,6 @@ class ProcessExecutor:
             else:
                 raise _Violation(f"an unexpected frame {str(t)[:40]!r}")
             frame = None
-
-    def _cpus_to_spare(self, worker: WorkerProcess) -> bool:
-        """Whether the host and every execution in flight can poll on a CPU of their
-        own, with the machine's other runnable tasks on the remaining ones."""
-        if not self._may_poll or self._in_flight >= _CPUS:
-            return False
-        ours = 1 + int(time.perf_counter() < worker.polls_until)  # the host, a polling worker
-        return 1 + self._in_flight + self._run_queue.others(ours) <= _CPUS
-
-    def _worker_spin(self, worker: WorkerProcess) -> int:
-        """The polling window (µs) for the worker's next wait."""
-        return WORKER_SPIN_US if self._cpus_to_spare(worker) else 0
-
-    def _host_spin(self, worker: WorkerProcess) -> float:
-        """How long to busy-poll for the worker's next frame before yielding."""
-        if (
-            self._in_flight == 1
-            and worker.answered_in <= HOST_SPIN
-            and time.perf_counter() < worker.polls_until
-            and self._cpus_to_spare(worker)
-        ):
-            return HOST_SPIN
-        return 0.0
 
     def _finish(
         self, worker: WorkerProcess, frame: dict[str, Any]
