@@ -93,6 +93,7 @@ def test_health_readiness_and_metrics(server: Server, user: httpx.Client) -> Non
     assert metrics.status_code == 200
     assert "picloud_outbox_depth" in metrics.text
     assert "picloud_executions" in metrics.text
+    assert _counter(metrics.text, "picloud_executions_pruned_total") == 0  # retention on
 
 
 def _counter(text: str, name: str) -> float:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+from datetime import timedelta
 
+import anyio
 import pytest
 
 from picloud.services import build_services, running
@@ -23,3 +25,20 @@ async def test_a_running_node_keeps_its_startup_objects_out_of_the_collector(
         assert services.dispatcher.ready
         assert gc.get_freeze_count() > 10_000
     assert gc.get_freeze_count() == 0
+
+
+async def test_the_retention_task_runs_with_the_node_and_stops_with_it(db_url: str) -> None:
+    """With retention on, the node starts its pruning task and still stops cleanly;
+    with ``execution_retention_days=0`` there is no task at all."""
+    services = build_services(Settings(executor_max_workers=1), db_url, node_id="r-node")
+    assert services.retention is not None
+    assert services.retention.keep_for == timedelta(days=14)
+    with anyio.fail_after(60):
+        async with running(services):
+            assert services.retention._scope is not None  # started
+    assert services.retention._scope.cancel_called
+    off = build_services(
+        Settings(executor_max_workers=1, execution_retention_days=0), db_url, node_id="r-off"
+    )
+    assert off.retention is None
+    await off.engine.dispose()

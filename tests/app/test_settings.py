@@ -28,6 +28,7 @@ def test_defaults_when_environment_is_empty() -> None:
     assert settings.executor_max_executions_per_worker == 1000
     assert settings.executor_idle_ttl_seconds == 300
     assert settings.db_pool_size == 20
+    assert settings.execution_retention_days == 14
 
 
 def test_every_variable_is_read() -> None:
@@ -49,6 +50,7 @@ def test_every_variable_is_read() -> None:
             "PICLOUD_EXECUTOR_IDLE_TTL_SECONDS": "60",
             "PICLOUD_DB_POOL_SIZE": "5",
             "PICLOUD_DB_OUTBOX_POOL_SIZE": "3",
+            "PICLOUD_EXECUTION_RETENTION_DAYS": "30",
             "UNRELATED": "ignored",
         }
     )
@@ -68,6 +70,7 @@ def test_every_variable_is_read() -> None:
         executor_idle_ttl_seconds=60,
         db_pool_size=5,
         db_outbox_pool_size=3,
+        execution_retention_days=30,
     )
 
 
@@ -101,6 +104,9 @@ def test_empty_variables_keep_defaults() -> None:
         ("PICLOUD_SYNC_ADMISSION_WAIT_MS", "-1"),
         ("PICLOUD_DB_OUTBOX_POOL_SIZE", "0"),
         ("PICLOUD_DATABASE_URL", "mysql://u@h/db"),
+        ("PICLOUD_EXECUTION_RETENTION_DAYS", "-1"),
+        ("PICLOUD_EXECUTION_RETENTION_DAYS", "36501"),
+        ("PICLOUD_EXECUTION_RETENTION_DAYS", "1.5"),
     ],
 )
 def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
@@ -121,3 +127,12 @@ def test_from_env_reads_only_the_given_mapping(monkeypatch: pytest.MonkeyPatch) 
     """from_env never falls back to os.environ."""
     monkeypatch.setenv("PICLOUD_PORT", "1234")
     assert Settings.from_env({}).port == 8080
+
+
+@pytest.mark.parametrize(("raw", "days"), [("0", 0), ("1", 1), ("36500", 36500)])
+def test_retention_days_at_its_edges(raw: str, days: int) -> None:
+    """0 (keep for ever) up to 36500 days are accepted."""
+    assert (
+        Settings.from_env({"PICLOUD_EXECUTION_RETENTION_DAYS": raw}).execution_retention_days
+        == days
+    )

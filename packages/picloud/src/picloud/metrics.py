@@ -83,6 +83,11 @@ class _Snapshot(Collector):
                 completed,
             ),
             ("picloud_completed_rows", "Executions those completions carried", completed_rows),
+            (
+                "picloud_executions_pruned",
+                "Finished execution records deleted past their retention",
+                0 if self._s.retention is None else self._s.retention.pruned,
+            ),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
         yield GaugeMetricFamily(

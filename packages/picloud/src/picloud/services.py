@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 import anyio
 import attrs
@@ -33,6 +34,7 @@ from manager_core.postgres.routes import PostgresRouteRepo
 from manager_core.postgres.scripts import PostgresScriptRepo
 from manager_core.postgres.triggers import PostgresTriggerRepo
 from manager_core.postgres.users import PostgresUserRepo
+from manager_core.retention import ExecutionRetention
 from orchestrator_core.inbox import InboxRegistry
 from orchestrator_core.route_cache import CachedRouteTable
 from orchestrator_core.routes import UserRouteOrchestrator
@@ -83,6 +85,7 @@ class Services:
     inbox: InboxRegistry
     dispatcher: Dispatcher
     orchestrator: UserRouteOrchestrator
+    retention: ExecutionRetention | None  # None: records are kept for ever
 
 
 def build_services(
@@ -175,13 +178,18 @@ def build_services(
         inbox=inbox,
         dispatcher=dispatcher,
         orchestrator=orchestrator,
+        retention=(
+            ExecutionRetention(executions, timedelta(days=settings.execution_retention_days))
+            if settings.execution_retention_days
+            else None
+        ),
     )
 
 
 @asynccontextmanager
 async def running(services: Services) -> AsyncIterator[Services]:
-    """Open the outbox pool, start the executor and the dispatcher; on exit drain and
-    stop them, in order.
+    """Open the outbox pool, start the executor, the dispatcher and the retention task;
+    on exit drain and stop them, in order.
 
     Once started, everything alive (modules, the schema, the pools, the caches) lives
     as long as the node: it is moved out of the cyclic garbage collector's sight
@@ -191,6 +199,8 @@ async def running(services: Services) -> AsyncIterator[Services]:
     try:
         async with services.executor, anyio.create_task_group() as tg:
             await tg.start(services.dispatcher.run)
+            if services.retention is not None:
+                await tg.start(services.retention.run)
             gc.collect()
             gc.freeze()
             try:
@@ -198,6 +208,8 @@ async def running(services: Services) -> AsyncIterator[Services]:
             finally:
                 gc.unfreeze()
                 services.dispatcher.stop()
+                if services.retention is not None:
+                    services.retention.stop()
     finally:
         with anyio.CancelScope(shield=True):
             await services.pool.close()

@@ -18,12 +18,20 @@ __all__ = ["Settings"]
 T = TypeVar("T")
 
 ENV_PREFIX = "PICLOUD_"
+MAX_RETENTION_DAYS = 36500  # PICLOUD_EXECUTION_RETENTION_DAYS, at most a century
 
 
 def _positive_int(value: str) -> int:
     number = int(value.strip())
     if number < 1:
         raise ValueError("must be a positive integer")
+    return number
+
+
+def _retention_days(value: str) -> int:
+    number = _non_negative_int(value)
+    if number > MAX_RETENTION_DAYS:
+        raise ValueError(f"must be at most {MAX_RETENTION_DAYS} (0 keeps records for ever)")
     return number
 
 
@@ -77,6 +85,9 @@ class Settings:
     executor_max_workers: int = 8
     executor_max_executions_per_worker: int = 1000
     executor_idle_ttl_seconds: int = 300
+    #: Finished execution records are deleted this many days after they finished;
+    #: ``0`` keeps them for ever.
+    execution_retention_days: int = 14
     db_pool_size: int = 20
     #: Plain psycopg connections for the outbox's hot single statements.
     db_outbox_pool_size: int = 8
@@ -117,6 +128,7 @@ class Settings:
                 "EXECUTOR_MAX_EXECUTIONS_PER_WORKER", _positive_int
             ),
             "executor_idle_ttl_seconds": get("EXECUTOR_IDLE_TTL_SECONDS", _positive_int),
+            "execution_retention_days": get("EXECUTION_RETENTION_DAYS", _retention_days),
             "db_pool_size": get("DB_POOL_SIZE", _positive_int),
             "db_outbox_pool_size": get("DB_OUTBOX_POOL_SIZE", _positive_int),
         }

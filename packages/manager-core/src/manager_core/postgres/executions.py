@@ -2,8 +2,9 @@
 dispatcher updates them.
 
 Records are created with their outbox row (``PostgresOutboxRepo.enqueue``, the
-emitter's fan-out); this repo reads them (newest first, keyset by the last id) and
-moves them through ``running`` → a final status.
+emitter's fan-out); this repo reads them (newest first, keyset by the last id),
+moves them through ``running`` → a final status, and prunes finished ones past
+their retention (``retention.ExecutionRetention``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from manager_core import tables as t
 from manager_core.db import transaction
 from manager_core.postgres.triggers import check_limit
+from picloud_shared.errors import InvalidInput
 from picloud_shared.execution import ExecResult
 from picloud_shared.ids import AppId, ExecutionId, RouteId, ScriptId, TriggerId
 from picloud_shared.outbox import OutboxSourceKind
@@ -27,6 +29,37 @@ from picloud_shared.wire import Json, JsonObject
 __all__ = ["Execution", "PostgresExecutionRepo"]
 
 _E = t.executions
+_FINAL_STATUSES = sorted(status.value for status in ExecutionStatus if status.is_final)
+
+# One batch of one app's prunable executions: finished before the cutoff, and without
+# an outbox row (a final record never has one; the check keeps the cascade from ever
+# taking a live row). The range scan is the listing index's (app_id, created_at):
+# finished before the cutoff implies created before it. Rows locked by a concurrent
+# pruner (another node) are skipped, not waited for.
+_PRUNE_BATCH = sa.text(
+    """
+    DELETE FROM executions WHERE id = ANY(ARRAY(
+        SELECT e.id FROM executions e
+        WHERE e.app_id = :app_id
+          AND e.created_at < :before AND e.finished_at < :before
+          AND e.status = ANY(:final)
+          AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.execution_id = e.id)
+        LIMIT :batch
+        FOR UPDATE OF e SKIP LOCKED
+    ))
+    """
+).bindparams(sa.bindparam("final", _FINAL_STATUSES, type_=sa.ARRAY(sa.Text)))
+
+_PRUNE_ABANDONED = sa.text(
+    """
+    DELETE FROM abandoned_executions WHERE execution_id = ANY(ARRAY(
+        SELECT execution_id FROM abandoned_executions
+        WHERE app_id = :app_id AND created_at < :before
+        LIMIT :batch
+        FOR UPDATE SKIP LOCKED
+    ))
+    """
+)
 
 
 @attrs.frozen
@@ -204,3 +237,25 @@ class PostgresExecutionRepo:
             result=None if outcome.response is None else outcome.response.to_wire(),
             conn=conn,
         )
+
+    async def prune(self, before: datetime, *, batch: int = 1000) -> int:
+        """Delete the execution records that finished before ``before`` (and the
+        abandoned-answer records written before it), ``batch`` rows per statement and
+        transaction, app by app. Never touches an execution still queued, running or
+        retrying. Returns how many execution records were deleted."""
+        if batch < 1:
+            raise InvalidInput("batch must be at least 1")
+        async with self._engine.connect() as c:
+            apps = (await c.execute(sa.select(t.apps.c.id))).scalars().all()
+        deleted = 0
+        for app_id in apps:
+            for stmt, counted in ((_PRUNE_BATCH, True), (_PRUNE_ABANDONED, False)):
+                while True:
+                    params = {"app_id": app_id, "before": before, "batch": batch}
+                    async with transaction(self._engine) as c:
+                        n = (await c.execute(stmt, params)).rowcount
+                    if counted:
+                        deleted += n
+                    if n < batch:
+                        break
+        return deleted

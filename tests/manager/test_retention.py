@@ -1,0 +1,197 @@
+"""Execution retention: finished records are pruned past their age, nothing else."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import anyio
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from manager_core import tables as t
+from manager_core.postgres.executions import PostgresExecutionRepo
+from manager_core.postgres.outbox import PostgresOutboxRepo
+from manager_core.retention import ExecutionRetention
+from picloud_shared.errors import InvalidInput
+from picloud_shared.ids import AppId, ExecutionId, new_execution_id
+from picloud_shared.outbox import NewOutboxRow, OutboxSourceKind
+from picloud_shared.status import ExecutionStatus as S
+from tests.manager import factories
+
+pytestmark = pytest.mark.anyio
+
+NOW = datetime.now(UTC)
+OLD = NOW - timedelta(days=20)
+CUTOFF = NOW - timedelta(days=14)
+
+
+async def _execution(
+    engine: AsyncEngine,
+    app: AppId,
+    status: S,
+    *,
+    created: datetime,
+    finished: datetime | None = None,
+    keep_outbox_row: bool | None = None,
+) -> ExecutionId:
+    """An execution written as the platform writes it (with its outbox row), moved to
+    ``status``; a final one loses its outbox row unless ``keep_outbox_row``."""
+    execution_id = new_execution_id()
+    payload = {"kind": "kv", "key": "k", "op": "set", "value": 1, "prev_value": None}
+    await PostgresOutboxRepo(engine).enqueue(
+        NewOutboxRow(execution_id, app, OutboxSourceKind.KV, payload)
+    )
+    repo = PostgresExecutionRepo(engine)
+    if status is not S.QUEUED:
+        await repo.finish(execution_id, status)
+    if keep_outbox_row is None:
+        keep_outbox_row = not status.is_final
+    async with engine.begin() as conn:
+        if not keep_outbox_row:
+            await conn.execute(sa.delete(t.outbox).where(t.outbox.c.execution_id == execution_id))
+        await conn.execute(
+            sa.update(t.executions)
+            .where(t.executions.c.id == execution_id)
+            .values(created_at=created, finished_at=finished if status.is_final else None)
+        )
+    return execution_id
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():  # noqa: ASYNC110 - polling the task's counters in a test
+        await anyio.sleep(0.01)
+
+
+async def _ids(engine: AsyncEngine, table: sa.Table, column: str = "id") -> set[uuid.UUID]:
+    async with engine.connect() as conn:
+        return set((await conn.execute(sa.select(table.c[column]))).scalars())
+
+
+async def test_prune_deletes_exactly_the_records_finished_before_the_cutoff(
+    engine: AsyncEngine,
+) -> None:
+    """Final records finished before the cutoff go, in every app; records still queued,
+    running or retrying, records finished since, and any record an outbox row still
+    points at stay (with that row)."""
+    app, other = await factories.app(engine), await factories.app(engine)
+    gone = {
+        await _execution(engine, app, status, created=OLD, finished=OLD)
+        for status in (S.SUCCEEDED, S.FAILED, S.DEAD_LETTERED, S.SKIPPED)
+    }
+    gone.add(await _execution(engine, other, S.SUCCEEDED, created=OLD, finished=OLD))
+    kept = {
+        await _execution(engine, app, S.SUCCEEDED, created=NOW, finished=NOW),
+        await _execution(engine, app, S.FAILED, created=OLD, finished=NOW),  # long retries
+        await _execution(engine, app, S.QUEUED, created=OLD),
+        await _execution(engine, app, S.RUNNING, created=OLD),
+        await _execution(engine, app, S.RETRYING, created=OLD),
+        await _execution(engine, app, S.SUCCEEDED, created=OLD, finished=OLD, keep_outbox_row=True),
+    }
+    outbox_before = await _ids(engine, t.outbox)
+
+    deleted = await PostgresExecutionRepo(engine).prune(CUTOFF)
+
+    assert deleted == len(gone) == 5
+    assert await _ids(engine, t.executions) == kept
+    assert await _ids(engine, t.outbox) == outbox_before
+
+
+async def test_prune_goes_on_batch_after_batch(engine: AsyncEngine) -> None:
+    """More prunable records than one batch: every one of them is deleted."""
+    app = await factories.app(engine)
+    for _ in range(7):
+        await _execution(engine, app, S.SUCCEEDED, created=OLD, finished=OLD)
+    assert await PostgresExecutionRepo(engine).prune(CUTOFF, batch=3) == 7
+    assert await _ids(engine, t.executions) == set()
+
+
+async def test_prune_deletes_old_abandoned_answers(engine: AsyncEngine) -> None:
+    """Records of sync answers nobody took are pruned by their age too."""
+    app = await factories.app(engine)
+    old, new = new_execution_id(), new_execution_id()
+    async with engine.begin() as conn:
+        for execution_id, created in ((old, OLD), (new, NOW)):
+            await conn.execute(
+                sa.insert(t.abandoned_executions).values(
+                    execution_id=execution_id,
+                    app_id=app,
+                    inbox_id=uuid.uuid4(),
+                    reason="receiver gone",
+                    created_at=created,
+                )
+            )
+    assert await PostgresExecutionRepo(engine).prune(CUTOFF) == 0  # counts executions only
+    assert await _ids(engine, t.abandoned_executions, "execution_id") == {new}
+
+
+async def test_prune_rejects_an_empty_batch(engine: AsyncEngine) -> None:
+    """A batch below one row is refused before any statement runs."""
+    with pytest.raises(InvalidInput, match="batch"):
+        await PostgresExecutionRepo(engine).prune(CUTOFF, batch=0)
+
+
+async def test_the_task_prunes_on_its_schedule_until_stopped(engine: AsyncEngine) -> None:
+    """The task prunes at start and every interval, counts what it deleted, and stops."""
+    app = await factories.app(engine)
+    await _execution(engine, app, S.SUCCEEDED, created=OLD, finished=OLD)
+    retention = ExecutionRetention(
+        PostgresExecutionRepo(engine), timedelta(days=14), interval=0.01, first_after=0
+    )
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            await tg.start(retention.run)
+            await _until(lambda: retention.runs >= 3)
+            await _execution(engine, app, S.SUCCEEDED, created=OLD, finished=OLD)
+            runs = retention.runs
+            await _until(lambda: retention.runs >= runs + 2)
+            retention.stop()
+    assert retention.pruned == 2
+    assert await _ids(engine, t.executions) == set()
+
+
+async def test_a_task_stopped_before_it_runs_returns_at_once(engine: AsyncEngine) -> None:
+    """stop() before run(): run returns without a pass."""
+    retention = ExecutionRetention(PostgresExecutionRepo(engine), timedelta(days=1), first_after=0)
+    retention.stop()
+    with anyio.fail_after(5):
+        await retention.run()
+    assert retention.runs == 0
+
+
+class _FlakyRepo:
+    """A repo whose first prune fails (the database is what is not the point here)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def prune(self, before: datetime, *, batch: int = 1000) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError("connection refused")
+        return 1
+
+
+async def test_a_failed_pass_does_not_stop_the_task() -> None:
+    """A pass that raises is logged; the next one runs on schedule."""
+    repo = _FlakyRepo()
+    retention = ExecutionRetention(
+        repo,  # type: ignore[arg-type]
+        timedelta(days=1),
+        interval=0.01,
+        first_after=0,
+    )
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            await tg.start(retention.run)
+            await _until(lambda: retention.pruned >= 2)
+            retention.stop()
+    assert repo.calls >= 3
+
+
+def test_keep_for_must_be_positive() -> None:
+    """Retention of zero or less is refused: keeping records for ever runs no task."""
+    with pytest.raises(ValueError, match="positive"):
+        ExecutionRetention(None, timedelta(0))  # type: ignore[arg-type]
