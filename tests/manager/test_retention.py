@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 import pytest
@@ -12,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
+from manager_core.postgres import executions as executions_module
 from manager_core.postgres.executions import PostgresExecutionRepo
 from manager_core.postgres.outbox import PostgresOutboxRepo
 from manager_core.retention import ExecutionRetention
@@ -195,3 +197,41 @@ def test_keep_for_must_be_positive() -> None:
     """Retention of zero or less is refused: keeping records for ever runs no task."""
     with pytest.raises(ValueError, match="positive"):
         ExecutionRetention(None, timedelta(0))  # type: ignore[arg-type]
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    found = [plan]
+    for child in plan.get("Plans", ()):
+        found += _nodes(child)
+    return found
+
+
+async def test_a_prune_batch_reads_one_app_by_the_listing_index(engine: AsyncEngine) -> None:
+    """On a table of many apps' records, a batch's plan finds its rows through the
+    (app_id, created_at) index, not by reading every record."""
+    apps = [await factories.app(engine) for _ in range(3)]
+    async with engine.begin() as conn:
+        for app in apps:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO executions (id, app_id, source_kind, status, created_at, "
+                    "finished_at) SELECT gen_random_uuid(), :app, 'kv', 'succeeded', "
+                    "now() - make_interval(days => 30 - g % 30), "
+                    "now() - make_interval(days => 29 - g % 30) "
+                    "FROM generate_series(1, 2000) g"
+                ),
+                {"app": app},
+            )
+        await conn.execute(sa.text("ANALYZE executions"))
+    explain = sa.text("EXPLAIN (FORMAT JSON) " + executions_module._PRUNE_BATCH.text).bindparams(
+        sa.bindparam("final", executions_module._FINAL_STATUSES, type_=sa.ARRAY(sa.Text))
+    )
+    async with engine.begin() as conn:
+        plan = (
+            await conn.execute(explain, {"app_id": apps[1], "before": CUTOFF, "batch": 1000})
+        ).scalar_one()[0]["Plan"]
+    nodes = _nodes(plan)
+    by_index = [n for n in nodes if n.get("Index Name") == "ix_executions_app_id_created_at_id"]
+    assert by_index, nodes
+    assert "app_id" in str(by_index[0].get("Index Cond")), by_index
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], nodes
