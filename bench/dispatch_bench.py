@@ -26,6 +26,10 @@ The N outbox rows are the emitter's own: one ``PostgresKvRepo.set`` writes a row
 (and its ``executions`` row) through the real fan-out, and that pair is copied
 N-1 times in one statement (fresh execution ids, everything else identical).
 
+``--null-executor`` replaces the worker round trip with an in-process no-op answer:
+what remains is the dispatcher's own cost per row (the ceiling of this design on
+this machine, whatever the executor).
+
 Run (the ``bench`` dependency group holds pgqueuer; CI does not install it):
 
     uv run --all-packages --group bench python bench/dispatch_bench.py [--n 5000]
@@ -49,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import attrs
 import psycopg
 import sqlalchemy as sa
@@ -73,6 +78,7 @@ from orchestrator_core.inbox import InboxRegistry
 from picloud import migrations
 from picloud.cli import ensure_database
 from picloud.embedded_pg import EmbeddedPostgres
+from picloud_shared.execution import ExecRequest, ExecResult, ScriptResponse
 from picloud_shared.gate import ExecutionGate
 from picloud_shared.ids import AppId
 from picloud_shared.ports import HostApi
@@ -152,10 +158,20 @@ class Stats:
 # ---------------------------------------------------------------------- picloud
 
 
+class NullExecutor:
+    """``--null-executor``: answers every request at once, in-process, as the no-op
+    script would (one event-loop pass, no worker). What is left is the dispatcher's
+    own cost per row: claim, routing, completion, bookkeeping."""
+
+    async def execute(self, request: ExecRequest, host: HostApi) -> ExecResult:
+        await anyio.lowlevel.checkpoint()
+        return ExecResult.succeeded(request.execution_id, ScriptResponse.empty())
+
+
 class TimedExecutor:
     """Wraps the executor to sum the time spent in ``execute`` (IPC + script)."""
 
-    def __init__(self, inner: ProcessExecutor) -> None:
+    def __init__(self, inner: ProcessExecutor | NullExecutor) -> None:
         self.inner = inner
         self.seconds = 0.0
         self.calls = 0
@@ -199,7 +215,7 @@ class Picloud:
     def __init__(self, engine: AsyncEngine, executor: ProcessExecutor, args: argparse.Namespace):
         self.engine = engine
         self.args = args
-        self.executor = TimedExecutor(executor)
+        self.executor = TimedExecutor(NullExecutor() if args.null_executor else executor)
         self.signal = OutboxSignal()
         self.triggers = PostgresTriggerRepo(engine)
         self.emitter = OutboxEventEmitter(self.triggers, self.signal)
@@ -299,14 +315,14 @@ class Picloud:
                 gc_time[0] += time.perf_counter() - gc_time[1]
 
         gc.callbacks.append(on_gc)
-        cpu0 = time.process_time()
+        cpu0, times0 = time.process_time(), os.times()
         async with anyio.create_task_group() as tg:
             start = time.perf_counter()
             await tg.start(d.run)
             await done.wait()
             elapsed = time.perf_counter() - start
             d.stop()
-        cpu = time.process_time() - cpu0
+        cpu, times1 = time.process_time() - cpu0, os.times()
         gc.callbacks.remove(on_gc)
         m = d.metrics
         return {
@@ -323,6 +339,7 @@ class Picloud:
             "execute_us_per_run": 1e6 * self.executor.seconds / max(1, self.executor.calls),
             "execution_us_avg": 1e6 * sum(m.duration_seconds.values()) / n,
             "bench_process_cpu_us_per_event": 1e6 * cpu / n,
+            "of_which_system_us_per_event": 1e6 * (times1.system - times0.system) / n,
             "gc_us_per_event": 1e6 * gc_time[0] / n,
             "conflict_reruns": m.conflict_reruns,
             "outcomes": {"/".join(k): v for k, v in m.executions.items()},
@@ -607,6 +624,11 @@ def main() -> None:
     p.add_argument("--pgq-max-concurrent-tasks", type=int, default=0, help="0: unlimited")
     p.add_argument("--latency-samples", type=int, default=200)
     p.add_argument("--pace", type=float, default=0.02, help="s between latency samples")
+    p.add_argument(
+        "--null-executor",
+        action="store_true",
+        help="picloud runs no worker: an in-process no-op answers (the dispatcher's own cost)",
+    )
     p.add_argument("--profile", type=Path, help="cProfile the picloud drains into this file")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
