@@ -6,7 +6,7 @@ node deletes the records that finished more than ``keep_for`` ago, every
 ``interval`` (first shortly after start), in batches so no statement holds many
 locks or a long transaction. Several nodes may prune at once: each skips rows
 another is deleting. Records still queued, running or retrying are never touched;
-dead letters are not execution records and stay until resolved by their owner.
+dead letters are records of their own (with a copy of the event) and are kept.
 """
 
 from __future__ import annotations
