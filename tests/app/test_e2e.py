@@ -94,6 +94,7 @@ def test_health_readiness_and_metrics(server: Server, user: httpx.Client) -> Non
     assert "picloud_outbox_depth" in metrics.text
     assert "picloud_executions" in metrics.text
     assert _counter(metrics.text, "picloud_executions_pruned_total") == 0  # retention on
+    assert _counter(metrics.text, "picloud_dead_letters_pruned_total") == 0
 
 
 def _counter(text: str, name: str) -> float:

@@ -33,6 +33,7 @@ async def test_the_retention_task_runs_with_the_node_and_stops_with_it(db_url: s
     services = build_services(Settings(executor_max_workers=1), db_url, node_id="r-node")
     assert services.retention is not None
     assert services.retention.keep_for == timedelta(days=14)
+    assert services.retention._dead_letters is services.dead_letters
     with anyio.fail_after(60):
         async with running(services):
             assert services.retention._scope is not None  # started

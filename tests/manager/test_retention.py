@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
 from manager_core.postgres import executions as executions_module
+from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from manager_core.postgres.executions import PostgresExecutionRepo
 from manager_core.postgres.outbox import PostgresOutboxRepo
 from manager_core.retention import ExecutionRetention
@@ -129,6 +130,53 @@ async def test_prune_deletes_old_abandoned_answers(engine: AsyncEngine) -> None:
     assert await _ids(engine, t.abandoned_executions, "execution_id") == {new}
 
 
+async def _dead_letter(
+    engine: AsyncEngine,
+    app: AppId,
+    resolution: str | None,
+    *,
+    created: datetime,
+    resolved: datetime | None = None,
+) -> uuid.UUID:
+    async with engine.begin() as conn:
+        stmt = (
+            sa.insert(t.dead_letters)
+            .values(
+                app_id=app,
+                execution_id=new_execution_id(),
+                source_kind="kv",
+                payload={"kind": "kv", "key": "k", "op": "set", "value": 1, "prev_value": None},
+                attempts=5,
+                resolution=resolution,
+                resolved_at=resolved if resolution is not None else None,
+                created_at=created,
+            )
+            .returning(t.dead_letters.c.id)
+        )
+        return (await conn.execute(stmt)).scalar_one()
+
+
+async def test_prune_deletes_dead_letters_settled_before_the_cutoff(engine: AsyncEngine) -> None:
+    """Dead letters handled, resolved or replayed before the cutoff go; unresolved and
+    ``handler_failed`` ones wait for their owner whatever their age, and ones settled
+    since stay."""
+    app, other = await factories.app(engine), await factories.app(engine)
+    gone = {
+        await _dead_letter(engine, app, r, created=OLD, resolved=OLD)
+        for r in ("handled", "resolved", "replayed")
+    }
+    gone.add(await _dead_letter(engine, other, "handled", created=OLD, resolved=OLD))
+    kept = {
+        await _dead_letter(engine, app, None, created=OLD),
+        await _dead_letter(engine, app, "handler_failed", created=OLD, resolved=OLD),
+        await _dead_letter(engine, app, "resolved", created=OLD, resolved=NOW),
+        await _dead_letter(engine, app, "handled", created=NOW, resolved=NOW),
+    }
+    repo = PostgresDeadLetterRepo(engine, PostgresOutboxRepo(engine))
+    assert await repo.prune(CUTOFF, batch=2) == len(gone) == 4
+    assert await _ids(engine, t.dead_letters) == kept
+
+
 async def test_prune_rejects_an_empty_batch(engine: AsyncEngine) -> None:
     """A batch below one row is refused before any statement runs."""
     with pytest.raises(InvalidInput, match="batch"):
@@ -136,11 +184,17 @@ async def test_prune_rejects_an_empty_batch(engine: AsyncEngine) -> None:
 
 
 async def test_the_task_prunes_on_its_schedule_until_stopped(engine: AsyncEngine) -> None:
-    """The task prunes at start and every interval, counts what it deleted, and stops."""
+    """The task prunes (records and settled dead letters) at start and every interval,
+    counts what it deleted, and stops."""
     app = await factories.app(engine)
     await _execution(engine, app, S.SUCCEEDED, created=OLD, finished=OLD)
+    await _dead_letter(engine, app, "handled", created=OLD, resolved=OLD)
     retention = ExecutionRetention(
-        PostgresExecutionRepo(engine), timedelta(days=14), interval=0.01, first_after=0
+        PostgresExecutionRepo(engine),
+        timedelta(days=14),
+        dead_letters=PostgresDeadLetterRepo(engine, PostgresOutboxRepo(engine)),
+        interval=0.01,
+        first_after=0,
     )
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
@@ -150,8 +204,9 @@ async def test_the_task_prunes_on_its_schedule_until_stopped(engine: AsyncEngine
             runs = retention.runs
             await _until(lambda: retention.runs >= runs + 2)
             retention.stop()
-    assert retention.pruned == 2
+    assert (retention.pruned, retention.pruned_dead_letters) == (2, 1)
     assert await _ids(engine, t.executions) == set()
+    assert await _ids(engine, t.dead_letters) == set()
 
 
 async def test_a_task_stopped_before_it_runs_returns_at_once(engine: AsyncEngine) -> None:

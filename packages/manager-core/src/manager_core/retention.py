@@ -2,11 +2,12 @@
 
 Every execution — each HTTP call, each trigger firing — leaves a record, so on a
 small box the ``executions`` table would otherwise grow without bound. One task per
-node deletes the records that finished more than ``keep_for`` ago, every
+node deletes the records that finished more than ``keep_for`` ago, and the dead
+letters settled (handled, resolved or replayed) more than ``keep_for`` ago, every
 ``interval`` (first shortly after start), in batches so no statement holds many
 locks or a long transaction. Several nodes may prune at once: each skips rows
-another is deleting. Records still queued, running or retrying are never touched;
-dead letters are records of their own (with a copy of the event) and are kept.
+another is deleting. Records still queued, running or retrying are never touched,
+nor dead letters still waiting for their owner (unresolved, or ``handler_failed``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import anyio.abc
 
+from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from manager_core.postgres.executions import PostgresExecutionRepo
 
 log = logging.getLogger("picloud.retention")
@@ -35,6 +37,7 @@ class ExecutionRetention:
         executions: PostgresExecutionRepo,
         keep_for: timedelta,
         *,
+        dead_letters: PostgresDeadLetterRepo | None = None,
         interval: float = 3600.0,
         first_after: float = 60.0,
         batch: int = 1000,
@@ -43,23 +46,35 @@ class ExecutionRetention:
         if keep_for <= timedelta(0):
             raise ValueError("keep_for must be positive (to keep records for ever, run no task)")
         self._executions = executions
+        self._dead_letters = dead_letters
         self.keep_for = keep_for
         self._interval = interval
         self._first_after = first_after
         self._batch = batch
         self._clock = clock
         self.pruned = 0  # execution records deleted by this node (``/metrics``)
+        self.pruned_dead_letters = 0
         self.runs = 0
         self._scope: anyio.CancelScope | None = None
         self._stopped = False
 
     async def prune_once(self) -> int:
-        """One pass over every app; returns the records deleted."""
-        n = await self._executions.prune(self._clock() - self.keep_for, batch=self._batch)
+        """One pass over every app; returns the execution records deleted."""
+        before = self._clock() - self.keep_for
+        n = await self._executions.prune(before, batch=self._batch)
         self.pruned += n
+        letters = 0
+        if self._dead_letters is not None:
+            letters = await self._dead_letters.prune(before, batch=self._batch)
+            self.pruned_dead_letters += letters
         self.runs += 1
-        if n:
-            log.info("pruned %d execution record(s) finished over %s ago", n, self.keep_for)
+        if n or letters:
+            log.info(
+                "pruned %d execution record(s) and %d dead letter(s) settled over %s ago",
+                n,
+                letters,
+                self.keep_for,
+            )
         return n
 
     async def run(

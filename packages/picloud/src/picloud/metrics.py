@@ -88,6 +88,11 @@ class _Snapshot(Collector):
                 "Finished execution records deleted past their retention",
                 0 if self._s.retention is None else self._s.retention.pruned,
             ),
+            (
+                "picloud_dead_letters_pruned",
+                "Settled dead letters deleted past their retention",
+                0 if self._s.retention is None else self._s.retention.pruned_dead_letters,
+            ),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
         yield GaugeMetricFamily(

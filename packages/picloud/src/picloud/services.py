@@ -179,7 +179,11 @@ def build_services(
         dispatcher=dispatcher,
         orchestrator=orchestrator,
         retention=(
-            ExecutionRetention(executions, timedelta(days=settings.execution_retention_days))
+            ExecutionRetention(
+                executions,
+                timedelta(days=settings.execution_retention_days),
+                dead_letters=dead_letters,
+            )
             if settings.execution_retention_days
             else None
         ),

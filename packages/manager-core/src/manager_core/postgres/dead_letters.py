@@ -2,7 +2,8 @@
 
 ``create`` stores one (and, given an emitter, fans it out to the app's dead-letter
 triggers in the same transaction); ``replay`` re-enqueues the original payload as a
-fresh execution; ``resolve``/``mark`` set the ``resolution``.
+fresh execution; ``resolve``/``mark`` set the ``resolution``; ``prune`` deletes the
+ones settled long ago (``retention.ExecutionRetention``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
 from manager_core.db import transaction
+from manager_core.postgres._prune import prune_by_app
 from manager_core.postgres.kv import notify_committed
 from manager_core.postgres.outbox import PostgresOutboxRepo
 from manager_core.postgres.triggers import check_limit, retry_from_row
@@ -106,6 +108,25 @@ class DeadLetter:
             "resolved_at": None if self.resolved_at is None else self.resolved_at.isoformat(),
             "created_at": self.created_at.isoformat(),
         }
+
+
+# Settled: nothing is left to do about them. ``handler_failed`` and unresolved ones
+# wait for their owner and are never pruned.
+SETTLED = ("handled", "resolved", "replayed")
+
+# One batch of one app's dead letters settled before the cutoff, found through
+# (app_id, created_at): settled before it implies created before it.
+_PRUNE_BATCH = sa.text(
+    """
+    DELETE FROM dead_letters WHERE id = ANY(ARRAY(
+        SELECT id FROM dead_letters
+        WHERE app_id = :app_id AND created_at < :before AND resolved_at < :before
+          AND resolution = ANY(:settled)
+        LIMIT :batch
+        FOR UPDATE SKIP LOCKED
+    ))
+    """
+).bindparams(sa.bindparam("settled", list(SETTLED), type_=sa.ARRAY(sa.Text)))
 
 
 class PostgresDeadLetterRepo:
@@ -217,6 +238,11 @@ class PostgresDeadLetterRepo:
         async with transaction(conn or self._engine) as c:
             result = await c.execute(stmt)
         return bool(result.rowcount)
+
+    async def prune(self, before: datetime, *, batch: int = 1000) -> int:
+        """Delete the dead letters settled (``SETTLED``) before ``before``, ``batch``
+        rows per statement and transaction, app by app; returns how many."""
+        return await prune_by_app(self._engine, _PRUNE_BATCH, before, batch)
 
     async def resolve(
         self, app_id: AppId, dead_letter_id: DeadLetterId, *, conn: AsyncConnection | None = None

@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
 from manager_core.db import transaction
+from manager_core.postgres._prune import prune_by_app
 from manager_core.postgres.triggers import check_limit
-from picloud_shared.errors import InvalidInput
 from picloud_shared.execution import ExecResult
 from picloud_shared.ids import AppId, ExecutionId, RouteId, ScriptId, TriggerId
 from picloud_shared.outbox import OutboxSourceKind
@@ -243,19 +243,6 @@ class PostgresExecutionRepo:
         abandoned-answer records written before it), ``batch`` rows per statement and
         transaction, app by app. Never touches an execution still queued, running or
         retrying. Returns how many execution records were deleted."""
-        if batch < 1:
-            raise InvalidInput("batch must be at least 1")
-        async with self._engine.connect() as c:
-            apps = (await c.execute(sa.select(t.apps.c.id))).scalars().all()
-        deleted = 0
-        for app_id in apps:
-            for stmt, counted in ((_PRUNE_BATCH, True), (_PRUNE_ABANDONED, False)):
-                while True:
-                    params = {"app_id": app_id, "before": before, "batch": batch}
-                    async with transaction(self._engine) as c:
-                        n = (await c.execute(stmt, params)).rowcount
-                    if counted:
-                        deleted += n
-                    if n < batch:
-                        break
+        deleted = await prune_by_app(self._engine, _PRUNE_BATCH, before, batch)
+        await prune_by_app(self._engine, _PRUNE_ABANDONED, before, batch)
         return deleted
