@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
+from manager_core.postgres import dead_letters as dead_letters_module
 from manager_core.postgres import executions as executions_module
 from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from manager_core.postgres.executions import PostgresExecutionRepo
@@ -261,32 +262,52 @@ def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-async def test_a_prune_batch_reads_one_app_by_the_listing_index(engine: AsyncEngine) -> None:
+_FILL = {
+    "executions": (
+        "INSERT INTO executions (id, app_id, source_kind, status, created_at, finished_at) "
+        "SELECT gen_random_uuid(), :app, 'kv', 'succeeded', "
+        "now() - make_interval(days => 30 - g % 30), now() - make_interval(days => 29 - g % 30) "
+        "FROM generate_series(1, 2000) g"
+    ),
+    "dead_letters": (
+        "INSERT INTO dead_letters (app_id, execution_id, source_kind, payload, resolution, "
+        "resolved_at, created_at) SELECT :app, gen_random_uuid(), 'kv', '{}', 'handled', "
+        "now() - make_interval(days => 29 - g % 30), now() - make_interval(days => 30 - g % 30) "
+        "FROM generate_series(1, 2000) g"
+    ),
+}
+_TEXT_ARRAY = sa.ARRAY(sa.Text)
+_PRUNES = {  # each statement, with the typed parameter it carries
+    "executions": (
+        executions_module._PRUNE_BATCH,
+        sa.bindparam("final", executions_module._FINAL_STATUSES, type_=_TEXT_ARRAY),
+    ),
+    "dead_letters": (
+        dead_letters_module._PRUNE_BATCH,
+        sa.bindparam("settled", list(dead_letters_module.SETTLED), type_=_TEXT_ARRAY),
+    ),
+}
+
+
+@pytest.mark.parametrize("table", ["executions", "dead_letters"])
+async def test_a_prune_batch_reads_one_app_by_the_listing_index(
+    engine: AsyncEngine, table: str
+) -> None:
     """On a table of many apps' records, a batch's plan finds its rows through the
     (app_id, created_at) index, not by reading every record."""
     apps = [await factories.app(engine) for _ in range(3)]
     async with engine.begin() as conn:
         for app in apps:
-            await conn.execute(
-                sa.text(
-                    "INSERT INTO executions (id, app_id, source_kind, status, created_at, "
-                    "finished_at) SELECT gen_random_uuid(), :app, 'kv', 'succeeded', "
-                    "now() - make_interval(days => 30 - g % 30), "
-                    "now() - make_interval(days => 29 - g % 30) "
-                    "FROM generate_series(1, 2000) g"
-                ),
-                {"app": app},
-            )
-        await conn.execute(sa.text("ANALYZE executions"))
-    explain = sa.text("EXPLAIN (FORMAT JSON) " + executions_module._PRUNE_BATCH.text).bindparams(
-        sa.bindparam("final", executions_module._FINAL_STATUSES, type_=sa.ARRAY(sa.Text))
-    )
+            await conn.execute(sa.text(_FILL[table]), {"app": app})
+        await conn.execute(sa.text(f"ANALYZE {table}"))
+    prune, typed = _PRUNES[table]
+    explain = sa.text("EXPLAIN (FORMAT JSON) " + prune.text).bindparams(typed)
     async with engine.begin() as conn:
         plan = (
             await conn.execute(explain, {"app_id": apps[1], "before": CUTOFF, "batch": 1000})
         ).scalar_one()[0]["Plan"]
     nodes = _nodes(plan)
-    by_index = [n for n in nodes if n.get("Index Name") == "ix_executions_app_id_created_at_id"]
+    by_index = [n for n in nodes if n.get("Index Name") == f"ix_{table}_app_id_created_at_id"]
     assert by_index, nodes
     assert "app_id" in str(by_index[0].get("Index Cond")), by_index
     assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], nodes
