@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from picloud_shared.events import DeadLetterEvent, DocsEvent, HttpEvent, KvEvent
 from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
+from picloud_shared.headers import TOKEN_CHARS
 from picloud_shared.ids import DeadLetterId, ExecutionId
 from picloud_shared.inbox import InboxResult
 from picloud_shared.outbox import HttpDispatchPayload, OutboxSourceKind
@@ -28,6 +29,8 @@ json_values = st.recursive(
     max_leaves=12,
 )
 json_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=5)
+header_names = st.text(st.sampled_from(sorted(TOKEN_CHARS)), min_size=1, max_size=10)
+header_values = st.text(st.characters(blacklist_categories=["Cc"]) | st.just("\t"), max_size=10)
 str_maps = st.dictionaries(st.text(max_size=8), st.text(max_size=12), max_size=4)
 uuids = st.uuids()
 
@@ -83,7 +86,7 @@ trigger_events = kv_events | docs_events | dead_letter_events | http_events
 script_responses = st.builds(
     ScriptResponse,
     status=st.integers(min_value=100, max_value=599),
-    headers=st.lists(st.tuples(st.text(max_size=10), st.text(max_size=10)), max_size=3).map(tuple),
+    headers=st.lists(st.tuples(header_names, header_values), max_size=3).map(tuple),
     body=st.binary(max_size=64),
 )
 exec_errors = st.builds(

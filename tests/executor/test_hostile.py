@@ -414,6 +414,23 @@ async def test_forged_frame_of_another_execution_is_protocol_violation(
     assert kind(result) is ExecErrorKind.PROTOCOL_VIOLATION
 
 
+async def test_forged_response_header_that_would_split_the_response_is_refused(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A worker that skips ``ctx.response``'s checks and sends a header with CR/LF
+    itself gets a protocol violation, not a header in the HTTP answer."""
+    source = FORGE + textwrap.dedent("""
+    def handle(e, ctx):
+        send({"t": "done", "n": channel().nonce, "ok": True,
+              "resp": {"status": 200, "headers": [["X-A", "1\\r\\nSet-Cookie: s=1"]],
+                       "body": "", "body_encoding": "utf-8"}})
+        import time
+        time.sleep(0.5)
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert kind(result) is ExecErrorKind.PROTOCOL_VIOLATION
+
+
 async def test_garbage_on_the_host_pipe_is_protocol_violation(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

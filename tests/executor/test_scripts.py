@@ -65,6 +65,41 @@ async def test_return_value_maps_to_response(
     assert result.response == expected
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "{'X-A': 'a\\r\\nSet-Cookie: s=1'}",
+        "{'X-A': 'nul\\x00'}",
+        "{'X A': '1'}",
+        "{'': '1'}",
+    ],
+)
+async def test_a_header_no_server_can_send_is_refused_to_the_script(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, headers: str
+) -> None:
+    """``ctx.response`` raises, so the script's traceback says which header is wrong."""
+    result = await executor.execute(
+        make_request(f"def handle(e, ctx):\n    return ctx.response('x', headers={headers})\n"),
+        host,
+    )
+    assert result.error is not None
+    assert result.error.kind is ExecErrorKind.UNCAUGHT_EXCEPTION
+    assert "ValueError: header" in result.error.message
+
+
+async def test_script_text_with_nul_comes_back_storable(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Logs and error messages are stored as text: a NUL becomes U+FFFD."""
+    source = "def handle(e, ctx):\n    print('a\\x00b')\n    raise ValueError('c\\x00d')\n"
+    result = await executor.execute(make_request(source), host)
+    assert result.error is not None
+    assert result.error.message == "ValueError: c\ufffdd"
+    assert result.error.traceback is not None
+    assert "\x00" not in result.error.traceback
+    assert result.logs == ("a\ufffdb",)
+
+
 @pytest.mark.parametrize("value", ["b'bytes'", "object()", "{1, 2}", "float('nan')", "{'a': {1}}"])
 async def test_unmappable_return_is_invalid_return(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, value: str

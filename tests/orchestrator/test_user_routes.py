@@ -16,6 +16,7 @@ from starlette.applications import Starlette
 
 from orchestrator_core.inbox import InboxRegistry
 from orchestrator_core.routes import DISCONNECT_WATCH_AFTER, UserRouteOrchestrator
+from picloud_shared import wire
 from picloud_shared.domain import DispatchMode, RouteTarget
 from picloud_shared.events import HttpEvent
 from picloud_shared.execution import ScriptResponse
@@ -305,3 +306,63 @@ async def test_script_headers_and_status_pass_through(env) -> None:  # type: ign
     assert r.status_code == 201
     assert r.headers["x-thing"] == "1"
     assert r.content == b"made"
+
+
+UNSTORABLE_JSON = {
+    "NaN": b'{"a": NaN}',
+    "overflowing number": b"1e400",
+    "NUL escape": b'{"note": "a\\u0000b"}',
+    "half a surrogate pair": b'"\\ud800"',
+    "nesting past the parser": b"[" * 100_000,
+}
+
+
+@pytest.mark.parametrize("path", ["/apps/shop/orders/1", "/apps/shop/jobs"], ids=["sync", "async"])
+@pytest.mark.parametrize("raw", UNSTORABLE_JSON.values(), ids=UNSTORABLE_JSON.keys())
+async def test_json_that_cannot_be_stored_is_422_without_running_anything(  # type: ignore[no-untyped-def]
+    env, path: str, raw: bytes
+) -> None:
+    """Python's parser takes these, JSON and PostgreSQL's jsonb do not: refused up
+    front, so no row fails to write (and no batch of other requests with it)."""
+    client, outbox, _, _ = env
+    r = await client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "rejected"
+    assert outbox.rows == []
+
+
+async def test_nul_in_request_text_reaches_the_event_as_a_replacement_character(env) -> None:  # type: ignore[no-untyped-def]
+    """A %00 in the path or query, or a NUL byte in a text body, is valid HTTP but no
+    PostgreSQL string holds it: it becomes U+FFFD, as undecodable bytes do."""
+    client, outbox, _, _ = env
+    r = await client.post(
+        "/apps/shop/orders/a%00b?q=%00", content=b"x\x00y", headers={"content-type": "text/plain"}
+    )
+    assert r.status_code == 200
+    (row,) = outbox.rows
+    event = HttpDispatchPayload.from_wire(row.payload).event
+    assert event["params"] == {"order_id": "a\ufffdb"}
+    assert event["path"] == "/orders/a\ufffdb"
+    assert event["query"] == {"q": "\ufffd"}
+    assert event["body"] == "x\ufffdy"
+    assert "\\u0000" not in wire.dumps(row.payload)
+
+
+async def test_an_app_name_no_app_can_have_is_404_without_a_lookup(env) -> None:  # type: ignore[no-untyped-def]
+    client, outbox, routes, _ = env
+    looked_up: list[str] = []
+    original = routes.routes_for_app
+
+    async def counting(app_name: str) -> Sequence[RouteTarget] | None:
+        looked_up.append(app_name)
+        return await original(app_name)
+
+    routes.routes_for_app = counting
+    for name in ("sh%00op", "Shop", "s" * 64, "sh%C3%B6p"):
+        r = await client.get(f"/apps/{name}/hello")
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "not_found"
+    assert looked_up == []
+    assert (await client.get("/apps/shop/hello")).status_code == 200
+    assert looked_up == ["shop"]
+    assert len(outbox.rows) == 1

@@ -94,3 +94,34 @@ async def test_no_shape_of_request_is_a_500(
         headers={**bearer(api.root), "content-type": "application/json"},
     )
     assert resp.status_code < 500, (endpoint, url, content[:200], resp.text)
+
+
+# JSON texts Python's parser accepts (or chokes on) that JSON or jsonb refuse.
+UNSTORABLE_BODIES = [
+    b"NaN",
+    b'{"name": Infinity}',
+    b"1e400",
+    b'{"name": "a\\u0000b", "source": "x", "script": "s", "value": "\\u0000"}',
+    b'{"name": "\\ud800"}',
+    b"[" * 100_000,
+]
+
+
+@pytest.mark.parametrize("raw", UNSTORABLE_BODIES, ids=lambda raw: raw[:24].decode())
+async def test_bodies_postgres_cannot_store_are_422_at_every_endpoint_that_reads_one(
+    api: Api, raw: bytes
+) -> None:
+    world = _worlds.get(api.app_id)
+    if world is None:
+        world = _worlds[api.app_id] = await seed_world(api)
+    for endpoint in ENDPOINTS:
+        if endpoint.body is None:
+            continue
+        resp = await api.client.request(
+            endpoint.method,
+            endpoint.url(world),
+            content=raw,
+            headers={**bearer(api.root), "content-type": "application/json"},
+        )
+        assert resp.status_code == 422, (endpoint, resp.text)
+        assert resp.json()["error"]["code"] == "invalid_input"

@@ -20,6 +20,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from executor_core import frames
+from picloud_shared.headers import header_problem
 from picloud_shared.limits import MAX_LOG_BYTES, MAX_RESPONSE_BYTES
 
 if TYPE_CHECKING:
@@ -272,6 +273,9 @@ def build_response(body: Any = None, status: int = 200, headers: Any = None) -> 
         name, value = pair
         if not isinstance(name, str) or not isinstance(value, str):
             raise ValueError("headers must map str to str")
+        problem = header_problem(name, value)
+        if problem is not None:
+            raise ValueError(problem)
         pairs.append((name, value))
     if body is None:
         raw, ctype = b"", None

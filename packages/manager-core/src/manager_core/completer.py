@@ -13,6 +13,7 @@ import logging
 import anyio
 import attrs
 
+from manager_core.db import ROW_ERRORS
 from manager_core.group_commit import GroupCommit
 from manager_core.postgres.outbox import ClaimedRow, PostgresOutboxRepo
 from picloud_shared.execution import ExecResult
@@ -49,6 +50,10 @@ class BatchCompleter:
         try:
             owned = await self._outbox.complete_batch([(i.claim, i.result) for i in batch])
         except Exception as exc:
+            if len(batch) > 1 and isinstance(exc, ROW_ERRORS):
+                for item in batch:  # one execution's record cannot be written: only it fails
+                    await self._flush([item])
+                return
             log.exception("completing %d execution(s) failed", len(batch))
             for item in batch:
                 item.error = exc

@@ -20,7 +20,7 @@ import anyio
 import psycopg
 from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from picloud_shared.errors import Conflict, InvalidInput, PicloudError
@@ -97,6 +97,11 @@ def make_pool(url: str, *, max_size: int, min_size: int = 1) -> AsyncConnectionP
 
 INTEGRITY_ERRORS = (IntegrityError, psycopg.IntegrityError)
 """A constraint violation, through SQLAlchemy or on a plain psycopg connection."""
+
+ROW_ERRORS = (*INTEGRITY_ERRORS, DataError, psycopg.DataError, ValueError)
+"""What one bad row can make a whole batched statement fail with: a constraint
+violation, a value PostgreSQL refuses (class 22), or one that is not JSON. A
+batch that fails so is retried row by row, so only that row fails."""
 
 
 SqlConn: TypeAlias = AsyncConnection | psycopg.AsyncConnection[Any]

@@ -15,7 +15,6 @@ It never imports manager-core: routes come from a ``RouteTable``, answers from t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -28,7 +27,8 @@ from starlette.routing import BaseRoute, Route
 from orchestrator_core.inbox import InboxRegistry
 from orchestrator_core.paths import match_template
 from orchestrator_core.route_cache import CachedRouteTable
-from picloud_shared.domain import DispatchMode, RouteTarget
+from picloud_shared import wire
+from picloud_shared.domain import APP_NAME_RE, DispatchMode, RouteTarget
 from picloud_shared.errors import NotFound
 from picloud_shared.events import HttpEvent
 from picloud_shared.gate import ExecutionGate
@@ -134,6 +134,8 @@ class UserRouteOrchestrator:
 
     async def handle(self, request: Request) -> Response:
         app_name = request.path_params["app_name"]
+        if not APP_NAME_RE.fullmatch(app_name):  # no such app can exist: ask nobody
+            return _error(404, "not_found", f"no app named {app_name!r}")
         path = "/" + request.path_params.get("route_path", "")
         cache = self.route_table if isinstance(self.route_table, CachedRouteTable) else None
         if cache is None:
@@ -165,20 +167,22 @@ class UserRouteOrchestrator:
             )
         except ClientDisconnect:
             return Response(status_code=499)
-        body = raw.decode("utf-8", errors="replace")
         parsed = None
         if raw and is_json_content_type(request.headers.get("content-type", "")):
             try:
-                parsed = json.loads(raw)
-            except ValueError:
-                return _failure(InboxFailureKind.REJECTED, "request body is not valid JSON", None)
+                parsed = wire.loads_untrusted(raw)
+            except wire.WireError as exc:
+                return _failure(InboxFailureKind.REJECTED, f"request body: {exc}", None)
+        # Event text is stored (jsonb): undecodable bytes are already U+FFFD, and so
+        # becomes a NUL (from a %00 or the body), which no PostgreSQL string holds.
+        text = wire.storable_text
         event = HttpEvent(
             method=request.method,
-            path=path,
-            params=params,
-            query=dict(request.query_params),
-            headers=dict(request.headers),
-            body=body,
+            path=text(path),
+            params={k: text(v) for k, v in params.items()},
+            query={text(k): text(v) for k, v in request.query_params.items()},
+            headers={text(k): text(v) for k, v in request.headers.items()},
+            body=text(raw.decode("utf-8", errors="replace")),
             json=parsed,
         )
         try:

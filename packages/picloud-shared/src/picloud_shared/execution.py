@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from picloud_shared import wire
+from picloud_shared.headers import header_problem
 from picloud_shared.ids import AppId, ExecutionId, ScriptId, UserId
 from picloud_shared.principals import Capability, Principal
 from picloud_shared.status import ExecErrorKind, InboxFailureKind, failure_kind_for
@@ -41,12 +42,7 @@ class ScriptResponse:
         return cls(204, (), b"")
 
     def to_wire(self) -> JsonObject:
-        try:
-            body: str = self.body.decode("utf-8")
-            encoding = "utf-8"
-        except UnicodeDecodeError:
-            body = base64.b64encode(self.body).decode("ascii")
-            encoding = "base64"
+        body, encoding = _body_text(self.body)
         return {
             "status": self.status,
             "headers": [[k, v] for k, v in self.headers],
@@ -65,6 +61,9 @@ class ScriptResponse:
                 isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
             ):
                 raise WireError("headers must be [name, value] string pairs")
+            problem = header_problem(pair[0], pair[1])
+            if problem is not None:
+                raise WireError(problem)
             headers.append((pair[0], pair[1]))
         body = wire.field(d, "body", str)
         encoding = d.get("body_encoding", "utf-8")
@@ -80,13 +79,37 @@ class ScriptResponse:
         return cls(status, tuple(headers), raw)
 
 
+def _body_text(raw: bytes) -> tuple[str, str]:
+    """(text, encoding) of a body: UTF-8 text when a ``jsonb`` string can hold it,
+    base64 otherwise (a NUL byte is valid UTF-8, but no ``jsonb`` string holds one)."""
+    if b"\x00" not in raw:
+        try:
+            return raw.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            pass
+    return base64.b64encode(raw).decode("ascii"), "base64"
+
+
+def _optional_text(value: str | None) -> str | None:
+    return None if value is None else wire.storable_text(value)
+
+
+def _log_lines(lines: tuple[str, ...]) -> tuple[str, ...]:
+    if not lines or not any("\x00" in line for line in lines):
+        return tuple(lines)
+    return tuple(wire.storable_text(line) for line in lines)
+
+
 @attrs.frozen
 class ExecError:
-    """Why an execution failed. ``traceback`` is the script's own, never the host's."""
+    """Why an execution failed. ``traceback`` is the script's own, never the host's.
+
+    Text from a script (its exception's message, its traceback) is kept storable:
+    a NUL becomes U+FFFD (``wire.storable_text``)."""
 
     kind: ExecErrorKind
-    message: str
-    traceback: str | None = None
+    message: str = attrs.field(converter=wire.storable_text)
+    traceback: str | None = attrs.field(default=None, converter=_optional_text)
 
     @property
     def failure_kind(self) -> InboxFailureKind:
@@ -193,12 +216,13 @@ def _one_of(instance: Any, attribute: Any, value: Any) -> None:
 
 @attrs.frozen
 class ExecResult:
-    """The outcome of one execution: a response or an error, plus captured logs."""
+    """The outcome of one execution: a response or an error, plus captured logs (a NUL
+    in a log line becomes U+FFFD, as in :class:`ExecError`)."""
 
     execution_id: ExecutionId
     response: ScriptResponse | None = None
     error: ExecError | None = attrs.field(default=None, validator=_one_of)
-    logs: tuple[str, ...] = ()
+    logs: tuple[str, ...] = attrs.field(default=(), converter=_log_lines)
     duration_ms: float = 0.0
 
     @classmethod

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 import json
+import math
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, TypeAlias, TypeVar
@@ -35,6 +37,66 @@ def loads(text: str | bytes) -> Json:
         return json.loads(text)  # type: ignore[no-any-return]
     except (ValueError, UnicodeDecodeError) as exc:
         raise WireError(f"malformed JSON: {exc}") from exc
+
+
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL can store it: no ``text`` column nor ``jsonb`` string
+    holds a NUL, which becomes U+FFFD (as undecodable bytes do)."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"{text[:40]} is out of range")
+    return value
+
+
+def _unstorable_string(value: Json) -> str | None:
+    """Why a string (or key) of ``value`` cannot be stored in ``jsonb``, if one cannot."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "a string holds \\u0000, which PostgreSQL cannot store"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "a \\u escape leaves half a surrogate pair"
+        return None
+    if isinstance(value, list):
+        return next(filter(None, map(_unstorable_string, value)), None)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            why = _unstorable_string(k) or _unstorable_string(v)
+            if why is not None:
+                return why
+    return None
+
+
+def loads_untrusted(raw: bytes) -> Json:
+    """Parse a client's JSON body as strictly as storing it will be: besides malformed
+    text, reject what Python's parser lets through but JSON or PostgreSQL's
+    ``jsonb`` does not — ``NaN``/``Infinity``, numbers too large for a float
+    (``1e400``), a ``\\u0000`` escape, a ``\\uD800`` escape that leaves half a
+    surrogate pair — and nesting deep enough to exhaust the parser. Raises
+    :class:`WireError`."""
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise WireError(f"malformed JSON: {exc}") from None
+    # The bytes are valid UTF-8 and JSON forbids raw control characters in strings:
+    # only an escape can make a NUL or half a surrogate pair. Most bodies have none.
+    if re.search(rb"\\u(?:0000|[dD][89a-fA-F])", raw):
+        try:
+            why = _unstorable_string(value)
+        except RecursionError:
+            why = "nested too deeply"
+        if why is not None:
+            raise WireError(f"unstorable JSON: {why}")
+    return value  # type: ignore[no-any-return]
 
 
 def obj(value: object, what: str) -> Mapping[str, Any]:

@@ -3,7 +3,6 @@ access, and the error body ``{"error": {"code", "message"}}``."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from picloud_shared import wire
 from picloud_shared.errors import (
     InvalidInput,
     MethodNotAllowed,
@@ -50,10 +50,6 @@ def internal_error_response() -> Response:
     return JSONResponse({"error": {"code": "internal", "message": "internal error"}}, 500)
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 async def read_json(request: Request, limit: int = MAX_REQUEST_BODY_BYTES) -> Json:
     """The request body parsed as JSON.
 
@@ -76,9 +72,9 @@ async def read_json(request: Request, limit: int = MAX_REQUEST_BODY_BYTES) -> Js
             raise PayloadTooLarge(f"request bodies are limited to {limit} bytes")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks), parse_constant=_reject_constant)  # type: ignore[no-any-return]
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise InvalidInput("the request body is not valid JSON") from None
+        return wire.loads_untrusted(b"".join(chunks))
+    except wire.WireError as exc:
+        raise InvalidInput(f"the request body is not valid JSON ({exc})") from None
 
 
 def path_uuid(request: Request, name: str, what: str) -> uuid.UUID:

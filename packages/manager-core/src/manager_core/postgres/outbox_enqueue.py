@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import attrs
 
-from manager_core.db import INTEGRITY_ERRORS, SqlConn, fetch
+from manager_core.db import ROW_ERRORS, SqlConn, fetch
 from manager_core.group_commit import GroupCommit
 from manager_core.postgres.outbox_claims import (
     CLAIM_CONTEXT,
@@ -189,7 +189,7 @@ class GroupWriter:
     async def _flush(self, batch: list[_Waiter]) -> None:
         try:
             written = await self._write([w.pending for w in batch])
-        except INTEGRITY_ERRORS as exc:  # e.g. a row's app vanished meanwhile
+        except ROW_ERRORS as exc:  # e.g. a row's app vanished meanwhile
             if len(batch) == 1:
                 _fail(batch, exc)
             else:  # isolate it; the others are written

@@ -1,0 +1,127 @@
+"""What PostgreSQL cannot store never gets that far: strict parsing of client JSON,
+NUL-free text from scripts, lossless bodies, and response headers a server can send."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+
+import pytest
+from hypothesis import given
+
+from picloud_shared import wire
+from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
+from picloud_shared.headers import header_problem
+from picloud_shared.ids import ExecutionId
+from picloud_shared.status import ExecErrorKind
+from tests.strategies import json_values
+
+REFUSED = {
+    "NaN": b'{"a": NaN}',
+    "Infinity": b"[Infinity]",
+    "-Infinity": b"-Infinity",
+    "overflowing number": b'{"n": 1e400}',
+    "overflowing negative number": b"-1e400",
+    "nesting past the parser": b"[" * 100_000,
+    "NUL escape in a value": b'{"a": "x\\u0000"}',
+    "NUL escape in a key": b'{"\\u0000": 1}',
+    "half a surrogate pair": b'["\\ud800"]',
+    "a trailing high surrogate": b'"ok\\uDBFF"',
+    "invalid UTF-8": b'"\xff"',
+    "two values": b"1 2",
+}
+ACCEPTED = {
+    b'"\\ud83d\\ude00"': "\U0001f600",  # a whole pair
+    b'"\\\\u0000"': "\\u0000",  # an escaped backslash, then text
+    b'"\\u00e9"': "é",
+    b"1.5e300": 1.5e300,
+    b"12345678901234567890": 12345678901234567890,
+    b'{"a": [null, true, "x"]}': {"a": [None, True, "x"]},
+}
+
+
+@pytest.mark.parametrize("raw", REFUSED.values(), ids=REFUSED.keys())
+def test_json_postgres_cannot_store_is_refused(raw: bytes) -> None:
+    with pytest.raises(wire.WireError):
+        wire.loads_untrusted(raw)
+
+
+@pytest.mark.parametrize("raw", ACCEPTED.keys())
+def test_json_postgres_can_store_is_parsed(raw: bytes) -> None:
+    assert wire.loads_untrusted(raw) == ACCEPTED[raw]
+
+
+def _holds_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    return False
+
+
+@given(json_values)
+def test_any_json_text_parses_back_unless_a_string_holds_nul(value: object) -> None:
+    raw = json.dumps(value, ensure_ascii=False).encode()
+    if _holds_nul(value):
+        with pytest.raises(wire.WireError, match=r"\\u0000"):
+            wire.loads_untrusted(raw)
+    else:
+        assert wire.loads_untrusted(raw) == value
+        ascii_raw = json.dumps(value, ensure_ascii=True).encode()  # \u escapes everywhere
+        assert wire.loads_untrusted(ascii_raw) == value
+
+
+def test_storable_text_turns_nul_into_the_replacement_character() -> None:
+    assert wire.storable_text("a\x00b\x00") == "a\ufffdb\ufffd"
+    assert wire.storable_text("plain") == "plain"
+
+
+def test_script_text_in_a_result_is_storable() -> None:
+    """Messages, tracebacks and log lines come from scripts: a NUL in them would make
+    the execution's record (text and jsonb) impossible to write."""
+    error = ExecError(ExecErrorKind.UNCAUGHT_EXCEPTION, "ValueError: a\x00b", "tb\x00")
+    assert (error.message, error.traceback) == ("ValueError: a\ufffdb", "tb\ufffd")
+    result = ExecResult.failed(ExecutionId(uuid.uuid4()), error, ("ok", "x\x00"))
+    assert result.logs == ("ok", "x\ufffd")
+    assert "\\u0000" not in wire.dumps(result.to_wire())
+
+
+def test_a_body_with_nul_is_stored_as_base64_and_comes_back_whole() -> None:
+    response = ScriptResponse(200, (("content-type", "text/plain"),), b"a\x00b")
+    wired = response.to_wire()
+    assert wired["body_encoding"] == "base64"
+    assert base64.b64decode(str(wired["body"])) == b"a\x00b"
+    assert "\\u0000" not in wire.dumps(wired)
+    assert ScriptResponse.from_wire(wired) == response
+    assert ScriptResponse(200, (), b"text").to_wire()["body_encoding"] == "utf-8"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("X-A", "a\r\nSet-Cookie: z=1"),
+        ("X-A", "a\nb"),
+        ("X-A", "nul\x00"),
+        ("X-A", "del\x7f"),
+        ("X A", "1"),
+        ("X:A", "1"),
+        ("", "1"),
+        ("X-\u00e9", "1"),
+    ],
+)
+def test_a_header_a_server_cannot_send_is_refused(name: str, value: str) -> None:
+    assert header_problem(name, value) is not None
+    wired = {"status": 200, "headers": [[name, value]], "body": "", "body_encoding": "utf-8"}
+    with pytest.raises(wire.WireError):
+        ScriptResponse.from_wire(wired)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("X-Trace", "a\tb"), ("Content-Type", "text/plain; charset=utf-8"), ("x-u", "é€"), ("A", "")],
+)
+def test_ordinary_headers_are_accepted(name: str, value: str) -> None:
+    assert header_problem(name, value) is None
