@@ -366,3 +366,19 @@ async def test_an_app_name_no_app_can_have_is_404_without_a_lookup(env) -> None:
     assert (await client.get("/apps/shop/hello")).status_code == 200
     assert looked_up == ["shop"]
     assert len(outbox.rows) == 1
+
+
+@pytest.mark.parametrize("method", ["TRACE", "PROPFIND", "CONNECT"])
+async def test_any_other_method_gets_the_json_404_and_405(env, method: str) -> None:  # type: ignore[no-untyped-def]
+    """Methods no route can have still get picloud's answers: 404 for an unknown app
+    or path, 405 with ``Allow`` for a known path."""
+    client, outbox, _, _ = env
+    r = await client.request(method, "/apps/shop/hello")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "GET"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    for path in ("/apps/nope/hello", "/apps/shop/nowhere"):
+        r = await client.request(method, path)
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "not_found"
+    assert outbox.rows == []

@@ -22,7 +22,8 @@ import anyio
 import attrs
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, request_response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator_core.inbox import InboxRegistry
 from orchestrator_core.paths import match_template
@@ -41,12 +42,22 @@ from picloud_shared.status import InboxFailureKind, http_status_for
 
 # Headers the server computes itself; a script cannot set them.
 _HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
-ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 DISCONNECT_WATCH_AFTER = 0.05  # seconds a sync request waits before watching its client
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+class _AnyMethod:
+    """An ASGI endpoint for every method: starlette leaves a route's methods open
+    only when its endpoint is an ASGI app, not a function."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
 
 
 def _error(
@@ -113,9 +124,12 @@ class UserRouteOrchestrator:
     admission_wait_seconds: float = 1.0
 
     def routes(self) -> list[BaseRoute]:
+        # Every method reaches ``handle`` (TRACE, PROPFIND, … included), which answers
+        # 404 and 405 itself, as JSON: starlette's own 405 is plain text.
+        endpoint = _AnyMethod(request_response(self.handle))
         return [
-            Route("/apps/{app_name}", self.handle, methods=ALL_METHODS),
-            Route("/apps/{app_name}/{route_path:path}", self.handle, methods=ALL_METHODS),
+            Route("/apps/{app_name}", endpoint),
+            Route("/apps/{app_name}/{route_path:path}", endpoint),
         ]
 
     def _match(
