@@ -14,11 +14,17 @@ import httpx
 from tests.app.server import PICLOUD, ROOT, free_port
 
 
-def start(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start(data_dir: Path, port: int, log: Path, *, flags: bool = False) -> subprocess.Popen[bytes]:
+    """``picloud serve`` told where to live by ``PICLOUD_*`` settings, or (``flags``)
+    by its command-line options alone."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICLOUD_")}
-    env |= {"PICLOUD_DATA_DIR": str(data_dir), "PICLOUD_PORT": str(port)}
+    argv = [str(PICLOUD), "serve"]
+    if flags:
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]
+    else:
+        env |= {"PICLOUD_DATA_DIR": str(data_dir), "PICLOUD_PORT": str(port)}
     with log.open("ab") as out:
-        return subprocess.Popen([str(PICLOUD), "serve"], cwd=ROOT, env=env, stdout=out, stderr=out)
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=out)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
@@ -34,8 +40,8 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
     raise AssertionError("not ready:\n" + log.read_text())
 
 
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGTERM)
+def stop(proc: subprocess.Popen[bytes], how: signal.Signals = signal.SIGTERM) -> int:
+    proc.send_signal(how)
     return proc.wait(60)
 
 
@@ -43,7 +49,9 @@ def test_serve_embedded_first_start_prints_a_token_and_second_start_reuses_the_d
     pg_data_dir: Path,
 ) -> None:
     """First start: embedded PostgreSQL, migration, a generated admin token printed once.
-    SIGTERM: exit 0 and PostgreSQL stopped. Second start: same data, no new admin."""
+    SIGTERM: exit 0 and PostgreSQL stopped. Second start, placed by ``--host``,
+    ``--port`` and ``--data-dir`` instead of settings: same data, no new admin; SIGINT
+    stops it as SIGTERM does."""
     log = pg_data_dir / "serve.log"
     port = free_port()
     proc = start(pg_data_dir, port, log)
@@ -67,13 +75,15 @@ def test_serve_embedded_first_start_prints_a_token_and_second_start_reuses_the_d
 
     first_log = log.read_text()
     port = free_port()
-    proc = start(pg_data_dir, port, log)
+    proc = start(pg_data_dir, port, log, flags=True)
     try:
         wait_ready(proc, port, log)
         apps = httpx.get(f"http://127.0.0.1:{port}/api/v1/admin/apps", headers=auth, timeout=30)
         assert [a["name"] for a in apps.json()["items"]] == ["kept"]
     finally:
-        assert stop(proc) == 0
+        code = stop(proc, signal.SIGINT)
+    assert code == 0, log.read_text()
+    assert not (pg_data_dir / "pg" / "postmaster.pid").exists(), "embedded PostgreSQL left running"
     assert log.read_text()[len(first_log) :].count("shown once") == 0
 
 

@@ -6,10 +6,13 @@ import gc
 from datetime import timedelta
 
 import anyio
+import httpx
 import pytest
 
+from picloud.app import create_app
 from picloud.services import build_services, running
 from picloud.settings import Settings
+from tests.app.server import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -43,3 +46,32 @@ async def test_the_retention_task_runs_with_the_node_and_stops_with_it(db_url: s
     )
     assert off.retention is None
     await off.engine.dispose()
+
+
+async def test_readyz_names_what_is_not_ready(db_url: str) -> None:
+    """Not started: the dispatcher is not running (503). A database that does not
+    answer is named too. Started: ready (200)."""
+    services = build_services(Settings(executor_max_workers=1), db_url, node_id="ready-node")
+    app = create_app(services)  # httpx's ASGI transport runs no lifespan: nothing started
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c:
+        r = await c.get("/readyz")
+        assert r.status_code == 503
+        assert r.json() == {"status": "unavailable", "problems": ["dispatcher: not running"]}
+        with anyio.fail_after(60):
+            async with running(services):
+                r = await c.get("/readyz")
+                assert (r.status_code, r.json()) == (200, {"status": "ready"})
+    await services.engine.dispose()
+
+    port = free_port()  # nothing listens there
+    gone = db_url.rsplit("@", 1)[0] + f"@127.0.0.1:{port}/nowhere"
+    down = build_services(Settings(executor_max_workers=1), gone, node_id="down-node")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(create_app(down)), base_url="http://n"
+    ) as c:
+        r = await c.get("/readyz")
+    assert r.status_code == 503
+    problems = r.json()["problems"]
+    assert problems[0].startswith("database: ")
+    assert problems[1:] == ["dispatcher: not running"]
+    await down.engine.dispose()
