@@ -88,6 +88,29 @@ async def test_bridge_validates_before_the_host() -> None:
     assert host.kv == {"k": {"a": 1}}
 
 
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        ("kv_get", ["a\x00"]),
+        ("kv_set", ["a\x00", 1]),
+        ("kv_set", ["k", {"v": ["x\x00"]}]),
+        ("kv_list", ["\x00", 10]),
+        ("docs_insert", ["c", {"a\x00": 1}, None]),
+        ("docs_insert", ["c", {"a": 1}, "id\x00"]),
+        ("docs_update", ["c", "d", {"a": "\x00"}]),
+        ("docs_query", ["c", {"a": "\x00"}, 10]),
+    ],
+)
+async def test_bridge_refuses_a_nul_no_store_can_hold(op: str, args: list[object]) -> None:
+    """Keys, ids, values, documents and filters with a NUL never reach the host
+    (PostgreSQL refuses them, and a refused statement aborts the transaction)."""
+    host = MemoryHostApi()
+    reply = await HostBridge(host).serve(1, op, args)
+    assert reply["code"] == "invalid_input"
+    assert "NUL" in reply["msg"]
+    assert host.calls == 0
+
+
 async def test_bridge_caps_calls_per_execution() -> None:
     """Past the cap every call is LimitExceeded."""
     bridge = HostBridge(MemoryHostApi(), max_calls=2)

@@ -13,7 +13,14 @@ from manager_core.postgres.documents import PostgresDocumentRepo
 from manager_core.postgres.kv import PostgresKvRepo
 from manager_core.postgres.outbox import OutboxSignal
 from manager_core.postgres.triggers import PostgresTriggerRepo
-from picloud_shared.errors import Conflict, Forbidden, LimitExceeded, NotFound, PayloadTooLarge
+from picloud_shared.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    LimitExceeded,
+    NotFound,
+    PayloadTooLarge,
+)
 from picloud_shared.ids import AppId
 from picloud_shared.limits import MAX_KV_VALUE_BYTES
 from picloud_shared.ports import HostApi
@@ -190,3 +197,33 @@ async def test_writes_emit_with_depth_plus_one(engine: AsyncEngine) -> None:
     assert sorted(r.source_kind for r in rows) == ["docs", "kv"]
     assert {r.trigger_depth for r in rows} == {3}
     assert {e.trigger_depth for e in await factories.rows(engine, t.executions)} == {3}
+
+
+async def test_a_nul_the_store_cannot_hold_is_refused_and_the_transaction_goes_on(
+    engine: AsyncEngine,
+) -> None:
+    """Refused before PostgreSQL sees it: a script that catches the error keeps a
+    working transaction (a statement PostgreSQL refuses would abort it)."""
+    app = await factories.app(engine)
+
+    async def body(host: PostgresHostApi) -> None:
+        attempts = [
+            host.kv_set("k", "a\x00b"),
+            host.kv_set("k", {"nested": ["\x00"]}),
+            host.docs_insert("c", {"a\x00": 1}),
+            host.docs_insert("c", {"a": [{"b": "\x00"}]}),
+            host.docs_query("c", {"a": "x\x00"}),
+        ]
+        for call in attempts:
+            with pytest.raises(InvalidInput, match="NUL"):
+                await call
+        await host.kv_set("k", "a\\u0000b")  # an escaped backslash is no NUL
+        await host.docs_insert("c", {"a": 1}, "d1")
+
+    await _run(engine, app, {READ, WRITE}, body)
+
+    async def check(host: PostgresHostApi) -> None:
+        assert await host.kv_get("k") == "a\\u0000b"
+        assert await host.docs_get("c", "d1") == {"a": 1}
+
+    await _run(engine, app, {READ}, check)

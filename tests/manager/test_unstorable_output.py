@@ -16,9 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
 from manager_core.completer import BatchCompleter
+from manager_core.guarded_host import GuardedHost, HostUnavailable
+from picloud_shared.errors import InvalidInput
 from picloud_shared.events import HttpEvent
 from picloud_shared.execution import ExecResult, ScriptResponse
 from picloud_shared.outbox import NewOutboxRow
+from picloud_shared.ports import HostApi
 from tests.manager.dispatch_world import World, make_world
 from tests.manager.test_dispatcher import _route, http_row, kv_trigger
 
@@ -142,3 +145,48 @@ async def test_an_enqueue_postgres_refuses_fails_alone_not_its_batch(world: Worl
     assert outcomes[2] is True
     written = {r.id for r in await world.rows(t.executions)}
     assert written == {rows[0].execution_id, rows[2].execution_id}
+
+
+async def test_a_script_that_catches_a_refused_write_keeps_its_transaction(world: World) -> None:
+    """The script is told why (InvalidInput), carries on, and its other writes commit."""
+    source = (
+        "def handle(event, ctx):\n"
+        "    try:\n"
+        "        ctx.docs.insert('c', {'a': 'x\\x00'})\n"
+        "    except ctx.Error as exc:\n"
+        "        ctx.kv.set('why', str(exc))\n"
+        "    ctx.docs.insert('c', {'a': 'ok'}, id='d1')\n"
+    )
+    script_id = await world.script(source)
+    route = await _route(world, script_id)
+    await world.outbox.enqueue(http_row(world, script_id, route, HttpEvent("GET", "/")))
+    async with world.running():
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded")
+    assert "NUL" in await world.kv_value("why")
+    (doc,) = await world.rows(t.documents)
+    assert doc.data == {"a": "ok"}
+
+
+class _RefusingHost:
+    """An inner host whose repo turned a refused statement into a clear error."""
+
+    async def kv_set(self, key: str, value: object) -> None:
+        try:
+            raise psycopg.errors.UntranslatableCharacter("unsupported Unicode escape")
+        except psycopg.Error as exc:
+            raise InvalidInput("the value cannot be stored") from exc
+
+
+async def test_the_guard_records_a_refusal_a_repo_made_readable() -> None:
+    """The transaction behind such an error is aborted: the guard records it, so the
+    execution fails cleanly instead of committing on a dead transaction."""
+
+    async def open_inner() -> HostApi:
+        return _RefusingHost()  # type: ignore[return-value]
+
+    guard = GuardedHost(open_inner)
+    with pytest.raises(InvalidInput):
+        await guard.kv_set("k", 1)
+    assert isinstance(guard.db_error, psycopg.Error)
+    with pytest.raises(HostUnavailable):
+        await guard.kv_set("k", 2)

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from executor_core import frames
+from picloud_shared import wire
 from picloud_shared.errors import InvalidInput, InvalidName, LimitExceeded, PayloadTooLarge
 from picloud_shared.limits import (
     MAX_COLLECTION_CHARS,
@@ -31,14 +32,16 @@ def key(value: object) -> str:
         raise InvalidInput("a key must be a string")
     if not value:
         raise InvalidInput("a key must not be empty")
+    if "\x00" in value:
+        raise InvalidInput("a key must not contain NUL characters")
     if len(value.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
         raise LimitExceeded(f"a key is at most {MAX_KV_KEY_BYTES} bytes")
     return value
 
 
 def prefix(value: object) -> str:
-    if not isinstance(value, str):
-        raise InvalidInput("a prefix must be a string")
+    if not isinstance(value, str) or "\x00" in value:
+        raise InvalidInput("a prefix must be a string without NUL characters")
     if len(value.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
         raise LimitExceeded(f"a prefix is at most {MAX_KV_KEY_BYTES} bytes")
     return value
@@ -46,9 +49,13 @@ def prefix(value: object) -> str:
 
 def _size(value: object, what: str) -> int:
     try:
-        return len(frames.dumps(value).encode("utf-8"))
+        text = frames.dumps(value)
+        size = len(text.encode("utf-8"))
     except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
         raise InvalidInput(f"{what} must be JSON (no NaN or Infinity)") from None
+    if "\\u0000" in text and wire.unstorable(value) is not None:  # type: ignore[arg-type]
+        raise InvalidInput(f"{what} holds a NUL character, which PostgreSQL cannot store")
+    return size
 
 
 def json_value(value: object) -> Any:
@@ -83,6 +90,8 @@ def collection(value: object) -> str:
 def doc_id(value: object) -> str:
     if not isinstance(value, str):
         raise InvalidInput("a document id must be a string")
+    if "\x00" in value:
+        raise InvalidInput("a document id must not contain NUL characters")
     if not value or len(value) > MAX_DOCUMENT_ID_CHARS:
         raise LimitExceeded(f"a document id is 1-{MAX_DOCUMENT_ID_CHARS} characters")
     return value

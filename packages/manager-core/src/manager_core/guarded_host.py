@@ -8,7 +8,9 @@ error — most often a serialization failure under concurrent executions — the
 script must not be able to swallow it and "succeed" on an aborted transaction.
 The guard records the first such error, answers the script with an opaque
 internal error, and refuses every later call; the dispatcher then rolls back and
-either re-runs the execution (a conflict) or fails it (anything else).
+either re-runs the execution (a conflict) or fails it (anything else). A clear error
+a repo made of a refused statement reaches the script as it is, and is recorded
+the same way: the transaction is aborted.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import psycopg
+from sqlalchemy.exc import DBAPIError
+
 from picloud_shared.errors import PicloudError
 from picloud_shared.ports import HostApi
 from picloud_shared.wire import Json, JsonObject
 
 T = TypeVar("T")
+_DB_ERRORS = (DBAPIError, psycopg.Error)
 
 
 class HostUnavailable(PicloudError):
@@ -50,7 +56,11 @@ class GuardedHost:
             if self._inner is None:
                 self._inner = await self._open_inner()
             return await fn(self._inner)
-        except PicloudError:
+        except PicloudError as exc:
+            # A repo may answer a statement PostgreSQL refused with a clear error for
+            # the script; the transaction is aborted all the same.
+            if isinstance(exc.__cause__, _DB_ERRORS):
+                self.db_error = exc.__cause__
             raise
         except Exception as exc:
             self.db_error = exc

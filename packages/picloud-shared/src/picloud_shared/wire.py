@@ -56,8 +56,10 @@ def _finite(text: str) -> float:
     return value
 
 
-def _unstorable_string(value: Json) -> str | None:
-    """Why a string (or key) of ``value`` cannot be stored in ``jsonb``, if one cannot."""
+def unstorable(value: Json) -> str | None:
+    """Why a string (or key) of ``value`` cannot be stored in ``jsonb``, if one cannot:
+    a NUL, or half a surrogate pair. Walks the whole value; callers check the JSON
+    text for ``\\u0000`` first (``dumps`` escapes a NUL so, and most values have none)."""
     if isinstance(value, str):
         if "\x00" in value:
             return "a string holds \\u0000, which PostgreSQL cannot store"
@@ -67,10 +69,10 @@ def _unstorable_string(value: Json) -> str | None:
             return "a \\u escape leaves half a surrogate pair"
         return None
     if isinstance(value, list):
-        return next(filter(None, map(_unstorable_string, value)), None)
+        return next(filter(None, map(unstorable, value)), None)
     if isinstance(value, dict):
         for k, v in value.items():
-            why = _unstorable_string(k) or _unstorable_string(v)
+            why = unstorable(k) or unstorable(v)
             if why is not None:
                 return why
     return None
@@ -91,7 +93,7 @@ def loads_untrusted(raw: bytes) -> Json:
     # only an escape can make a NUL or half a surrogate pair. Most bodies have none.
     if re.search(rb"\\u(?:0000|[dD][89a-fA-F])", raw):
         try:
-            why = _unstorable_string(value)
+            why = unstorable(value)
         except RecursionError:
             why = "nested too deeply"
         if why is not None:
