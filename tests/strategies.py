@@ -6,10 +6,10 @@ from hypothesis import strategies as st
 
 from picloud_shared.events import DeadLetterEvent, DocsEvent, HttpEvent, KvEvent
 from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
-from picloud_shared.headers import TOKEN_CHARS
 from picloud_shared.ids import DeadLetterId, ExecutionId
 from picloud_shared.inbox import InboxResult
 from picloud_shared.outbox import HttpDispatchPayload, OutboxSourceKind
+from picloud_shared.responses import TOKEN_CHARS
 from picloud_shared.retry import Backoff, RetryPolicy
 from picloud_shared.status import ExecErrorKind, InboxFailureKind
 from picloud_shared.triggers import DocsOp, KvOp
@@ -85,7 +85,7 @@ trigger_events = kv_events | docs_events | dead_letter_events | http_events
 
 script_responses = st.builds(
     ScriptResponse,
-    status=st.integers(min_value=100, max_value=599),
+    status=st.integers(min_value=200, max_value=599),
     headers=st.lists(st.tuples(header_names, header_values), max_size=3).map(tuple),
     body=st.binary(max_size=64),
 )

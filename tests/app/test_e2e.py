@@ -164,6 +164,30 @@ def test_return_forms(admin: Admin, user: httpx.Client) -> None:
     assert (r.status_code, r.text, r.headers["x-a"]) == (201, "made", "b")
 
 
+def test_responses_without_content_and_hop_headers_keep_the_connection(
+    admin: Admin, user: httpx.Client
+) -> None:
+    """A 204/205/304 the script gave a body, or a hop-by-hop header it set, would make
+    the HTTP server break the connection: the body and the header are dropped, and
+    the same keep-alive connection serves the next request."""
+    admin.script(
+        "bodied",
+        "def handle(e, ctx):\n"
+        "    s = int(e['query']['s'])\n"
+        "    hop = {'upgrade': 'websocket', 'keep-alive': 'a', 'x-k': 'v'}\n"
+        "    return ctx.response('x', s, hop)\n",
+    )
+    admin.route("GET", "/b", "bodied")
+    for status in (204, 205, 304, 200):
+        r = user.get(f"/apps/{admin.app_name}/b", params={"s": status})
+        assert r.status_code == status
+        assert r.content == (b"x" if status == 200 else b"")
+        assert r.headers["x-k"] == "v"
+        assert "upgrade" not in r.headers
+        assert "keep-alive" not in r.headers
+    assert user.get("/healthz").status_code == 200
+
+
 @pytest.mark.parametrize(
     ("source", "extra", "status", "code"),
     [

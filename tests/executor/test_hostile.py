@@ -431,6 +431,22 @@ async def test_forged_response_header_that_would_split_the_response_is_refused(
     assert kind(result) is ExecErrorKind.PROTOCOL_VIOLATION
 
 
+async def test_forged_informational_status_is_refused(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A forged ``done`` with a 101 (switch protocols) is a protocol violation."""
+    source = FORGE + textwrap.dedent("""
+    def handle(e, ctx):
+        send({"t": "done", "n": channel().nonce, "ok": True,
+              "resp": {"status": 101, "headers": [["upgrade", "websocket"]],
+                       "body": "", "body_encoding": "utf-8"}})
+        import time
+        time.sleep(0.5)
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert kind(result) is ExecErrorKind.PROTOCOL_VIOLATION
+
+
 async def test_garbage_on_the_host_pipe_is_protocol_violation(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

@@ -87,6 +87,20 @@ async def test_a_header_no_server_can_send_is_refused_to_the_script(
     assert "ValueError: header" in result.error.message
 
 
+@pytest.mark.parametrize("status", ["100", "101", "199", "600", "True", "'200'"])
+async def test_a_status_that_is_no_final_answer_is_refused_to_the_script(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, status: str
+) -> None:
+    """A 1xx is not an answer (a 101 would switch protocols): 200-599 only."""
+    result = await executor.execute(
+        make_request(f"def handle(e, ctx):\n    return ctx.response('x', status={status})\n"),
+        host,
+    )
+    assert result.error is not None
+    assert result.error.kind is ExecErrorKind.UNCAUGHT_EXCEPTION
+    assert "ValueError: status must be" in result.error.message
+
+
 async def test_script_text_with_nul_comes_back_storable(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

@@ -382,3 +382,27 @@ async def test_any_other_method_gets_the_json_404_and_405(env, method: str) -> N
         assert r.status_code == 404
         assert r.json()["error"]["code"] == "not_found"
     assert outbox.rows == []
+
+
+@pytest.mark.parametrize("status", [204, 205, 304])
+async def test_a_status_without_content_is_answered_without_the_body(  # type: ignore[no-untyped-def]
+    env, status: int
+) -> None:
+    client, outbox, _, _ = env
+    outbox.answer = lambda row: InboxResult(
+        row.execution_id, response=ScriptResponse(status, (("x-k", "v"),), b"body")
+    )
+    r = await client.get("/apps/shop/hello")
+    assert (r.status_code, r.content, r.headers["x-k"]) == (status, b"", "v")
+
+
+async def test_hop_by_hop_headers_of_a_script_are_dropped(env) -> None:  # type: ignore[no-untyped-def]
+    client, outbox, _, _ = env
+    hop = ("connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade")
+    outbox.answer = lambda row: InboxResult(
+        row.execution_id,
+        response=ScriptResponse(200, (*((h, "x") for h in hop), ("x-k", "v")), b"ok"),
+    )
+    r = await client.get("/apps/shop/hello")
+    assert (r.status_code, r.content, r.headers["x-k"]) == (200, b"ok", "v")
+    assert not set(hop) & set(r.headers)

@@ -12,8 +12,8 @@ from hypothesis import given
 
 from picloud_shared import wire
 from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
-from picloud_shared.headers import header_problem
 from picloud_shared.ids import ExecutionId
+from picloud_shared.responses import header_problem
 from picloud_shared.status import ExecErrorKind
 from tests.strategies import json_values
 

@@ -48,6 +48,7 @@ from picloud_shared.limits import (
     MAX_RESPONSE_BYTES,
     MAX_TIMEOUT_SECONDS,
 )
+from picloud_shared.responses import status_problem
 from picloud_shared.status import ExecErrorKind as K
 from picloud_shared.wire import WireError
 
@@ -399,7 +400,7 @@ class ProcessExecutor:
                 return None, ExecError(
                     K.OUTPUT_LIMIT, f"response body is over {MAX_RESPONSE_BYTES} bytes"
                 )
-            if not 100 <= response.status <= 599:
+            if status_problem(response.status) is not None:
                 worker.kill()
                 return None, ExecError(K.PROTOCOL_VIOLATION, "bad response status")
             return response, None

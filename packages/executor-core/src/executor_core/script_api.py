@@ -20,8 +20,8 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from executor_core import frames
-from picloud_shared.headers import header_problem
 from picloud_shared.limits import MAX_LOG_BYTES, MAX_RESPONSE_BYTES
+from picloud_shared.responses import header_problem, status_problem
 
 if TYPE_CHECKING:
     from typing import Any
@@ -265,8 +265,9 @@ class Response:
 
 
 def build_response(body: Any = None, status: int = 200, headers: Any = None) -> Response:
-    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-        raise ValueError("status must be an int between 100 and 599")
+    problem = status_problem(status)
+    if problem is not None:
+        raise ValueError(problem)
     pairs: list[tuple[str, str]] = []
     items = headers.items() if isinstance(headers, dict) else (headers or ())
     for pair in items:

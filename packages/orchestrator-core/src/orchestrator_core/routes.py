@@ -38,10 +38,23 @@ from picloud_shared.inbox import InboxResult
 from picloud_shared.limits import MAX_REQUEST_BODY_BYTES, SYNC_WAIT_BUFFER_SECONDS
 from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
 from picloud_shared.ports import OutboxWriter, RouteTable
+from picloud_shared.responses import NO_CONTENT_STATUSES
 from picloud_shared.status import InboxFailureKind, http_status_for
 
-# Headers the server computes itself; a script cannot set them.
-_HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+# Headers the server computes itself, and the hop-by-hop ones (RFC 9110 7.6.1): a
+# script cannot set them.
+_HOP_HEADERS = frozenset(
+    {
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    }
+)
 DISCONNECT_WATCH_AFTER = 0.05  # seconds a sync request waits before watching its client
 
 
@@ -300,7 +313,9 @@ def to_response(result: InboxResult) -> Response:
             for k, v in r.headers
             if k.lower() not in _HOP_HEADERS
         ]
-        response = Response(content=r.body, status_code=r.status)
+        # A 204, 205 or 304 has no content: a body sent with one breaks the connection.
+        body = b"" if r.status in NO_CONTENT_STATUSES else r.body
+        response = Response(content=body, status_code=r.status)
         response.raw_headers = [
             h for h in response.raw_headers if h[0] != b"content-type"
         ] + headers

@@ -9,9 +9,9 @@ from typing import Any
 import attrs
 
 from picloud_shared import wire
-from picloud_shared.headers import header_problem
 from picloud_shared.ids import AppId, ExecutionId, ScriptId, UserId
 from picloud_shared.principals import Capability, Principal
+from picloud_shared.responses import header_problem
 from picloud_shared.status import ExecErrorKind, InboxFailureKind, failure_kind_for
 from picloud_shared.wire import Json, JsonObject, WireError
 
