@@ -256,6 +256,26 @@ def test_saturated_gate_answers_503(server: Server, admin: Admin) -> None:
         assert [f.result().status_code for f in slow] == [204] * 4
 
 
+def test_a_sync_request_is_not_queued_behind_an_async_backlog(
+    admin: Admin, user: httpx.Client
+) -> None:
+    """While queued async executions keep every gate slot busy, a sync request takes
+    the next slot that frees (it holds it from admission to its run) instead of
+    waiting behind the whole backlog in the outbox."""
+    admin.script("slow", "import time\ndef handle(e, ctx):\n    time.sleep(0.2)\n")
+    admin.script("fast", "def handle(e, ctx):\n    return 'fast'\n")
+    admin.route("POST", "/backlog", "slow", "async")
+    admin.route("GET", "/fast", "fast")
+    backlog = 40  # 40 x 0.2 s on the module's 4 slots: about 2 s of queued work
+    for _ in range(backlog):
+        assert user.post(f"/apps/{admin.app_name}/backlog").status_code == 202
+    admin.wait(lambda: admin.executions(status="running"))
+    r = user.get(f"/apps/{admin.app_name}/fast", timeout=30)
+    assert (r.status_code, r.text) == (200, "fast")
+    done = len(admin.executions(status="succeeded", source_kind="http"))
+    assert done < backlog // 2, f"the sync request waited for {done} queued executions"
+
+
 def test_async_route_is_202_and_its_execution_is_readable_at_once(
     admin: Admin, user: httpx.Client
 ) -> None:

@@ -20,7 +20,7 @@ from picloud_shared import wire
 from picloud_shared.domain import DispatchMode, RouteTarget
 from picloud_shared.events import HttpEvent
 from picloud_shared.execution import ScriptResponse
-from picloud_shared.gate import ExecutionGate
+from picloud_shared.gate import ExecutionGate, Permit
 from picloud_shared.ids import AppId, RouteId, ScriptId
 from picloud_shared.inbox import InboxResult
 from picloud_shared.limits import MAX_REQUEST_BODY_BYTES
@@ -62,16 +62,22 @@ class FakeOutbox:
         )
         self.delivery_statuses: list[str] = []
         self.delay = 0.01  # seconds from enqueue to the answer
+        self.permits: list[Permit | None] = []  # what each enqueue was handed
 
-    async def enqueue(self, row: NewOutboxRow) -> None:
+    async def enqueue(self, row: NewOutboxRow, *, permit: Permit | None = None) -> None:
         self.rows.append(row)
-        if row.reply_to is not None:
-            result = self.answer(row)
-            if result is not None:
-                self.tg.start_soon(self._deliver, row, result)
+        self.permits.append(permit)
+        result = self.answer(row) if row.reply_to is not None else None
+        if result is not None:
+            self.tg.start_soon(self._deliver, row, result, permit)
+        elif permit is not None:
+            permit.release()
 
-    async def _deliver(self, row: NewOutboxRow, result: InboxResult) -> None:
+    async def _deliver(self, row: NewOutboxRow, result: InboxResult, permit: Permit | None) -> None:
+        """The script "runs" holding the request's slot, like the dispatcher."""
         await anyio.sleep(self.delay)
+        if permit is not None:
+            permit.release()
         assert row.reply_to is not None
         status = await self.inbox.deliver(row.reply_to, result)
         self.delivery_statuses.append(status.value)
@@ -210,22 +216,45 @@ async def test_saturated_gate_is_503_with_retry_after(env) -> None:  # type: ign
 
 
 async def test_a_slot_freed_within_the_admission_wait_admits_the_request(env) -> None:  # type: ignore[no-untyped-def]
-    """A full gate that frees a slot within admission_wait_seconds: served, not 503."""
+    """A full gate that frees a slot within admission_wait_seconds: served, not 503.
+    The freed slot goes to the waiting request, before anyone who only tries."""
     client, outbox, _, gate = env
     permits = [gate.try_acquire() for _ in range(gate.capacity)]
+    stolen: list[Permit | None] = []
 
     async def free_one_soon() -> None:
         await anyio.sleep(0.05)
         permits[0].release()
+        stolen.append(gate.try_acquire())  # a claim loop racing for the slot
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(free_one_soon)
         r = await client.get("/apps/shop/hello")
     assert r.status_code == 200
     assert len(outbox.rows) == 1
+    assert stolen == [None]
     for p in permits:
         assert p is not None
         p.release()
+
+
+async def test_a_sync_request_hands_its_slot_to_the_outbox_with_its_row(env) -> None:  # type: ignore[no-untyped-def]
+    """Admitted means holding a slot: the row is written with it (the dispatcher runs
+    it on that slot), so nothing can take the slot between admission and the run.
+    Async rows carry none."""
+    client, outbox, _, gate = env
+    outbox.delay = 0.2
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(client.get, "/apps/shop/hello")
+        with anyio.fail_after(5):
+            while not outbox.permits:  # noqa: ASYNC110 - waiting for the enqueue
+                await anyio.sleep(0.005)
+        assert gate.free == gate.capacity - 1  # held while the script "runs"
+    assert gate.free == gate.capacity
+    (held,) = outbox.permits
+    assert held is not None
+    await client.post("/apps/shop/jobs")
+    assert outbox.permits[1] is None
 
 
 async def test_no_answer_in_time_is_504_and_the_late_answer_is_abandoned(env) -> None:  # type: ignore[no-untyped-def]
@@ -406,3 +435,23 @@ async def test_hop_by_hop_headers_of_a_script_are_dropped(env) -> None:  # type:
     r = await client.get("/apps/shop/hello")
     assert (r.status_code, r.content, r.headers["x-k"]) == (200, b"ok", "v")
     assert not set(hop) & set(r.headers)
+
+
+@pytest.mark.parametrize("path", ["/apps/shop/hello", "/apps/shop/jobs"], ids=["sync", "async"])
+async def test_an_outbox_that_fails_is_the_json_500_and_frees_the_slot(  # type: ignore[no-untyped-def]
+    env, path: str
+) -> None:
+    client, outbox, _, gate = env
+
+    async def broken(row: NewOutboxRow, *, permit: Permit | None = None) -> None:
+        if permit is not None:
+            permit.release()  # the writer owns the slot it was handed
+        raise RuntimeError("database on fire")
+
+    outbox.enqueue = broken
+    r = await client.request("GET" if path.endswith("hello") else "POST", path)
+    assert r.status_code == 500
+    assert r.json() == {
+        "error": {"code": "internal", "message": "internal error", "execution_id": None}
+    }
+    assert gate.free == gate.capacity

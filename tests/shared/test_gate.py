@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from picloud_shared.gate import ExecutionGate
+from picloud_shared.gate import ExecutionGate, Permit
 
 pytestmark = pytest.mark.anyio
 
@@ -67,3 +67,28 @@ async def test_wait_free_takes_nothing_and_counts_nothing() -> None:
     assert await gate.wait_free(0.02) is False
     assert gate.saturation_count == 0
     held.release()
+
+
+async def test_admit_waits_in_line_and_counts_one_saturation() -> None:
+    """admit: a permit at once when free; else the first slot freed within the wait,
+    which nobody merely trying can take first; else None, counted once."""
+    gate = ExecutionGate(1)
+    first = await gate.admit(0)
+    assert first is not None
+    assert await gate.admit(0.01) is None
+    assert gate.saturation_count == 1
+    got: list[object] = []
+
+    async def waiter() -> None:
+        got.append(await gate.admit(5))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.sleep(0.01)
+        first.release()
+        assert gate.try_acquire() is None  # handed to the waiter, not up for grabs
+    (second,) = got
+    assert isinstance(second, Permit)
+    assert gate.free == 0
+    second.release()
+    assert gate.free == 1

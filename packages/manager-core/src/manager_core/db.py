@@ -12,9 +12,10 @@ never leaves a transaction half finished.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import anyio
 import psycopg
@@ -34,6 +35,8 @@ CHECK_VIOLATION = "23514"
 NOT_NULL_VIOLATION = "23502"
 SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
+CONFLICT_ATTEMPTS = 5  # runs of a transaction PostgreSQL aborts for a conflict
+T = TypeVar("T")
 
 
 # Every connection picloud opens plans with sequential scans disabled (the planner
@@ -164,6 +167,29 @@ async def transaction(
         await shielded_commit(conn)
 
 
+async def in_transaction(
+    bind: Bind,
+    body: Callable[[AsyncConnection], Awaitable[T]],
+    *,
+    attempts: int = CONFLICT_ATTEMPTS,
+) -> T:
+    """``body`` in the caller's transaction, or in a new one that is run again (after a
+    short random pause) when PostgreSQL aborts it for a deadlock or a serialization
+    failure. An admin delete meets running executions that way: it cascades into rows
+    their transactions hold, while they lock rows it is about to delete."""
+    if isinstance(bind, AsyncConnection):
+        return await body(bind)
+    for attempt in range(attempts):
+        try:
+            async with transaction(bind) as conn:
+                return await body(conn)
+        except DBAPIError as exc:
+            if not is_retryable_conflict(exc) or attempt == attempts - 1:
+                raise
+        await conflict_pause(attempt)
+    raise AssertionError("unreachable")
+
+
 def sqlstate(exc: BaseException) -> str | None:
     """The PostgreSQL SQLSTATE behind a SQLAlchemy/psycopg error, if any."""
     orig = getattr(exc, "orig", exc)
@@ -178,11 +204,17 @@ def constraint_name(exc: BaseException) -> str | None:
 
 
 def is_retryable_conflict(exc: BaseException) -> bool:
-    """A serialization failure or deadlock: the transaction may simply be re-run."""
-    return isinstance(exc, DBAPIError) and sqlstate(exc) in (
+    """A serialization failure or deadlock (through SQLAlchemy or on a plain psycopg
+    connection): the transaction may simply be re-run."""
+    return isinstance(exc, (DBAPIError, psycopg.Error)) and sqlstate(exc) in (
         SERIALIZATION_FAILURE,
         DEADLOCK_DETECTED,
     )
+
+
+async def conflict_pause(attempt: int) -> None:
+    """The random pause before re-running a transaction aborted for a conflict."""
+    await anyio.sleep(random.uniform(0, 0.005 * 2**attempt))
 
 
 def translate_integrity_error(

@@ -193,14 +193,20 @@ class Dispatcher:
     def lease_seconds(self) -> float:
         return self.settings.lease_seconds
 
-    def reserve(self, row: NewOutboxRow) -> Permit | None:
+    def reserve(self, row: NewOutboxRow, held: Permit | None = None) -> Permit | None:
         """A gate slot for a row this node is about to write and run at once
         (``PostgresOutboxRepo.enqueue``); ``None`` when saturated or stopping.
 
+        ``held``: a slot the writer already holds for the row (a sync request admitted
+        by the gate): it is the one used, or released when the row cannot run here.
         A row nobody waits for (async) is taken only while at least half the gate is
         free: under load it is cheaper to leave it to a batched claim."""
         if not self.ready:
+            if held is not None:
+                held.release()
             return None
+        if held is not None:
+            return held
         if row.reply_to is None and self._gate.free < self._batch_floor:
             return None
         return self._gate.try_acquire()

@@ -15,6 +15,7 @@ It never imports manager-core: routes come from a ``RouteTable``, answers from t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -55,6 +56,7 @@ _HOP_HEADERS = frozenset(
         "upgrade",
     }
 )
+log = logging.getLogger("picloud.routes")
 DISCONNECT_WATCH_AFTER = 0.05  # seconds a sync request waits before watching its client
 
 
@@ -220,6 +222,9 @@ class UserRouteOrchestrator:
             if cache is not None:
                 cache.invalidate(app_name)
             return _error(404, "not_found", f"no app named {app_name!r}")
+        except Exception:  # the failure table's JSON 500, never the server's plain text
+            log.exception("user route %s %s failed", request.method, request.url.path)
+            return _failure(InboxFailureKind.INTERNAL, "internal error", None)
 
     def _row(
         self,
@@ -252,10 +257,11 @@ class UserRouteOrchestrator:
     async def _dispatch_sync(
         self, request: Request, target: RouteTarget, event: HttpEvent
     ) -> Response:
-        if not self.gate.has_capacity() and not (
-            self.admission_wait_seconds > 0
-            and await self.gate.wait_free(self.admission_wait_seconds)
-        ):
+        # The request holds its slot from admission on and hands it to the outbox with
+        # its row: a slot only seen free could go to the next claim of queued rows,
+        # and the row would then wait behind all of them.
+        permit = await self.gate.admit(self.admission_wait_seconds)
+        if permit is None:
             return _failure(
                 InboxFailureKind.OVERLOADED,
                 "too many executions in flight; retry later",
@@ -265,7 +271,8 @@ class UserRouteOrchestrator:
         execution_id = new_execution_id()
         inbox_id, receiver = self.inbox.register()
         with receiver:
-            await self.outbox.enqueue(self._row(target, event, execution_id, reply_to=inbox_id))
+            row = self._row(target, event, execution_id, reply_to=inbox_id)
+            await self.outbox.enqueue(row, permit=permit)
             result = await self._wait(
                 request, receiver.receive, target.timeout_seconds + self.wait_buffer_seconds
             )

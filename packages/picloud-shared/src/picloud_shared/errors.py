@@ -133,6 +133,14 @@ class PrincipalRevoked(PicloudError):
     http_status = 403
 
 
+class Busy(PicloudError):
+    """The database kept aborting the operation for conflicts with concurrent work
+    (deadlocks, serialization failures); nothing was changed. Try again."""
+
+    code = "busy"
+    http_status = 503
+
+
 ALL_ERRORS: tuple[type[PicloudError], ...] = (
     PicloudError,
     InvalidInput,
@@ -149,4 +157,5 @@ ALL_ERRORS: tuple[type[PicloudError], ...] = (
     MethodNotAllowed,
     Conflict,
     PrincipalRevoked,
+    Busy,
 )

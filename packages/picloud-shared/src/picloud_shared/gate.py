@@ -62,13 +62,6 @@ class ExecutionGate:
     def in_use(self) -> int:
         return self._capacity - self._semaphore.value
 
-    def has_capacity(self) -> bool:
-        """Whether a new execution could be admitted now (does not reserve)."""
-        if self._semaphore.value > 0:
-            return True
-        self.saturation_count += 1
-        return False
-
     def try_acquire(self) -> Permit | None:
         """A permit if a slot is free now, else ``None`` (never waits)."""
         try:
@@ -87,6 +80,22 @@ class ExecutionGate:
         with anyio.move_on_after(timeout):
             await self._semaphore.acquire()
             return Permit(self)
+        self.saturation_count += 1
+        return None
+
+    async def admit(self, wait: float) -> Permit | None:
+        """A permit now, or within ``wait`` seconds (waiters are served in order, before
+        any ``try_acquire``); ``None``, counted as one saturation, if none came."""
+        try:
+            self._semaphore.acquire_nowait()
+        except anyio.WouldBlock:
+            pass
+        else:
+            return Permit(self)
+        if wait > 0:
+            with anyio.move_on_after(wait):
+                await self._semaphore.acquire()
+                return Permit(self)
         self.saturation_count += 1
         return None
 

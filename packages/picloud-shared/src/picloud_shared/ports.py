@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 from picloud_shared.domain import RouteTarget
 from picloud_shared.events import TriggerEvent
 from picloud_shared.execution import ExecRequest, ExecResult
+from picloud_shared.gate import Permit
 from picloud_shared.ids import AppId, ExecutionId, InboxId, TriggerId
 from picloud_shared.inbox import DeliveryStatus, InboxResult
 from picloud_shared.outbox import NewOutboxRow, OutboxRow, OutboxSourceKind
@@ -178,10 +179,14 @@ class TriggerRepo(Protocol):
 class OutboxWriter(Protocol):
     """The orchestrator's surface of the outbox: enqueue one execution."""
 
-    async def enqueue(self, row: NewOutboxRow) -> None:
+    async def enqueue(self, row: NewOutboxRow, *, permit: Permit | None = None) -> None:
         """Write ``row`` and its ``queued`` execution record in one transaction, then
         wake the local dispatcher. The execution is readable once this returns.
-        Raises ``NotFound`` when the row's app no longer exists."""
+        Raises ``NotFound`` when the row's app no longer exists.
+
+        ``permit``: a slot of the ``ExecutionGate`` the caller already holds for this
+        row (a sync request it admitted). The writer owns it from the call on: the
+        row runs on it at once, or the writer releases it."""
         ...
 
 

@@ -28,8 +28,9 @@ from manager_core.api._http import (
     path_uuid,
     read_json,
 )
+from manager_core.db import is_retryable_conflict
 from manager_core.postgres.users import User
-from picloud_shared.errors import MethodNotAllowed, NotFound, PicloudError
+from picloud_shared.errors import Busy, MethodNotAllowed, NotFound, PicloudError
 from picloud_shared.ids import AppId
 from picloud_shared.principals import Capability, Principal
 
@@ -102,7 +103,10 @@ class Resource(Route):
             return error_response(exc, allow=sorted(self.operations))
         except PicloudError as exc:
             return error_response(exc)
-        except Exception:
+        except Exception as exc:
+            if is_retryable_conflict(exc):  # whatever in_transaction could not absorb
+                logger.warning("admin API: %s %s kept conflicting", request.method, self.path)
+                return error_response(Busy("concurrent work kept conflicting; try again"))
             logger.exception("admin API: unexpected error on %s %s", request.method, self.path)
             return internal_error_response()
 

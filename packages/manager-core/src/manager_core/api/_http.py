@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from picloud_shared import wire
 from picloud_shared.errors import (
+    Busy,
     InvalidInput,
     MethodNotAllowed,
     NotFound,
@@ -42,6 +43,8 @@ def error_response(error: PicloudError, *, allow: list[str] | None = None) -> Re
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(error, MethodNotAllowed) and allow:
         headers["Allow"] = ", ".join(allow)
+    if isinstance(error, Busy):
+        headers["Retry-After"] = "1"
     return JSONResponse({"error": error.to_wire()}, error.http_status, headers=headers)
 
 

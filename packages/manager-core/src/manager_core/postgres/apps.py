@@ -16,7 +16,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
-from manager_core.db import FOREIGN_KEY_VIOLATION, sqlstate, transaction, translate_integrity_error
+from manager_core.db import (
+    FOREIGN_KEY_VIOLATION,
+    in_transaction,
+    sqlstate,
+    transaction,
+    translate_integrity_error,
+)
 from manager_core.postgres._rows import (
     APP_COLUMNS,
     app_from_row,
@@ -109,13 +115,19 @@ class PostgresAppRepo:
 
     async def delete(self, app_id: AppId, *, conn: AsyncConnection | None = None) -> bool:
         """Delete an app and everything it owns; ``True`` if it existed."""
-        async with transaction(conn or self._engine) as c:
+
+        async def body(c: AsyncConnection) -> bool:
+            # The app row first: writers take a key-share lock on it (their rows' foreign
+            # key) and now wait for this delete instead of deadlocking with it later.
+            await c.execute(select(t.apps.c.id).where(t.apps.c.id == app_id).with_for_update())
             # Routes and triggers refer to scripts ON DELETE RESTRICT; remove them first
             # so the cascade from apps never trips over that order.
             await c.execute(delete(t.routes).where(t.routes.c.app_id == app_id))
             await c.execute(delete(t.triggers).where(t.triggers.c.app_id == app_id))
             result = await c.execute(delete(t.apps).where(t.apps.c.id == app_id))
-        return result.rowcount > 0
+            return result.rowcount > 0
+
+        return await in_transaction(conn or self._engine, body)
 
     # -- members ----------------------------------------------------------------------
 

@@ -62,8 +62,9 @@ class LocalRunner(Protocol):
     @property
     def lease_seconds(self) -> float: ...
 
-    def reserve(self, row: NewOutboxRow) -> Permit | None:
-        """A gate slot to run ``row`` at once, or ``None`` (saturated, stopping)."""
+    def reserve(self, row: NewOutboxRow, held: Permit | None = None) -> Permit | None:
+        """A gate slot to run ``row`` at once, or ``None`` (saturated, stopping).
+        ``held``: the writer's own slot for it, used or released."""
 
     def run_claimed(self, claim: ClaimedRow, permit: Permit) -> None:
         """Start running a row this node just wrote claimed, holding ``permit``."""
@@ -155,8 +156,17 @@ class PostgresOutboxRepo:
 
     # -- OutboxWriter ----------------------------------------------------------------
 
-    async def enqueue(self, row: NewOutboxRow, *, conn: AsyncConnection | None = None) -> None:
+    async def enqueue(
+        self,
+        row: NewOutboxRow,
+        *,
+        conn: AsyncConnection | None = None,
+        permit: Permit | None = None,
+    ) -> None:
         """Write the row and its execution record.
+
+        ``permit``: a gate slot the caller holds for this row (``OutboxWriter``); it
+        passes to the local dispatcher with the row, or is released.
 
         In the caller's transaction (``conn``): one statement. In its own: concurrent
         enqueues share one statement and one commit (:class:`GroupWriter`), and a row
@@ -166,6 +176,8 @@ class PostgresOutboxRepo:
         ``reply_node``.
         """
         if conn is not None:
+            if permit is not None:
+                permit.release()
             try:
                 written = await enqueue_sql.write(
                     conn, [Pending(row)], lease_seconds=0, sources=self._sources
@@ -177,7 +189,11 @@ class PostgresOutboxRepo:
             self.signal.defer(conn)
             return
         runner = self._runner_for(row)
-        permit = None if runner is None else runner.reserve(row)
+        if runner is not None:
+            permit = runner.reserve(row, permit)
+        elif permit is not None:
+            permit.release()
+            permit = None
         token = None if runner is None or permit is None else new_claim_token(runner.node_id)
 
         def on_written(claim: ClaimedRow | None) -> None:

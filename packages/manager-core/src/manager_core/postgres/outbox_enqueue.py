@@ -25,7 +25,14 @@ from typing import Any
 import anyio
 import attrs
 
-from manager_core.db import ROW_ERRORS, SqlConn, fetch
+from manager_core.db import (
+    CONFLICT_ATTEMPTS,
+    ROW_ERRORS,
+    SqlConn,
+    conflict_pause,
+    fetch,
+    is_retryable_conflict,
+)
 from manager_core.group_commit import GroupCommit
 from manager_core.postgres.outbox_claims import (
     CLAIM_CONTEXT,
@@ -186,18 +193,24 @@ class GroupWriter:
         await self._group.submit(waiter)
         return waiter.result
 
-    async def _flush(self, batch: list[_Waiter]) -> None:
+    async def _flush(self, batch: list[_Waiter], attempt: int = 0) -> None:
         try:
             written = await self._write([w.pending for w in batch])
-        except ROW_ERRORS as exc:  # e.g. a row's app vanished meanwhile
+        except Exception as exc:
+            if is_retryable_conflict(exc) and attempt < CONFLICT_ATTEMPTS - 1:
+                # A deadlock with, say, an admin delete: the statement had no effect.
+                await conflict_pause(attempt)
+                await self._flush(batch, attempt + 1)
+                return
+            if not isinstance(exc, ROW_ERRORS):
+                _fail(batch, exc)
+                return
+            # A row's app vanished meanwhile, or a row PostgreSQL refuses.
             if len(batch) == 1:
                 _fail(batch, exc)
             else:  # isolate it; the others are written
                 for w in batch:
                     await self._flush([w])
-            return
-        except Exception as exc:
-            _fail(batch, exc)
             return
         self.batches += 1
         self.rows += len(batch)

@@ -17,7 +17,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
-from manager_core.db import FOREIGN_KEY_VIOLATION, sqlstate, transaction, translate_integrity_error
+from manager_core.db import (
+    FOREIGN_KEY_VIOLATION,
+    in_transaction,
+    sqlstate,
+    transaction,
+    translate_integrity_error,
+)
 from manager_core.postgres._rows import ROUTE_COLUMNS, route_from_row
 from picloud_shared.domain import HTTP_METHODS, DispatchMode, Route, RouteTarget
 from picloud_shared.errors import Conflict, InvalidInput, NotFound, UnknownScript
@@ -162,9 +168,11 @@ class PostgresRouteRepo:
     ) -> bool:
         """Delete one of the app's routes; ``True`` if it existed in this app."""
         stmt = delete(t.routes).where((t.routes.c.app_id == app_id) & (t.routes.c.id == route_id))
-        async with transaction(conn or self._engine) as c:
-            result = await c.execute(stmt)
-        return result.rowcount > 0
+
+        async def body(c: AsyncConnection) -> bool:
+            return (await c.execute(stmt)).rowcount > 0
+
+        return await in_transaction(conn or self._engine, body)
 
     async def routes_for_app(self, app_name: str) -> Sequence[RouteTarget] | None:
         """Every route of the app named ``app_name`` (``None``: no such app). One query."""

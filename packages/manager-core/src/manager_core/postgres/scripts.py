@@ -17,7 +17,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
-from manager_core.db import FOREIGN_KEY_VIOLATION, sqlstate, transaction, translate_integrity_error
+from manager_core.db import (
+    FOREIGN_KEY_VIOLATION,
+    in_transaction,
+    sqlstate,
+    transaction,
+    translate_integrity_error,
+)
 from manager_core.postgres._rows import SCRIPT_COLUMNS, script_from_row
 from picloud_shared.domain import Script, check_script_name
 from picloud_shared.errors import Conflict, InvalidInput, LimitExceeded, NotFound, PayloadTooLarge
@@ -224,11 +230,13 @@ class PostgresScriptRepo:
     ) -> bool:
         """Delete a script; ``True`` if it existed. Raises ``Conflict`` while a route
         or trigger still uses it."""
+
+        async def body(c: AsyncConnection) -> bool:
+            return (await c.execute(delete(t.scripts).where(_by_name(app_id, name)))).rowcount > 0
+
         try:
-            async with transaction(conn or self._engine) as c:
-                result = await c.execute(delete(t.scripts).where(_by_name(app_id, name)))
+            return await in_transaction(conn or self._engine, body)
         except IntegrityError as exc:
             if sqlstate(exc) in (FOREIGN_KEY_VIOLATION, RESTRICT_VIOLATION):
                 raise Conflict(f"script {name!r} is still used by a route or trigger") from exc
             raise translate_integrity_error(exc, what="script") from exc
-        return result.rowcount > 0

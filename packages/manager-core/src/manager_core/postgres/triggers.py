@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
-from manager_core.db import transaction, translate_integrity_error
+from manager_core.db import in_transaction, transaction, translate_integrity_error
 from picloud_shared.errors import InvalidInput, LimitExceeded, UnknownScript
 from picloud_shared.ids import AppId, ScriptId, TriggerId, UserId
 from picloud_shared.limits import MAX_LIST_LIMIT
@@ -282,9 +282,11 @@ class PostgresTriggerRepo:
     ) -> bool:
         # The details row goes with it (ON DELETE CASCADE).
         stmt = sa.delete(_T).where(_T.c.app_id == app_id, _T.c.id == trigger_id)
-        async with transaction(conn or self._engine) as c:
-            result = await c.execute(stmt)
-        return bool(result.rowcount)
+
+        async def body(c: AsyncConnection) -> bool:
+            return bool((await c.execute(stmt)).rowcount)
+
+        return await in_transaction(conn or self._engine, body)
 
     # -- matching ----------------------------------------------------------------------
 

@@ -1,0 +1,28 @@
+"""A delete that keeps conflicting with running executions is a 503 ``busy`` with
+``Retry-After``, not a 500: nothing changed, and trying again is the answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from manager_core.api import AdminDeps
+from tests.manager.api.helpers import Api, bearer
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_delete_that_keeps_conflicting_is_a_503_busy(
+    api: Api, deps: AdminDeps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def conflicting(*args: Any, **kwargs: Any) -> bool:
+        raise OperationalError("stmt", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+
+    monkeypatch.setattr(deps.apps, "delete", conflicting)
+    r = await api.client.delete(f"/apps/{api.app_id}", headers=bearer(api.owner))
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "busy"

@@ -1,0 +1,165 @@
+"""Transactions PostgreSQL aborts for a deadlock or a serialization failure are run
+again, where running again is safe: admin deletes, the group-committed enqueue
+and completion (the admin API's 503 ``busy``: tests/manager/api/test_busy.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from manager_core import tables as t
+from manager_core.db import CONFLICT_ATTEMPTS, in_transaction
+from manager_core.postgres.apps import PostgresAppRepo
+from picloud_shared.events import HttpEvent
+from tests.manager import factories
+from tests.manager.dispatch_world import World, make_world
+from tests.manager.test_dispatcher import _route, http_row
+
+pytestmark = pytest.mark.anyio
+
+
+def deadlock() -> OperationalError:
+    return OperationalError("stmt", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+
+
+async def test_in_transaction_runs_a_conflicting_body_again(engine: AsyncEngine) -> None:
+    runs: list[int] = []
+
+    async def body(conn: AsyncConnection) -> int:
+        runs.append(1)
+        await conn.execute(sa.text("SELECT 1"))
+        if len(runs) < 3:
+            raise deadlock()
+        return len(runs)
+
+    assert await in_transaction(engine, body) == 3
+
+
+async def test_in_transaction_gives_up_and_does_not_retry_other_errors(
+    engine: AsyncEngine,
+) -> None:
+    runs: list[int] = []
+
+    async def always(conn: AsyncConnection) -> None:
+        runs.append(1)
+        raise deadlock()
+
+    with pytest.raises(OperationalError):
+        await in_transaction(engine, always)
+    assert len(runs) == CONFLICT_ATTEMPTS
+
+    async def broken(conn: AsyncConnection) -> None:
+        runs.append(1)
+        raise ValueError("not a conflict")
+
+    runs.clear()
+    with pytest.raises(ValueError, match="not a conflict"):
+        await in_transaction(engine, broken)
+    assert len(runs) == 1
+
+    async with engine.begin() as conn:  # a caller's transaction: its caller decides
+        runs.clear()
+        with pytest.raises(OperationalError):
+            await in_transaction(conn, always)
+        assert len(runs) == 1
+
+
+async def test_an_app_delete_that_deadlocks_with_a_writer_is_run_again(
+    engine: AsyncEngine,
+) -> None:
+    """A real deadlock: a writer holds a route of the app and then wants the app row,
+    while the delete holds the app row and wants the route. PostgreSQL aborts one;
+    when it is the delete, the delete runs again and succeeds."""
+    app = await factories.app(engine)
+    script = await factories.script(engine, app)
+    async with engine.begin() as conn:
+        route = (
+            await conn.execute(
+                sa.insert(t.routes)
+                .values(app_id=app, method="GET", path="/x", script_id=script)
+                .returning(t.routes.c.id)
+            )
+        ).scalar_one()
+    route_locked, delete_waits = anyio.Event(), anyio.Event()
+
+    async def writer() -> None:
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    sa.select(t.routes.c.id).where(t.routes.c.id == route).with_for_update()
+                )
+                route_locked.set()
+                await delete_waits.wait()
+                await conn.execute(
+                    sa.select(t.apps.c.id).where(t.apps.c.id == app).with_for_update(key_share=True)
+                )
+        except OperationalError:
+            pass  # PostgreSQL chose the writer: fine, the delete goes through either way
+
+    repo = PostgresAppRepo(engine)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer)
+        await route_locked.wait()
+
+        async def delete_soon() -> None:
+            await anyio.sleep(0.2)  # let the delete take the app row and wait on the route
+            delete_waits.set()
+
+        tg.start_soon(delete_soon)
+        with anyio.fail_after(30):
+            assert await repo.delete(app) is True
+    assert await factories.rows(engine, t.apps, t.apps.c.id == app) == []
+
+
+@pytest.fixture
+async def world(engine: AsyncEngine) -> Any:
+    async with make_world(engine) as w:
+        yield w
+
+
+def fail_first(
+    calls: int, fn: Callable[..., Awaitable[Any]]
+) -> tuple[Callable[..., Awaitable[Any]], list[int]]:
+    """``fn``, but its first ``calls`` runs end in a deadlock (having done nothing)."""
+    seen: list[int] = []
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        seen.append(1)
+        if len(seen) <= calls:
+            raise psycopg.errors.DeadlockDetected("deadlock detected")
+        return await fn(*args, **kwargs)
+
+    return wrapper, seen
+
+
+async def test_an_enqueue_batch_that_deadlocks_is_written_on_the_next_run(world: World) -> None:
+    script_id = await world.script("def handle(e, ctx):\n    pass\n")
+    route = await _route(world, script_id)
+    writer = world.outbox._writer
+    writer._write, seen = fail_first(2, writer._write)  # type: ignore[method-assign]
+    row = http_row(world, script_id, route, HttpEvent("GET", "/"))
+    await world.outbox.enqueue(row)
+    assert len(seen) == 3
+    (execution,) = await world.rows(t.executions)
+    assert execution.id == row.execution_id
+
+
+async def test_a_completion_batch_that_deadlocks_is_committed_on_the_next_run(
+    world: World,
+) -> None:
+    script_id = await world.script("def handle(e, ctx):\n    pass\n")
+    route = await _route(world, script_id)
+    world.outbox.complete_batch, seen = fail_first(  # type: ignore[method-assign]
+        1, world.outbox.complete_batch
+    )
+    await world.outbox.enqueue(http_row(world, script_id, route, HttpEvent("GET", "/")))
+    async with world.running():
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded")
+    assert len(seen) == 2
