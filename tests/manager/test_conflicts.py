@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from manager_core import tables as t
 from manager_core.db import CONFLICT_ATTEMPTS, in_transaction
 from manager_core.postgres.apps import PostgresAppRepo
+from manager_core.postgres.kv import PostgresKvRepo
 from picloud_shared.events import HttpEvent
 from tests.manager import factories
 from tests.manager.dispatch_world import World, make_world
@@ -74,28 +75,23 @@ async def test_in_transaction_gives_up_and_does_not_retry_other_errors(
 async def test_an_app_delete_that_deadlocks_with_a_writer_is_run_again(
     engine: AsyncEngine,
 ) -> None:
-    """A real deadlock: a writer holds a route of the app and then wants the app row,
-    while the delete holds the app row and wants the route. PostgreSQL aborts one;
-    when it is the delete, the delete runs again and succeeds."""
+    """A real deadlock: a writer (an execution) holds a row of the app and then wants
+    the app row (the key-share lock of a row it fans out), while the delete holds the
+    app row and wants that row. PostgreSQL aborts one; when it is the delete, the
+    delete runs again and succeeds."""
     app = await factories.app(engine)
-    script = await factories.script(engine, app)
-    async with engine.begin() as conn:
-        route = (
-            await conn.execute(
-                sa.insert(t.routes)
-                .values(app_id=app, method="GET", path="/x", script_id=script)
-                .returning(t.routes.c.id)
-            )
-        ).scalar_one()
-    route_locked, delete_waits = anyio.Event(), anyio.Event()
+    await PostgresKvRepo(engine).set(app, "held", 1)
+    row_locked, delete_waits = anyio.Event(), anyio.Event()
 
     async def writer() -> None:
         try:
             async with engine.begin() as conn:
                 await conn.execute(
-                    sa.select(t.routes.c.id).where(t.routes.c.id == route).with_for_update()
+                    sa.select(t.kv_entries.c.key)
+                    .where(t.kv_entries.c.app_id == app)
+                    .with_for_update()
                 )
-                route_locked.set()
+                row_locked.set()
                 await delete_waits.wait()
                 await conn.execute(
                     sa.select(t.apps.c.id).where(t.apps.c.id == app).with_for_update(key_share=True)
@@ -106,10 +102,10 @@ async def test_an_app_delete_that_deadlocks_with_a_writer_is_run_again(
     repo = PostgresAppRepo(engine)
     async with anyio.create_task_group() as tg:
         tg.start_soon(writer)
-        await route_locked.wait()
+        await row_locked.wait()
 
         async def delete_soon() -> None:
-            await anyio.sleep(0.2)  # let the delete take the app row and wait on the route
+            await anyio.sleep(0.2)  # let the delete take the app row and wait on the kv row
             delete_waits.set()
 
         tg.start_soon(delete_soon)

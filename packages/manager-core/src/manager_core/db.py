@@ -12,6 +12,7 @@ never leaves a transaction half finished.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -35,6 +36,7 @@ CHECK_VIOLATION = "23514"
 NOT_NULL_VIOLATION = "23502"
 SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
+log = logging.getLogger("picloud.db")
 CONFLICT_ATTEMPTS = 5  # runs of a transaction PostgreSQL aborts for a conflict
 T = TypeVar("T")
 
@@ -186,6 +188,7 @@ async def in_transaction(
         except DBAPIError as exc:
             if not is_retryable_conflict(exc) or attempt == attempts - 1:
                 raise
+            log.info("transaction re-run after a conflict: %s", str(exc.orig).replace("\n", " "))
         await conflict_pause(attempt)
     raise AssertionError("unreachable")
 

@@ -34,6 +34,9 @@ from picloud_shared.errors import Conflict, NotFound
 from picloud_shared.ids import AppId, UserId
 from picloud_shared.principals import ALL_CAPABILITIES, Capability, Principal
 
+# An admin delete can wait: it runs again more often than other transactions do.
+DELETE_ATTEMPTS = 10
+
 
 class PostgresAppRepo:
     """Apps and app members on PostgreSQL."""
@@ -114,20 +117,35 @@ class PostgresAppRepo:
         return [app_from_row(r) for r in rows]
 
     async def delete(self, app_id: AppId, *, conn: AsyncConnection | None = None) -> bool:
-        """Delete an app and everything it owns; ``True`` if it existed."""
+        """Delete an app and everything it owns; ``True`` if it existed.
 
-        async def body(c: AsyncConnection) -> bool:
-            # The app row first: writers take a key-share lock on it (their rows' foreign
-            # key) and now wait for this delete instead of deadlocking with it later.
-            await c.execute(select(t.apps.c.id).where(t.apps.c.id == app_id).with_for_update())
-            # Routes and triggers refer to scripts ON DELETE RESTRICT; remove them first
-            # so the cascade from apps never trips over that order.
+        In its own transactions, in two steps. First the app's routes and triggers,
+        so that no new execution of it starts: requests find no route, and writes
+        fan out to no trigger. Then the app, cascading to everything else; its
+        executions still running end soon, because nothing feeds them any more. In
+        one step, under traffic, the delete kept deadlocking with those executions:
+        they hold their own rows and then want the app row for the rows they fan out.
+        Each step is re-run on a conflict (``in_transaction``). A delete that still
+        fails (503 ``busy``) may have done its first step: repeat it.
+        """
+
+        async def stop_new_work(c: AsyncConnection) -> None:
+            # Routes and triggers refer to scripts ON DELETE RESTRICT; removing them
+            # first also keeps the cascade from apps from tripping over that order.
             await c.execute(delete(t.routes).where(t.routes.c.app_id == app_id))
             await c.execute(delete(t.triggers).where(t.triggers.c.app_id == app_id))
+
+        async def delete_app(c: AsyncConnection) -> bool:
+            # The app row first: writers take a key-share lock on it (their rows'
+            # foreign key) and now wait for this delete instead of deadlocking with it.
+            await c.execute(select(t.apps.c.id).where(t.apps.c.id == app_id).with_for_update())
+            await stop_new_work(c)  # any created between the two steps
             result = await c.execute(delete(t.apps).where(t.apps.c.id == app_id))
             return result.rowcount > 0
 
-        return await in_transaction(conn or self._engine, body)
+        if conn is None:
+            await in_transaction(self._engine, stop_new_work, attempts=DELETE_ATTEMPTS)
+        return await in_transaction(conn or self._engine, delete_app, attempts=DELETE_ATTEMPTS)
 
     # -- members ----------------------------------------------------------------------
 
