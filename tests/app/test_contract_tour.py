@@ -20,8 +20,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from tests.app.server import Server, serving
-from tests.pg import PgServer
+from tests.app.server import Server
 
 PREFIX = "/api/v1/admin"
 MIB = 1024 * 1024
@@ -50,17 +49,6 @@ EXECUTION_FIELDS = {
     "created_at",
     "finished_at",
 }
-
-
-@pytest.fixture(scope="module")
-def server(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    name = pg_server.create_database(template=pg_server.template)
-    log = tmp_path_factory.mktemp("tour") / "picloud.log"
-    try:
-        with serving(pg_server.url(name), log, env={"PICLOUD_MAX_CONCURRENT_EXECUTIONS": "4"}) as s:
-            yield s
-    finally:
-        pg_server.drop_database(name)
 
 
 def unique(prefix: str) -> str:

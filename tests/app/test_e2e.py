@@ -19,17 +19,6 @@ from tests.app.server import Server, serving
 from tests.pg import PgServer
 
 
-@pytest.fixture(scope="module")
-def server(pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    name = pg_server.create_database(template=pg_server.template)
-    log = tmp_path_factory.mktemp("e2e") / "picloud.log"
-    try:
-        with serving(pg_server.url(name), log, env={"PICLOUD_MAX_CONCURRENT_EXECUTIONS": "4"}) as s:
-            yield s
-    finally:
-        pg_server.drop_database(name)
-
-
 class Admin:
     """A thin client of the admin API for one app."""
 

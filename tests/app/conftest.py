@@ -1,0 +1,25 @@
+"""Fixtures of the end-to-end suites: one real ``picloud serve`` per test module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.app.server import Server, serving
+from tests.pg import PgServer
+
+
+@pytest.fixture(scope="module")
+def server(
+    pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Server]:
+    """``picloud serve`` on a fresh copy of the template database, for the whole
+    module (starting one costs a few seconds); 4 gate slots."""
+    name = pg_server.create_database(template=pg_server.template)
+    log = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]) / "picloud.log"
+    try:
+        with serving(pg_server.url(name), log, env={"PICLOUD_MAX_CONCURRENT_EXECUTIONS": "4"}) as s:
+            yield s
+    finally:
+        pg_server.drop_database(name)
