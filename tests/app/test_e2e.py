@@ -265,6 +265,20 @@ def test_a_sync_request_is_not_queued_behind_an_async_backlog(
     assert done < backlog // 2, f"the sync request waited for {done} queued executions"
 
 
+def test_a_deleted_route_stops_serving_at_once_on_its_node(
+    admin: Admin, user: httpx.Client
+) -> None:
+    """The node whose admin API deleted the route forgets its cached copy at once:
+    the next request is a 404, not a run of a route that is gone (a 500)."""
+    admin.script("s", "def handle(e, ctx):\n    return 'here'\n")
+    route = admin.post("/routes", {"method": "GET", "path": "/soon-gone", "script": "s"})
+    assert user.get(f"/apps/{admin.app_name}/soon-gone").text == "here"  # now cached
+    r = admin.http.delete(f"{admin.base}/routes/{route['id']}")
+    assert r.status_code == 204
+    r = user.get(f"/apps/{admin.app_name}/soon-gone")
+    assert r.status_code == 404, r.text
+
+
 def test_async_route_is_202_and_its_execution_is_readable_at_once(
     admin: Admin, user: httpx.Client
 ) -> None:

@@ -375,3 +375,22 @@ async def test_deleting_an_app_cascades_to_scripts_routes_and_triggers(
             assert count == 1, table.name
     assert await routes.routes_for_app("shop") is None
     assert await routes.routes_for_app("blog") is not None
+
+
+async def test_route_deletes_and_script_updates_tell_their_observers(engine: AsyncEngine) -> None:
+    """``changed`` callbacks (the node's route cache) run after a route is deleted or
+    a script updated, and not when nothing changed."""
+    [app] = await _apps(engine, "shop")
+    scripts, routes = PostgresScriptRepo(engine), PostgresRouteRepo(engine)
+    calls: list[str] = []
+    scripts.changed.append(lambda: calls.append("script"))
+    routes.changed.append(lambda: calls.append("route"))
+    await scripts.create(app.id, "s", SOURCE)
+    entry = await routes.create(app.id, "GET", "/", "s")
+    assert calls == []
+    await scripts.update(app.id, "s", timeout_seconds=20)
+    with pytest.raises(NotFound):
+        await scripts.update(app.id, "missing", timeout_seconds=20)
+    assert await routes.delete(app.id, entry.route.id) is True
+    assert await routes.delete(app.id, entry.route.id) is False
+    assert calls == ["script", "route"]

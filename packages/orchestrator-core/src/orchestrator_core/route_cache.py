@@ -3,8 +3,10 @@
 Looking an app's routes up is one database round trip per user request; the
 routes change rarely. ``CachedRouteTable`` keeps each app's routes for ``ttl``
 seconds. The orchestrator re-reads the database before it answers 404 or 405
-from a cached answer, so a route created on any node is served at once; a
-deleted route (or a changed script timeout) may be seen for up to ``ttl`` more.
+from a cached answer, so a route created on any node is served at once. A deleted
+route (or a changed script timeout) is forgotten at once on the node whose admin
+API made the change (the composition root wires ``invalidate`` to the repos) and
+may be seen on other nodes for up to ``ttl`` more.
 """
 
 from __future__ import annotations

@@ -119,7 +119,13 @@ def build_services(
     inbox = InboxRegistry()
     inbox_resolver: InboxResolver = inbox
     routes = PostgresRouteRepo(engine)
-    route_table: RouteTable = CachedRouteTable(routes)
+    scripts = PostgresScriptRepo(engine)
+    route_cache = CachedRouteTable(routes)
+    # What this node's admin API changes, its own user routes see at once (other
+    # nodes within the cache's ttl).
+    routes.changed.append(route_cache.invalidate)
+    scripts.changed.append(route_cache.invalidate)
+    route_table: RouteTable = route_cache
     executions = PostgresExecutionRepo(engine)
     dead_letters = PostgresDeadLetterRepo(engine, outbox, event_emitter)
 
@@ -162,7 +168,7 @@ def build_services(
         signal=signal,
         users=PostgresUserRepo(engine),
         apps=PostgresAppRepo(engine),
-        scripts=PostgresScriptRepo(engine),
+        scripts=scripts,
         routes=routes,
         triggers=triggers,
         kv=kv,

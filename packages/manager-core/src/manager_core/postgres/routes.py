@@ -8,7 +8,7 @@ script's timeout, in a single query (it runs on every user request).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import attrs
@@ -83,6 +83,9 @@ class PostgresRouteRepo:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # Called after a route is deleted: a cache of routes on this node (the
+        # orchestrator's) forgets it at once instead of at the end of its ttl.
+        self.changed: list[Callable[[], None]] = []
 
     async def create(
         self,
@@ -172,7 +175,11 @@ class PostgresRouteRepo:
         async def body(c: AsyncConnection) -> bool:
             return (await c.execute(stmt)).rowcount > 0
 
-        return await in_transaction(conn or self._engine, body)
+        deleted = await in_transaction(conn or self._engine, body)
+        if deleted:
+            for callback in self.changed:
+                callback()
+        return deleted
 
     async def routes_for_app(self, app_name: str) -> Sequence[RouteTarget] | None:
         """Every route of the app named ``app_name`` (``None``: no such app). One query."""

@@ -8,7 +8,7 @@ schema's ``ON DELETE RESTRICT`` enforces it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import attrs
@@ -93,6 +93,9 @@ class PostgresScriptRepo:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # Called after a script is updated: its routes' cached targets carry its
+        # timeout (the sync wait), so a cache of them forgets them at once.
+        self.changed: list[Callable[[], None]] = []
 
     async def create(
         self,
@@ -162,6 +165,8 @@ class PostgresScriptRepo:
             row = (await c.execute(stmt.returning(*SCRIPT_COLUMNS))).one_or_none()
         if row is None:
             raise NotFound(f"no script named {name!r}")
+        for callback in self.changed:
+            callback()
         return script_from_row(row)
 
     async def get(
