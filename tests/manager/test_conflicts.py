@@ -11,14 +11,19 @@ import anyio
 import psycopg
 import pytest
 import sqlalchemy as sa
+from psycopg_pool import PoolTimeout
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
-from manager_core.db import CONFLICT_ATTEMPTS, in_transaction
+from manager_core.db import CONFLICT_ATTEMPTS, in_transaction, is_unavailable, make_engine
 from manager_core.postgres.apps import PostgresAppRepo
 from manager_core.postgres.kv import PostgresKvRepo
+from manager_core.postgres.routes import PostgresRouteRepo
+from picloud_shared.errors import Unavailable
 from picloud_shared.events import HttpEvent
+from picloud_shared.status import InboxFailureKind
+from tests.app.server import free_port
 from tests.manager import factories
 from tests.manager.dispatch_world import World, make_world
 from tests.manager.test_dispatcher import _route, http_row
@@ -159,3 +164,68 @@ async def test_a_completion_batch_that_deadlocks_is_committed_on_the_next_run(
     async with world.running():
         await world.wait_count(t.executions, t.executions.c.status == "succeeded")
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize(
+    ("exc", "unavailable"),
+    [
+        (psycopg.OperationalError("server closed the connection unexpectedly"), True),
+        (OperationalError("stmt", {}, psycopg.OperationalError("connection failed")), True),
+        (PoolTimeout("couldn't get a connection"), True),
+        (psycopg.errors.DeadlockDetected("deadlock detected"), False),
+        (psycopg.errors.QueryCanceled("statement timeout"), False),
+        (psycopg.errors.UniqueViolation("duplicate key"), False),
+        (ValueError("no"), False),
+    ],
+)
+def test_what_counts_as_the_database_being_unavailable(exc: Exception, unavailable: bool) -> None:
+    assert is_unavailable(exc) is unavailable
+
+
+async def test_an_enqueue_the_database_drops_is_unavailable(world: World) -> None:
+    """OutboxWriter's callers (the orchestrator) know no database errors: a dropped
+    connection is ``Unavailable`` (their 503), and the slot handed in is released."""
+    script_id = await world.script("def handle(e, ctx):\n    pass\n")
+    route = await _route(world, script_id)
+
+    async def dropped(*args: Any, **kwargs: Any) -> Any:
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    world.outbox._writer._write = dropped  # type: ignore[method-assign]
+    permit = world.gate.try_acquire()
+    assert permit is not None
+    row = http_row(world, script_id, route, HttpEvent("GET", "/"))
+    with pytest.raises(Unavailable):
+        await world.outbox.enqueue(row, permit=permit)
+    assert world.gate.free == world.gate.capacity
+
+
+async def test_a_route_lookup_without_a_database_is_unavailable() -> None:
+    dead = make_engine(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/nowhere")
+    try:
+        with pytest.raises(Unavailable):
+            await PostgresRouteRepo(dead).routes_for_app("shop")
+    finally:
+        await dead.dispose()
+
+
+async def test_a_sync_caller_is_answered_at_once_when_its_run_breaks_off(world: World) -> None:
+    """The completion cannot be written (the database went away): the caller gets an
+    internal failure now, not a timeout at the end of its wait."""
+    script_id = await world.script("def handle(e, ctx):\n    return 'x'\n")
+    route = await _route(world, script_id)
+
+    async def dropped(*args: Any, **kwargs: Any) -> Any:
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    world.outbox.complete_batch = dropped  # type: ignore[method-assign]
+    inbox_id, receiver = world.inbox.register()
+    row = http_row(
+        world, script_id, route, HttpEvent("GET", "/"), reply_to=inbox_id, reply_node="node-a"
+    )
+    with receiver:
+        await world.outbox.enqueue(row)
+        async with world.running():
+            result = await receiver.receive(timeout=5)  # the script's timeout is 10 s
+    assert result is not None
+    assert result.failure is InboxFailureKind.INTERNAL

@@ -18,6 +18,7 @@ from orchestrator_core.inbox import InboxRegistry
 from orchestrator_core.routes import DISCONNECT_WATCH_AFTER, UserRouteOrchestrator
 from picloud_shared import wire
 from picloud_shared.domain import DispatchMode, RouteTarget
+from picloud_shared.errors import Unavailable
 from picloud_shared.events import HttpEvent
 from picloud_shared.execution import ScriptResponse
 from picloud_shared.gate import ExecutionGate, Permit
@@ -454,4 +455,28 @@ async def test_an_outbox_that_fails_is_the_json_500_and_frees_the_slot(  # type:
     assert r.json() == {
         "error": {"code": "internal", "message": "internal error", "execution_id": None}
     }
+    assert gate.free == gate.capacity
+
+
+@pytest.mark.parametrize("where", ["route table", "outbox"])
+@pytest.mark.parametrize("path", ["/apps/shop/hello", "/apps/shop/jobs"], ids=["sync", "async"])
+async def test_a_database_out_of_reach_is_503_unavailable(  # type: ignore[no-untyped-def]
+    env, where: str, path: str
+) -> None:
+    """Nothing was written: 503 with Retry-After, and the request's slot is free."""
+    client, outbox, routes, gate = env
+
+    async def gone(*args: object, permit: Permit | None = None) -> None:
+        if permit is not None:
+            permit.release()
+        raise Unavailable("the database is unavailable")
+
+    if where == "outbox":
+        outbox.enqueue = gone
+    else:
+        routes.routes_for_app = gone
+    r = await client.request("GET" if path.endswith("hello") else "POST", path)
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "unavailable"
     assert gate.free == gate.capacity

@@ -335,6 +335,24 @@ class ClaimRunner:
         self.metrics.skipped_for_depth += 1
         return "skipped"
 
+    async def answer_interrupted(self, claim: ClaimedRow) -> None:
+        """A sync row whose run broke off on a platform error (the database went away,
+        say): answer its caller now rather than at the end of its wait. The row comes
+        back after its lease and is booked failed then (a sync row is never re-run)."""
+        row = claim.row
+        if row.reply_to is None:
+            return
+        result = ExecResult.failed(
+            row.execution_id,
+            ExecError(ExecErrorKind.INTERNAL, "a platform error interrupted the execution"),
+        )
+        try:
+            await self._inbox.deliver(
+                row.reply_to, InboxResult.from_exec_result(result), row.reply_node
+            )
+        except Exception:
+            log.exception("answering the caller of execution %s failed", row.execution_id)
+
     async def _deliver(self, claim: ClaimedRow, result: ExecResult) -> None:
         """Answer the waiting caller; record the answer if nobody waits any more."""
         row = claim.row

@@ -21,7 +21,7 @@ from typing import Any, TypeAlias, TypeVar
 import anyio
 import psycopg
 from psycopg.rows import namedtuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -212,6 +212,17 @@ def is_retryable_conflict(exc: BaseException) -> bool:
     return isinstance(exc, (DBAPIError, psycopg.Error)) and sqlstate(exc) in (
         SERIALIZATION_FAILURE,
         DEADLOCK_DETECTED,
+    )
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database could not be reached or dropped the connection (not a conflict,
+    not a refused statement): the operation may be tried again later."""
+    if is_retryable_conflict(exc):
+        return False
+    orig = getattr(exc, "orig", exc)
+    return isinstance(orig, (psycopg.OperationalError, PoolTimeout)) and not isinstance(
+        orig, psycopg.errors.QueryCanceled
     )
 
 

@@ -348,6 +348,7 @@ class Dispatcher:
         except Exception:
             log.exception("dispatching outbox row %s failed; it will come back", claim.row.id)
             self.metrics.executions[(kind, "error")] += 1
+            await self._claims.answer_interrupted(claim)
         finally:
             self._leased.pop(claim.row.id, None)
             self.metrics.duration_seconds[kind] += time.monotonic() - started

@@ -31,7 +31,7 @@ from orchestrator_core.paths import match_template
 from orchestrator_core.route_cache import CachedRouteTable
 from picloud_shared import wire
 from picloud_shared.domain import APP_NAME_RE, DispatchMode, RouteTarget
-from picloud_shared.errors import NotFound
+from picloud_shared.errors import NotFound, Unavailable
 from picloud_shared.events import HttpEvent
 from picloud_shared.gate import ExecutionGate
 from picloud_shared.ids import ExecutionId, new_execution_id
@@ -73,6 +73,12 @@ class _AnyMethod:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)
+
+
+def _unavailable(exc: Unavailable) -> JSONResponse:
+    """503 while the database cannot be reached: nothing was written, try again."""
+    log.warning("user route: %s", exc)
+    return _error(503, exc.code, f"{exc}; retry later", headers={"Retry-After": "1"})
 
 
 def _error(
@@ -167,15 +173,18 @@ class UserRouteOrchestrator:
             return _error(404, "not_found", f"no app named {app_name!r}")
         path = "/" + request.path_params.get("route_path", "")
         cache = self.route_table if isinstance(self.route_table, CachedRouteTable) else None
-        if cache is None:
-            targets, cached = await self.route_table.routes_for_app(app_name), False
-        else:
-            targets, cached = await cache.lookup(app_name)
-        found = [] if targets is None else self._match(targets, request.method, path)
-        if cached and isinstance(found, list):
-            assert cache is not None  # never answer 404/405 from the cache: it may be new
-            targets = await cache.refresh(app_name)
+        try:
+            if cache is None:
+                targets, cached = await self.route_table.routes_for_app(app_name), False
+            else:
+                targets, cached = await cache.lookup(app_name)
             found = [] if targets is None else self._match(targets, request.method, path)
+            if cached and isinstance(found, list):
+                assert cache is not None  # never answer 404/405 from the cache: it may be new
+                targets = await cache.refresh(app_name)
+                found = [] if targets is None else self._match(targets, request.method, path)
+        except Unavailable as exc:
+            return _unavailable(exc)
         if targets is None:
             return _error(404, "not_found", f"no app named {app_name!r}")
         if isinstance(found, list):
@@ -222,6 +231,8 @@ class UserRouteOrchestrator:
             if cache is not None:
                 cache.invalidate(app_name)
             return _error(404, "not_found", f"no app named {app_name!r}")
+        except Unavailable as exc:
+            return _unavailable(exc)
         except Exception:  # the failure table's JSON 500, never the server's plain text
             log.exception("user route %s %s failed", request.method, request.url.path)
             return _failure(InboxFailureKind.INTERNAL, "internal error", None)

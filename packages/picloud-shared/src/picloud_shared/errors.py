@@ -141,6 +141,14 @@ class Busy(PicloudError):
     http_status = 503
 
 
+class Unavailable(PicloudError):
+    """The database could not be reached (it is restarting, or the connection broke).
+    Nothing was changed. Try again."""
+
+    code = "unavailable"
+    http_status = 503
+
+
 ALL_ERRORS: tuple[type[PicloudError], ...] = (
     PicloudError,
     InvalidInput,
@@ -158,4 +166,5 @@ ALL_ERRORS: tuple[type[PicloudError], ...] = (
     Conflict,
     PrincipalRevoked,
     Busy,
+    Unavailable,
 )

@@ -28,9 +28,9 @@ from manager_core.api._http import (
     path_uuid,
     read_json,
 )
-from manager_core.db import is_retryable_conflict
+from manager_core.db import is_retryable_conflict, is_unavailable
 from manager_core.postgres.users import User
-from picloud_shared.errors import Busy, MethodNotAllowed, NotFound, PicloudError
+from picloud_shared.errors import Busy, MethodNotAllowed, NotFound, PicloudError, Unavailable
 from picloud_shared.ids import AppId
 from picloud_shared.principals import Capability, Principal
 
@@ -107,6 +107,9 @@ class Resource(Route):
             if is_retryable_conflict(exc):  # whatever in_transaction could not absorb
                 logger.warning("admin API: %s %s kept conflicting", request.method, self.path)
                 return error_response(Busy("concurrent work kept conflicting; try again"))
+            if is_unavailable(exc):
+                logger.warning("admin API: %s %s: database unavailable", request.method, self.path)
+                return error_response(Unavailable("the database is unavailable; try again"))
             logger.exception("admin API: unexpected error on %s %s", request.method, self.path)
             return internal_error_response()
 

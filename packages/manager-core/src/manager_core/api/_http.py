@@ -19,6 +19,7 @@ from picloud_shared.errors import (
     PayloadTooLarge,
     PicloudError,
     Unauthenticated,
+    Unavailable,
 )
 from picloud_shared.limits import MAX_REQUEST_BODY_BYTES
 from picloud_shared.wire import Json
@@ -43,7 +44,7 @@ def error_response(error: PicloudError, *, allow: list[str] | None = None) -> Re
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(error, MethodNotAllowed) and allow:
         headers["Allow"] = ", ".join(allow)
-    if isinstance(error, Busy):
+    if isinstance(error, (Busy, Unavailable)):
         headers["Retry-After"] = "1"
     return JSONResponse({"error": error.to_wire()}, error.http_status, headers=headers)
 

@@ -20,13 +20,14 @@ from manager_core import tables as t
 from manager_core.db import (
     FOREIGN_KEY_VIOLATION,
     in_transaction,
+    is_unavailable,
     sqlstate,
     transaction,
     translate_integrity_error,
 )
 from manager_core.postgres._rows import ROUTE_COLUMNS, route_from_row
 from picloud_shared.domain import HTTP_METHODS, DispatchMode, Route, RouteTarget
-from picloud_shared.errors import Conflict, InvalidInput, NotFound, UnknownScript
+from picloud_shared.errors import Conflict, InvalidInput, NotFound, Unavailable, UnknownScript
 from picloud_shared.ids import AppId, RouteId, ScriptId, UserId
 
 MAX_ROUTE_PATH_CHARS = 1024
@@ -202,8 +203,13 @@ class PostgresRouteRepo:
             .where(t.apps.c.name == app_name)
             .order_by(t.routes.c.path, t.routes.c.method)
         )
-        async with transaction(self._engine) as c:
-            rows = (await c.execute(stmt)).all()
+        try:
+            async with transaction(self._engine) as c:
+                rows = (await c.execute(stmt)).all()
+        except Exception as exc:
+            if is_unavailable(exc):  # RouteTable's callers know no database errors
+                raise Unavailable("the database is unavailable") from exc
+            raise
         if not rows:
             return None
         return [
