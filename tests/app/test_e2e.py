@@ -279,6 +279,15 @@ def test_a_deleted_route_stops_serving_at_once_on_its_node(
     assert r.status_code == 404, r.text
 
 
+def test_a_deleted_app_stops_serving_at_once_on_its_node(admin: Admin, user: httpx.Client) -> None:
+    admin.script("s", "def handle(e, ctx):\n    return 'here'\n")
+    admin.route("GET", "/x", "s")
+    assert user.get(f"/apps/{admin.app_name}/x").text == "here"  # now cached
+    assert admin.http.delete(admin.base).status_code == 204
+    r = user.get(f"/apps/{admin.app_name}/x")
+    assert r.status_code == 404, r.text
+
+
 def test_async_route_is_202_and_its_execution_is_readable_at_once(
     admin: Admin, user: httpx.Client
 ) -> None:

@@ -9,6 +9,7 @@ import anyio
 import httpx
 import pytest
 
+from orchestrator_core.route_cache import CachedRouteTable
 from picloud.app import create_app
 from picloud.services import build_services, running
 from picloud.settings import Settings
@@ -75,3 +76,17 @@ async def test_readyz_names_what_is_not_ready(db_url: str) -> None:
     assert problems[0].startswith("database: ")
     assert problems[1:] == ["dispatcher: not running"]
     await down.engine.dispose()
+
+
+async def test_admin_changes_reach_this_nodes_route_cache(db_url: str) -> None:
+    """Deleting an app or a route, or updating a script, through this node's repos
+    empties the route cache its user routes read."""
+    services = build_services(Settings(executor_max_workers=1), db_url, node_id="cache-node")
+    cache = services.orchestrator.route_table
+    assert isinstance(cache, CachedRouteTable)
+    for repo in (services.apps, services.routes, services.scripts):
+        cache._entries["shop"] = (float("inf"), [])
+        (notify,) = repo.changed
+        notify()
+        assert cache._entries == {}
+    await services.engine.dispose()

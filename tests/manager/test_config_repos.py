@@ -394,3 +394,7 @@ async def test_route_deletes_and_script_updates_tell_their_observers(engine: Asy
     assert await routes.delete(app.id, entry.route.id) is True
     assert await routes.delete(app.id, entry.route.id) is False
     assert calls == ["script", "route"]
+    apps = PostgresAppRepo(engine)
+    apps.changed.append(lambda: calls.append("app"))
+    assert await apps.delete(app.id) is True
+    assert calls == ["script", "route", "app", "app"]  # routes gone, then the app

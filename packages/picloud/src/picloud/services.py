@@ -123,8 +123,9 @@ def build_services(
     route_cache = CachedRouteTable(routes)
     # What this node's admin API changes, its own user routes see at once (other
     # nodes within the cache's ttl).
-    routes.changed.append(route_cache.invalidate)
-    scripts.changed.append(route_cache.invalidate)
+    apps = PostgresAppRepo(engine)
+    for repo in (apps, routes, scripts):
+        repo.changed.append(route_cache.invalidate)
     route_table: RouteTable = route_cache
     executions = PostgresExecutionRepo(engine)
     dead_letters = PostgresDeadLetterRepo(engine, outbox, event_emitter)
@@ -167,7 +168,7 @@ def build_services(
         node_id=node,
         signal=signal,
         users=PostgresUserRepo(engine),
-        apps=PostgresAppRepo(engine),
+        apps=apps,
         scripts=scripts,
         routes=routes,
         triggers=triggers,

@@ -8,7 +8,7 @@ A member row always holds at least one capability (setting none removes it).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from sqlalchemy import delete, exists, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -43,6 +43,9 @@ class PostgresAppRepo:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # Called after a delete removed an app's routes, and after it removed the app:
+        # a cache of routes on this node (the orchestrator's) forgets them at once.
+        self.changed: list[Callable[[], None]] = []
 
     async def create(
         self, name: str, created_by: UserId, *, conn: AsyncConnection | None = None
@@ -145,7 +148,14 @@ class PostgresAppRepo:
 
         if conn is None:
             await in_transaction(self._engine, stop_new_work, attempts=DELETE_ATTEMPTS)
-        return await in_transaction(conn or self._engine, delete_app, attempts=DELETE_ATTEMPTS)
+            self._tell_changed()
+        deleted = await in_transaction(conn or self._engine, delete_app, attempts=DELETE_ATTEMPTS)
+        self._tell_changed()
+        return deleted
+
+    def _tell_changed(self) -> None:
+        for callback in self.changed:
+            callback()
 
     # -- members ----------------------------------------------------------------------
 
