@@ -229,3 +229,22 @@ async def test_a_sync_caller_is_answered_at_once_when_its_run_breaks_off(world: 
             result = await receiver.receive(timeout=5)  # the script's timeout is 10 s
     assert result is not None
     assert result.failure is InboxFailureKind.INTERNAL
+
+
+async def test_a_claim_that_deadlocks_is_claimed_again_quietly(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim aborted for a deadlock (with an app delete, say) is a conflict, not a
+    failure: claimed again at once, logged at INFO, no traceback."""
+    script_id = await world.script("def handle(e, ctx):\n    pass\n")
+    route = await _route(world, script_id)
+    world.outbox.claim_due, seen = fail_first(  # type: ignore[method-assign]
+        1, world.outbox.claim_due
+    )
+    await world.outbox.enqueue(http_row(world, script_id, route, HttpEvent("GET", "/")))
+    with caplog.at_level("INFO", logger="picloud.dispatcher"):
+        async with world.running():
+            await world.wait_count(t.executions, t.executions.c.status == "succeeded")
+    assert len(seen) >= 2
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert any("claiming again" in r.getMessage() for r in caplog.records)

@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core.claim_runner import ClaimRunner
 from manager_core.completer import BatchCompleter
-from manager_core.db import transaction
+from manager_core.db import conflict_pause, is_retryable_conflict, sqlstate, transaction
 from manager_core.dispatch_settings import DispatcherMetrics, DispatcherSettings, WorkSignal
 from manager_core.execution_txn import HostFactory, Lost, Slot, TransactionDeps
 from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
@@ -251,7 +251,11 @@ class Dispatcher:
             limit = min(self.settings.batch_size, free)
             try:
                 claims = await self._claim(limit)
-            except Exception:
+            except Exception as exc:
+                if is_retryable_conflict(exc):  # e.g. with an app delete: claim again
+                    log.info("a claim met a conflict (%s); claiming again", sqlstate(exc))
+                    await conflict_pause(0)
+                    continue
                 log.exception("claiming outbox rows failed; retrying after the poll interval")
                 await anyio.sleep(self.settings.poll_interval)
                 continue
