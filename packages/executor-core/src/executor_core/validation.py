@@ -53,7 +53,7 @@ def _size(value: object, what: str) -> int:
         size = len(text.encode("utf-8"))
     except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
         raise InvalidInput(f"{what} must be JSON (no NaN or Infinity)") from None
-    if "\\u0000" in text and wire.unstorable(value) is not None:  # type: ignore[arg-type]
+    if wire.holds_nul(text, value):  # type: ignore[arg-type]
         raise InvalidInput(f"{what} holds a NUL character, which PostgreSQL cannot store")
     return size
 

@@ -13,7 +13,7 @@ import logging
 import anyio
 import attrs
 
-from manager_core.db import CONFLICT_ATTEMPTS, ROW_ERRORS, conflict_pause, is_retryable_conflict
+from manager_core.db import run_batch
 from manager_core.group_commit import GroupCommit
 from manager_core.postgres.outbox import ClaimedRow, PostgresOutboxRepo
 from picloud_shared.execution import ExecResult
@@ -46,25 +46,20 @@ class BatchCompleter:
         await self._group.submit(item)
         return item.owned
 
-    async def _flush(self, batch: list[_Item], attempt: int = 0) -> None:
-        try:
-            owned = await self._outbox.complete_batch([(i.claim, i.result) for i in batch])
-        except Exception as exc:
-            if is_retryable_conflict(exc) and attempt < CONFLICT_ATTEMPTS - 1:
-                await conflict_pause(attempt)  # the statement had no effect: run it again
-                await self._flush(batch, attempt + 1)
-                return
-            if len(batch) > 1 and isinstance(exc, ROW_ERRORS):
-                for item in batch:  # one execution's record cannot be written: only it fails
-                    await self._flush([item])
-                return
-            log.exception("completing %d execution(s) failed", len(batch))
-            for item in batch:
-                item.error = exc
-                item.done.set()
-            return
+    async def _flush(self, batch: list[_Item]) -> None:
+        await run_batch(batch, self._complete, _fail)
+
+    async def _complete(self, batch: list[_Item]) -> None:
+        owned = await self._outbox.complete_batch([(i.claim, i.result) for i in batch])
         self.batches += 1
         self.rows += len(batch)
         for item in batch:
             item.owned = item.claim.row.id in owned
             item.done.set()
+
+
+def _fail(batch: list[_Item], exc: Exception) -> None:
+    log.exception("completing %d execution(s) failed", len(batch))
+    for item in batch:
+        item.error = exc
+        item.done.set()

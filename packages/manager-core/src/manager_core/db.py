@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeAlias, TypeVar
 
 import anyio
@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from picloud_shared.errors import Conflict, InvalidInput, PicloudError
+from picloud_shared.errors import Conflict, InvalidInput, PicloudError, Unavailable
 
 Bind: TypeAlias = AsyncEngine | AsyncConnection
 
@@ -229,6 +229,43 @@ def is_unavailable(exc: BaseException) -> bool:
 async def conflict_pause(attempt: int) -> None:
     """The random pause before re-running a transaction aborted for a conflict."""
     await anyio.sleep(random.uniform(0, 0.005 * 2**attempt))
+
+
+async def run_batch(
+    batch: list[T],
+    run: Callable[[list[T]], Awaitable[None]],
+    fail: Callable[[list[T], Exception], None],
+) -> None:
+    """``run`` a group commit's batched statement so that neither a conflict nor one
+    bad row costs the others. A statement PostgreSQL aborted for a deadlock or a
+    serialization failure had no effect: it runs again. One that failed for a row's
+    sake (``ROW_ERRORS``) runs again row by row, so only that row fails. Anything
+    else fails the batch (``fail`` is called while the error is being handled)."""
+    for attempt in range(CONFLICT_ATTEMPTS):
+        try:
+            await run(batch)
+            return
+        except Exception as exc:
+            if not (is_retryable_conflict(exc) and attempt < CONFLICT_ATTEMPTS - 1):
+                if len(batch) == 1 or not isinstance(exc, ROW_ERRORS):
+                    fail(batch, exc)
+                    return
+                break
+        await conflict_pause(attempt)
+    for item in batch:  # isolate the row at fault; the others are written
+        await run_batch([item], run, fail)
+
+
+@contextmanager
+def unavailable_as_error() -> Iterator[None]:
+    """Turn a database out of reach into ``Unavailable`` (a 503), for callers that know
+    no database errors (the orchestrator, through ``OutboxWriter`` and ``RouteTable``)."""
+    try:
+        yield
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise Unavailable("the database is unavailable") from exc
+        raise
 
 
 def translate_integrity_error(

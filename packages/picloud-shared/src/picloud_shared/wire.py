@@ -59,7 +59,7 @@ def _finite(text: str) -> float:
 def unstorable(value: Json) -> str | None:
     """Why a string (or key) of ``value`` cannot be stored in ``jsonb``, if one cannot:
     a NUL, or half a surrogate pair. Walks the whole value; callers check the JSON
-    text for ``\\u0000`` first (``dumps`` escapes a NUL so, and most values have none)."""
+    text for ``\\u0000`` first (``holds_nul``: most values have none)."""
     if isinstance(value, str):
         if "\x00" in value:
             return "a string holds \\u0000, which PostgreSQL cannot store"
@@ -76,6 +76,13 @@ def unstorable(value: Json) -> str | None:
             if why is not None:
                 return why
     return None
+
+
+def holds_nul(text: str, value: Json) -> bool:
+    """Whether ``value``, serialized as the JSON ``text``, holds a NUL in a string or
+    a key, which no ``jsonb`` string can store. ``dumps`` writes a NUL as
+    ``\\u0000``; only a text that has one is walked."""
+    return "\\u0000" in text and unstorable(value) is not None
 
 
 def loads_untrusted(raw: bytes) -> Json:

@@ -93,7 +93,7 @@ def encode_json(value: object, max_bytes: int, what: str) -> str:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
     # Refused here, not by PostgreSQL: in an execution's transaction a statement
     # PostgreSQL refuses aborts the transaction, and every later host call with it.
-    if "\\u0000" in text and wire.unstorable(value) is not None:  # type: ignore[arg-type]
+    if wire.holds_nul(text, value):  # type: ignore[arg-type]
         raise InvalidInput(f"{what} holds a NUL character, which PostgreSQL cannot store")
     if size > max_bytes:
         raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {max_bytes}")

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
-from manager_core.db import INTEGRITY_ERRORS, SqlConn, is_unavailable, transaction
+from manager_core.db import INTEGRITY_ERRORS, SqlConn, transaction, unavailable_as_error
 from manager_core.postgres import outbox_claims as claims
 from manager_core.postgres import outbox_enqueue as enqueue_sql
 from manager_core.postgres.outbox_claims import (
@@ -38,7 +38,7 @@ from manager_core.postgres.outbox_claims import (
     outbox_row_from_row,
 )
 from manager_core.postgres.outbox_enqueue import GroupWriter, Pending
-from picloud_shared.errors import NotFound, Unavailable
+from picloud_shared.errors import NotFound
 from picloud_shared.execution import ExecResult
 from picloud_shared.gate import Permit
 from picloud_shared.ids import (
@@ -207,13 +207,10 @@ class PostgresOutboxRepo:
                 runner.run_claimed(claim, permit)
 
         try:
-            claim = await self._writer.write(Pending(row, token), on_written)
+            with unavailable_as_error():
+                claim = await self._writer.write(Pending(row, token), on_written)
         except INTEGRITY_ERRORS as exc:  # the app vanished while the row was written
             raise NotFound("app not found") from exc
-        except Exception as exc:
-            if is_unavailable(exc):  # OutboxWriter's callers know no database errors
-                raise Unavailable("the database is unavailable") from exc
-            raise
         if claim is None:
             raise NotFound("app not found")
 

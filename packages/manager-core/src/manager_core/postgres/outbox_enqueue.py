@@ -25,14 +25,7 @@ from typing import Any
 import anyio
 import attrs
 
-from manager_core.db import (
-    CONFLICT_ATTEMPTS,
-    ROW_ERRORS,
-    SqlConn,
-    conflict_pause,
-    fetch,
-    is_retryable_conflict,
-)
+from manager_core.db import SqlConn, fetch, run_batch
 from manager_core.group_commit import GroupCommit
 from manager_core.postgres.outbox_claims import (
     CLAIM_CONTEXT,
@@ -193,25 +186,13 @@ class GroupWriter:
         await self._group.submit(waiter)
         return waiter.result
 
-    async def _flush(self, batch: list[_Waiter], attempt: int = 0) -> None:
-        try:
-            written = await self._write([w.pending for w in batch])
-        except Exception as exc:
-            if is_retryable_conflict(exc) and attempt < CONFLICT_ATTEMPTS - 1:
-                # A deadlock with, say, an admin delete: the statement had no effect.
-                await conflict_pause(attempt)
-                await self._flush(batch, attempt + 1)
-                return
-            if not isinstance(exc, ROW_ERRORS):
-                _fail(batch, exc)
-                return
-            # A row's app vanished meanwhile, or a row PostgreSQL refuses.
-            if len(batch) == 1:
-                _fail(batch, exc)
-            else:  # isolate it; the others are written
-                for w in batch:
-                    await self._flush([w])
-            return
+    async def _flush(self, batch: list[_Waiter]) -> None:
+        # A deadlock (with an admin delete, say) runs again; a row whose app vanished
+        # meanwhile, or that PostgreSQL refuses, fails alone.
+        await run_batch(batch, self._write_all, _fail)
+
+    async def _write_all(self, batch: list[_Waiter]) -> None:
+        written = await self._write([w.pending for w in batch])
         self.batches += 1
         self.rows += len(batch)
         for w in batch:

@@ -20,14 +20,14 @@ from manager_core import tables as t
 from manager_core.db import (
     FOREIGN_KEY_VIOLATION,
     in_transaction,
-    is_unavailable,
     sqlstate,
     transaction,
     translate_integrity_error,
+    unavailable_as_error,
 )
 from manager_core.postgres._rows import ROUTE_COLUMNS, route_from_row
 from picloud_shared.domain import HTTP_METHODS, DispatchMode, Route, RouteTarget
-from picloud_shared.errors import Conflict, InvalidInput, NotFound, Unavailable, UnknownScript
+from picloud_shared.errors import Conflict, InvalidInput, NotFound, UnknownScript
 from picloud_shared.ids import AppId, RouteId, ScriptId, UserId
 
 MAX_ROUTE_PATH_CHARS = 1024
@@ -203,13 +203,9 @@ class PostgresRouteRepo:
             .where(t.apps.c.name == app_name)
             .order_by(t.routes.c.path, t.routes.c.method)
         )
-        try:
+        with unavailable_as_error():
             async with transaction(self._engine) as c:
                 rows = (await c.execute(stmt)).all()
-        except Exception as exc:
-            if is_unavailable(exc):  # RouteTable's callers know no database errors
-                raise Unavailable("the database is unavailable") from exc
-            raise
         if not rows:
             return None
         return [
