@@ -149,9 +149,11 @@ async def test_lease_recovery_reads_the_outbox_once_after_it_grew(engine: AsyncE
     assert all(r.claimed_by is None and r.claimed_until is None for r in rows)
 
 
-async def test_a_claim_reads_little_of_an_outbox_that_grew(engine: AsyncEngine) -> None:
-    """Claims run while the outbox was empty, then one of 16 rows out of ROWS due: it
-    reads about its batch, not the backlog (once, or once per row)."""
+@pytest.mark.parametrize("apps", [1, 40])
+async def test_a_claim_reads_little_of_an_outbox_that_grew(engine: AsyncEngine, apps: int) -> None:
+    """Claims run while the outbox was empty, then one of 16 rows out of ROWS due (of
+    one app, or spread over 40): it reads about its batch, not the backlog (once, or
+    once per row or app)."""
     await _empty_statistics(engine)
     sources = ScriptSources()
     async with _explained(engine) as (conn, plans):
@@ -160,7 +162,8 @@ async def test_a_claim_reads_little_of_an_outbox_that_grew(engine: AsyncEngine) 
                 conn, node_id="n", limit=16, lease_seconds=30, sources=sources
             )
             assert claimed == []
-        await _fill(engine, leased=False)
+        for _ in range(apps):
+            await _fill(engine, leased=False, n=ROWS // apps)
         claimed = await outbox_claims.claim(
             conn, node_id="n", limit=16, lease_seconds=30, sources=sources
         )

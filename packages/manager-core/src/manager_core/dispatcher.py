@@ -6,6 +6,9 @@ elsewhere. It holds a gate permit *before* it claims, and claims at most as many
 rows as it holds permits, so the batch is sized to the free capacity of the
 ``ExecutionGate`` it shares with sync HTTP. A saturated gate therefore leaves rows
 due in the outbox — never dropped, never double-run, no attempt counted.
+A claim divides its batch between the apps that have rows due, and claims take
+turns round them (``outbox_claims._CLAIM``): one app's backlog never queues another
+app's executions behind it.
 
 Rows written on this node can skip the claim: while the dispatcher runs it is
 attached to the ``PostgresOutboxRepo`` as a ``LocalRunner``, and ``enqueue`` (in its

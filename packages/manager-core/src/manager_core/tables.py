@@ -404,8 +404,10 @@ outbox = Table(
     _one_of("source_kind", OUTBOX_SOURCE_KINDS, "source_kind"),
     CheckConstraint("attempt_count >= 0", name="attempt_count"),
     CheckConstraint("trigger_depth >= 0", name="trigger_depth"),
+    # Claims walk it app by app, each app's due rows oldest first (fair claims).
     Index(
-        "ix_outbox_due",
+        "ix_outbox_app_due",
+        "app_id",
         "run_at",
         "id",
         postgresql_where=text("claimed_until IS NULL"),

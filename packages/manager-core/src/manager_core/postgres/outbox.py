@@ -150,6 +150,7 @@ class PostgresOutboxRepo:
         self._runners: dict[str, LocalRunner] = {}
         self.signal = signal if signal is not None else OutboxSignal()
         self._sources = ScriptSources()
+        self._rotation = claims.AppRotation()  # this node's turn round the apps
         self._writer = GroupWriter(
             lambda: self._hot(None), lease_seconds=self._lease_seconds, sources=self._sources
         )
@@ -253,13 +254,18 @@ class PostgresOutboxRepo:
 
     async def claim_due(self, node: str, limit: int, lease_seconds: float) -> list[ClaimedRow]:
         """Claim up to ``limit`` due rows for ``node`` with everything needed to run
-        them (see :func:`outbox_claims.claim`). Always its own autocommitted statement:
-        it commits without waiting for the disk."""
+        them, shared fairly between apps (see :func:`outbox_claims.claim`). Always
+        autocommitted statements: they commit without waiting for the disk."""
         if limit < 1:
             return []
         async with self._hot(None) as c:
             return await claims.claim(
-                c, node_id=node, limit=limit, lease_seconds=lease_seconds, sources=self._sources
+                c,
+                node_id=node,
+                limit=limit,
+                lease_seconds=lease_seconds,
+                sources=self._sources,
+                rotation=self._rotation,
             )
 
     async def recover_expired(self, *, conn: AsyncConnection | None = None) -> int:

@@ -18,7 +18,7 @@ execution keeps killing its node still reaches ``max_attempts``.
 from __future__ import annotations
 
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,28 +68,73 @@ CLAIM_CONTEXT = """
     LEFT JOIN app_members m ON m.app_id = c.app_id AND m.user_id = u.id
 """
 
+# Which rows of the outbox a node may claim now: due, not leased, and not a sync
+# request another node's caller waits for (unless nobody can wait for it any more).
+_CLAIMABLE = """
+    {o}.claimed_until IS NULL AND {o}.run_at <= now()
+    AND ({o}.reply_to IS NULL OR {o}.reply_node = %(node)s
+         OR {o}.created_at < now() - make_interval(secs => CAST(%(orphan_after)s AS float8)))
+"""
+
+# One claim shares its batch fairly between the apps that have rows due, so that one
+# app's backlog never holds up another app's executions:
+#
+# * ``due_apps`` walks the ``(app_id, run_at, id)`` index app by app (a skip scan: one
+#   probe per app, however many rows each has), from just after ``after`` (the last
+#   app of the previous claim, so claims take turns round the apps), for at most
+#   ``limit`` apps;
+# * each of them gets ``share`` = ceil(limit / apps) of its oldest due rows.
+#
+# Every claimed row carries ``claim_apps``, ``claim_last_app`` and ``claim_share``,
+# from which :func:`claim` tells whether rows may be left due (an app gave its whole
+# share, or apps past the cap were not looked at) and where the next claim starts.
 # ``set_config(..., true)`` in the statement itself: a lost claim is harmless (the rows
 # are simply not claimed), so its commit need not wait for the disk, and the claim runs
 # as one autocommitted statement.
 _CLAIM = (
     """
-    WITH nosync AS (
+    WITH RECURSIVE nosync AS (
         SELECT set_config('synchronous_commit', 'off', true) AS off
+    ), due_apps (n, app_id) AS (
+        SELECT 1, (SELECT o.app_id FROM outbox o
+                   WHERE """
+    + _CLAIMABLE.format(o="o")
+    + """ AND (CAST(%(after)s AS uuid) IS NULL OR o.app_id > CAST(%(after)s AS uuid))
+                   ORDER BY o.app_id LIMIT 1)
+        UNION ALL
+        SELECT a.n + 1, (SELECT o.app_id FROM outbox o
+                         WHERE """
+    + _CLAIMABLE.format(o="o")
+    + """ AND o.app_id > a.app_id
+                         ORDER BY o.app_id LIMIT 1)
+        FROM due_apps a
+        WHERE a.app_id IS NOT NULL AND a.n < %(limit)s
+    ), picked AS MATERIALIZED (
+        SELECT n, app_id FROM due_apps WHERE app_id IS NOT NULL
+    ), share AS MATERIALIZED (
+        SELECT count(*) AS apps,
+               (%(limit)s + count(*) - 1) / greatest(count(*), 1) AS share,
+               (SELECT app_id FROM picked ORDER BY n DESC LIMIT 1) AS last_app
+        FROM picked
     ), due AS (
-        SELECT id FROM outbox
-        WHERE claimed_until IS NULL AND run_at <= now()
-          AND (reply_to IS NULL OR reply_node = %(node)s
-               OR created_at < now() - make_interval(secs => CAST(%(orphan_after)s AS float8)))
-        ORDER BY run_at, id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
+        SELECT d.id FROM picked p CROSS JOIN LATERAL (
+            SELECT o.id FROM outbox o
+            WHERE o.app_id = p.app_id AND """
+    + _CLAIMABLE.format(o="o")
+    + """
+            ORDER BY o.run_at, o.id
+            LIMIT (SELECT share FROM share)
+            FOR UPDATE SKIP LOCKED
+        ) d
     ), claimed AS (
         UPDATE outbox o
         SET claimed_by = %(token)s,
             claimed_until = now() + make_interval(secs => CAST(%(lease)s AS float8)),
             attempt_count = o.attempt_count + 1
         WHERE o.id = ANY(ARRAY(SELECT id FROM due))  -- probes, whatever the plan thinks
-        RETURNING o.*
+        RETURNING o.*, (SELECT apps FROM share) AS claim_apps,
+                  (SELECT last_app FROM share) AS claim_last_app,
+                  (SELECT share FROM share) AS claim_share
     ), running AS (
         UPDATE executions e
         SET status = 'running', attempts = c.attempt_count,
@@ -106,6 +151,11 @@ _CLAIM = (
     ORDER BY c.run_at, c.id
     """
 )
+
+# A claim that may have left rows due (see ``_CLAIM``) is followed at once by another,
+# for the rest of its batch; at most this many statements make one claim.
+CLAIM_ROUNDS = 3
+
 
 # Rows whose lease expired and whose execution is not running (not locked) are due again.
 # The expired rows are found in one scan and then probed by id: no join the planner
@@ -227,6 +277,14 @@ def new_claim_token(node_id: str) -> str:
 ORPHANED_SYNC_AFTER_SECONDS = MAX_TIMEOUT_SECONDS + SYNC_WAIT_BUFFER_SECONDS + 30
 
 
+@attrs.define
+class AppRotation:
+    """Where a node's next claim starts in its round of the apps with rows due (the
+    last app the previous claim looked at; ``None``: from the first)."""
+
+    after: AppId | None = None
+
+
 async def claim(
     conn: SqlConn,
     *,
@@ -234,21 +292,42 @@ async def claim(
     limit: int,
     lease_seconds: float,
     sources: ScriptSources,
+    rotation: AppRotation | None = None,
 ) -> list[ClaimedRow]:
-    """Claim up to ``limit`` due rows (one statement: run it autocommitted, or commit)."""
-    token = new_claim_token(node_id)
-    rows = await fetch(
-        conn,
-        _CLAIM,
-        {
-            "limit": limit,
-            "token": token,
-            "lease": lease_seconds,
-            "node": node_id,
-            "orphan_after": ORPHANED_SYNC_AFTER_SECONDS,
-        },
-    )
-    return await claimed_rows(conn, rows, sources)
+    """Claim up to ``limit`` due rows, shared fairly between the apps that have some
+    (see ``_CLAIM``). Fewer than ``limit`` only when no more are due for this node.
+
+    Each statement commits by itself: run them on an autocommitting connection. A
+    batch that an app could not fill (it had fewer rows due than its share) is made up
+    by a second statement, and a third when the round of apps wrapped around."""
+    rotation = rotation if rotation is not None else AppRotation()
+    out: list[ClaimedRow] = []
+    for _ in range(CLAIM_ROUNDS):
+        want = limit - len(out)
+        started_after = rotation.after
+        rows = await fetch(
+            conn,
+            _CLAIM,
+            {
+                "limit": want,
+                "after": started_after,
+                "token": new_claim_token(node_id),
+                "lease": lease_seconds,
+                "node": node_id,
+                "orphan_after": ORPHANED_SYNC_AFTER_SECONDS,
+            },
+        )
+        out += await claimed_rows(conn, rows, sources)
+        # More apps may be due past the ones this statement looked at.
+        more_apps = bool(rows) and rows[0].claim_apps >= want
+        rotation.after = AppId(rows[0].claim_last_app) if more_apps else None
+        if len(out) >= limit:
+            break
+        per_app = Counter(m.app_id for m in rows)
+        full_share = bool(rows) and max(per_app.values()) >= rows[0].claim_share
+        if not (full_share or more_apps or started_after is not None):
+            break  # every app with rows due gave all it had
+    return out
 
 
 async def claimed_rows(
