@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
+from manager_core.postgres import outbox_claims
 from manager_core.postgres.outbox import PostgresOutboxRepo
 from picloud_shared.ids import AppId, InboxId, new_execution_id
 from picloud_shared.outbox import NewOutboxRow, OutboxSourceKind
@@ -155,3 +156,30 @@ async def test_one_apps_backlog_does_not_hold_up_another_app(world: World) -> No
             t.executions, t.executions.c.app_id == busy, t.executions.c.status == "succeeded"
         )
     assert busy_done <= 4
+
+
+async def test_a_claim_that_can_be_served_in_one_statement_is(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One app with a backlog, claims of one row (a nearly full gate): each is one
+    statement, not a second one looking for apps past the last; two apps and claims
+    of one alternate between them, still one statement each."""
+    a, b = await factories.app(engine), await factories.app(engine)
+    repo = PostgresOutboxRepo(engine)
+    await _backlog(engine, repo, a, 6)
+    statements = 0
+    real_fetch = outbox_claims.fetch
+
+    async def counting_fetch(*args: object, **kw: object) -> object:
+        nonlocal statements
+        statements += 1
+        return await real_fetch(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(outbox_claims, "fetch", counting_fetch)
+    for _ in range(3):
+        assert len(await repo.claim_due("n", 1, 30)) == 1
+    assert statements == 3
+    await _backlog(engine, repo, b, 3)
+    served = [(await repo.claim_due("n", 1, 30))[0].row.app_id for _ in range(2)]
+    assert sorted(map(str, served)) == sorted(map(str, (a, b)))
+    assert statements == 5

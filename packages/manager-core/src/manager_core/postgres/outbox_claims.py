@@ -82,12 +82,13 @@ _CLAIMABLE = """
 # * ``due_apps`` walks the ``(app_id, run_at, id)`` index app by app (a skip scan: one
 #   probe per app, however many rows each has), from just after ``after`` (the last
 #   app of the previous claim, so claims take turns round the apps), for at most
-#   ``limit`` apps;
+#   ``limit`` apps (and one more, to know whether there are more);
 # * each of them gets ``share`` = ceil(limit / apps) of its oldest due rows.
 #
-# Every claimed row carries ``claim_apps``, ``claim_last_app`` and ``claim_share``,
-# from which :func:`claim` tells whether rows may be left due (an app gave its whole
-# share, or apps past the cap were not looked at) and where the next claim starts.
+# Every claimed row carries ``claim_more_apps``, ``claim_last_app`` and
+# ``claim_share``, from which :func:`claim` tells whether rows may be left due (an app
+# gave its whole share, or apps past the cap were not served) and where the next
+# claim starts.
 # ``set_config(..., true)`` in the statement itself: a lost claim is harmless (the rows
 # are simply not claimed), so its commit need not wait for the disk, and the claim runs
 # as one autocommitted statement.
@@ -108,13 +109,14 @@ _CLAIM = (
     + """ AND o.app_id > a.app_id
                          ORDER BY o.app_id LIMIT 1)
         FROM due_apps a
-        WHERE a.app_id IS NOT NULL AND a.n < %(limit)s
+        WHERE a.app_id IS NOT NULL AND a.n <= %(limit)s
     ), picked AS MATERIALIZED (
-        SELECT n, app_id FROM due_apps WHERE app_id IS NOT NULL
+        SELECT n, app_id FROM due_apps WHERE app_id IS NOT NULL AND n <= %(limit)s
     ), share AS MATERIALIZED (
-        SELECT count(*) AS apps,
-               (%(limit)s + count(*) - 1) / greatest(count(*), 1) AS share,
-               (SELECT app_id FROM picked ORDER BY n DESC LIMIT 1) AS last_app
+        SELECT (%(limit)s + count(*) - 1) / greatest(count(*), 1) AS share,
+               (SELECT app_id FROM picked ORDER BY n DESC LIMIT 1) AS last_app,
+               EXISTS (SELECT FROM due_apps WHERE n > %(limit)s AND app_id IS NOT NULL)
+                   AS more_apps
         FROM picked
     ), due AS (
         SELECT d.id FROM picked p CROSS JOIN LATERAL (
@@ -132,7 +134,7 @@ _CLAIM = (
             claimed_until = now() + make_interval(secs => CAST(%(lease)s AS float8)),
             attempt_count = o.attempt_count + 1
         WHERE o.id = ANY(ARRAY(SELECT id FROM due))  -- probes, whatever the plan thinks
-        RETURNING o.*, (SELECT apps FROM share) AS claim_apps,
+        RETURNING o.*, (SELECT more_apps FROM share) AS claim_more_apps,
                   (SELECT last_app FROM share) AS claim_last_app,
                   (SELECT share FROM share) AS claim_share
     ), running AS (
@@ -318,8 +320,8 @@ async def claim(
             },
         )
         out += await claimed_rows(conn, rows, sources)
-        # More apps may be due past the ones this statement looked at.
-        more_apps = bool(rows) and rows[0].claim_apps >= want
+        # Apps with rows due past the ones this statement served: the next starts there.
+        more_apps = bool(rows) and rows[0].claim_more_apps
         rotation.after = AppId(rows[0].claim_last_app) if more_apps else None
         if len(out) >= limit:
             break
