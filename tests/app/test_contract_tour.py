@@ -255,6 +255,46 @@ def test_admin_auth_users_and_member_capabilities(
         assert_error(c.get(admin.base), 404, "not_found")
 
 
+def test_a_script_rewritten_by_a_member_gets_only_that_members_data_rights(
+    server: Server, admin: Admin, user: httpx.Client
+) -> None:
+    """The owner's route runs as the owner. A member who may manage scripts but not
+    read data rewrites its script to return a secret: the read is refused inside the
+    script (502 ``script_error``, no secret in it). The same code saved by the owner
+    reads it. A trigger needs app_read_data from its registrant (403 without)."""
+    admin.ok("PUT", "/kv/secret", {"pw": "hunter2"})
+    admin.script("hello", "def handle(event, ctx):\n    return {'hi': 1}\n")
+    admin.route("GET", "/hello", "hello")
+    mallory = new_user(server)
+    admin.ok("PUT", f"/members/{mallory['id']}", {"capabilities": ["app_manage_scripts"]})
+    steal = "def handle(event, ctx):\n    return {'stolen': ctx.kv.get('secret')}\n"
+    with server.client(headers={"Authorization": f"Bearer {mallory['token']}"}) as c:
+        saved = c.put(f"{admin.base}/scripts/hello", json={"source": steal})
+        assert saved.status_code == 200, saved.text
+        assert saved.json()["data_capabilities"] == []
+    url = f"/apps/{admin.app_name}/hello"
+    wait_for(lambda: user.get(url).status_code != 200, 10, "the new version served")
+    refused = user.get(url)
+    assert_route_error(refused, 502, "script_error")
+    assert "hunter2" not in refused.text
+    assert "app_read_data" in refused.text
+
+    saved = admin.ok("PUT", "/scripts/hello", {"source": steal})
+    assert saved["data_capabilities"] == ["app_read_data", "app_write_data"]
+    assert user.get(url).json() == {"stolen": {"pw": "hunter2"}}
+
+    spy = new_user(server)
+    admin.ok(
+        "PUT",
+        f"/members/{spy['id']}",
+        {"capabilities": ["app_manage_triggers", "app_manage_scripts", "app_read"]},
+    )
+    with server.client(headers={"Authorization": f"Bearer {spy['token']}"}) as c:
+        r = c.post(f"{admin.base}/triggers/kv", json={"script": "hello", "key_glob": "*"})
+    assert_error(r, 403, "forbidden")
+    assert admin.get("/triggers")["items"] == []
+
+
 def test_creator_holds_every_capability(server: Server) -> None:
     """POST /apps by any user; the creator may do everything, including granting."""
     dave = new_user(server)

@@ -14,7 +14,7 @@ from manager_core.tables import metadata
 from picloud import migrations
 from tests.pg import PgServer
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 @pytest.fixture

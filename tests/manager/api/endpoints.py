@@ -31,6 +31,13 @@ class Endpoint:
     path: str
     access: Capability | Access
     body: Any = None
+    also: frozenset[Capability] = frozenset()  # needed besides ``access``
+
+    @property
+    def required(self) -> frozenset[Capability]:
+        """Every capability an app endpoint needs."""
+        assert isinstance(self.access, Capability)
+        return self.also | {self.access}
 
     @property
     def app_scoped(self) -> bool:
@@ -74,14 +81,22 @@ ENDPOINTS: list[Endpoint] = [
         "/apps/{id}/triggers/kv",
         C.APP_MANAGE_TRIGGERS,
         {"script": "s", "key_glob": "orders/*"},
+        frozenset({C.APP_READ_DATA}),
     ),
     Endpoint(
         "POST",
         "/apps/{id}/triggers/docs",
         C.APP_MANAGE_TRIGGERS,
         {"script": "s", "collection_glob": "orders"},
+        frozenset({C.APP_READ_DATA}),
     ),
-    Endpoint("POST", "/apps/{id}/triggers/dead-letter", C.APP_MANAGE_TRIGGERS, {"script": "s"}),
+    Endpoint(
+        "POST",
+        "/apps/{id}/triggers/dead-letter",
+        C.APP_MANAGE_TRIGGERS,
+        {"script": "s"},
+        frozenset({C.APP_READ_DATA}),
+    ),
     Endpoint("GET", "/apps/{id}/triggers", C.APP_READ),
     Endpoint("DELETE", "/apps/{id}/triggers/{trigger_id}", C.APP_MANAGE_TRIGGERS),
     Endpoint("GET", "/apps/{id}/kv", C.APP_READ_DATA),

@@ -147,6 +147,7 @@ class ClaimRunner:
                 user_exists=claim.user_exists,
                 is_instance_admin=claim.is_instance_admin,
                 capabilities=claim.capabilities,
+                script_capabilities=claim.script.data_capabilities,
             )
         except PrincipalRevoked as exc:
             raise Unrunnable(ExecError(ExecErrorKind.PRINCIPAL_REVOKED, exc.message)) from None

@@ -5,6 +5,13 @@ A trigger's script runs as the user that registered the trigger
 route. The principal must still exist and still hold the capability that let them
 register it, otherwise the execution fails with ``principal_revoked`` and is not
 retried.
+
+Whoever holds ``app_manage_scripts`` can rewrite the code a registrant runs, so a
+script never gets more of the app's data than the user who last saved it held
+(``Script.data_capabilities``): the registrant's ``app_read_data`` and
+``app_write_data`` are withheld when the author lacked them. A trigger on data (kv,
+docs, dead letters) hands its script the data in its event, so it needs
+``app_read_data`` from both; without it the execution is ``principal_revoked``.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import Iterable
 from picloud_shared.errors import PrincipalRevoked
 from picloud_shared.ids import AppId, UserId
 from picloud_shared.outbox import OutboxSourceKind
-from picloud_shared.principals import Capability, Principal
+from picloud_shared.principals import DATA_CAPABILITIES, Capability, Principal
 
 # The capability a registrant must keep for their trigger or route to keep running.
 REQUIRED_CAPABILITY: dict[OutboxSourceKind, Capability] = {
@@ -24,6 +31,11 @@ REQUIRED_CAPABILITY: dict[OutboxSourceKind, Capability] = {
     OutboxSourceKind.DEAD_LETTER: Capability.APP_MANAGE_TRIGGERS,
     OutboxSourceKind.HTTP: Capability.APP_MANAGE_ROUTES,
 }
+
+# Events of these kinds carry the app's data (a value, a document, a dead row's event).
+DATA_EVENT_KINDS = frozenset(
+    {OutboxSourceKind.KV, OutboxSourceKind.DOCS, OutboxSourceKind.DEAD_LETTER}
+)
 
 
 class AdminPrincipalResolver:
@@ -38,11 +50,14 @@ class AdminPrincipalResolver:
         user_exists: bool,
         is_instance_admin: bool,
         capabilities: Iterable[str] | None,
+        script_capabilities: frozenset[Capability] = DATA_CAPABILITIES,
     ) -> Principal:
-        """The registrant as a principal of ``app_id``.
+        """The registrant as a principal of ``app_id``, less the data capabilities
+        the script's author did not hold (``script_capabilities``).
 
         Raises :class:`PrincipalRevoked` when the user is gone, is no longer a member,
-        or lost the capability their registration needs.
+        or lost the capability their registration needs, or when a data trigger's
+        script may not read the data its event carries.
         """
         if user_id is None or not user_exists:
             raise PrincipalRevoked("the user who registered this no longer exists")
@@ -51,7 +66,18 @@ class AdminPrincipalResolver:
         required = REQUIRED_CAPABILITY[source_kind]
         if not principal.can(required):
             raise PrincipalRevoked(f"the user who registered this no longer holds {required.value}")
-        return principal
+        if source_kind in DATA_EVENT_KINDS and not principal.can(Capability.APP_READ_DATA):
+            raise PrincipalRevoked(
+                "the user who registered this trigger does not hold app_read_data, "
+                "and its events carry the app's data"
+            )
+        withheld = DATA_CAPABILITIES - script_capabilities
+        if source_kind in DATA_EVENT_KINDS and Capability.APP_READ_DATA in withheld:
+            raise PrincipalRevoked(
+                "the script was last saved by a user without app_read_data, and this "
+                "trigger's events carry the app's data; save it again as a user who holds it"
+            )
+        return principal.without(withheld)
 
 
 @functools.lru_cache(maxsize=256)

@@ -95,6 +95,7 @@ CAPABILITIES = (
     "app_read_data",
     "app_manage_dead_letters",
 )
+DATA_CAPABILITIES = ("app_read_data", "app_write_data")
 
 MAX_SCRIPT_SOURCE_BYTES = 256 * 1024
 MAX_KV_KEY_BYTES = 512
@@ -203,9 +204,18 @@ scripts = Table(
     Column("version", Integer, nullable=False, server_default=text("1")),
     Column("timeout_seconds", Integer, nullable=False, server_default=text("10")),
     Column("memory_limit_mb", Integer, nullable=False, server_default=text("128")),
+    # The data capabilities of the user who saved this version: its executions get no
+    # more of them than that (``picloud_shared.principals.DATA_CAPABILITIES``).
+    Column(
+        "data_capabilities",
+        ARRAY(Text),
+        nullable=False,
+        server_default=text(f"ARRAY[{_sql_list(DATA_CAPABILITIES)}]::text[]"),
+    ),
     _created_at(),
     _updated_at(),
     UniqueConstraint("app_id", "name"),
+    _subset_of("data_capabilities", DATA_CAPABILITIES, "data_capabilities"),
     CheckConstraint("name ~ '^[A-Za-z0-9_-]{1,63}$'", name="name"),
     CheckConstraint(f"octet_length(source) <= {MAX_SCRIPT_SOURCE_BYTES}", name="source_size"),
     CheckConstraint("version >= 1", name="version"),

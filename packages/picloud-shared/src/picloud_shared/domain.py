@@ -11,6 +11,7 @@ import attrs
 from picloud_shared.errors import InvalidName
 from picloud_shared.ids import AppId, RouteId, ScriptId, UserId
 from picloud_shared.limits import DEFAULT_MEMORY_LIMIT_MB, DEFAULT_TIMEOUT_SECONDS
+from picloud_shared.principals import DATA_CAPABILITIES, Capability
 
 APP_NAME_RE = re.compile(r"[a-z0-9-]{1,63}")
 SCRIPT_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
@@ -63,6 +64,9 @@ class Script:
     version: int = 1
     timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS
     memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB
+    # The data capabilities the user who saved this version held: its executions get
+    # no more of them, whoever registered the route or trigger that runs it.
+    data_capabilities: frozenset[Capability] = DATA_CAPABILITIES
 
 
 @attrs.frozen

@@ -37,6 +37,13 @@ class Capability(enum.StrEnum):
 
 ALL_CAPABILITIES: frozenset[Capability] = frozenset(Capability)
 
+# What a script may do with its app's data (``ctx.kv``, ``ctx.docs``, the data a
+# trigger event carries). A script runs with no more of these than the user who last
+# saved it held when saving (``Script.data_capabilities``).
+DATA_CAPABILITIES: frozenset[Capability] = frozenset(
+    {Capability.APP_READ_DATA, Capability.APP_WRITE_DATA}
+)
+
 
 @attrs.frozen
 class Principal:
@@ -53,3 +60,11 @@ class Principal:
     def can(self, capability: Capability) -> bool:
         """Whether this principal holds ``capability`` (instance admins hold all)."""
         return self.is_instance_admin or capability in self.capabilities
+
+    def without(self, withheld: frozenset[Capability]) -> Principal:
+        """This principal, less ``withheld`` (an instance admin then holds every
+        capability but those, as a plain member)."""
+        if not withheld or not (self.is_instance_admin or withheld & self.capabilities):
+            return self
+        held = ALL_CAPABILITIES if self.is_instance_admin else self.capabilities
+        return Principal(self.user_id, self.app_id, held - withheld, is_instance_admin=False)

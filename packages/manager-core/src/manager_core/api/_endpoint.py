@@ -30,7 +30,14 @@ from manager_core.api._http import (
 )
 from manager_core.db import is_retryable_conflict, is_unavailable
 from manager_core.postgres.users import User
-from picloud_shared.errors import Busy, MethodNotAllowed, NotFound, PicloudError, Unavailable
+from picloud_shared.errors import (
+    Busy,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    PicloudError,
+    Unavailable,
+)
 from picloud_shared.ids import AppId
 from picloud_shared.principals import Capability, Principal
 
@@ -76,10 +83,12 @@ Handler = Callable[[Call], Awaitable[Response]]
 
 @attrs.frozen
 class Operation:
-    """One method of a resource: its access rule and handler."""
+    """One method of a resource: its access rule, its handler, and the capabilities
+    it needs besides ``access`` (an app route's)."""
 
     access: Capability | Access
     handler: Handler
+    also: frozenset[Capability] = frozenset()
 
 
 class Resource(Route):
@@ -98,6 +107,10 @@ class Resource(Route):
             if operation is None:
                 raise MethodNotAllowed()
             call = await _authorise(request, self.deps, operation.access)
+            for capability in sorted(operation.also):
+                assert call.principal is not None, "also: only on app routes"
+                if not call.principal.can(capability):
+                    raise Forbidden(f"this needs the {capability} capability as well")
             return await operation.handler(call)
         except MethodNotAllowed as exc:
             return error_response(exc, allow=sorted(self.operations))

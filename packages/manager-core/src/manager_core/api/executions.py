@@ -10,11 +10,13 @@ from manager_core.api._endpoint import Call, Operation, Resource
 from manager_core.api._http import json_response, path_uuid
 from manager_core.api._pagination import PageRequest
 from manager_core.api.triggers import uuid_cursor
+from manager_core.postgres.dead_letters import DeadLetter
 from picloud_shared.errors import InvalidInput, NotFound
 from picloud_shared.ids import DeadLetterId, ExecutionId
 from picloud_shared.outbox import OutboxSourceKind
 from picloud_shared.principals import Capability
 from picloud_shared.status import ExecutionStatus
+from picloud_shared.wire import JsonObject
 
 if TYPE_CHECKING:
     from manager_core.api.deps import AdminDeps
@@ -55,12 +57,23 @@ async def get_execution(call: Call) -> Response:
     return json_response(execution.to_wire())
 
 
+def _letter_to_wire(call: Call, letter: DeadLetter) -> JsonObject:
+    """A dead letter as the caller may see it: its ``payload`` is the original event,
+    which carries the app's data (a value, a document), so it is ``null`` for a
+    caller without ``app_read_data``."""
+    body = letter.to_wire()
+    assert call.principal is not None
+    if not call.principal.can(Capability.APP_READ_DATA):
+        body["payload"] = None
+    return body
+
+
 async def list_dead_letters(call: Call) -> Response:
     """Newest first."""
     page = PageRequest.from_request(call.request)
     after = None if page.after is None else DeadLetterId(uuid_cursor(page.after[0]))
     rows = await call.deps.dead_letters.list(call.app_id, page.fetch, after)
-    return page.respond(rows, lambda d: (str(d.id),), lambda d: d.to_wire())
+    return page.respond(rows, lambda d: (str(d.id),), lambda d: _letter_to_wire(call, d))
 
 
 async def replay_dead_letter(call: Call) -> Response:
@@ -78,7 +91,7 @@ async def resolve_dead_letter(call: Call) -> Response:
     letter = await call.deps.dead_letters.get(call.app_id, dl_id)
     if letter is None:
         raise NotFound("no such dead letter")
-    return json_response(letter.to_wire())
+    return json_response(_letter_to_wire(call, letter))
 
 
 def resources(deps: AdminDeps) -> list[Resource]:

@@ -13,7 +13,7 @@ from manager_core.postgres.scripts import ScriptSummary
 from picloud_shared.domain import SCRIPT_NAME_RE, Script
 from picloud_shared.errors import NotFound
 from picloud_shared.limits import DEFAULT_MEMORY_LIMIT_MB, DEFAULT_TIMEOUT_SECONDS
-from picloud_shared.principals import Capability
+from picloud_shared.principals import DATA_CAPABILITIES, Capability
 from picloud_shared.wire import JsonObject
 
 if TYPE_CHECKING:
@@ -28,10 +28,17 @@ def script_to_wire(script: Script | ScriptSummary, *, source: bool = False) -> J
         "version": script.version,
         "timeout_seconds": script.timeout_seconds,
         "memory_limit_mb": script.memory_limit_mb,
+        "data_capabilities": sorted(c.value for c in script.data_capabilities),
     }
     if source and isinstance(script, Script):
         body["source"] = script.source
     return body
+
+
+def _authors_data_capabilities(call: Call) -> frozenset[Capability]:
+    """What the caller may do with the app's data: all a version they save may do."""
+    assert call.principal is not None
+    return frozenset(c for c in DATA_CAPABILITIES if call.principal.can(c))
 
 
 def _name(call: Call) -> str:
@@ -50,6 +57,7 @@ async def create_script(call: Call) -> Response:
         fields.text("source"),
         timeout_seconds=fields.integer("timeout_seconds", DEFAULT_TIMEOUT_SECONDS),
         memory_limit_mb=fields.integer("memory_limit_mb", DEFAULT_MEMORY_LIMIT_MB),
+        data_capabilities=_authors_data_capabilities(call),
     )
     return json_response(script_to_wire(script), 201)
 
@@ -74,7 +82,8 @@ async def get_script(call: Call) -> Response:
 
 async def update_script(call: Call) -> Response:
     """``{"source"?, "timeout_seconds"?, "memory_limit_mb"?}``: replace what is
-    given, keep the rest, bump ``version``."""
+    given, keep the rest, bump ``version``. The new version's data capabilities are
+    the caller's, whatever the old version had."""
     name = _name(call)
     fields = await call.fields()
     script = await call.deps.scripts.update(
@@ -83,6 +92,7 @@ async def update_script(call: Call) -> Response:
         source=fields.text("source", None),
         timeout_seconds=fields.integer("timeout_seconds", None),
         memory_limit_mb=fields.integer("memory_limit_mb", None),
+        data_capabilities=_authors_data_capabilities(call),
     )
     return json_response(script_to_wire(script))
 

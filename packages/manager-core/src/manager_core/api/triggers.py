@@ -216,15 +216,22 @@ async def delete_trigger(call: Call) -> Response:
 def resources(deps: AdminDeps) -> list[Resource]:
     """The trigger endpoints."""
     manage = Capability.APP_MANAGE_TRIGGERS
+    # A trigger's events carry the app's data (a value, a document, a dead row's
+    # event) to a script that runs as the caller: the caller must be able to read it.
+    reads = frozenset({Capability.APP_READ_DATA})
     return [
-        Resource("/apps/{id}/triggers/kv", deps, {"POST": Operation(manage, create_kv_trigger)}),
         Resource(
-            "/apps/{id}/triggers/docs", deps, {"POST": Operation(manage, create_docs_trigger)}
+            "/apps/{id}/triggers/kv", deps, {"POST": Operation(manage, create_kv_trigger, reads)}
+        ),
+        Resource(
+            "/apps/{id}/triggers/docs",
+            deps,
+            {"POST": Operation(manage, create_docs_trigger, reads)},
         ),
         Resource(
             "/apps/{id}/triggers/dead-letter",
             deps,
-            {"POST": Operation(manage, create_dead_letter_trigger)},
+            {"POST": Operation(manage, create_dead_letter_trigger, reads)},
         ),
         Resource(
             "/apps/{id}/triggers", deps, {"GET": Operation(Capability.APP_READ, list_triggers)}

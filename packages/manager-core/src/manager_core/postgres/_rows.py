@@ -23,6 +23,7 @@ SCRIPT_COLUMNS = (
     t.scripts.c.version,
     t.scripts.c.timeout_seconds,
     t.scripts.c.memory_limit_mb,
+    t.scripts.c.data_capabilities,
 )
 ROUTE_COLUMNS = (
     t.routes.c.id,
@@ -55,6 +56,7 @@ def script_from_row(row: Any) -> Script:
         version=row.version,
         timeout_seconds=row.timeout_seconds,
         memory_limit_mb=row.memory_limit_mb,
+        data_capabilities=Capability.parse_all(row.data_capabilities),
     )
 
 

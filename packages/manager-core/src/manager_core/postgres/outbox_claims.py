@@ -44,6 +44,7 @@ from picloud_shared.ids import (
 )
 from picloud_shared.limits import MAX_TIMEOUT_SECONDS, SYNC_WAIT_BUFFER_SECONDS
 from picloud_shared.outbox import OutboxRow, OutboxSourceKind
+from picloud_shared.principals import Capability
 from picloud_shared.status import ExecutionStatus
 
 # What a claimed row needs to run, joined to the claimed rows ``c`` (a CTE named
@@ -172,50 +173,66 @@ _RECOVER = """
 """
 
 
-class ScriptSources:
-    """Script sources by ``(script id, version)``, so a claim carries only versions.
+@attrs.frozen
+class ScriptCode:
+    """What a version of a script never changes: its source, and the data
+    capabilities of the user who saved it."""
 
-    A version's source never changes (an update makes a new version), so entries
+    source: str
+    data_capabilities: frozenset[Capability]
+
+
+class ScriptSources:
+    """Script code by ``(script id, version)``, so a claim carries only versions.
+
+    A version's code never changes (an update makes a new version), so entries
     never go stale; the least recently used are evicted past ``capacity``.
     """
 
     def __init__(self, capacity: int = 512) -> None:
         self._capacity = capacity
-        self._cache: OrderedDict[tuple[ScriptId, int], str] = OrderedDict()
+        self._cache: OrderedDict[tuple[ScriptId, int], ScriptCode] = OrderedDict()
 
-    def get(self, script_id: ScriptId, version: int) -> str | None:
-        source = self._cache.get((script_id, version))
-        if source is not None:
+    def get(self, script_id: ScriptId, version: int) -> ScriptCode | None:
+        code = self._cache.get((script_id, version))
+        if code is not None:
             self._cache.move_to_end((script_id, version))
-        return source
+        return code
 
-    def put(self, script_id: ScriptId, version: int, source: str) -> None:
-        self._cache[(script_id, version)] = source
+    def put(self, script_id: ScriptId, version: int, code: ScriptCode) -> None:
+        self._cache[(script_id, version)] = code
         self._cache.move_to_end((script_id, version))
         while len(self._cache) > self._capacity:
             self._cache.popitem(last=False)
 
     async def resolve(
         self, conn: SqlConn, wanted: set[tuple[ScriptId, int]]
-    ) -> dict[tuple[ScriptId, int], tuple[int, str]]:
-        """``(id, version) → (version, source)`` for every wanted script, loading what
+    ) -> dict[tuple[ScriptId, int], tuple[int, ScriptCode]]:
+        """``(id, version) → (version, code)`` for every wanted script, loading what
         is not cached in one query. A script updated in between comes back at its
         newer version, which is then the one that runs."""
-        out: dict[tuple[ScriptId, int], tuple[int, str]] = {}
+        out: dict[tuple[ScriptId, int], tuple[int, ScriptCode]] = {}
         missing: set[ScriptId] = set()
         for sid, version in wanted:
-            source = self.get(sid, version)
-            if source is None:
+            code = self.get(sid, version)
+            if code is None:
                 missing.add(sid)
             else:
-                out[(sid, version)] = (version, source)
+                out[(sid, version)] = (version, code)
         if missing:
             rows = await fetch(
                 conn,
-                "SELECT id, version, source FROM scripts WHERE id = ANY(%(ids)s)",
+                "SELECT id, version, source, data_capabilities FROM scripts"
+                " WHERE id = ANY(%(ids)s)",
                 {"ids": list(missing)},
             )
-            latest = {row.id: (row.version, row.source) for row in rows}
+            latest = {
+                row.id: (
+                    row.version,
+                    ScriptCode(row.source, Capability.parse_all(row.data_capabilities)),
+                )
+                for row in rows
+            }
             for sid, version in wanted:
                 if sid in latest:
                     self.put(sid, *latest[sid])
@@ -230,6 +247,7 @@ class ScriptInfo:
     version: int
     timeout_seconds: int
     memory_limit_mb: int
+    data_capabilities: frozenset[Capability]
 
 
 @attrs.frozen
@@ -342,8 +360,15 @@ async def claimed_rows(
     for m in rows:
         script = None
         if m.script_exists and (m.script_id, m.version) in found:
-            version, source = found[(m.script_id, m.version)]
-            script = ScriptInfo(m.script_id, source, version, m.timeout_seconds, m.memory_limit_mb)
+            version, code = found[(m.script_id, m.version)]
+            script = ScriptInfo(
+                m.script_id,
+                code.source,
+                version,
+                m.timeout_seconds,
+                m.memory_limit_mb,
+                code.data_capabilities,
+            )
         out.append(
             ClaimedRow(
                 row=outbox_row_from_row(m),

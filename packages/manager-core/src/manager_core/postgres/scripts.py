@@ -37,6 +37,7 @@ from picloud_shared.limits import (
     MIN_MEMORY_LIMIT_MB,
     MIN_TIMEOUT_SECONDS,
 )
+from picloud_shared.principals import DATA_CAPABILITIES, Capability
 
 # ON DELETE RESTRICT reports restrict_violation, not foreign_key_violation.
 RESTRICT_VIOLATION = "23001"
@@ -53,6 +54,7 @@ class ScriptSummary:
     timeout_seconds: int
     memory_limit_mb: int
     updated_at: datetime
+    data_capabilities: frozenset[Capability]
 
 
 def check_source(source: object) -> str:
@@ -84,6 +86,11 @@ def check_memory_limit_mb(value: int) -> int:
     return value
 
 
+def _data_column(capabilities: frozenset[Capability]) -> list[str]:
+    """The ``data_capabilities`` column: the data capabilities among ``capabilities``."""
+    return sorted(c.value for c in capabilities & DATA_CAPABILITIES)
+
+
 def _by_name(app_id: AppId, name: str) -> ColumnElement[bool]:
     return (t.scripts.c.app_id == app_id) & (t.scripts.c.name == name)
 
@@ -105,9 +112,11 @@ class PostgresScriptRepo:
         *,
         timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS,
         memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
+        data_capabilities: frozenset[Capability] = DATA_CAPABILITIES,
         conn: AsyncConnection | None = None,
     ) -> Script:
-        """Create version 1 of a script. Raises ``InvalidName``, ``InvalidInput``,
+        """Create version 1 of a script. ``data_capabilities``: those its author holds
+        (see ``Script.data_capabilities``). Raises ``InvalidName``, ``InvalidInput``,
         ``PayloadTooLarge``, ``LimitExceeded``, ``Conflict`` (name taken) or
         ``NotFound`` (no such app)."""
         check_script_name(name)
@@ -122,6 +131,7 @@ class PostgresScriptRepo:
                 source=source,
                 timeout_seconds=timeout_seconds,
                 memory_limit_mb=memory_limit_mb,
+                data_capabilities=_data_column(data_capabilities),
             )
             .returning(*SCRIPT_COLUMNS)
         )
@@ -145,9 +155,11 @@ class PostgresScriptRepo:
         source: str | None = None,
         timeout_seconds: int | None = None,
         memory_limit_mb: int | None = None,
+        data_capabilities: frozenset[Capability] | None = None,
         conn: AsyncConnection | None = None,
     ) -> Script:
         """Replace the given fields, keep the others, and bump ``version``.
+        ``data_capabilities``: those of the user saving it (``None``: unchanged).
         Raises ``NotFound`` when the script does not exist, or the checks of
         :meth:`create`."""
         values: dict[str, object] = {
@@ -160,6 +172,8 @@ class PostgresScriptRepo:
             values["timeout_seconds"] = check_timeout_seconds(timeout_seconds)
         if memory_limit_mb is not None:
             values["memory_limit_mb"] = check_memory_limit_mb(memory_limit_mb)
+        if data_capabilities is not None:
+            values["data_capabilities"] = _data_column(data_capabilities)
         stmt = update(t.scripts).where(_by_name(app_id, name)).values(values)
         async with transaction(conn or self._engine) as c:
             row = (await c.execute(stmt.returning(*SCRIPT_COLUMNS))).one_or_none()
@@ -208,6 +222,7 @@ class PostgresScriptRepo:
                 t.scripts.c.timeout_seconds,
                 t.scripts.c.memory_limit_mb,
                 t.scripts.c.updated_at,
+                t.scripts.c.data_capabilities,
             )
             .where(t.scripts.c.app_id == app_id)
             .order_by(t.scripts.c.name)
@@ -226,6 +241,7 @@ class PostgresScriptRepo:
                 timeout_seconds=r.timeout_seconds,
                 memory_limit_mb=r.memory_limit_mb,
                 updated_at=r.updated_at,
+                data_capabilities=Capability.parse_all(r.data_capabilities),
             )
             for r in rows
         ]
