@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,19 +40,37 @@ def database(settings: Settings) -> Iterator[str]:
         yield url
 
 
-async def _ensure_admin(url: str, token: str) -> bool:
+async def _ensure_admin(url: str, token: str, *, replace: bool) -> str:
+    """``created``, ``replaced`` (the admin's token is now ``token``) or ``kept``."""
     engine = make_engine(url, pool_size=1, max_overflow=0)
     try:
-        return await PostgresUserRepo(engine).ensure_instance_admin(ADMIN_NAME, token) is not None
+        users = PostgresUserRepo(engine)
+        if await users.ensure_instance_admin(ADMIN_NAME, token) is not None:
+            return "created"
+        if replace and await users.replace_admin_token(ADMIN_NAME, token):
+            return "replaced"
+        return "kept"
     finally:
         await engine.dispose()
 
 
 def bootstrap_admin(url: str, settings: Settings) -> None:
-    """Create the instance admin on first start; print a generated token once."""
+    """Create the instance admin on first start; print a generated token once.
+
+    On later starts a ``PICLOUD_ADMIN_TOKEN`` that is not the admin's token any more
+    replaces it (the old one stops working): that is how the admin token is rotated.
+    """
     token = settings.admin_token or new_token()
-    created = anyio.run(_ensure_admin, url, token)
-    if not created:
+    outcome = anyio.run(
+        functools.partial(_ensure_admin, replace=bool(settings.admin_token)), url, token
+    )
+    if outcome == "replaced":
+        print(
+            f"picloud: the token of instance admin {ADMIN_NAME!r} is now PICLOUD_ADMIN_TOKEN;"
+            " its previous token no longer works",
+            file=sys.stderr,
+        )
+    if outcome != "created":
         return
     if settings.admin_token:
         print(

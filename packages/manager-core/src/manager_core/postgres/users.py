@@ -15,7 +15,7 @@ import secrets
 from datetime import datetime
 
 import attrs
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -150,6 +150,30 @@ class PostgresUserRepo:
                 return None
             user, _ = await self.create_user(name, True, token=token, conn=c)
         return user
+
+    async def replace_admin_token(
+        self, name: str, token: str, *, conn: AsyncConnection | None = None
+    ) -> bool:
+        """Make ``token`` the bearer token of the instance admin ``name``; its old token
+        stops working. ``True`` when the token changed, ``False`` when the admin had it
+        already or there is no such instance admin. Raises ``Conflict`` when another
+        user holds ``token``."""
+        _check_token(token)
+        digest = hash_token(token)
+        stmt = (
+            update(t.users)
+            .where(
+                t.users.c.name == name,
+                t.users.c.is_instance_admin,
+                t.users.c.token_hash != digest,
+            )
+            .values(token_hash=digest)
+        )
+        try:
+            async with transaction(conn or self._engine) as c:
+                return (await c.execute(stmt)).rowcount > 0
+        except IntegrityError as exc:
+            raise Conflict("another user holds that token") from exc
 
 
 def _check_token(token: object) -> str:
