@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
+
+import anyio
 import pytest
 
 from manager_core import tables as t
-from picloud_shared.ids import UserId
+from picloud_shared.ids import AppId, UserId
 from picloud_shared.principals import ALL_CAPABILITIES, Capability
 from tests.manager.api.helpers import Api, bearer
 
@@ -218,3 +221,61 @@ async def test_a_deleted_users_token_stops_working(api: Api) -> None:
         await conn.execute(t.users.delete().where(t.users.c.id == user_id))
     resp = await api.client.get("/apps", headers=bearer(token))
     assert resp.status_code == 401
+
+
+async def test_the_last_member_manager_cannot_lose_the_capability(api: Api) -> None:
+    """The owner is the only member who can manage members: leaving, or dropping
+    app_manage_members, is 409 and changes nothing; once another member holds it, the
+    owner may leave."""
+    owner_id = await _me(api, api.owner)
+    url = f"/apps/{api.app_id}/members/{owner_id}"
+    for caps in ([], ["app_read"]):
+        resp = await api.call("PUT", url, api.owner, {"capabilities": caps})
+        assert resp.status_code == 409, resp.text
+        assert "app_manage_members" in resp.json()["error"]["message"]
+        resp = await api.call("PUT", url, api.root, {"capabilities": caps})  # admins too
+        assert resp.status_code == 409, resp.text
+    app_id = AppId(uuid.UUID(api.app_id))
+    assert await api.deps.apps.capabilities_of(app_id, owner_id) == ALL_CAPABILITIES
+
+    heir_id, heir = await api.user_id("heir")
+    resp = await api.call(
+        "PUT",
+        f"/apps/{api.app_id}/members/{heir_id}",
+        api.owner,
+        {"capabilities": ["app_read", "app_manage_members"]},
+    )
+    assert resp.status_code == 200
+    assert (await api.call("PUT", url, api.owner, {"capabilities": []})).status_code == 200
+    assert (await api.call("GET", f"/apps/{api.app_id}", heir)).status_code == 200
+
+
+async def test_two_managers_demoting_each_other_at_once_leave_one(api: Api) -> None:
+    """Each change alone keeps a manager; run together they must not remove both
+    (they are serialised per app): one answers 200, the other 409."""
+    owner_id = await _me(api, api.owner)
+    other_id, other = await api.user_id("other")
+    caps = sorted(str(c) for c in ALL_CAPABILITIES)
+    url = f"/apps/{api.app_id}/members/"
+    assert (await api.call("PUT", url + other_id, api.owner, {"capabilities": caps})).is_success
+    answers: list[int] = []
+
+    async def demote(token: str, whom: str) -> None:
+        resp = await api.call("PUT", url + whom, token, {"capabilities": ["app_read"]})
+        answers.append(resp.status_code)
+
+    for _ in range(5):
+        answers.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(demote, api.owner, other_id)
+            tg.start_soon(demote, other, str(owner_id))
+        assert sorted(answers) in ([200, 403], [200, 409]), answers
+        app_id = AppId(uuid.UUID(api.app_id))
+        managers = [
+            await api.deps.apps.capabilities_of(app_id, user_id)
+            for user_id in (owner_id, UserId(uuid.UUID(other_id)))
+        ]
+        assert sum(Capability.APP_MANAGE_MEMBERS in (m or ()) for m in managers) == 1
+        # give both their capabilities back for the next round
+        for whom in (str(owner_id), other_id):
+            await api.call("PUT", url + whom, api.root, {"capabilities": caps})

@@ -4,13 +4,17 @@ Visibility rule used by listing and by :meth:`PostgresAppRepo.principal_for`:
 an instance admin sees every app and holds every capability in it; any other
 user sees the apps they are a member of, with the capabilities stored there.
 A member row always holds at least one capability (setting none removes it).
+
+An app never loses its last member who can manage members: a change that would
+take ``app_manage_members`` from them is refused (``Conflict``), so an app cannot be
+left with nobody but an instance admin able to fix its membership.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from sqlalchemy import delete, exists, insert, select
+from sqlalchemy import any_, delete, exists, insert, literal, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -174,6 +178,11 @@ class PostgresAppRepo:
         caps = frozenset(Capability(c) for c in capabilities)
         try:
             async with transaction(conn or self._engine) as c:
+                # One member change of an app at a time (two managers demoting each
+                # other at once must not both succeed), then the last-manager rule.
+                await c.execute(select(t.apps.c.id).where(t.apps.c.id == app_id).with_for_update())
+                if Capability.APP_MANAGE_MEMBERS not in caps:
+                    await self._keep_a_manager(c, app_id, user_id)
                 if not caps:
                     await c.execute(
                         delete(t.app_members).where(
@@ -234,6 +243,26 @@ class PostgresAppRepo:
         if row.capabilities is None:
             return None
         return Principal(user_id, app_id, capabilities_from_column(row.capabilities))
+
+    @staticmethod
+    async def _keep_a_manager(c: AsyncConnection, app_id: AppId, user_id: UserId) -> None:
+        """Refuse to take ``app_manage_members`` from ``user_id`` when no other member
+        of the app holds it."""
+        holds = literal(Capability.APP_MANAGE_MEMBERS.value) == any_(t.app_members.c.capabilities)
+        members = t.app_members.c.app_id == app_id
+        is_manager = await c.scalar(
+            select(exists().where(members & (t.app_members.c.user_id == user_id) & holds))
+        )
+        if not is_manager:
+            return
+        other = await c.scalar(
+            select(exists().where(members & (t.app_members.c.user_id != user_id) & holds))
+        )
+        if not other:
+            raise Conflict(
+                "the app would be left without a member holding app_manage_members; "
+                "give it to another member first"
+            )
 
     @staticmethod
     async def _app_and_user_exist(c: AsyncConnection, app_id: AppId, user_id: UserId) -> bool:
