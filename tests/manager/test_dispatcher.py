@@ -177,7 +177,7 @@ async def test_self_triggering_script_stops_at_the_depth_limit(world: World) -> 
 async def test_revoked_principal_dead_letters_with_principal_revoked(world: World) -> None:
     """A registrant who lost app_manage_triggers: no run, no retry, a dead letter."""
     await kv_trigger(world, COPY_TO_MIRROR, "k")
-    await world.apps.set_capabilities(world.app_id, world.owner, ["app_read"])
+    await world.apps.set_capabilities(world.app_id, world.owner, ["app_read", "app_manage_members"])
     await world.kv.set(world.app_id, "k", 1)
     async with world.running():
         await world.wait_count(t.dead_letters)
