@@ -26,6 +26,19 @@ async def test_unknown_admin_path_is_a_json_404(api: Api) -> None:
     assert resp.json() == {"error": {"code": "not_found", "message": "no such admin endpoint"}}
 
 
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/nope/nothing"), ("PATCH", "/apps/{app}"), ("DELETE", "/users")]
+)
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer pc_not_a_token"}])
+async def test_without_a_valid_token_even_unknown_paths_and_methods_are_401(
+    api: Api, method: str, path: str, headers: dict[str, str]
+) -> None:
+    """API.md: 401 without a valid token, before 404 or 405 tell what exists."""
+    resp = await api.client.request(method, path.format(app=api.app_id), headers=headers)
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "unauthenticated"
+
+
 async def test_unknown_method_on_a_known_path_is_a_json_405(api: Api) -> None:
     """A known path with another method answers 405 with ``Allow``."""
     resp = await api.call("PATCH", f"/apps/{api.app_id}")

@@ -28,7 +28,7 @@ def admin_routes(deps: AdminDeps) -> list[BaseRoute]:
         *documents.resources(deps),
         *executions.resources(deps),
     ]
-    return [*resources, not_found_route()]
+    return [*resources, not_found_route(deps)]
 
 
 __all__ = ["Access", "AdminDeps", "Operation", "Resource", "admin_routes"]

@@ -105,6 +105,8 @@ class Resource(Route):
         try:
             operation = self.operations.get(request.method)
             if operation is None:
+                # 401 before anything else: without a token the API shows nothing.
+                await self.deps.auth.user(request.headers.get("authorization"))
                 raise MethodNotAllowed()
             call = await _authorise(request, self.deps, operation.access)
             for capability in sorted(operation.also):
@@ -139,12 +141,17 @@ async def _authorise(request: Request, deps: AdminDeps, access: Capability | Acc
     return Call(request, deps, user, principal)
 
 
-async def _not_found(request: Request) -> Response:
-    return error_response(NotFound("no such admin endpoint"))
+def not_found_route(deps: AdminDeps) -> Route:
+    """The catch-all that answers every unknown admin path with a JSON 404 (a 401
+    without a valid token, as every admin path does)."""
 
+    async def not_found(request: Request) -> Response:
+        try:
+            await deps.auth.user(request.headers.get("authorization"))
+        except PicloudError as exc:
+            return error_response(exc)
+        return error_response(NotFound("no such admin endpoint"))
 
-def not_found_route() -> Route:
-    """The catch-all that answers every unknown admin path with a JSON 404."""
-    route = Route("/{rest:path}", _not_found, name="not_found")
+    route = Route("/{rest:path}", not_found, name="not_found")
     route.methods = None
     return route
