@@ -12,11 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import anyio
+import attrs
 import pytest
 
 from executor_core.executor import ProcessExecutor
 from executor_core.memory_host import MemoryHostApi
 from picloud_shared.execution import ExecRequest, ExecResult
+from picloud_shared.principals import Capability
 from picloud_shared.status import ExecErrorKind
 
 from .conftest import new_app
@@ -462,6 +464,46 @@ async def test_garbage_on_the_host_pipe_is_protocol_violation(
     assert kind(result) is ExecErrorKind.PROTOCOL_VIOLATION
     ok = await executor.execute(make_request("def handle(e, ctx):\n    return 1\n"), host)
     assert body(ok) == 1
+
+
+async def test_code_planted_in_a_worker_never_meets_executions_with_more_data_rights(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A script saved by a member who may not read data patches its worker's script
+    API to record every later execution's context: executions of the same app with
+    more data rights (the owner's scripts) run in other workers, so it records only
+    its own; the same app's executions with the same rights share its worker."""
+    plant = textwrap.dedent("""
+    import builtins, os, sys
+    api = sys.modules["executor_core.script_api"]
+    if not hasattr(builtins, "SEEN"):
+        builtins.SEEN = []
+        real = api.Context.__init__
+        def spy(self, *args, **kw):
+            real(self, *args, **kw)
+            builtins.SEEN.append(self.execution_id)
+        api.Context.__init__ = spy
+    def handle(e, ctx):
+        return [list(builtins.SEEN), os.getpid()]
+    """)
+    victim = "import os\ndef handle(e, ctx):\n    return os.getpid()\n"
+    app = new_app()
+
+    def with_rights(request: ExecRequest, *names: str) -> ExecRequest:
+        rights = frozenset(Capability(n) for n in names)
+        return attrs.evolve(request, principal=attrs.evolve(request.principal, capabilities=rights))
+
+    mallory = with_rights(make_request(plant, app_id=app))
+    seen, pid = body(await executor.execute(mallory, host))  # type: ignore[misc]
+    owner_run = make_request(victim, app_id=app)  # every capability
+    owner_pid = body(await executor.execute(owner_run, host))
+    peer_run = with_rights(make_request(victim, app_id=app), "app_read")
+    peer_pid = body(await executor.execute(peer_run, host))
+    seen, pid2 = body(await executor.execute(with_rights(make_request(plant, app_id=app)), host))  # type: ignore[misc]
+    assert owner_pid != pid
+    assert str(owner_run.execution_id) not in seen
+    assert (peer_pid, pid2) == (pid, pid)  # same rights: one worker, nothing to gain
+    assert str(peer_run.execution_id) in seen
 
 
 async def test_module_globals_do_not_cross_apps(

@@ -228,7 +228,7 @@ class ProcessExecutor:
         started = time.perf_counter()
         address_space = (request.memory_limit_mb + INTERPRETER_ALLOWANCE_MB) * MIB
         pool = self.pool
-        worker = await pool.acquire(request.app_id, address_space)
+        worker = await pool.acquire((request.app_id, request.principal.data_rights), address_space)
         _note_layers(worker.layers)
         logs: list[str] = []
         self._in_flight += 1

@@ -1,14 +1,18 @@
-"""Leasing workers to apps: warm per app, a few unassigned spares, bounded, LRU.
+"""Leasing workers to tenants: warm per tenant, a few unassigned spares, bounded, LRU.
 
-* A worker belongs to the first app it is leased to and is never leased to
-  another one.
+* A tenant is an app together with the data rights its executions have (which of
+  ``app_read_data`` / ``app_write_data``). A worker belongs to the first tenant it
+  is leased to and is never leased to another one: not to another app, and not to
+  executions of the same app with other data rights. Code a script plants in its
+  worker (a patched module, a thread) only ever meets executions that could do
+  what it can anyway.
 * ``max_workers`` bounds every process the pool owns: leased, idle, spare,
   starting and dying ones.
 * ``spares`` unassigned workers are kept started while capacity allows, so a
   new app's first call (or a second concurrent call of a warm app) does not wait
   for a cold spawn. They are refilled in the background.
 * When a lease finds no warm worker, no spare and no free capacity, the
-  least-recently-used idle worker of any app is evicted.
+  least-recently-used idle worker of any tenant is evicted.
 * Idle workers are retired after ``idle_ttl`` seconds.
 """
 
@@ -25,6 +29,10 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from picloud_shared.ids import AppId
+    from picloud_shared.principals import Capability
+
+# An app and the data capabilities of the executions a worker serves.
+Tenant = tuple["AppId", frozenset["Capability"]]
 
 
 class WorkerPool:
@@ -35,7 +43,7 @@ class WorkerPool:
         self.max_workers = max_workers
         self.target_spares = max(0, min(spares, max_workers))
         self.idle_ttl = idle_ttl
-        self._idle: dict[AppId, list[WorkerProcess]] = {}
+        self._idle: dict[Tenant, list[WorkerProcess]] = {}
         self._spares: list[WorkerProcess] = []
         self._leased: set[WorkerProcess] = set()
         self._free_slots = list(range(max_workers - 1, -1, -1))
@@ -82,12 +90,12 @@ class WorkerPool:
     def idle_workers(self) -> list[WorkerProcess]:
         return [w for ws in self._idle.values() for w in ws]
 
-    async def acquire(self, app_id: AppId, address_space: int) -> WorkerProcess:
-        """A ready worker leased to ``app_id`` with at least ``address_space`` bytes."""
+    async def acquire(self, tenant: Tenant, address_space: int) -> WorkerProcess:
+        """A ready worker leased to ``tenant`` with at least ``address_space`` bytes."""
         while True:
             if self.closed:
                 raise RuntimeError("the executor is closed")
-            worker = self._take_warm(app_id, address_space)
+            worker = self._take_warm(tenant, address_space)
             if worker is None and self._spares:
                 worker = self._spares.pop()
                 self._wake_refill()
@@ -95,7 +103,7 @@ class WorkerPool:
                 self.cold_leases += 1
                 worker = await self._spawn(self._free_slots.pop())
             if worker is not None:
-                worker.app_id = app_id
+                worker.tenant = tenant
                 self._leased.add(worker)
                 return worker
             victim = self._lru_idle()
@@ -108,25 +116,25 @@ class WorkerPool:
                 self._waiting -= 1
 
     def release(self, worker: WorkerProcess, *, reuse: bool) -> None:
-        """Give a worker back: warm for its app, or retired (killed and reaped)."""
+        """Give a worker back: warm for its tenant, or retired (killed and reaped)."""
         self._leased.discard(worker)
         if reuse and not self.closed and not worker.killed:
             worker.last_used = time.monotonic()
-            assert worker.app_id is not None
-            self._idle.setdefault(worker.app_id, []).append(worker)
+            assert worker.tenant is not None
+            self._idle.setdefault(worker.tenant, []).append(worker)
             self._notify()
         else:
             self._discard(worker)
 
-    def _take_warm(self, app_id: AppId, address_space: int) -> WorkerProcess | None:
-        idle = self._idle.get(app_id)
+    def _take_warm(self, tenant: Tenant, address_space: int) -> WorkerProcess | None:
+        idle = self._idle.get(tenant)
         if not idle:
             return None
         for i in range(len(idle) - 1, -1, -1):  # most recently used first
             if idle[i].address_space >= address_space:
                 worker = idle.pop(i)
                 if not idle:
-                    del self._idle[app_id]
+                    del self._idle[tenant]
                 return worker
         return None
 
@@ -139,10 +147,10 @@ class WorkerPool:
         return oldest
 
     def _remove_idle(self, worker: WorkerProcess) -> None:
-        if worker.app_id is not None and worker in self._idle.get(worker.app_id, ()):
-            self._idle[worker.app_id].remove(worker)
-            if not self._idle[worker.app_id]:
-                del self._idle[worker.app_id]
+        if worker.tenant is not None and worker in self._idle.get(worker.tenant, ()):
+            self._idle[worker.tenant].remove(worker)
+            if not self._idle[worker.tenant]:
+                del self._idle[worker.tenant]
 
     def _discard(self, worker: WorkerProcess) -> None:
         self._remove_idle(worker)

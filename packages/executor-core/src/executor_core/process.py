@@ -28,7 +28,7 @@ import attrs
 from executor_core import frames
 
 if TYPE_CHECKING:
-    from picloud_shared.ids import AppId
+    from executor_core.pool import Tenant
 
 
 class WorkerGone(Exception):
@@ -62,7 +62,7 @@ class WorkerProcess:
     wfd: int  # host writes frames to the worker
     scratch: str
     address_space: int
-    app_id: AppId | None = None
+    tenant: Tenant | None = None  # the one tenant it serves, once leased (pool.py)
     executions: int = 0
     last_used: float = attrs.field(factory=time.monotonic)
     scripts: set[str] = attrs.field(factory=set)

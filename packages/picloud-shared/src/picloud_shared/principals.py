@@ -61,6 +61,13 @@ class Principal:
         """Whether this principal holds ``capability`` (instance admins hold all)."""
         return self.is_instance_admin or capability in self.capabilities
 
+    @property
+    def data_rights(self) -> frozenset[Capability]:
+        """The data capabilities it holds (``DATA_CAPABILITIES`` it can)."""
+        if self.is_instance_admin:
+            return DATA_CAPABILITIES
+        return self.capabilities & DATA_CAPABILITIES
+
     def without(self, withheld: frozenset[Capability]) -> Principal:
         """This principal, less ``withheld`` (an instance admin then holds every
         capability but those, as a plain member)."""
