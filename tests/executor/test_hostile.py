@@ -208,6 +208,40 @@ async def test_fork_and_exec_are_blocked(
     assert all(o.startswith("PermissionError") for o in out), out
 
 
+async def test_memory_outside_the_address_space_limit_is_refused(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """System V shared memory, semaphores and message queues, POSIX message queues
+    and memfds hold memory RLIMIT_AS does not count, and the IPC objects outlive the
+    worker, readable by the next worker with its uid: all refused. ctypes callbacks
+    (libffi closures) still work without memfds."""
+    source = src("""
+    import ctypes, os
+    libc = ctypes.CDLL(None, use_errno=True)
+    def call(name, *args):
+        def go():
+            if getattr(libc, name)(*args) == -1:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        return go
+    def handle(e, ctx):
+        callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(lambda x: x + 1)
+        return [attempt(call("shmget", 0, ctypes.c_size_t(1 << 20), 0o1666)),
+                attempt(call("semget", 0, 1, 0o1666)),
+                attempt(call("msgget", 0, 0o1666)),
+                attempt(call("mq_open", b"/picloud-probe", os.O_CREAT | os.O_RDWR, 0o600, None)),
+                attempt(lambda: os.memfd_create("x")),
+                callback(41)]
+    """)
+    out = body(await executor.execute(make_request(source), host))
+    assert isinstance(out, list)
+    *refused, called = out
+    assert all(
+        "Operation not permitted" in o or o.startswith("PermissionError") for o in refused
+    ), out
+    assert called == 42
+
+
 async def test_thread_bomb_is_bounded(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

@@ -61,6 +61,28 @@ _DENIED_X86_64 = {
     "bpf": 321,
     "execveat": 322,
     "userfaultfd": 323,
+    # System V IPC and POSIX message queues: memory and objects that outlive the
+    # worker, outside RLIMIT_AS, shared by every worker that ever had the same uid.
+    "shmget": 29,
+    "shmat": 30,
+    "shmctl": 31,
+    "semget": 64,
+    "semop": 65,
+    "semctl": 66,
+    "shmdt": 67,
+    "msgget": 68,
+    "msgsnd": 69,
+    "msgrcv": 70,
+    "msgctl": 71,
+    "semtimedop": 220,
+    "mq_open": 240,
+    "mq_unlink": 241,
+    "mq_timedsend": 242,
+    "mq_timedreceive": 243,
+    "mq_notify": 244,
+    "mq_getsetattr": 245,
+    # Anonymous files: memory that RLIMIT_AS does not count.
+    "memfd_create": 319,
 }
 _DENIED_AARCH64 = {
     "umount2": 39,
@@ -90,6 +112,25 @@ _DENIED_AARCH64 = {
     "execveat": 281,
     "userfaultfd": 282,
     "kexec_file_load": 294,
+    "mq_open": 180,
+    "mq_unlink": 181,
+    "mq_timedsend": 182,
+    "mq_timedreceive": 183,
+    "mq_notify": 184,
+    "mq_getsetattr": 185,
+    "msgget": 186,
+    "msgctl": 187,
+    "msgrcv": 188,
+    "msgsnd": 189,
+    "semget": 190,
+    "semctl": 191,
+    "semtimedop": 192,
+    "semop": 193,
+    "shmget": 194,
+    "shmctl": 195,
+    "shmat": 196,
+    "shmdt": 197,
+    "memfd_create": 279,
 }
 # The generic table shared by both architectures from 5.x on.
 _DENIED_COMMON = {
@@ -104,6 +145,7 @@ _DENIED_COMMON = {
     "fspick": 433,
     "pidfd_getfd": 438,
     "mount_setattr": 442,
+    "memfd_secret": 447,
 }
 _ARCHES = {
     "x86_64": (AUDIT_ARCH_X86_64, _DENIED_X86_64, 56),
