@@ -300,7 +300,27 @@ async def test_logs_over_cap_are_output_limit(
     result = await executor.execute(make_request(source), host)
     assert result.error is not None
     assert result.error.kind is ExecErrorKind.OUTPUT_LIMIT
-    assert 0 < sum(len(line) for line in result.logs) <= MAX_LOG_BYTES
+    assert 0 < sum(len(line) + 1 for line in result.logs) <= MAX_LOG_BYTES
+
+
+@pytest.mark.parametrize("line", ["''", "'\\n' * 50", "'x'"])
+async def test_log_lines_count_their_newline_against_the_cap(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, line: str
+) -> None:
+    """Every line costs its bytes plus one: empty lines (ctx.log(''), print()) cannot
+    fill the execution record without limit; exactly the cap is allowed."""
+    fits = f"def handle(e, ctx):\n    for _ in range({MAX_LOG_BYTES} // 2):\n        ctx.log('x')\n"
+    ok = await executor.execute(make_request(fits), host)
+    assert ok.error is None
+    assert len(ok.logs) == MAX_LOG_BYTES // 2
+    flood = f"def handle(e, ctx):\n    while True:\n        ctx.log({line})\n"
+    if "\\n" in line:
+        flood = f"def handle(e, ctx):\n    while True:\n        print({line}, end='')\n"
+    result = await executor.execute(make_request(flood), host)
+    assert result.error is not None
+    assert result.error.kind is ExecErrorKind.OUTPUT_LIMIT
+    assert sum(len(x) + 1 for x in result.logs) <= MAX_LOG_BYTES
+    assert len(result.logs) <= MAX_LOG_BYTES
 
 
 async def test_compile_cache_hit_after_first_call(

@@ -353,7 +353,7 @@ class ProcessExecutor:
                 line = frame.get("line")
                 if not isinstance(line, str):
                     raise _Violation("a log line must be a string")
-                run.log_bytes += len(line.encode("utf-8", "replace"))
+                run.log_bytes += len(line.encode("utf-8", "replace")) + 1  # and its newline
                 if run.log_bytes > MAX_LOG_BYTES:
                     raise _Failed(K.OUTPUT_LIMIT, f"logs are over {MAX_LOG_BYTES} bytes")
                 run.logs.append(line)

@@ -193,10 +193,11 @@ class Channel:
         return reply.get("v")
 
     def log(self, line: str) -> None:
-        size = len(line.encode("utf-8", "replace"))
+        # A line costs its bytes and its newline: empty lines are not free.
+        size = len(line.encode("utf-8", "replace")) + 1
         room = MAX_LOG_BYTES - self.log_bytes
         if size > room:
-            cut = line.encode("utf-8", "replace")[: max(room, 0)].decode("utf-8", "ignore")
+            cut = line.encode("utf-8", "replace")[: max(room - 1, 0)].decode("utf-8", "ignore")
             if cut:
                 self.send({"t": "log", "n": self.nonce, "line": cut})
             self.log_bytes = MAX_LOG_BYTES
