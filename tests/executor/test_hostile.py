@@ -540,6 +540,64 @@ async def test_code_planted_in_a_worker_never_meets_executions_with_more_data_ri
     assert str(peer_run.execution_id) in seen
 
 
+FLOOD = """
+import gc, json, os, struct, threading, time
+def frame(channel, body):
+    data = json.dumps({**body, "n": channel.nonce}).encode()
+    return struct.pack(">I", len(data)) + data
+def flood(channel, first, frames, wait=0.0):
+    # Stop reading the host's replies (a host call whose reply is never read), then
+    # write frames the host has no time to take.
+    time.sleep(wait)
+    for i in range(first, first + 2000):
+        os.write(channel.wfd, frame(channel, {"t": "call", "id": i, "op": "kv_get",
+                                              "a": [""], "sp": False, "ts": 0.0}))
+    big = frame(channel, {"t": "log", "line": "a" * (8 * 1024 * 1024 - 100)})
+    for _ in range(frames):
+        view = memoryview(big)
+        while view:
+            view = view[os.write(channel.wfd, view):]
+def handle(e, ctx):
+    channel = next(o for o in gc.get_objects() if type(o).__name__ == "Channel" and o.nonce)
+    if e.get("later"):
+        threading.Thread(target=flood, args=(channel, 1, 6, 0.3), daemon=True).start()
+        return os.getpid()
+    flood(channel, 1, 6)
+    time.sleep(30)
+"""
+
+
+async def test_a_worker_that_writes_while_the_host_cannot_read_is_stopped(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """The host blocks on a reply the worker never reads while the worker keeps
+    writing 8 MiB frames: what the host holds unread is bounded (the worker is
+    stopped), not the server's memory filling until the deadline."""
+    started = time.monotonic()
+    result = await executor.execute(make_request(FLOOD, timeout_seconds=30), host)
+    assert result.error is not None
+    assert result.error.kind in {ExecErrorKind.PROTOCOL_VIOLATION, ExecErrorKind.WORKER_CRASH}
+    assert time.monotonic() - started < 20
+
+
+async def test_a_worker_that_writes_after_its_execution_is_stopped(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A thread left behind floods the pipe while nobody reads it (the worker is
+    idle, warm for its app): the worker is killed, not kept with 48 MiB queued."""
+    pid = body(await executor.execute(make_request(FLOOD, {"later": True}), host))
+    deadline = time.monotonic() + 15
+    while any(w.pid == pid and w.usable for w in executor.pool.idle_workers()):
+        assert time.monotonic() < deadline, "the flooding worker is still warm"
+        await anyio.sleep(0.05)
+    again = body(
+        await executor.execute(
+            make_request("import os\ndef handle(e, ctx):\n    return os.getpid()\n"), host
+        )
+    )
+    assert again != pid
+
+
 async def test_module_globals_do_not_cross_apps(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

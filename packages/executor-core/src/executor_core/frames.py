@@ -101,8 +101,14 @@ class FrameReader:
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """The frames ``data`` completes, decoded."""
+        return [decode(body) for body in self.bodies(data)]
+
+    def bodies(self, data: bytes) -> list[bytes]:
+        """The frames ``data`` completes, still encoded (decode them with :func:`decode`
+        when they are taken: a frame waiting costs its bytes, not its objects)."""
         self._buf += data
-        frames: list[dict[str, Any]] = []
+        frames: list[bytes] = []
         buf = self._buf
         pos = 0
         while len(buf) - pos >= HEADER.size:
@@ -112,7 +118,7 @@ class FrameReader:
             end = pos + HEADER.size + size
             if len(buf) < end:
                 break
-            frames.append(decode(bytes(buf[pos + HEADER.size : end])))
+            frames.append(bytes(buf[pos + HEADER.size : end]))
             pos = end
         if pos:
             del buf[:pos]

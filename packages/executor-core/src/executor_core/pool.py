@@ -130,6 +130,11 @@ class WorkerPool:
         idle = self._idle.get(tenant)
         if not idle:
             return None
+        for gone in [w for w in idle if not w.usable]:  # stopped while idle
+            self._discard(gone)
+        idle = self._idle.get(tenant)
+        if not idle:
+            return None
         for i in range(len(idle) - 1, -1, -1):  # most recently used first
             if idle[i].address_space >= address_space:
                 worker = idle.pop(i)

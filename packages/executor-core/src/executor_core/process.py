@@ -31,6 +31,12 @@ if TYPE_CHECKING:
     from executor_core.pool import Tenant
 
 
+# The most a worker may have sent that the host has not taken yet. An execution's
+# log lines (64 KiB, with their framing) and its largest frame fit; past it the
+# worker writes while the host does not read, and is stopped.
+MAX_UNREAD_BYTES = frames.MAX_FRAME_BYTES + 4 * 1024 * 1024
+
+
 class WorkerGone(Exception):
     """The worker's pipe closed or broke the framing."""
 
@@ -70,7 +76,8 @@ class WorkerProcess:
     layers: dict[str, Any] = attrs.field(factory=dict)
     killed: bool = False
     _reader: frames.FrameReader = attrs.field(factory=frames.FrameReader)
-    _pending: list[dict[str, Any]] = attrs.field(factory=list)
+    _pending: list[bytes] = attrs.field(factory=list)  # frames received, not yet taken
+    _unread: int = 0  # their bytes (bounded: MAX_UNREAD_BYTES)
     _reaped: anyio.Event | None = None
     _eof: str | None = None
     _loop: asyncio.AbstractEventLoop | None = None
@@ -84,6 +91,11 @@ class WorkerProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def usable(self) -> bool:
+        """Not killed, and its pipe neither closed nor broken (while it was idle)."""
+        return not self.killed and self._eof is None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -119,7 +131,7 @@ class WorkerProcess:
         blocking the loop that briefly is worth a saved wake-up. Each empty poll
         yields the CPU (``sched_yield``), in case the worker runs on this one."""
         if self._pending:
-            return self._pending.pop(0)
+            return self._take()
         if spin and self._eof is None:
             deadline = time.perf_counter() + spin
             while True:
@@ -147,7 +159,16 @@ class WorkerProcess:
             except anyio.ClosedResourceError:
                 raise WorkerGone("closed") from None
             self._drain()
-        return self._pending.pop(0)
+        return self._take()
+
+    def _take(self) -> dict[str, Any]:
+        body = self._pending.pop(0)
+        self._unread -= len(body)
+        try:
+            return frames.decode(body)
+        except frames.FrameError as exc:
+            self._eof = f"bad frame: {exc}"
+            raise WorkerGone(self._eof) from None
 
     def watch(self) -> None:
         """On asyncio, keep one reader callback registered for the worker's life
@@ -182,9 +203,20 @@ class WorkerProcess:
             self._eof = "end of file"
             return
         try:
-            self._pending.extend(self._reader.feed(data))
+            bodies = self._reader.bodies(data)
         except frames.FrameError as exc:
             self._eof = f"bad frame: {exc}"
+            return
+        self._pending.extend(bodies)
+        self._unread += sum(map(len, bodies))
+        if self._unread > MAX_UNREAD_BYTES:
+            # A worker that writes while the host does not read (it ignores the
+            # host's replies, or runs a thread after its execution) would fill the
+            # host's memory: it is stopped instead.
+            self._pending.clear()
+            self._unread = 0
+            self._eof = "the worker sent far more than the host took"
+            self.kill()
 
     def kill(self) -> None:
         """SIGKILL the worker's whole process group (it is its own session)."""
