@@ -598,6 +598,33 @@ async def test_a_worker_that_writes_after_its_execution_is_stopped(
     assert again != pid
 
 
+async def test_a_worker_that_keeps_computing_after_its_execution_is_stopped(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Threads the script leaves spinning after ``handle`` returned run outside any
+    deadline or CPU limit of an execution: the idle worker is stopped within about a
+    second, and its CPU use ends with it. A worker idle for real is left alone."""
+    source = src("""
+    import os, threading, time
+    def spin():
+        while True:
+            pass
+    def handle(e, ctx):
+        if e.get("spin"):
+            for _ in range(2):
+                threading.Thread(target=spin, daemon=True).start()
+        return os.getpid()
+    """)
+    quiet = body(await executor.execute(make_request(source, app_id=new_app()), host))
+    busy = body(await executor.execute(make_request(source, {"spin": True}), host))
+    deadline = time.monotonic() + 5
+    while any(w.pid == busy for w in executor.pool.idle_workers()):
+        assert time.monotonic() < deadline, "the spinning worker is still idle and warm"
+        await anyio.sleep(0.05)
+    assert executor.pool.busy_idle_stopped == 1
+    assert quiet in [w.pid for w in executor.pool.idle_workers()]
+
+
 async def test_module_globals_do_not_cross_apps(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

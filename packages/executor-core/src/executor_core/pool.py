@@ -14,6 +14,9 @@
 * When a lease finds no warm worker, no spare and no free capacity, the
   least-recently-used idle worker of any tenant is evicted.
 * Idle workers are retired after ``idle_ttl`` seconds.
+* An idle worker runs nothing of ours: one that keeps using CPU (a thread or a
+  signal handler its script left behind) is stopped within about a second
+  (``IDLE_CPU_CHECK_SECONDS``, ``IDLE_CPU_ALLOWANCE_SECONDS``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ if TYPE_CHECKING:
 
     from picloud_shared.ids import AppId
     from picloud_shared.principals import Capability
+
+# How often idle workers are checked for CPU use, and how much they may use in all
+# while idle (waiting on their pipe costs next to nothing).
+IDLE_CPU_CHECK_SECONDS = 0.5
+IDLE_CPU_ALLOWANCE_SECONDS = 0.1
 
 # An app and the data capabilities of the executions a worker serves.
 Tenant = tuple["AppId", frozenset["Capability"]]
@@ -56,6 +64,7 @@ class WorkerPool:
         self.spawned = 0
         self.spawn_errors = 0
         self.cold_leases = 0  # leases that had to wait for a spawn
+        self.busy_idle_stopped = 0  # idle workers stopped for using CPU
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -63,6 +72,7 @@ class WorkerPool:
         self._tg = tg
         tg.start_soon(self._refill_loop)
         tg.start_soon(self._ttl_loop)
+        tg.start_soon(self._idle_cpu_loop)
 
     async def aclose(self) -> None:
         self.closed = True
@@ -104,6 +114,7 @@ class WorkerPool:
                 worker = await self._spawn(self._free_slots.pop())
             if worker is not None:
                 worker.tenant = tenant
+                worker.idle_cpu = None
                 self._leased.add(worker)
                 return worker
             victim = self._lru_idle()
@@ -230,3 +241,16 @@ class WorkerPool:
             cutoff = time.monotonic() - self.idle_ttl
             for worker in [w for w in self.idle_workers() if w.last_used < cutoff]:
                 self._discard(worker)
+
+    async def _idle_cpu_loop(self) -> None:
+        while not self.closed:
+            await anyio.sleep(IDLE_CPU_CHECK_SECONDS)
+            for worker in self.idle_workers():  # spares never ran a script
+                used = worker.cpu_seconds()
+                if used is None:
+                    continue
+                if worker.idle_cpu is None:  # the baseline, for the rest of its idle time
+                    worker.idle_cpu = used
+                elif used - worker.idle_cpu > IDLE_CPU_ALLOWANCE_SECONDS:
+                    self.busy_idle_stopped += 1
+                    self._discard(worker)

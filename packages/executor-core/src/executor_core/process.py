@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 MAX_UNREAD_BYTES = frames.MAX_FRAME_BYTES + 4 * 1024 * 1024
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 class WorkerGone(Exception):
     """The worker's pipe closed or broke the framing."""
 
@@ -71,6 +74,7 @@ class WorkerProcess:
     tenant: Tenant | None = None  # the one tenant it serves, once leased (pool.py)
     executions: int = 0
     last_used: float = attrs.field(factory=time.monotonic)
+    idle_cpu: float | None = None  # its CPU seconds when an idle check first saw it
     scripts: set[str] = attrs.field(factory=set)
     cpu: float = 0.0
     layers: dict[str, Any] = attrs.field(factory=dict)
@@ -91,6 +95,17 @@ class WorkerProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the worker has used (user + system, all threads), from
+        ``/proc/<pid>/stat``; ``None`` once it is gone."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return None
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
     @property
     def usable(self) -> bool:
