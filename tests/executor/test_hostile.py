@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import stat
+import sys
 import tempfile
 import textwrap
 import time
@@ -93,7 +94,8 @@ async def test_server_environment_is_unreadable(
 async def test_root_only_file_is_unreadable(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, shared_dir: str
 ) -> None:
-    """A 0600 root-owned file in a world-readable directory cannot be read."""
+    """A 0600 root-owned file cannot be read; nor, now that reads are confined too,
+    can the world-readable directory that holds it be listed."""
     secret = os.path.join(shared_dir, "secret")
     await anyio.Path(secret).write_text("root-only-content")
     os.chmod(secret, stat.S_IRUSR | stat.S_IWUSR)
@@ -107,7 +109,104 @@ async def test_root_only_file_is_unreadable(
     assert uid != 0
     assert read.startswith("PermissionError")
     assert "root-only-content" not in read
-    assert listing.startswith("ok")  # the directory itself is world-readable
+    assert listing.startswith("PermissionError")
+
+
+async def test_the_hosts_files_are_unreadable(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """API.md: scripts cannot reach the host's files. World-readable files of the host
+    (/etc/passwd, this test's own source, /tmp), other processes' /proc entries (the
+    server's command line, PID 1's) are refused; the script's scratch directory, its
+    own /proc entry and the interpreter's files are not."""
+    source = src(f"""
+    import os, json
+    def handle(e, ctx):
+        with open("mine.txt", "w") as f:
+            f.write("scratch")
+        return {{
+            "passwd": attempt(lambda: open("/etc/passwd").read()),
+            "source": attempt(lambda: open({__file__!r}).read()),
+            "tmp": attempt(lambda: os.listdir("/tmp")),
+            "server": attempt(lambda: open(f"/proc/{{os.getppid()}}/cmdline").read()),
+            "init": attempt(lambda: open("/proc/1/cmdline").read()),
+            "scratch": attempt(lambda: [os.listdir("."), open("mine.txt").read()]),
+            "self": attempt(lambda: open("/proc/self/status").read()[:5]),
+            "stdlib": attempt(lambda: open(json.__file__).read()[:3]),
+        }}
+    """)
+    seen = body(await executor.execute(make_request(source), host))
+    assert isinstance(seen, dict)
+    for what in ("passwd", "source", "tmp", "server", "init"):
+        assert seen[what].startswith("PermissionError"), (what, seen[what])
+    assert seen["scratch"] == "ok: [['mine.txt'], 'scratch']"
+    assert seen["self"].startswith("ok")
+    assert seen["stdlib"].startswith("ok")
+
+
+STDLIB_IMPORTS = """
+import importlib, sys
+SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "webbrowser",
+        "pydoc", "ensurepip", "venv", "lib2to3"}
+def failed_imports():
+    failed = []
+    for name in sorted(sys.stdlib_module_names - SKIP):
+        try:
+            importlib.import_module(name)
+        except BaseException:
+            failed.append(name)
+    return failed
+"""
+STDLIB_SWEEP = src(
+    STDLIB_IMPORTS
+    + """
+import os
+def handle(e, ctx):
+    failed = failed_imports()
+    import time, zoneinfo, mimetypes, locale, uuid, tempfile, ctypes, decimal
+    checks = {
+        "localtime": lambda: time.localtime(),
+        "zoneinfo": lambda: zoneinfo.available_timezones() and None,
+        "mimetypes": lambda: mimetypes.guess_type("a.json"),
+        "locale": lambda: locale.getpreferredencoding(),
+        "cpu_count": lambda: os.cpu_count(),
+        "uuid": lambda: uuid.uuid4(),
+        "tempfile": lambda: tempfile.TemporaryFile().close(),
+        "ctypes": lambda: ctypes.CDLL(None).getpid(),
+        "decimal": lambda: decimal.Decimal("1.1") + 1,
+    }
+    broken = {}
+    for name, check in checks.items():
+        try:
+            check()
+        except BaseException as exc:
+            broken[name] = repr(exc)
+    return {"failed": failed, "broken": broken}
+"""
+)
+
+
+async def test_the_standard_library_works_within_the_read_rules(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Every standard library module that imports in a plain interpreter imports in a
+    worker too, and the calls that read system data (time zones, MIME types, locale,
+    the CPU count, temporary files, shared libraries) work: the read rules take
+    nothing away a script may use."""
+    seen = body(await executor.execute(make_request(STDLIB_SWEEP, timeout_seconds=60), host))
+    assert isinstance(seen, dict)
+    plain = await anyio.run_process(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            STDLIB_IMPORTS + "import json\nprint(json.dumps(failed_imports()))",
+        ],
+        cwd=tempfile.gettempdir(),
+    )
+    baseline = set(json.loads(plain.stdout.decode().strip().splitlines()[-1]))
+    assert set(seen["failed"]) - baseline == set()
+    assert seen["broken"] == {}
 
 
 async def test_writes_outside_scratch_are_denied(

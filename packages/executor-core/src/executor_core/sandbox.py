@@ -15,6 +15,7 @@ import ctypes
 import os
 import resource
 import struct
+import sys
 
 PR_SET_DUMPABLE = 4
 PR_SET_SECCOMP = 22
@@ -228,6 +229,8 @@ def drop_privileges(uid: int, gid: int) -> None:
 
 FS_EXECUTE = 1 << 0
 FS_WRITE_FILE = 1 << 1
+FS_READ_FILE = 1 << 2
+FS_READ_DIR = 1 << 3
 FS_REMOVE_DIR = 1 << 4
 FS_REMOVE_FILE = 1 << 5
 FS_MAKE_CHAR = 1 << 6
@@ -254,12 +257,50 @@ def landlock_abi() -> int:
     return max(int(ret), 0)
 
 
-def apply_landlock(scratch: str) -> int:
-    """Writes only beneath ``scratch``; no exec, no TCP bind/connect, scoped signals and
-    abstract sockets (each as far as the ABI goes). Returns the ABI used, 0 if none."""
+# What a script may read besides its scratch directory and the interpreter's own
+# files (``readable_paths``): the shared libraries extension modules load, and the
+# system data the standard library reads (time zones, MIME types, the CPU count).
+# Nothing else of the host: not /etc, /home, /tmp, other processes' /proc entries,
+# the server's data directory or its configuration.
+SYSTEM_READABLE = (
+    "/lib",
+    "/lib64",
+    "/usr/lib",
+    "/usr/lib64",
+    "/usr/share/zoneinfo",
+    "/etc/localtime",
+    "/etc/ld.so.cache",
+    "/etc/mime.types",
+    "/dev/null",
+    "/dev/zero",
+    "/dev/random",
+    "/dev/urandom",
+    "/sys/devices/system/cpu",
+)
+
+
+def readable_paths() -> list[str]:
+    """Everything a worker may read but not write: the interpreter's installation and
+    import path (as real paths), :data:`SYSTEM_READABLE` and its own ``/proc`` entry."""
+    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
+    paths += [entry for entry in sys.path if entry]
+    paths += [*SYSTEM_READABLE, f"/proc/{os.getpid()}"]
+    out: list[str] = []
+    for path in paths:
+        real = os.path.realpath(path)
+        if os.path.exists(real) and real not in out:
+            out.append(real)
+    return out
+
+
+def apply_landlock(scratch: str, readable: list[str] | None = None) -> int:
+    """Reads only beneath ``scratch`` and ``readable``; writes only beneath ``scratch``;
+    no exec, no TCP bind/connect, scoped signals and abstract sockets (each as far as
+    the ABI goes). Returns the ABI used, 0 if none."""
     abi = landlock_abi()
     if abi < 1:
         return 0
+    read = FS_READ_FILE | FS_READ_DIR
     write = (
         FS_WRITE_FILE
         | FS_REMOVE_DIR
@@ -276,7 +317,7 @@ def apply_landlock(scratch: str) -> int:
         write |= FS_REFER
     if abi >= 3:
         write |= FS_TRUNCATE
-    handled_fs = write | FS_EXECUTE | (FS_IOCTL_DEV if abi >= 5 else 0)
+    handled_fs = write | read | FS_EXECUTE | (FS_IOCTL_DEV if abi >= 5 else 0)
     handled_net = (NET_BIND_TCP | NET_CONNECT_TCP) if abi >= 4 else 0
     scoped = (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if abi >= 6 else 0
     if abi >= 6:
@@ -293,22 +334,9 @@ def apply_landlock(scratch: str) -> int:
         "landlock_create_ruleset",
     )
     try:
-        dirfd = os.open(scratch, O_PATH | os.O_CLOEXEC)
-        try:
-            rule = struct.pack("=Qi", write & ~(FS_MAKE_CHAR | FS_MAKE_BLOCK), dirfd)
-            rbuf = ctypes.create_string_buffer(rule, len(rule))
-            _check(
-                _libc.syscall(
-                    SYS_landlock_add_rule,
-                    ctypes.c_int(ruleset),
-                    ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
-                    rbuf,
-                    ctypes.c_uint32(0),
-                ),
-                "landlock_add_rule",
-            )
-        finally:
-            os.close(dirfd)
+        _allow(ruleset, scratch, (write & ~(FS_MAKE_CHAR | FS_MAKE_BLOCK)) | read)
+        for path in readable or ():
+            _allow(ruleset, path, read if os.path.isdir(path) else FS_READ_FILE)
         _check(
             _libc.syscall(SYS_landlock_restrict_self, ctypes.c_int(ruleset), ctypes.c_uint32(0)),
             "landlock_restrict_self",
@@ -316,6 +344,26 @@ def apply_landlock(scratch: str) -> int:
     finally:
         os.close(ruleset)
     return abi
+
+
+def _allow(ruleset: int, path: str, access: int) -> None:
+    """Allow ``access`` beneath ``path`` (a directory, or just the file)."""
+    fd = os.open(path, O_PATH | os.O_CLOEXEC)
+    try:
+        rule = struct.pack("=Qi", access, fd)
+        rbuf = ctypes.create_string_buffer(rule, len(rule))
+        _check(
+            _libc.syscall(
+                SYS_landlock_add_rule,
+                ctypes.c_int(ruleset),
+                ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                rbuf,
+                ctypes.c_uint32(0),
+            ),
+            "landlock_add_rule",
+        )
+    finally:
+        os.close(fd)
 
 
 # --- seccomp -------------------------------------------------------------------------
@@ -392,8 +440,10 @@ def apply(
     file_size: int,
     open_files: int,
     processes: int,
+    readable: list[str] | None = None,
 ) -> dict[str, object]:
-    """Apply every layer, in order, and say which are active."""
+    """Apply every layer, in order, and say which are active. ``readable``: what may
+    be read besides ``scratch`` (see :func:`readable_paths`)."""
     as_root = os.geteuid() == 0
     drop = as_root and uid is not None and gid is not None
     apply_rlimits(
@@ -404,7 +454,7 @@ def apply(
         processes=processes if drop else None,
     )
     no_new_privs()
-    landlock = apply_landlock(scratch)
+    landlock = apply_landlock(scratch, readable)
     if drop and uid is not None and gid is not None:
         drop_privileges(uid, gid)
     not_dumpable()

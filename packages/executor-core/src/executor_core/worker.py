@@ -259,9 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         os.chdir(args["scratch"])
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
         signal.signal(signal.SIGXCPU, _on_sigxcpu)
+        readable = sandbox.readable_paths()  # before sys.path moves to /proc/self/fd
         if os.geteuid() == 0 and args.get("uid") is not None:
             reroot_sys_path()
         layers = sandbox.apply(
+            readable=readable,
             scratch=args["scratch"],
             uid=args.get("uid"),
             gid=args.get("gid"),
