@@ -16,7 +16,7 @@ import anyio
 import attrs
 import pytest
 
-from executor_core.executor import ProcessExecutor
+from executor_core.executor import DEFAULT_SCRATCH_LIMIT, ProcessExecutor
 from executor_core.memory_host import MemoryHostApi
 from picloud_shared.execution import ExecRequest, ExecResult
 from picloud_shared.principals import Capability
@@ -471,6 +471,40 @@ async def test_huge_file_is_file_size_limit(
     )
     result = await executor.execute(make_request(source), host)
     assert kind(result) is ExecErrorKind.FILE_SIZE_LIMIT
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the scratch tmpfs needs root")
+async def test_many_files_fill_only_the_workers_scratch_quota(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Files under the 16 MiB limit each, written until something stops them: the
+    worker's scratch space (a tmpfs of DEFAULT_SCRATCH_LIMIT) runs out with ENOSPC,
+    the script can catch it and free the space, and nothing reaches the host's disk
+    (the scratch directory the host sees stays empty)."""
+    source = src("""
+    import errno, os
+    def handle(e, ctx):
+        written = 0
+        try:
+            for i in range(1000):
+                with open(f"f{i}", "wb") as f:
+                    for _ in range(8):
+                        f.write(b"x" * (1 << 20))
+                        written += 1 << 20
+        except OSError as exc:
+            stopped = errno.errorcode.get(exc.errno, str(exc.errno))
+        for name in os.listdir("."):
+            os.remove(name)
+        with open("again", "wb") as f:
+            f.write(b"y" * (1 << 20))
+        return [written, stopped, os.getpid()]
+    """)
+    written, stopped, pid = body(await executor.execute(make_request(source), host))  # type: ignore[misc]
+    assert stopped == "ENOSPC"
+    assert DEFAULT_SCRATCH_LIMIT - 16 * 2**20 <= written <= DEFAULT_SCRATCH_LIMIT
+    (worker,) = [w for w in executor.pool.idle_workers() if w.pid == pid]
+    assert os.listdir(worker.scratch) == []
+    assert worker.layers["scratch_quota"] is True
 
 
 @pytest.mark.parametrize(

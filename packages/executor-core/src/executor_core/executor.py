@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 INTERPRETER_ALLOWANCE_MB = 64
 DEFAULT_FILE_SIZE_LIMIT = 16 * MIB
+DEFAULT_SCRATCH_LIMIT = 64 * MIB  # all a worker's scratch files together (a tmpfs)
 CPU_LIFETIME_SECONDS = 3600
 MAX_MESSAGE_CHARS = 2000
 MAX_TRACEBACK_CHARS = 16000
@@ -152,11 +153,13 @@ class ProcessExecutor:
         uid_base: int | None = 61000,  # first uid tried; claimed machine-wide (uids.py)
         scratch_root: str | None = None,
         file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT,
+        scratch_limit: int = DEFAULT_SCRATCH_LIMIT,
         busy_poll: bool = True,  # poll the pipes briefly while CPUs are free (polling.py)
     ) -> None:
         self._scratch_parent = scratch_root
         self._uid_base = uid_base if _is_root() else None
         self._file_size_limit = file_size_limit
+        self._scratch_limit = scratch_limit
         self._max_executions = max_executions_per_worker
         self._pool_args = dict(max_workers=max_workers, spares=spare_workers, idle_ttl=idle_ttl)
         self._pool: WorkerPool | None = None
@@ -197,6 +200,7 @@ class ProcessExecutor:
             cpu_lifetime=CPU_LIFETIME_SECONDS,
             file_size=self._file_size_limit,
             uids=claim.uids if claim else None,
+            scratch_bytes=self._scratch_limit if _is_root() else None,
         )
         self._pool = WorkerPool(spec, **self._pool_args)  # type: ignore[arg-type]
         stack = contextlib.AsyncExitStack()
@@ -448,3 +452,5 @@ def _note_layers(layers: dict[str, Any]) -> None:
         _log_missing("landlock", "the kernel offers no Landlock ABI")
     if not layers.get("seccomp"):
         _log_missing("seccomp", "no seccomp filter for this architecture")
+    if not layers.get("scratch_quota"):
+        _log_missing("scratch_quota", "not running as root: scratch space is not bounded")

@@ -57,6 +57,7 @@ class WorkerSpec:
     cpu_lifetime: int  # seconds; RLIMIT_CPU hard limit over the worker's life
     file_size: int  # bytes; RLIMIT_FSIZE
     open_files: int = 64
+    scratch_bytes: int | None = None  # the scratch tmpfs (as root); None: no quota
     processes: int = 32  # RLIMIT_NPROC of the slot uid (threads count)
     uids: list[int] | None = None  # uid (and gid) per slot; None: keep the server's
     ready_timeout: float = 10.0
@@ -322,6 +323,8 @@ def _start(spec: WorkerSpec, slot: int) -> WorkerProcess:
     ]
     if uid is not None:
         argv += ["--uid", str(uid), "--gid", str(uid)]
+    if spec.scratch_bytes is not None:
+        argv += ["--scratch-bytes", str(spec.scratch_bytes)]
     try:
         proc = subprocess.Popen(
             argv,

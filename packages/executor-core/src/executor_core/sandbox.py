@@ -205,6 +205,38 @@ def apply_rlimits(
         set_limit(resource.RLIMIT_NPROC, processes)
 
 
+# --- scratch quota -------------------------------------------------------------------
+
+CLONE_NEWNS = 0x00020000
+MS_NOSUID = 1 << 1
+MS_NODEV = 1 << 2
+MS_NOEXEC = 1 << 3
+MS_REC = 1 << 14
+MS_PRIVATE = 1 << 18
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+
+
+def scratch_quota(scratch: str, size: int, uid: int | None, gid: int | None) -> None:
+    """As root: a mount namespace of the worker's own, with a tmpfs of ``size`` bytes
+    over its scratch directory. What a script writes is bounded in all (``ENOSPC``,
+    where ``RLIMIT_FSIZE`` bounds each file only), and goes away with the worker."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "private mounts")
+    owner = "" if uid is None or gid is None else f",uid={uid},gid={gid}"
+    options = f"size={size},mode=0700{owner}".encode()
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    _check(
+        _libc.mount(b"picloud-scratch", scratch.encode(), b"tmpfs", flags, options),
+        "mount the scratch tmpfs",
+    )
+
+
 # --- prctl ---------------------------------------------------------------------------
 
 
@@ -441,9 +473,11 @@ def apply(
     open_files: int,
     processes: int,
     readable: list[str] | None = None,
+    scratch_bytes: int | None = None,
 ) -> dict[str, object]:
     """Apply every layer, in order, and say which are active. ``readable``: what may
-    be read besides ``scratch`` (see :func:`readable_paths`)."""
+    be read besides ``scratch`` (see :func:`readable_paths`); ``scratch_bytes``: the
+    most the scratch directory holds (as root; the caller changes into it again)."""
     as_root = os.geteuid() == 0
     drop = as_root and uid is not None and gid is not None
     apply_rlimits(
@@ -453,6 +487,10 @@ def apply(
         open_files=open_files,
         processes=processes if drop else None,
     )
+    quota = as_root and scratch_bytes is not None
+    if quota:
+        assert scratch_bytes is not None
+        scratch_quota(scratch, scratch_bytes, uid if drop else None, gid if drop else None)
     no_new_privs()
     landlock = apply_landlock(scratch, readable)
     if drop and uid is not None and gid is not None:
@@ -467,4 +505,5 @@ def apply(
         "uid_drop": drop,
         "dumpable": False,
         "seccomp": seccomp,
+        "scratch_quota": quota,
     }

@@ -207,7 +207,18 @@ class Worker:
         ch.send(done)
 
 
-_INT_OPTIONS = ("rfd", "wfd", "address-space", "cpu", "fsize", "nofile", "nproc", "uid", "gid")
+_INT_OPTIONS = (
+    "rfd",
+    "wfd",
+    "address-space",
+    "cpu",
+    "fsize",
+    "nofile",
+    "nproc",
+    "uid",
+    "gid",
+    "scratch-bytes",
+)
 
 
 def _parse(argv: list[str]) -> dict[str, Any]:
@@ -264,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             reroot_sys_path()
         layers = sandbox.apply(
             readable=readable,
+            scratch_bytes=args.get("scratch_bytes"),
             scratch=args["scratch"],
             uid=args.get("uid"),
             gid=args.get("gid"),
@@ -273,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             open_files=args["nofile"],
             processes=args["nproc"],
         )
+        os.chdir(args["scratch"])  # the scratch tmpfs, now mounted over the directory
     except Exception as exc:
         ch.send({"t": "ready", "ok": False, "error": f"{type(exc).__name__}: {exc}"})
         return 1
