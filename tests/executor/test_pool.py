@@ -222,3 +222,30 @@ async def test_two_executors_never_share_a_worker_uid(make_request: MakeRequest)
                 uids.add(pid_of(result))
         assert len(uids) == 4
         assert 0 not in uids
+
+
+async def test_one_app_never_holds_every_worker(make_request: MakeRequest) -> None:
+    """Three workers; app A starts three slow executions at once: two run, the third
+    waits for one of them, and app B, arriving later, runs at once on the third
+    worker instead of waiting for A's backlog."""
+    slow = "import time\ndef handle(e, ctx):\n    time.sleep(e['s'])\n    return e['s']\n"
+    a, b = new_app(), new_app()
+    host = MemoryHostApi()
+    finished: dict[str, float] = {}
+    ex = executor_with(max_workers=3)
+    async with ex:
+        assert ex.pool.app_share == 2
+        started = anyio.current_time()
+
+        async def run(name: str, app: object, seconds: float) -> None:
+            result = await ex.execute(make_request(slow, {"s": seconds}, app_id=app), host)
+            assert result.ok, result.error
+            finished[name] = anyio.current_time() - started
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(run, f"a{i}", a, 1.0)
+            await anyio.sleep(0.3)
+            tg.start_soon(run, "b", b, 0.1)
+    assert finished["b"] < 1.0  # before any of A's
+    assert sorted(v for k, v in finished.items() if k != "b")[-1] >= 2.0  # A's third waited

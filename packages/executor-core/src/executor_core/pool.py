@@ -11,6 +11,9 @@
 * ``spares`` unassigned workers are kept started while capacity allows, so a
   new app's first call (or a second concurrent call of a warm app) does not wait
   for a cold spawn. They are refilled in the background.
+* One app never holds every worker: with more than one, an app's leases wait once
+  it holds all but one (``app_share``), so other apps always find a worker even
+  while one app runs long executions on all the others.
 * When a lease finds no warm worker, no spare and no free capacity, the
   least-recently-used idle worker of any tenant is evicted.
 * Idle workers are retired after ``idle_ttl`` seconds.
@@ -54,6 +57,9 @@ class WorkerPool:
         self._idle: dict[Tenant, list[WorkerProcess]] = {}
         self._spares: list[WorkerProcess] = []
         self._leased: set[WorkerProcess] = set()
+        self._leased_by_app: dict[AppId, int] = {}
+        # The most workers one app may hold at once: all but one, when there are two.
+        self.app_share = max(1, max_workers - 1)
         self._free_slots = list(range(max_workers - 1, -1, -1))
         self._spawning_spares = 0
         self._changed = anyio.Event()  # for leases waiting on capacity
@@ -102,33 +108,58 @@ class WorkerPool:
 
     async def acquire(self, tenant: Tenant, address_space: int) -> WorkerProcess:
         """A ready worker leased to ``tenant`` with at least ``address_space`` bytes."""
+        app = tenant[0]
         while True:
             if self.closed:
                 raise RuntimeError("the executor is closed")
-            worker = self._take_warm(tenant, address_space)
-            if worker is None and self._spares:
-                worker = self._spares.pop()
-                self._wake_refill()
-            if worker is None and self._free_slots:
-                self.cold_leases += 1
-                worker = await self._spawn(self._free_slots.pop())
+            if self._leased_by_app.get(app, 0) >= self.app_share:
+                await self._wait_for_change()
+                continue
+            self._count(app, +1)  # held from here, across a spawn, so the share holds
+            try:
+                worker = self._take_warm(tenant, address_space)
+                if worker is None and self._spares:
+                    worker = self._spares.pop()
+                    self._wake_refill()
+                if worker is None and self._free_slots:
+                    self.cold_leases += 1
+                    worker = await self._spawn(self._free_slots.pop())
+            except BaseException:
+                self._count(app, -1)
+                raise
             if worker is not None:
                 worker.tenant = tenant
                 worker.idle_cpu = None
                 self._leased.add(worker)
                 return worker
+            self._count(app, -1)
             victim = self._lru_idle()
             if victim is not None:
                 self._discard(victim)
-            self._waiting += 1
-            try:
-                await self._changed.wait()
-            finally:
-                self._waiting -= 1
+            await self._wait_for_change()
+
+    def _count(self, app: AppId, delta: int) -> None:
+        n = self._leased_by_app.get(app, 0) + delta
+        if n:
+            self._leased_by_app[app] = n
+        else:
+            self._leased_by_app.pop(app, None)
+
+    async def _wait_for_change(self) -> None:
+        """Until a worker is released or discarded (or the pool closes)."""
+        self._waiting += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._waiting -= 1
 
     def release(self, worker: WorkerProcess, *, reuse: bool) -> None:
         """Give a worker back: warm for its tenant, or retired (killed and reaped)."""
-        self._leased.discard(worker)
+        if worker in self._leased:
+            self._leased.remove(worker)
+            assert worker.tenant is not None
+            self._count(worker.tenant[0], -1)
+            self._notify()  # a lease may wait for its app's share
         if reuse and not self.closed and not worker.killed:
             worker.last_used = time.monotonic()
             assert worker.tenant is not None
