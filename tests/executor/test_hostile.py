@@ -600,6 +600,23 @@ async def test_forged_response_header_that_would_split_the_response_is_refused(
     assert kind(result) is ExecErrorKind.PROTOCOL_VIOLATION
 
 
+async def test_forged_response_with_too_many_headers_is_refused(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A forged ``done`` past ``MAX_HEADERS`` (each header fine) is a protocol
+    violation: the host checks the count itself."""
+    source = FORGE + textwrap.dedent("""
+    def handle(e, ctx):
+        send({"t": "done", "n": channel().nonce, "ok": True,
+              "resp": {"status": 200, "headers": [["X-A", "1"]] * 5000,
+                       "body": "", "body_encoding": "utf-8"}})
+        import time
+        time.sleep(0.5)
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert kind(result) is ExecErrorKind.PROTOCOL_VIOLATION
+
+
 async def test_forged_informational_status_is_refused(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

@@ -12,6 +12,7 @@ from executor_core.executor import ProcessExecutor
 from executor_core.memory_host import MemoryHostApi
 from picloud_shared.execution import ExecRequest, ScriptResponse
 from picloud_shared.limits import MAX_LOG_BYTES
+from picloud_shared.responses import MAX_HEADERS
 from picloud_shared.status import ExecErrorKind
 
 MakeRequest = Callable[..., ExecRequest]
@@ -85,6 +86,46 @@ async def test_a_header_no_server_can_send_is_refused_to_the_script(
     assert result.error is not None
     assert result.error.kind is ExecErrorKind.UNCAUGHT_EXCEPTION
     assert "ValueError: header" in result.error.message
+
+
+@pytest.mark.parametrize(
+    ("headers", "ok"),
+    [
+        ("{f'X-{i}': '1' for i in range(99)}", True),  # and content-type: 100
+        ("{f'X-{i}': '1' for i in range(100)}", False),
+        (
+            "{'X-Big': 'v' * (MAX_HEADER_BYTES - len('X-Big') - len(CTYPE))}",
+            True,
+        ),
+        (
+            "{'X-Big': 'v' * (MAX_HEADER_BYTES - len('X-Big') - len(CTYPE) + 1)}",
+            False,
+        ),
+    ],
+)
+async def test_response_headers_are_bounded_in_number_and_size(
+    executor: ProcessExecutor,
+    host: MemoryHostApi,
+    make_request: MakeRequest,
+    headers: str,
+    ok: bool,
+) -> None:
+    """At most MAX_HEADERS headers of MAX_HEADER_BYTES in all (the content-type that
+    ``ctx.response`` adds counts): exactly at the edge is fine, one more is refused."""
+    source = (
+        "from picloud_shared.responses import MAX_HEADER_BYTES\n"
+        "CTYPE = 'content-type' 'text/plain; charset=utf-8'\n"
+        f"def handle(e, ctx):\n    return ctx.response('x', headers={headers})\n"
+    )
+    result = await executor.execute(make_request(source), host)
+    if ok:
+        assert result.error is None, result.error
+        assert result.response is not None
+        assert len(result.response.headers) <= MAX_HEADERS
+    else:
+        assert result.error is not None
+        assert result.error.kind is ExecErrorKind.UNCAUGHT_EXCEPTION
+        assert "ValueError: a response" in result.error.message
 
 
 @pytest.mark.parametrize("status", ["100", "101", "199", "600", "True", "'200'"])

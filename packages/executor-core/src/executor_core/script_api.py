@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from executor_core import frames
 from picloud_shared.limits import MAX_LOG_BYTES, MAX_RESPONSE_BYTES
-from picloud_shared.responses import header_problem, status_problem
+from picloud_shared.responses import header_problem, headers_problem, status_problem
 
 if TYPE_CHECKING:
     from typing import Any
@@ -289,6 +289,9 @@ def build_response(body: Any = None, status: int = 200, headers: Any = None) -> 
         raw, ctype = frames.dumps(body).encode("utf-8"), "application/json"
     if ctype and not any(n.lower() == "content-type" for n, _ in pairs):
         pairs.insert(0, ("content-type", ctype))
+    problem = headers_problem(pairs)
+    if problem is not None:
+        raise ValueError(problem)
     return Response(status, pairs, raw)
 
 

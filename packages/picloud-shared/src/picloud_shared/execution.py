@@ -11,7 +11,7 @@ import attrs
 from picloud_shared import wire
 from picloud_shared.ids import AppId, ExecutionId, ScriptId, UserId
 from picloud_shared.principals import Capability, Principal
-from picloud_shared.responses import header_problem
+from picloud_shared.responses import header_problem, headers_problem
 from picloud_shared.status import ExecErrorKind, InboxFailureKind, failure_kind_for
 from picloud_shared.wire import Json, JsonObject, WireError
 
@@ -65,6 +65,9 @@ class ScriptResponse:
             if problem is not None:
                 raise WireError(problem)
             headers.append((pair[0], pair[1]))
+        problem = headers_problem(headers)
+        if problem is not None:
+            raise WireError(problem)
         body = wire.field(d, "body", str)
         encoding = d.get("body_encoding", "utf-8")
         if encoding == "utf-8":

@@ -2,8 +2,8 @@
 send it: a final status (200-599: a 1xx is not an answer, and a 101 would switch
 protocols), and headers whose name is a token and whose value has no control
 character but tab (CR/LF would split the response; others make the HTTP server
-drop the connection). A 204, 205 or 304 carries no content, whatever the script
-put in its body.
+drop the connection), at most ``MAX_HEADERS`` of them in ``MAX_HEADER_BYTES``. A 204,
+205 or 304 carries no content, whatever the script put in its body.
 
 Imported by the worker bootstrap too: no imports of its own.
 """
@@ -16,6 +16,8 @@ TOKEN_CHARS = frozenset(
 _CONTROL = {c: None for c in (*range(0, 9), *range(10, 32), 127)}
 MIN_STATUS, MAX_STATUS = 200, 599
 NO_CONTENT_STATUSES = frozenset({204, 205, 304})
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024  # names and values together, UTF-8
 
 
 def status_problem(status: object) -> str | None:
@@ -33,4 +35,16 @@ def header_problem(name: str, value: str) -> str | None:
         return f"header name {name[:40]!r} is not an HTTP token"
     if len(value.translate(_CONTROL)) != len(value):
         return f"header {name[:40]!r} holds a control character"
+    return None
+
+
+def headers_problem(headers: list[tuple[str, str]]) -> str | None:
+    """Why ``headers`` (each already fine) are too many or too big, or ``None``."""
+    if len(headers) > MAX_HEADERS:
+        return f"a response has at most {MAX_HEADERS} headers, not {len(headers)}"
+    size = sum(
+        len(n.encode("utf-8", "replace")) + len(v.encode("utf-8", "replace")) for n, v in headers
+    )
+    if size > MAX_HEADER_BYTES:
+        return f"a response's headers hold at most {MAX_HEADER_BYTES} bytes, not {size}"
     return None
