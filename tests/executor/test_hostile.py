@@ -290,6 +290,22 @@ async def test_unix_socket_connect_is_blocked(
     assert out[0].startswith("PermissionError"), out
 
 
+async def test_a_worker_cannot_make_itself_dumpable_again(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """PR_SET_DUMPABLE is set to 0 before the script runs, and seccomp refuses to set
+    it back (other prctl options still work)."""
+    source = src("""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    def handle(e, ctx):
+        return [libc.prctl(4, 1, 0, 0, 0), ctypes.get_errno(), libc.prctl(3, 0, 0, 0, 0)]
+    """)
+    set_result, errno_, dumpable = body(await executor.execute(make_request(source), host))  # type: ignore[misc]
+    assert (set_result, errno_) == (-1, 1)  # EPERM
+    assert dumpable == 0
+
+
 async def test_fork_and_exec_are_blocked(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

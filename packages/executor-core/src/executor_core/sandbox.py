@@ -148,9 +148,10 @@ _DENIED_COMMON = {
     "mount_setattr": 442,
     "memfd_secret": 447,
 }
+# arch -> (audit arch, denied syscalls, clone, prctl)
 _ARCHES = {
-    "x86_64": (AUDIT_ARCH_X86_64, _DENIED_X86_64, 56),
-    "aarch64": (AUDIT_ARCH_AARCH64, _DENIED_AARCH64, 220),
+    "x86_64": (AUDIT_ARCH_X86_64, _DENIED_X86_64, 56, 157),
+    "aarch64": (AUDIT_ARCH_AARCH64, _DENIED_AARCH64, 220, 167),
 }
 CLONE3 = 435
 
@@ -412,7 +413,7 @@ def seccomp_program(machine: str | None = None) -> bytes | None:
     machine = machine or os.uname().machine
     if machine not in _ARCHES:
         return None
-    audit_arch, denied, clone_nr = _ARCHES[machine]
+    audit_arch, denied, clone_nr, prctl_nr = _ARCHES[machine]
     numbers = sorted(set(denied.values()) | set(_DENIED_COMMON.values()))
     # Instructions as (code, jt_label_or_offset, jf, k); labels resolved below.
     prog: list[tuple[int, object, object, int]] = [
@@ -428,6 +429,10 @@ def seccomp_program(machine: str | None = None) -> bytes | None:
         (_JEQ_K, 0, 2, clone_nr),
         (_LD_W_ABS, 0, 0, 16),  # args[0], low word: clone flags
         (_JSET_K, "allow", "deny", CLONE_THREAD),
+        # prctl: everything but making the worker dumpable again (ptrace-able, core).
+        (_JEQ_K, 0, 2, prctl_nr),
+        (_LD_W_ABS, 0, 0, 16),  # args[0], low word: the option
+        (_JEQ_K, "deny", "allow", PR_SET_DUMPABLE),
     ]
     prog += [(_JEQ_K, "deny", 0, nr) for nr in numbers]
     labels = {"allow": len(prog), "deny": len(prog) + 1, "enosys": len(prog) + 2}
