@@ -11,7 +11,7 @@ import pytest
 from executor_core.executor import ProcessExecutor
 from executor_core.memory_host import MemoryHostApi
 from picloud_shared.execution import ExecRequest, ScriptResponse
-from picloud_shared.limits import MAX_LOG_BYTES
+from picloud_shared.limits import MAX_LOG_BYTES, MAX_MESSAGE_CHARS, MAX_TRACEBACK_CHARS
 from picloud_shared.responses import MAX_HEADERS
 from picloud_shared.status import ExecErrorKind
 
@@ -140,6 +140,29 @@ async def test_a_status_that_is_no_final_answer_is_refused_to_the_script(
     assert result.error is not None
     assert result.error.kind is ExecErrorKind.UNCAUGHT_EXCEPTION
     assert "ValueError: status must be" in result.error.message
+
+
+@pytest.mark.parametrize(
+    ("statement", "kind"),
+    [
+        ("raise ValueError('x' * 10_000_000)", ExecErrorKind.UNCAUGHT_EXCEPTION),
+        ("ctx.reject('r' * 9_000_000)", ExecErrorKind.REJECTED),
+    ],
+)
+async def test_a_huge_error_message_is_cut_not_a_broken_frame(
+    executor: ProcessExecutor,
+    host: MemoryHostApi,
+    make_request: MakeRequest,
+    statement: str,
+    kind: ExecErrorKind,
+) -> None:
+    """A message bigger than a frame is cut in the worker (MAX_MESSAGE_CHARS), so the
+    execution fails as the script's error, not as a broken channel."""
+    result = await executor.execute(make_request(f"def handle(e, ctx):\n    {statement}\n"), host)
+    assert result.error is not None
+    assert result.error.kind is kind
+    assert 100 < len(result.error.message) <= MAX_MESSAGE_CHARS
+    assert result.error.traceback is None or len(result.error.traceback) <= MAX_TRACEBACK_CHARS
 
 
 async def test_script_text_with_nul_comes_back_storable(

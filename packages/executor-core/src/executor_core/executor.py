@@ -45,8 +45,10 @@ from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
 from picloud_shared.limits import (
     MAX_LOG_BYTES,
     MAX_MEMORY_LIMIT_MB,
+    MAX_MESSAGE_CHARS,
     MAX_RESPONSE_BYTES,
     MAX_TIMEOUT_SECONDS,
+    MAX_TRACEBACK_CHARS,
 )
 from picloud_shared.responses import status_problem
 from picloud_shared.status import ExecErrorKind as K
@@ -65,8 +67,6 @@ INTERPRETER_ALLOWANCE_MB = 64
 DEFAULT_FILE_SIZE_LIMIT = 16 * MIB
 DEFAULT_SCRATCH_LIMIT = 64 * MIB  # all a worker's scratch files together (a tmpfs)
 CPU_LIFETIME_SECONDS = 3600
-MAX_MESSAGE_CHARS = 2000
-MAX_TRACEBACK_CHARS = 16000
 
 # What a worker may report itself; anything else is a protocol violation.
 _WORKER_KINDS = frozenset(

@@ -7,8 +7,8 @@ reports ``ready`` and serves ``exec`` frames one at a time until its input close
 
 Compiled scripts are cached per ``script_id@version``: the module body runs once
 per worker (like a warm Lambda container), ``handle`` is called per execution.
-The worker belongs to one app for its whole life, so module globals never cross
-apps.
+The worker belongs to one tenant (an app, with one set of data rights) for its
+whole life, so module globals never cross apps.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from executor_core import sandbox, script_api
+from picloud_shared.limits import MAX_MESSAGE_CHARS, MAX_TRACEBACK_CHARS
 
 if TYPE_CHECKING:
     import traceback
@@ -194,6 +195,9 @@ class Worker:
                 done.update(ok=True, resp=response.to_wire())
         except BaseException as exc:
             kind, msg, tb = classify(exc)
+            # Cut here, not on the host: a 10 MB message would not fit in a frame.
+            msg = msg[:MAX_MESSAGE_CHARS]
+            tb = None if tb is None else tb[-MAX_TRACEBACK_CHARS:]
             done.update(ok=False, kind=kind, msg=msg, tb=tb)
         finally:
             _State.in_script = False

@@ -33,6 +33,9 @@ DEFAULT_LIST_LIMIT = 100
 MAX_LOG_BYTES = 64 * KIB
 MAX_RESPONSE_BYTES = 1 * MIB
 MAX_HOST_CALLS_PER_EXECUTION = 10_000
+# A failed execution's error message and traceback (the traceback keeps its end).
+MAX_MESSAGE_CHARS = 2000
+MAX_TRACEBACK_CHARS = 16000
 MAX_RETRY_ATTEMPTS = 100
 
 # The HTTP wait of a sync route is the script's timeout plus this buffer.
