@@ -11,6 +11,7 @@ from executor_core.host_bridge import HostBridge
 from executor_core.memory_host import MemoryHostApi
 from picloud_shared.errors import Forbidden
 from picloud_shared.ids import AppId, UserId
+from picloud_shared.limits import MAX_JSON_DEPTH, MAX_WHERE_FIELDS
 from picloud_shared.principals import Capability, Principal
 
 pytestmark = pytest.mark.anyio
@@ -109,6 +110,33 @@ async def test_bridge_refuses_a_nul_no_store_can_hold(op: str, args: list[object
     assert reply["code"] == "invalid_input"
     assert "NUL" in reply["msg"]
     assert host.calls == 0
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+async def test_bridge_bounds_nesting_and_where_fields() -> None:
+    """Values and documents nest at most MAX_JSON_DEPTH levels; a query's where has
+    at most MAX_WHERE_FIELDS fields (each list- or object-valued field is a clause of
+    its own): past either the call fails before the host sees it."""
+    host = MemoryHostApi()
+    bridge = HostBridge(host)
+    ok = await bridge.serve(1, "kv_set", ["k", _nested(MAX_JSON_DEPTH)])
+    assert ok["t"] == "ret"
+    deep = await bridge.serve(2, "kv_set", ["k", _nested(MAX_JSON_DEPTH + 1)])
+    assert deep["code"] == "invalid_input"
+    assert "levels deep" in deep["msg"]
+    doc = await bridge.serve(3, "docs_insert", ["c", {"a": _nested(MAX_JSON_DEPTH)}, None])
+    assert doc["code"] == "invalid_input"
+    where = {f"f{i}": [] for i in range(MAX_WHERE_FIELDS)}
+    assert (await bridge.serve(4, "docs_query", ["c", where, 10]))["t"] == "ret"
+    where["one-more"] = []
+    assert (await bridge.serve(5, "docs_query", ["c", where, 10]))["code"] == "limit_exceeded"
+    assert host.calls == 2
 
 
 async def test_bridge_caps_calls_per_execution() -> None:

@@ -13,6 +13,7 @@ from hypothesis import given
 from picloud_shared import wire
 from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
 from picloud_shared.ids import ExecutionId
+from picloud_shared.limits import MAX_JSON_DEPTH
 from picloud_shared.responses import header_problem
 from picloud_shared.status import ExecErrorKind
 from tests.strategies import json_values
@@ -24,6 +25,11 @@ REFUSED = {
     "overflowing number": b'{"n": 1e400}',
     "overflowing negative number": b"-1e400",
     "nesting past the parser": b"[" * 100_000,
+    "nesting one level past MAX_JSON_DEPTH": b"[" * (MAX_JSON_DEPTH + 1)
+    + b"]" * (MAX_JSON_DEPTH + 1),
+    "objects one level past MAX_JSON_DEPTH": b'{"a":' * (MAX_JSON_DEPTH + 1)
+    + b"1"
+    + b"}" * (MAX_JSON_DEPTH + 1),
     "NUL escape in a value": b'{"a": "x\\u0000"}',
     "NUL escape in a key": b'{"\\u0000": 1}',
     "half a surrogate pair": b'["\\ud800"]',
@@ -38,6 +44,10 @@ ACCEPTED = {
     b"1.5e300": 1.5e300,
     b"12345678901234567890": 12345678901234567890,
     b'{"a": [null, true, "x"]}': {"a": [None, True, "x"]},
+    b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH: wire.loads(
+        b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    ),
+    b'"[[[[{{{{"': "[[[[{{{{",  # brackets in a string are not nesting
 }
 
 

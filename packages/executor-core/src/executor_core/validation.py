@@ -22,6 +22,7 @@ from picloud_shared.limits import (
     MAX_KV_KEY_BYTES,
     MAX_KV_VALUE_BYTES,
     MAX_LIST_LIMIT,
+    MAX_WHERE_FIELDS,
 )
 
 _COLLECTION = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_COLLECTION_CHARS}}}")
@@ -55,6 +56,9 @@ def _size(value: object, what: str) -> int:
         raise InvalidInput(f"{what} must be JSON (no NaN or Infinity)") from None
     if wire.holds_nul(text, value):  # type: ignore[arg-type]
         raise InvalidInput(f"{what} holds a NUL character, which PostgreSQL cannot store")
+    deep = wire.depth_problem(value, text)
+    if deep is not None:
+        raise InvalidInput(f"{what}: {deep}")
     return size
 
 
@@ -77,6 +81,8 @@ def where(value: object) -> dict[str, Any] | None:
         return None
     if not isinstance(value, dict):
         raise InvalidInput("where must be an object of field: value")
+    if len(value) > MAX_WHERE_FIELDS:
+        raise LimitExceeded(f"where has at most {MAX_WHERE_FIELDS} fields")
     _size(value, "where")
     return value
 

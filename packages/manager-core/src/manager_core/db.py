@@ -103,9 +103,10 @@ def make_pool(url: str, *, max_size: int, min_size: int = 1) -> AsyncConnectionP
 INTEGRITY_ERRORS = (IntegrityError, psycopg.IntegrityError)
 """A constraint violation, through SQLAlchemy or on a plain psycopg connection."""
 
-ROW_ERRORS = (*INTEGRITY_ERRORS, DataError, psycopg.DataError, ValueError)
+ROW_ERRORS = (*INTEGRITY_ERRORS, DataError, psycopg.DataError, ValueError, RecursionError)
 """What one bad row can make a whole batched statement fail with: a constraint
-violation, a value PostgreSQL refuses (class 22), or one that is not JSON. A
+violation, a value PostgreSQL refuses (class 22), or one that is not JSON (or too
+deep to serialize). A
 batch that fails so is retried row by row, so only that row fails."""
 
 

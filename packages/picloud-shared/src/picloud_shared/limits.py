@@ -10,6 +10,10 @@ KIB = 1024
 MIB = 1024 * KIB
 
 MAX_REQUEST_BODY_BYTES = 1 * MIB
+# A user-route request's headers (they are stored with its execution): at most this
+# many, of at most this many bytes in all, names and values.
+MAX_REQUEST_HEADERS = 100
+MAX_REQUEST_HEADER_BYTES = 32 * KIB
 MAX_KV_KEY_BYTES = 512
 MAX_KV_VALUE_BYTES = 256 * KIB
 MAX_DOCUMENT_BYTES = 1 * MIB
@@ -27,6 +31,11 @@ MAX_SCRIPT_NAME_CHARS = 63
 MAX_COLLECTION_CHARS = 63
 MAX_DOCUMENT_ID_CHARS = 128
 MAX_LIST_LIMIT = 1000
+# JSON values (bodies, KV values, documents, host-call arguments): at most this many
+# levels of arrays and objects.
+MAX_JSON_DEPTH = 100
+# ``ctx.docs.query``'s ``where``: at most this many fields.
+MAX_WHERE_FIELDS = 32
 DEFAULT_LIST_LIMIT = 100
 
 # What one execution may produce or ask for.

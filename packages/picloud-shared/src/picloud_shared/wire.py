@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, TypeAlias, TypeVar
 
+from picloud_shared.limits import MAX_JSON_DEPTH
+
 Json: TypeAlias = bool | int | float | str | list["Json"] | dict[str, "Json"] | None
 JsonObject: TypeAlias = dict[str, Json]
 
@@ -78,6 +80,31 @@ def unstorable(value: Json) -> str | None:
     return None
 
 
+def too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` nests arrays and objects more than ``limit`` levels deep."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))  # type: ignore[union-attr]
+    return False
+
+
+def depth_problem(value: object, text: str | bytes, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Why ``value`` (parsed from, or serialized as, ``text``) nests too deeply, or
+    ``None``. A text with fewer brackets than the limit is not walked."""
+    brackets = (
+        text.count("[") + text.count("{")
+        if isinstance(text, str)
+        else (text.count(b"[") + text.count(b"{"))
+    )
+    if brackets <= limit or not isinstance(value, dict | list) or not too_deep(value, limit):
+        return None
+    return f"JSON nests more than {limit} levels deep"
+
+
 def holds_nul(text: str, value: Json) -> bool:
     """Whether ``value``, serialized as the JSON ``text``, holds a NUL in a string or
     a key, which no ``jsonb`` string can store. ``dumps`` writes a NUL as
@@ -90,12 +117,14 @@ def loads_untrusted(raw: bytes) -> Json:
     text, reject what Python's parser lets through but JSON or PostgreSQL's
     ``jsonb`` does not — ``NaN``/``Infinity``, numbers too large for a float
     (``1e400``), a ``\\u0000`` escape, a ``\\uD800`` escape that leaves half a
-    surrogate pair — and nesting deep enough to exhaust the parser. Raises
-    :class:`WireError`."""
+    surrogate pair — and nesting past ``MAX_JSON_DEPTH``. Raises :class:`WireError`."""
     try:
         value = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise WireError(f"malformed JSON: {exc}") from None
+    deep = depth_problem(value, raw)
+    if deep is not None:
+        raise WireError(deep)
     # The bytes are valid UTF-8 and JSON forbids raw control characters in strings:
     # only an escape can make a NUL or half a surrogate pair. Most bodies have none.
     if re.search(rb"\\u(?:0000|[dD][89a-fA-F])", raw):

@@ -23,10 +23,10 @@ from manager_core.db import transaction
 from manager_core.postgres.kv import encode_json, is_bad_json, json_param, notify_committed
 from manager_core.postgres.triggers import check_limit
 from picloud_shared.domain import check_collection
-from picloud_shared.errors import Conflict, InvalidInput, NotFound
+from picloud_shared.errors import Conflict, InvalidInput, LimitExceeded, NotFound
 from picloud_shared.events import DocsEvent
 from picloud_shared.ids import AppId
-from picloud_shared.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_ID_CHARS
+from picloud_shared.limits import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_ID_CHARS, MAX_WHERE_FIELDS
 from picloud_shared.noop import NoopEventEmitter
 from picloud_shared.ports import EventEmitter
 from picloud_shared.triggers import DocsOp
@@ -249,6 +249,8 @@ def _equal_fields(where: object) -> list[sa.ColumnElement[bool]]:
     fields whose value is an array or object (where containment is looser)."""
     if not isinstance(where, dict):
         raise InvalidInput("where must be a JSON object")
+    if len(where) > MAX_WHERE_FIELDS:
+        raise LimitExceeded(f"where has at most {MAX_WHERE_FIELDS} fields")
     text = encode_json(where, MAX_DOCUMENT_BYTES, "where")
     clauses: list[sa.ColumnElement[bool]] = [_D.c.data.contains(json_param(text))]
     for name, value in where.items():
