@@ -82,6 +82,7 @@ def test_partial_wire_form_fills_defaults() -> None:
         {"max_attempts": 101},
         {"jitter": 1.5},
         {"jitter": -0.1},
+        {"jitter": 10**400},  # too big for a float
         {"base_delay_ms": -1},
         {"base_delay_ms": 10, "max_delay_ms": 5},
         {"max_attempts": "3"},

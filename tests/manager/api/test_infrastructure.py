@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import AsyncIterator
 
@@ -165,7 +166,16 @@ async def test_limit_accepts_its_edges(api: Api, limit: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "cursor", ["!!!", "e30", encode_cursor(("a", "b")), "bm90IGpzb24", encode_cursor(())]
+    "cursor",
+    [
+        "!!!",
+        "e30",
+        encode_cursor(("a", "b")),
+        "bm90IGpzb24",
+        encode_cursor(()),
+        base64.urlsafe_b64encode(b'["a\\u0000b"]').decode(),  # a NUL, PostgreSQL cannot
+        base64.urlsafe_b64encode(b'["\\ud800"]').decode(),  # half a surrogate pair
+    ],
 )
 async def test_a_malformed_cursor_is_invalid_input(api: Api, cursor: str) -> None:
     """A cursor that is not one of ours answers 422."""

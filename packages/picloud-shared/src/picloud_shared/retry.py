@@ -112,7 +112,10 @@ class RetryPolicy:
                 if name in d:
                     kwargs[name] = wire.field(d, name, int)
             if "jitter" in d:
-                kwargs["jitter"] = float(wire.field(d, "jitter", (int, float)))
+                try:
+                    kwargs["jitter"] = float(wire.field(d, "jitter", (int, float)))
+                except OverflowError:
+                    raise InvalidRetryPolicy("jitter must be between 0 and 1") from None
             return cls(**kwargs)
         except WireError as exc:
             raise InvalidRetryPolicy(f"invalid retry policy: {exc}") from exc

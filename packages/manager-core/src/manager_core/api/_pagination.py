@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from manager_core.api._http import json_response
+from picloud_shared import wire
 from picloud_shared.errors import InvalidInput
 from picloud_shared.limits import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT
 from picloud_shared.wire import Json
@@ -42,6 +43,7 @@ def decode_cursor(cursor: str, size: int) -> Key:
         not isinstance(key, list)
         or len(key) != size
         or not all(isinstance(part, str) for part in key)
+        or wire.unstorable(key) is not None  # a NUL or half a surrogate pair
     ):
         raise InvalidInput("malformed cursor")
     return tuple(key)
