@@ -24,7 +24,11 @@ from picloud_shared.execution import ScriptResponse
 from picloud_shared.gate import ExecutionGate, Permit
 from picloud_shared.ids import AppId, RouteId, ScriptId
 from picloud_shared.inbox import InboxResult
-from picloud_shared.limits import MAX_REQUEST_BODY_BYTES
+from picloud_shared.limits import (
+    MAX_REQUEST_BODY_BYTES,
+    MAX_REQUEST_HEADER_BYTES,
+    MAX_REQUEST_HEADERS,
+)
 from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
 from picloud_shared.status import InboxFailureKind
 
@@ -152,6 +156,33 @@ async def test_body_over_the_cap_is_413_and_at_the_cap_is_accepted(env) -> None:
     big = await client.post("/apps/shop/orders/1", content=b"a" * (MAX_REQUEST_BODY_BYTES + 1))
     assert big.status_code == 413
     assert len(outbox.rows) == 1
+
+
+async def test_request_headers_are_bounded_in_number_and_size(env) -> None:  # type: ignore[no-untyped-def]
+    """Headers are stored with the execution: at most MAX_REQUEST_HEADERS of
+    MAX_REQUEST_HEADER_BYTES in all, exactly at either edge accepted, one past it 431,
+    before anything is looked up or written."""
+    client, outbox, _, _ = env
+    base = client.build_request("POST", "/apps/shop/orders/1", content=b"x")
+    used = sum(len(k) + len(v) for k, v in base.headers.raw)
+    count = len(base.headers.raw)
+
+    async def send(extra: list[tuple[str, str]]) -> int:
+        request = client.build_request("POST", "/apps/shop/orders/1", content=b"x")
+        for name, value in extra:
+            request.headers[name] = value
+        return (await client.send(request)).status_code
+
+    pad = [("x-pad", "a" * (MAX_REQUEST_HEADER_BYTES - used - len("x-pad")))]
+    assert await send(pad) == 200
+    assert await send([("x-pad", pad[0][1] + "a")]) == 431
+    many = [(f"x-{i}", "1") for i in range(MAX_REQUEST_HEADERS - count)]
+    assert await send(many) == 200
+    assert await send([*many, ("x-last", "1")]) == 431
+    assert len(outbox.rows) == 2
+    too_many = await client.post("/apps/nope/x", headers={f"x-{i}": "1" for i in range(200)})
+    assert too_many.status_code == 431
+    assert too_many.json()["error"]["code"] == "headers_too_large"
 
 
 async def test_unknown_app_and_route_are_404_other_method_405(env) -> None:  # type: ignore[no-untyped-def]

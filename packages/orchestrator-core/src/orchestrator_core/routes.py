@@ -36,7 +36,12 @@ from picloud_shared.events import HttpEvent
 from picloud_shared.gate import ExecutionGate
 from picloud_shared.ids import ExecutionId, new_execution_id
 from picloud_shared.inbox import InboxResult
-from picloud_shared.limits import MAX_REQUEST_BODY_BYTES, SYNC_WAIT_BUFFER_SECONDS
+from picloud_shared.limits import (
+    MAX_REQUEST_BODY_BYTES,
+    MAX_REQUEST_HEADER_BYTES,
+    MAX_REQUEST_HEADERS,
+    SYNC_WAIT_BUFFER_SECONDS,
+)
 from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
 from picloud_shared.ports import OutboxWriter, RouteTable
 from picloud_shared.responses import NO_CONTENT_STATUSES
@@ -168,6 +173,16 @@ class UserRouteOrchestrator:
         return allowed
 
     async def handle(self, request: Request) -> Response:
+        raw_headers = request.scope["headers"]
+        if len(raw_headers) > MAX_REQUEST_HEADERS or (
+            sum(len(k) + len(v) for k, v in raw_headers) > MAX_REQUEST_HEADER_BYTES
+        ):
+            return _error(
+                431,
+                "headers_too_large",
+                f"at most {MAX_REQUEST_HEADERS} request headers of "
+                f"{MAX_REQUEST_HEADER_BYTES} bytes in all",
+            )
         app_name = request.path_params["app_name"]
         if not APP_NAME_RE.fullmatch(app_name):  # no such app can exist: ask nobody
             return _error(404, "not_found", f"no app named {app_name!r}")
