@@ -31,6 +31,11 @@ MAX_SCRIPT_NAME_CHARS = 63
 MAX_COLLECTION_CHARS = 63
 MAX_DOCUMENT_ID_CHARS = 128
 MAX_LIST_LIMIT = 1000
+# What one app may hold: every request matches against its routes, every write
+# against its triggers.
+MAX_ROUTES_PER_APP = 500
+MAX_TRIGGERS_PER_APP = 500
+MAX_ROUTE_PARAMS = 16  # {name} segments in one route path
 # JSON values (bodies, KV values, documents, host-call arguments): at most this many
 # levels of arrays and objects.
 MAX_JSON_DEPTH = 100

@@ -27,6 +27,7 @@ from manager_core.db import (
     transaction,
     translate_integrity_error,
 )
+from manager_core.postgres._quota import lock_app
 from manager_core.postgres._rows import (
     APP_COLUMNS,
     app_from_row,
@@ -180,7 +181,7 @@ class PostgresAppRepo:
             async with transaction(conn or self._engine) as c:
                 # One member change of an app at a time (two managers demoting each
                 # other at once must not both succeed), then the last-manager rule.
-                await c.execute(select(t.apps.c.id).where(t.apps.c.id == app_id).with_for_update())
+                await lock_app(c, app_id)
                 if Capability.APP_MANAGE_MEMBERS not in caps:
                     await self._keep_a_manager(c, app_id, user_id)
                 if not caps:

@@ -25,10 +25,12 @@ from manager_core.db import (
     translate_integrity_error,
     unavailable_as_error,
 )
+from manager_core.postgres._quota import check_quota
 from manager_core.postgres._rows import ROUTE_COLUMNS, route_from_row
 from picloud_shared.domain import HTTP_METHODS, DispatchMode, Route, RouteTarget
 from picloud_shared.errors import Conflict, InvalidInput, NotFound, UnknownScript
 from picloud_shared.ids import AppId, RouteId, ScriptId, UserId
+from picloud_shared.limits import MAX_ROUTE_PARAMS, MAX_ROUTES_PER_APP
 
 MAX_ROUTE_PATH_CHARS = 1024
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -63,6 +65,8 @@ def check_route_path(path: object) -> str:
             if m.group(1) in seen:
                 raise InvalidInput(f"path param {m.group(1)!r} appears twice")
             seen.add(m.group(1))
+            if len(seen) > MAX_ROUTE_PARAMS:
+                raise InvalidInput(f"a route path has at most {MAX_ROUTE_PARAMS} params")
         elif "{" in segment or "}" in segment:
             raise InvalidInput(
                 f"bad path segment {segment!r}: a param is a whole segment {{identifier}}"
@@ -125,6 +129,7 @@ class PostgresRouteRepo:
         )
         try:
             async with transaction(conn or self._engine) as c:
+                await check_quota(c, t.routes, app_id, MAX_ROUTES_PER_APP, "routes")
                 row = (await c.execute(stmt)).one_or_none()
         except IntegrityError as exc:
             if sqlstate(exc) == FOREIGN_KEY_VIOLATION:

@@ -17,9 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
 from manager_core.db import in_transaction, transaction, translate_integrity_error
+from manager_core.postgres._quota import check_quota
 from picloud_shared.errors import InvalidInput, LimitExceeded, UnknownScript
 from picloud_shared.ids import AppId, ScriptId, TriggerId, UserId
-from picloud_shared.limits import MAX_LIST_LIMIT
+from picloud_shared.limits import MAX_LIST_LIMIT, MAX_TRIGGERS_PER_APP
 from picloud_shared.outbox import OutboxSourceKind
 from picloud_shared.retry import Backoff, RetryPolicy
 from picloud_shared.triggers import (
@@ -218,6 +219,7 @@ class PostgresTriggerRepo:
         )
         try:
             async with transaction(conn or self._engine) as c:
+                await check_quota(c, _T, create.app_id, MAX_TRIGGERS_PER_APP, "triggers")
                 row = (await c.execute(parent)).one_or_none()
                 if row is None:
                     raise UnknownScript()
