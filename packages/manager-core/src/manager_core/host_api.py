@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from manager_core.postgres._pages import PAGE_BYTES
 from manager_core.postgres.documents import PostgresDocumentRepo
 from manager_core.postgres.kv import PostgresKvRepo
-from picloud_shared.errors import Forbidden
+from picloud_shared.errors import Forbidden, LimitExceeded
 from picloud_shared.ids import AppId
 from picloud_shared.principals import Capability, Principal
 from picloud_shared.wire import Json, JsonObject
@@ -69,6 +70,7 @@ class PostgresHostApi:
     async def kv_list(self, prefix: str = "", limit: int = 100) -> list[JsonObject]:
         self._require(Capability.APP_READ_DATA)
         entries = await self._kv.list(self._app_id, prefix, limit, conn=self._conn)
+        _whole(entries)
         return [{"key": e.key, "value": e.value} for e in entries]
 
     # -- docs -----------------------------------------------------------------------
@@ -102,9 +104,19 @@ class PostgresHostApi:
     ) -> list[JsonObject]:
         self._require(Capability.APP_READ_DATA)
         docs = await self._docs.query(self._app_id, collection, where, limit, conn=self._conn)
+        _whole(docs)
         return [{"id": d.id, "data": d.data} for d in docs]
 
     # -- logs -----------------------------------------------------------------------
 
     async def log(self, line: str) -> None:
         self.logs.append(line)
+
+
+def _whole(rows: object) -> None:
+    """A script's list or query has no cursor: one that would answer more than
+    ``PAGE_BYTES`` fails instead of answering part of what was asked."""
+    if getattr(rows, "cut", False):
+        raise LimitExceeded(
+            f"the answer holds more than {PAGE_BYTES} bytes; ask for fewer (a smaller limit)"
+        )

@@ -83,6 +83,11 @@ class PageRequest:
         """Answer a page from up to ``fetch`` rows."""
         page = list(rows[: self.limit])
         # At the cap we cannot look ahead: a full page may be followed by an empty one.
-        more = len(rows) > self.limit or len(rows) == self.limit == self.fetch
+        # A page cut by its size in bytes (postgres._pages) is followed by the rest.
+        more = (
+            len(rows) > self.limit
+            or len(rows) == self.limit == self.fetch
+            or getattr(rows, "cut", False)
+        )
         next_cursor = encode_cursor(key(page[-1])) if more and page else None
         return json_response({"items": [to_wire(r) for r in page], "next_cursor": next_cursor})

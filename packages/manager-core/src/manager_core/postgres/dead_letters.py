@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
 from manager_core.db import transaction
+from manager_core.postgres._pages import Page, json_bytes, within_bytes
 from manager_core.postgres._prune import prune_by_app
 from manager_core.postgres.kv import notify_committed
 from manager_core.postgres.outbox import PostgresOutboxRepo
@@ -215,9 +216,14 @@ class PostgresDeadLetterRepo:
                 sa.tuple_(_DL.c.created_at, _DL.c.id)
                 < sa.tuple_(cursor_created, sa.literal(after, _DL.c.id.type))
             )
+        stmt = within_bytes(
+            stmt,
+            json_bytes(_DL.c.payload, _DL.c.error_message),
+            (_DL.c.created_at.desc(), _DL.c.id.desc()),
+        )
         async with transaction(conn or self._engine) as c:
-            rows = (await c.execute(stmt)).all()
-        return [DeadLetter.from_row(r) for r in rows]
+            rows = list((await c.execute(stmt)).all())
+        return Page.of((DeadLetter.from_row(r) for r in rows), rows)
 
     async def mark(
         self,

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
 from manager_core.db import transaction
+from manager_core.postgres._pages import Page, json_bytes, within_bytes
 from manager_core.postgres.kv import encode_json, is_bad_json, json_param, notify_committed
 from manager_core.postgres.triggers import check_limit
 from picloud_shared.domain import check_collection
@@ -213,9 +214,10 @@ class PostgresDocumentRepo:
             stmt = stmt.where(*_equal_fields(where))
         if after is not None:
             stmt = stmt.where(_D.c.id > after)
+        stmt = within_bytes(stmt, json_bytes(_D.c.data), (_D.c.id,))
         async with transaction(conn or self._engine) as c:
-            rows = (await c.execute(stmt)).all()
-        return [_from_row(r) for r in rows]
+            rows = list((await c.execute(stmt)).all())
+        return Page.of((_from_row(r) for r in rows), rows)
 
     async def list(
         self,

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
 from manager_core.db import transaction
+from manager_core.postgres._pages import Page, json_bytes, within_bytes
 from manager_core.postgres._prune import prune_by_app
 from manager_core.postgres.triggers import check_limit
 from picloud_shared.execution import ExecResult
@@ -147,7 +148,8 @@ class PostgresExecutionRepo:
         conn: AsyncConnection | None = None,
     ) -> Sequence[Execution]:
         """Newest first (``created_at DESC, id DESC``), starting after the execution
-        ``after`` (the previous page's last id); optionally filtered."""
+        ``after`` (the previous page's last id); optionally filtered; a
+        :class:`~manager_core.postgres._pages.Page` of at most ``PAGE_BYTES``."""
         stmt = (
             sa.select(_E)
             .where(_E.c.app_id == app_id)
@@ -169,9 +171,14 @@ class PostgresExecutionRepo:
                 sa.tuple_(_E.c.created_at, _E.c.id)
                 < sa.tuple_(cursor_created, sa.literal(after, _E.c.id.type))
             )
+        stmt = within_bytes(
+            stmt,
+            json_bytes(_E.c.result, _E.c.logs, _E.c.error_message),
+            (_E.c.created_at.desc(), _E.c.id.desc()),
+        )
         async with transaction(conn or self._engine) as c:
-            rows = (await c.execute(stmt)).all()
-        return [Execution.from_row(r) for r in rows]
+            rows = list((await c.execute(stmt)).all())
+        return Page.of((Execution.from_row(r) for r in rows), rows)
 
     async def mark_running(
         self, execution_id: ExecutionId, attempt: int, *, conn: AsyncConnection | None = None

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from manager_core import tables as t
 from manager_core.db import sqlstate, transaction
 from manager_core.outbox_event_emitter import OutboxEventEmitter
+from manager_core.postgres._pages import Page, json_bytes, within_bytes
 from manager_core.postgres.triggers import check_limit
 from picloud_shared import wire
 from picloud_shared.errors import InvalidInput, LimitExceeded, PayloadTooLarge
@@ -252,9 +253,10 @@ class PostgresKvRepo:
             stmt = stmt.where(_KV.c.key.like(like_prefix(prefix), escape="\\"))
         if after is not None:
             stmt = stmt.where(_KV.c.key > after)
+        stmt = within_bytes(stmt, json_bytes(_KV.c.key, _KV.c.value), (_KV.c.key,))
         async with transaction(conn or self._engine) as c:
-            rows = (await c.execute(stmt)).all()
-        return [KvEntry(r.key, r.value, r.version, r.updated_at) for r in rows]
+            rows = list((await c.execute(stmt)).all())
+        return Page.of((KvEntry(r.key, r.value, r.version, r.updated_at) for r in rows), rows)
 
     async def _emit(
         self, conn: AsyncConnection, app_id: AppId, event: TriggerEvent, depth: int
