@@ -13,7 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
-from picloud_shared.ids import AppId, ScriptId, UserId
+from picloud_shared.ids import AppId, ScriptId, UserId, new_execution_id
+from picloud_shared.outbox import NewOutboxRow, OutboxSourceKind
 from picloud_shared.principals import ALL_CAPABILITIES, Capability, Principal
 
 
@@ -67,4 +68,15 @@ def principal(
         user_id=user_id or UserId(uuid.uuid4()),
         app_id=app_id,
         capabilities=frozenset(capabilities),
+    )
+
+
+def http_row(app: AppId, **kw: object) -> NewOutboxRow:
+    """A new outbox row of an HTTP execution of ``app`` (due now unless ``run_at``)."""
+    return NewOutboxRow(
+        execution_id=new_execution_id(),
+        app_id=app,
+        source_kind=OutboxSourceKind.HTTP,
+        payload={"route_id": str(uuid.uuid4()), "event": {}},
+        **kw,  # type: ignore[arg-type]
     )

@@ -16,8 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from manager_core import tables as t
 from manager_core.postgres import outbox_claims
 from manager_core.postgres.outbox import PostgresOutboxRepo
-from picloud_shared.ids import AppId, InboxId, new_execution_id
-from picloud_shared.outbox import NewOutboxRow, OutboxSourceKind
+from picloud_shared.ids import AppId, InboxId
 from picloud_shared.triggers import CreateKvTrigger
 from tests.manager import factories
 from tests.manager.dispatch_world import FAST_RETRY, World, make_world
@@ -25,14 +24,7 @@ from tests.manager.dispatch_world import FAST_RETRY, World, make_world
 pytestmark = pytest.mark.anyio
 
 
-def _row(app: AppId, **kw: object) -> NewOutboxRow:
-    return NewOutboxRow(
-        execution_id=new_execution_id(),
-        app_id=app,
-        source_kind=OutboxSourceKind.HTTP,
-        payload={"route_id": str(uuid.uuid4()), "event": {}},
-        **kw,  # type: ignore[arg-type]
-    )
+_row = factories.http_row
 
 
 async def _backlog(engine: AsyncEngine, repo: PostgresOutboxRepo, app: AppId, n: int) -> list[int]:

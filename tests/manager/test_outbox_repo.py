@@ -15,8 +15,8 @@ from manager_core import tables as t
 from manager_core.postgres.outbox import PostgresOutboxRepo
 from picloud_shared.errors import NotFound
 from picloud_shared.execution import ExecError, ExecResult
-from picloud_shared.ids import AppId, InboxId, new_execution_id
-from picloud_shared.outbox import NewOutboxRow, OutboxSourceKind
+from picloud_shared.ids import AppId, InboxId
+from picloud_shared.outbox import NewOutboxRow
 from picloud_shared.ports import OutboxRepo, OutboxWriter
 from picloud_shared.retry import Backoff, RetryPolicy
 from picloud_shared.status import ExecErrorKind
@@ -25,14 +25,7 @@ from tests.manager import factories
 pytestmark = pytest.mark.anyio
 
 
-def _row(app: AppId, **kw: object) -> NewOutboxRow:
-    return NewOutboxRow(
-        execution_id=new_execution_id(),
-        app_id=app,
-        source_kind=OutboxSourceKind.HTTP,
-        payload={"route_id": str(uuid.uuid4()), "event": {}},
-        **kw,  # type: ignore[arg-type]
-    )
+_row = factories.http_row
 
 
 async def test_one_object_is_both_views(engine: AsyncEngine) -> None:
