@@ -9,11 +9,14 @@ import anyio
 import httpx
 import pytest
 
+from manager_core.postgres.outbox import PostgresOutboxRepo
 from orchestrator_core.route_cache import CachedRouteTable
+from picloud import metrics
 from picloud.app import create_app
 from picloud.services import build_services, running
 from picloud.settings import Settings
 from tests.app.server import free_port
+from tests.manager import factories
 
 pytestmark = pytest.mark.anyio
 
@@ -89,4 +92,28 @@ async def test_admin_changes_reach_this_nodes_route_cache(db_url: str) -> None:
         (notify,) = repo.changed
         notify()
         assert cache._entries == {}
+    await services.engine.dispose()
+
+
+async def test_the_outbox_is_counted_at_most_once_a_second(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics needs no token, so scrapes reuse a count younger than
+    DEPTH_MAX_AGE_SECONDS; an older one is read again."""
+    assert metrics.DEPTH_MAX_AGE_SECONDS == 1.0
+    monkeypatch.setattr(metrics, "DEPTH_MAX_AGE_SECONDS", 0.5)
+    services = build_services(Settings(executor_max_workers=1), db_url, node_id="m-node")
+    app = create_app(services)
+
+    async def depth() -> str:
+        text = (await c.get("/metrics")).text
+        return next(line for line in text.splitlines() if line.startswith("picloud_outbox_depth"))
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c:
+        assert (await depth()).endswith(" 0.0")
+        app_id = await factories.app(services.engine)
+        await PostgresOutboxRepo(services.engine).enqueue(factories.http_row(app_id))
+        assert (await depth()).endswith(" 0.0")  # the count of a moment ago
+        await anyio.sleep(0.6)
+        assert (await depth()).endswith(" 1.0")
     await services.engine.dispose()

@@ -54,9 +54,12 @@ def create_app(services: Services) -> Starlette:
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    depth = metrics.OutboxDepth()
+
     async def metrics_endpoint(request: Request) -> Response:
         return PlainTextResponse(
-            await metrics.render(services), media_type="text/plain; version=0.0.4; charset=utf-8"
+            await metrics.render(services, depth),
+            media_type="text/plain; version=0.0.4; charset=utf-8",
         )
 
     @asynccontextmanager

@@ -1,11 +1,13 @@
 """``GET /metrics``: Prometheus text built fresh at each scrape.
 
 Counters come from the dispatcher's in-process ``DispatcherMetrics`` and the gate;
-the outbox depth is read from PostgreSQL at scrape time.
+the outbox depth is read from PostgreSQL at scrape time, at most once a second.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -110,10 +112,29 @@ class _Snapshot(Collector):
         )
 
 
-async def render(services: Services) -> bytes:
+# ``/metrics`` needs no token: the outbox is counted at most once a second, however
+# often it is scraped (a count reads the whole outbox, which a backlog makes long).
+DEPTH_MAX_AGE_SECONDS = 1.0
+
+
+class OutboxDepth:
+    """The outbox's row count, read again once it is ``DEPTH_MAX_AGE_SECONDS`` old."""
+
+    def __init__(self) -> None:
+        self._read_at = -math.inf
+        self._depth = 0
+
+    async def get(self, services: Services) -> int:
+        if time.monotonic() - self._read_at >= DEPTH_MAX_AGE_SECONDS:
+            async with services.engine.connect() as conn:
+                count = select(func.count()).select_from(t.outbox)
+                self._depth = int((await conn.execute(count)).scalar_one())
+            self._read_at = time.monotonic()
+        return self._depth
+
+
+async def render(services: Services, depth: OutboxDepth) -> bytes:
     """The Prometheus exposition text for this node."""
-    async with services.engine.connect() as conn:
-        depth = (await conn.execute(select(func.count()).select_from(t.outbox))).scalar_one()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(services, int(depth)))
+    registry.register(_Snapshot(services, await depth.get(services)))
     return generate_latest(registry)
