@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.app.server import PICLOUD, ROOT, free_port
+from tests.app.server import PICLOUD, ROOT, free_port, serving
 
 
 def start(data_dir: Path, port: int, log: Path, *, flags: bool = False) -> subprocess.Popen[bytes]:
@@ -134,3 +135,22 @@ def test_admin_create_user_prints_a_working_token(pg_data_dir: Path) -> None:
         assert forbidden.status_code == 403
     finally:
         assert stop(proc) == 0
+
+
+def test_connections_past_the_limit_are_answered_503(db_url: str, tmp_path: Path) -> None:
+    """PICLOUD_MAX_CONNECTIONS bounds the open connections: idle clients holding
+    sockets cannot pile up; past the limit a request gets a 503, and once they leave
+    requests are served again."""
+    with serving(db_url, tmp_path / "serve.log", env={"PICLOUD_MAX_CONNECTIONS": "3"}) as server:
+        host, port = server.base_url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            assert httpx.get(f"{server.base_url}/healthz").status_code == 503
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.base_url}/healthz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)

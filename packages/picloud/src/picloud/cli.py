@@ -113,6 +113,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             log_level="info",
             access_log=False,
             timeout_graceful_shutdown=30,
+            limit_concurrency=settings.max_connections,
         )
         server = _server_class()(config)
         server.run()

@@ -77,6 +77,8 @@ class Settings:
     #: Token of the instance admin created on first start (generated when unset).
     admin_token: str | None = None
     max_concurrent_executions: int = 16
+    #: Open HTTP connections (and requests in progress) at once; past it, a 503.
+    max_connections: int = 1000
     #: How long a sync request may wait for a free execution slot before its 503.
     sync_admission_wait_ms: int = 1000
     max_trigger_depth: int = 8
@@ -119,6 +121,7 @@ class Settings:
             "data_dir": get("DATA_DIR", lambda v: Path(v).expanduser()),
             "admin_token": get("ADMIN_TOKEN", _non_empty),
             "max_concurrent_executions": get("MAX_CONCURRENT_EXECUTIONS", _positive_int),
+            "max_connections": get("MAX_CONNECTIONS", _positive_int),
             "sync_admission_wait_ms": get("SYNC_ADMISSION_WAIT_MS", _non_negative_int),
             "max_trigger_depth": get("MAX_TRIGGER_DEPTH", _non_negative_int),
             "dispatch_poll_interval_ms": get("DISPATCH_POLL_INTERVAL_MS", _positive_int),
