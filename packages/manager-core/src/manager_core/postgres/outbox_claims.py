@@ -315,7 +315,8 @@ async def claim(
     rotation: AppRotation | None = None,
 ) -> list[ClaimedRow]:
     """Claim up to ``limit`` due rows, shared fairly between the apps that have some
-    (see ``_CLAIM``). Fewer than ``limit`` only when no more are due for this node.
+    (see ``_CLAIM``). Fewer than ``limit`` when no more are due for this node (or,
+    rarely, when ``CLAIM_ROUNDS`` statements did not fill the batch).
 
     Each statement commits by itself: run them on an autocommitting connection. A
     batch that an app could not fill (it had fewer rows due than its share) is made up
