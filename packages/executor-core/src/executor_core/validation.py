@@ -54,11 +54,9 @@ def _size(value: object, what: str) -> int:
         size = len(text.encode("utf-8"))
     except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
         raise InvalidInput(f"{what} must be JSON (no NaN or Infinity)") from None
-    if wire.holds_nul(text, value):  # type: ignore[arg-type]
-        raise InvalidInput(f"{what} holds a NUL character, which PostgreSQL cannot store")
-    deep = wire.depth_problem(value, text)
-    if deep is not None:
-        raise InvalidInput(f"{what}: {deep}")
+    problem = wire.unstorable_json(value, text)
+    if problem is not None:
+        raise InvalidInput(f"{what}: {problem}")
     return size
 
 

@@ -105,6 +105,15 @@ def depth_problem(value: object, text: str | bytes, limit: int = MAX_JSON_DEPTH)
     return f"JSON nests more than {limit} levels deep"
 
 
+def unstorable_json(value: object, text: str) -> str | None:
+    """Why ``value``, serialized as the JSON ``text``, cannot be stored (a NUL, or
+    nesting past ``MAX_JSON_DEPTH``), or ``None``: what the host-call checks and the
+    repos refuse before PostgreSQL sees it."""
+    if holds_nul(text, value):  # type: ignore[arg-type]
+        return "holds a NUL character, which PostgreSQL cannot store"
+    return depth_problem(value, text)
+
+
 def holds_nul(text: str, value: Json) -> bool:
     """Whether ``value``, serialized as the JSON ``text``, holds a NUL in a string or
     a key, which no ``jsonb`` string can store. ``dumps`` writes a NUL as

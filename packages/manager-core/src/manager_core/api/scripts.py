@@ -13,7 +13,7 @@ from manager_core.postgres.scripts import ScriptSummary
 from picloud_shared.domain import SCRIPT_NAME_RE, Script
 from picloud_shared.errors import NotFound
 from picloud_shared.limits import DEFAULT_MEMORY_LIMIT_MB, DEFAULT_TIMEOUT_SECONDS
-from picloud_shared.principals import DATA_CAPABILITIES, Capability
+from picloud_shared.principals import Capability
 from picloud_shared.wire import JsonObject
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def script_to_wire(script: Script | ScriptSummary, *, source: bool = False) -> J
 def _authors_data_capabilities(call: Call) -> frozenset[Capability]:
     """What the caller may do with the app's data: all a version they save may do."""
     assert call.principal is not None
-    return frozenset(c for c in DATA_CAPABILITIES if call.principal.can(c))
+    return call.principal.data_rights
 
 
 def _name(call: Call) -> str:

@@ -94,11 +94,9 @@ def encode_json(value: object, max_bytes: int, what: str) -> str:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
     # Refused here, not by PostgreSQL: in an execution's transaction a statement
     # PostgreSQL refuses aborts the transaction, and every later host call with it.
-    if wire.holds_nul(text, value):  # type: ignore[arg-type]
-        raise InvalidInput(f"{what} holds a NUL character, which PostgreSQL cannot store")
-    deep = wire.depth_problem(value, text)
-    if deep is not None:
-        raise InvalidInput(f"{what}: {deep}")
+    problem = wire.unstorable_json(value, text)
+    if problem is not None:
+        raise InvalidInput(f"{what}: {problem}")
     if size > max_bytes:
         raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {max_bytes}")
     return text
