@@ -6,6 +6,7 @@ own app so they do not see each other's data.
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from picloud_shared.limits import MAX_BODY_BYTES_IN_FLIGHT, MAX_REQUEST_BODY_BYTES
 from tests.app.server import Server, serving
 from tests.pg import PgServer
 
@@ -263,6 +265,83 @@ def test_a_sync_request_is_not_queued_behind_an_async_backlog(
     assert (r.status_code, r.text) == (200, "fast")
     done = len(admin.executions(status="succeeded", source_kind="http"))
     assert done < backlog // 2, f"the sync request waited for {done} queued executions"
+
+
+def _raw_post(server: Server, path: str, length: int, *extra: str) -> socket.socket:
+    """A connection that has sent a POST's headers, declaring ``length`` body bytes."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=10)
+    lines = [f"POST {path} HTTP/1.1", "Host: t", f"Content-Length: {length}", *extra]
+    conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return conn
+
+
+def test_a_sync_request_the_gate_refuses_is_answered_before_its_body(
+    server: Server, admin: Admin
+) -> None:
+    """With every gate slot busy, a sync request is refused before its body is read:
+    a client that asked ``Expect: 100-continue`` gets the 503 instead of the go-ahead
+    to send its 1 MiB, and the connection is closed rather than drained."""
+    admin.script("slow", "import time\ndef handle(e, ctx):\n    time.sleep(3)\n")
+    admin.script("echo", "def handle(e, ctx):\n    return e['json']\n")
+    admin.route("GET", "/slow", "slow")
+    admin.route("POST", "/echo", "echo")
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        slow = [
+            pool.submit(httpx.get, f"{server.base_url}/apps/{admin.app_name}/slow", timeout=30)
+            for _ in range(4)
+        ]
+        time.sleep(1.0)
+        with _raw_post(
+            server,
+            f"/apps/{admin.app_name}/echo",
+            MAX_REQUEST_BODY_BYTES,
+            "Content-Type: application/json",
+            "Expect: 100-continue",
+        ) as conn:
+            answer = b""
+            while chunk := conn.recv(65536):  # until the server closes the connection
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"100 Continue" not in answer
+        assert b"\r\nconnection: close\r\n" in answer.lower()
+        assert b'"code":"overloaded"' in answer.replace(b" ", b"")
+        assert [f.result().status_code for f in slow] == [204] * 4
+
+
+def test_request_bodies_in_flight_on_a_node_are_bounded(server: Server, admin: Admin) -> None:
+    """A node holds at most MAX_BODY_BYTES_IN_FLIGHT of request bodies at once, counted
+    from their Content-Length: while slow clients have declared all of it but one
+    byte, a 1-byte body still fits and a 2-byte one is refused with 503 ``overloaded``;
+    once they are gone, a whole 1 MiB body fits again."""
+    admin.script("noop", "def handle(e, ctx):\n    return None\n")
+    admin.route("POST", "/in", "noop", "async")
+    path = f"/apps/{admin.app_name}/in"
+    url = server.base_url + path
+    whole = MAX_BODY_BYTES_IN_FLIGHT // MAX_REQUEST_BODY_BYTES
+    sizes = [MAX_REQUEST_BODY_BYTES] * (whole - 1) + [MAX_REQUEST_BODY_BYTES - 1]
+    holders = []
+    try:
+        for size in sizes:  # their bodies never come
+            holders.append(_raw_post(server, path, size))
+        deadline = time.monotonic() + 30
+        while (over := httpx.post(url, content=b"ab", timeout=30)).status_code != 503:
+            assert over.status_code == 202, over.text  # not every holder is read yet
+            assert time.monotonic() < deadline, "the budget never filled"
+        assert over.json()["error"]["code"] == "overloaded"
+        assert over.headers["retry-after"] == "1"
+        assert httpx.post(url, content=b"a", timeout=30).status_code == 202
+    finally:
+        for conn in holders:
+            conn.close()
+    deadline = time.monotonic() + 30
+    while (
+        r := httpx.post(url, content=b"a" * MAX_REQUEST_BODY_BYTES, timeout=30)
+    ).status_code != 202:
+        assert r.status_code == 503, r.text  # the holders' shares are not back yet
+        assert time.monotonic() < deadline, "the holders' shares never came back"
 
 
 def test_a_deleted_route_stops_serving_at_once_on_its_node(

@@ -5,9 +5,17 @@ one outbox row through :class:`~picloud_shared.ports.OutboxWriter`:
 
 * ``async`` routes answer ``202 {"accepted_at", "execution_id"}`` at once;
 * ``sync`` routes wait up to ``admission_wait_seconds`` for a free slot of the
-  execution gate (503 with ``Retry-After`` when none frees), register an inbox
-  receiver, write the row with ``reply_to``, and wait up to the script's
-  ``timeout_seconds`` + 2 s for the dispatcher's answer.
+  execution gate (503 with ``Retry-After`` when none frees) before their body is
+  read, register an inbox receiver, write the row with ``reply_to``, and wait up
+  to the script's ``timeout_seconds`` + 2 s for the dispatcher's answer.
+
+A body is read only within its bounds: ``max_body_bytes`` (413), a share of the
+node's :class:`~orchestrator_core.body_budget.BodyBudget` (503 ``overloaded``
+when none comes free in time) and ``body_read_timeout_seconds`` (408
+``request_timeout``). A sync request whose body is still arriving after
+``body_slot_hold_seconds`` gives its slot back and is admitted again once the
+body is whole: a slow client never holds an execution slot for long. Nothing of
+a body outlives the write of its row; a sync request then waits holding none.
 
 It never imports manager-core: routes come from a ``RouteTable``, answers from the
 ``InboxRegistry``.
@@ -26,17 +34,29 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from orchestrator_core.body_budget import BodyBudget
 from orchestrator_core.inbox import InboxRegistry
 from orchestrator_core.paths import match_template
+from orchestrator_core.request_body import (
+    BodyOverBudget,
+    BodyTimedOut,
+    BodyTooLarge,
+    http_event,
+    read_body,
+)
 from orchestrator_core.route_cache import CachedRouteTable
 from picloud_shared import wire
 from picloud_shared.domain import APP_NAME_RE, DispatchMode, RouteTarget
 from picloud_shared.errors import NotFound, Unavailable
 from picloud_shared.events import HttpEvent
-from picloud_shared.gate import ExecutionGate
-from picloud_shared.ids import ExecutionId, new_execution_id
+from picloud_shared.gate import ExecutionGate, Permit
+from picloud_shared.ids import ExecutionId, InboxId, new_execution_id
 from picloud_shared.inbox import InboxResult
 from picloud_shared.limits import (
+    BODY_BUDGET_WAIT_SECONDS,
+    BODY_READ_TIMEOUT_SECONDS,
+    BODY_SLOT_HOLD_SECONDS,
+    MAX_BODY_BYTES_IN_FLIGHT,
     MAX_REQUEST_BODY_BYTES,
     MAX_REQUEST_HEADER_BYTES,
     MAX_REQUEST_HEADERS,
@@ -63,10 +83,6 @@ _HOP_HEADERS = frozenset(
 )
 log = logging.getLogger("picloud.routes")
 DISCONNECT_WATCH_AFTER = 0.05  # seconds a sync request waits before watching its client
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 class _AnyMethod:
@@ -112,26 +128,17 @@ def _failure(
     return _error(http_status_for(kind), kind.value, message, execution_id, headers)
 
 
-def is_json_content_type(content_type: str) -> bool:
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (
-        media.startswith("application/") and media.endswith("+json")
-    )
+def _has_body(request: Request) -> bool:
+    headers = request.headers
+    return "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing more than ``limit`` bytes (declared or streamed)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _closing(response: Response) -> Response:
+    """An answer sent before the body was read whole: the connection closes after it,
+    so a client still sending (slowly, or a body it was told is too large) holds
+    nothing more."""
+    response.headers["connection"] = "close"
+    return response
 
 
 @attrs.define
@@ -148,6 +155,11 @@ class UserRouteOrchestrator:
     retry_after_seconds: int = 1
     #: How long a sync request waits for a gate slot before it is refused with 503.
     admission_wait_seconds: float = 1.0
+    #: The node's bound on request bodies held at once (``MAX_BODY_BYTES_IN_FLIGHT``).
+    body_budget: BodyBudget = attrs.field(factory=lambda: BodyBudget(MAX_BODY_BYTES_IN_FLIGHT))
+    body_budget_wait_seconds: float = BODY_BUDGET_WAIT_SECONDS
+    body_read_timeout_seconds: float = BODY_READ_TIMEOUT_SECONDS
+    body_slot_hold_seconds: float = BODY_SLOT_HOLD_SECONDS
 
     def routes(self) -> list[BaseRoute]:
         # Every method reaches ``handle`` (TRACE, PROPFIND, … included), which answers
@@ -213,35 +225,9 @@ class UserRouteOrchestrator:
             return _error(404, "not_found", f"no route for {path!r}")
         target, params = found
         try:
-            raw = await read_body(request, self.max_body_bytes)
-        except BodyTooLarge:
-            return _error(
-                413, "payload_too_large", f"request body is larger than {self.max_body_bytes} bytes"
-            )
-        except ClientDisconnect:
-            return Response(status_code=499)
-        parsed = None
-        if raw and is_json_content_type(request.headers.get("content-type", "")):
-            try:
-                parsed = wire.loads_untrusted(raw)
-            except wire.WireError as exc:
-                return _failure(InboxFailureKind.REJECTED, f"request body: {exc}", None)
-        # Event text is stored (jsonb): undecodable bytes are already U+FFFD, and so
-        # becomes a NUL (from a %00 or the body), which no PostgreSQL string holds.
-        text = wire.storable_text
-        event = HttpEvent(
-            method=request.method,
-            path=text(path),
-            params={k: text(v) for k, v in params.items()},
-            query={text(k): text(v) for k, v in request.query_params.items()},
-            headers={text(k): text(v) for k, v in request.headers.items()},
-            body=text(raw.decode("utf-8", errors="replace")),
-            json=parsed,
-        )
-        try:
             if target.dispatch_mode is DispatchMode.ASYNC:
-                return await self._dispatch_async(target, event)
-            return await self._dispatch_sync(request, target, event)
+                return await self._serve_async(request, target, params, path)
+            return await self._serve_sync(request, target, params, path)
         except NotFound:  # the app was deleted after its routes were cached
             if cache is not None:
                 cache.invalidate(app_name)
@@ -252,12 +238,36 @@ class UserRouteOrchestrator:
             log.exception("user route %s %s failed", request.method, request.url.path)
             return _failure(InboxFailureKind.INTERNAL, "internal error", None)
 
+    def _overloaded(self, message: str) -> Response:
+        return _failure(
+            InboxFailureKind.OVERLOADED,
+            message,
+            None,
+            headers={"Retry-After": str(self.retry_after_seconds)},
+        )
+
+    def _body_refused(self, exc: Exception) -> Response:
+        """The answer to a body refused before it was read whole; the connection closes."""
+        if isinstance(exc, BodyOverBudget):
+            refused = self._overloaded("too many request bodies in flight; retry later")
+        elif isinstance(exc, BodyTimedOut):
+            refused = _error(
+                408,
+                "request_timeout",
+                f"the request body did not arrive within {self.body_read_timeout_seconds:g} s",
+            )
+        else:
+            refused = _error(
+                413, "payload_too_large", f"request body is larger than {self.max_body_bytes} bytes"
+            )
+        return _closing(refused)
+
     def _row(
         self,
         target: RouteTarget,
         event: HttpEvent,
         execution_id: ExecutionId,
-        reply_to: object = None,
+        reply_to: InboxId | None = None,
     ) -> NewOutboxRow:
         return NewOutboxRow(
             execution_id=execution_id,
@@ -266,39 +276,42 @@ class UserRouteOrchestrator:
             payload=HttpDispatchPayload(target.route_id, event.to_wire()).to_wire(),
             script_id=target.script_id,
             route_id=target.route_id,
-            reply_to=reply_to,  # type: ignore[arg-type]
+            reply_to=reply_to,
             reply_node=self.node_id if reply_to is not None else None,
         )
 
-    async def _dispatch_async(self, target: RouteTarget, event: HttpEvent) -> Response:
+    async def _serve_async(
+        self, request: Request, target: RouteTarget, params: dict[str, str], path: str
+    ) -> Response:
         execution_id = new_execution_id()
-        accepted_at = datetime.now(UTC)
-        await self.outbox.enqueue(self._row(target, event, execution_id))
+        refused = await self._write(request, target, params, path, execution_id)
+        if refused is not None:
+            return refused
         return JSONResponse(
-            {"accepted_at": accepted_at.isoformat(), "execution_id": str(execution_id)},
+            {"accepted_at": datetime.now(UTC).isoformat(), "execution_id": str(execution_id)},
             status_code=202,
             headers={"Location": f"/api/v1/admin/apps/{target.app_id}/executions/{execution_id}"},
         )
 
-    async def _dispatch_sync(
-        self, request: Request, target: RouteTarget, event: HttpEvent
+    async def _serve_sync(
+        self, request: Request, target: RouteTarget, params: dict[str, str], path: str
     ) -> Response:
+        # Admitted before its body is read: a request the gate refuses costs no body.
         # The request holds its slot from admission on and hands it to the outbox with
         # its row: a slot only seen free could go to the next claim of queued rows,
         # and the row would then wait behind all of them.
-        permit = await self.gate.admit(self.admission_wait_seconds)
-        if permit is None:
-            return _failure(
-                InboxFailureKind.OVERLOADED,
-                "too many executions in flight; retry later",
-                None,
-                headers={"Retry-After": str(self.retry_after_seconds)},
-            )
         execution_id = new_execution_id()
         inbox_id, receiver = self.inbox.register()
         with receiver:
-            row = self._row(target, event, execution_id, reply_to=inbox_id)
-            await self.outbox.enqueue(row, permit=permit)
+            permit = await self.gate.admit(self.admission_wait_seconds)
+            if permit is None:
+                refused = self._overloaded("too many executions in flight; retry later")
+                return _closing(refused) if _has_body(request) else refused
+            refused = await self._write(  # owns the permit from here on
+                request, target, params, path, execution_id, inbox_id, permit
+            )
+            if refused is not None:
+                return refused
             result = await self._wait(
                 request, receiver.receive, target.timeout_seconds + self.wait_buffer_seconds
             )
@@ -309,6 +322,64 @@ class UserRouteOrchestrator:
                 execution_id,
             )
         return to_response(result)
+
+    async def _write(
+        self,
+        request: Request,
+        target: RouteTarget,
+        params: dict[str, str],
+        path: str,
+        execution_id: ExecutionId,
+        reply_to: InboxId | None = None,
+        permit: Permit | None = None,
+    ) -> Response | None:
+        """Read the body, build the event and write its row: ``None`` once written,
+        else the answer that refused it.
+
+        Owns ``permit`` (a sync request's slot): it goes to the outbox with the row,
+        or is released here, whatever happens. The body's share of the budget is
+        released on return, and nothing of the body outlives this call."""
+
+        def give_slot_back() -> None:  # the body is slow: do not hold a slot for it
+            nonlocal permit
+            if permit is not None:
+                permit.release()
+                permit = None
+
+        try:
+            with self.body_budget.share() as share:
+                try:
+                    raw = await read_body(
+                        request,
+                        limit=self.max_body_bytes,
+                        share=share,
+                        budget_wait=self.body_budget_wait_seconds,
+                        timeout=self.body_read_timeout_seconds,
+                        slow_after=self.body_slot_hold_seconds,
+                        on_slow=give_slot_back if permit is not None else None,
+                    )
+                except (BodyTooLarge, BodyOverBudget, BodyTimedOut) as exc:
+                    return self._body_refused(exc)
+                except ClientDisconnect:
+                    return Response(status_code=499)
+                if reply_to is not None and permit is None:  # it gave its slot back
+                    permit = await self.gate.admit(self.admission_wait_seconds)
+                    if permit is None:
+                        return self._overloaded("too many executions in flight; retry later")
+                try:
+                    event = http_event(request, path, params, raw)
+                except wire.WireError as exc:
+                    return _failure(InboxFailureKind.REJECTED, f"request body: {exc}", None)
+                row = self._row(target, event, execution_id, reply_to)
+                if permit is None:
+                    await self.outbox.enqueue(row)
+                else:
+                    handed, permit = permit, None  # the writer owns it from the call on
+                    await self.outbox.enqueue(row, permit=handed)
+                return None
+        finally:
+            if permit is not None:
+                permit.release()
 
     async def _wait(self, request: Request, receive: object, timeout: float) -> InboxResult | None:
         """Wait for the answer; give up on timeout or when the client disconnects.

@@ -14,6 +14,17 @@ MAX_REQUEST_BODY_BYTES = 1 * MIB
 # many, of at most this many bytes in all, names and values.
 MAX_REQUEST_HEADERS = 100
 MAX_REQUEST_HEADER_BYTES = 32 * KIB
+# User-route request bodies a node holds at once, counted from each request's
+# declared Content-Length (or its bytes so far): a request that cannot get its share
+# within BODY_BUDGET_WAIT_SECONDS is answered 503 ``overloaded``.
+MAX_BODY_BYTES_IN_FLIGHT = 64 * MIB
+BODY_BUDGET_WAIT_SECONDS = 1.0
+# A user-route request's whole body must arrive within this many seconds of the
+# server starting to read it; a slower one is answered 408 and nothing runs.
+BODY_READ_TIMEOUT_SECONDS = 30.0
+# A sync request holds its execution slot at most this long while its body still
+# arrives; then it gives the slot back and asks again once the body is whole.
+BODY_SLOT_HOLD_SECONDS = 1.0
 MAX_KV_KEY_BYTES = 512
 MAX_KV_VALUE_BYTES = 256 * KIB
 MAX_DOCUMENT_BYTES = 1 * MIB
