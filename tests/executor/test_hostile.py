@@ -306,6 +306,24 @@ async def test_a_worker_cannot_make_itself_dumpable_again(
     assert dumpable == 0
 
 
+async def test_a_worker_runs_as_a_batch_task_and_cannot_leave_it(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Workers run SCHED_BATCH (a woken worker does not preempt its host), and a script
+    cannot switch itself back to the normal policy."""
+    source = src("""
+    import os
+    def handle(e, ctx):
+        return [os.sched_getscheduler(0),
+                attempt(lambda: os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))),
+                os.sched_getscheduler(0)]
+    """)
+    before, switched, after = body(await executor.execute(make_request(source), host))  # type: ignore[misc]
+    assert before == os.SCHED_BATCH
+    assert switched.startswith("PermissionError"), switched
+    assert after == os.SCHED_BATCH
+
+
 async def test_fork_and_exec_are_blocked(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

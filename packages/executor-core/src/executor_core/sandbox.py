@@ -1,10 +1,10 @@
 """Kernel isolation layers a worker applies to itself before any user code runs.
 
-Everything goes through ctypes (no third-party packages): rlimits,
-``PR_SET_NO_NEW_PRIVS``, Landlock, the privilege drop to a per-slot uid/gid,
-``PR_SET_DUMPABLE=0`` and a small classic-BPF seccomp filter. :func:`apply`
-runs them in that order and returns which layers are active; a layer the
-kernel does not offer is reported as missing, the others still apply.
+Everything goes through ctypes (no third-party packages): the batch scheduling
+policy, rlimits, ``PR_SET_NO_NEW_PRIVS``, Landlock, the privilege drop to a
+per-slot uid/gid, ``PR_SET_DUMPABLE=0`` and a small classic-BPF seccomp filter.
+:func:`apply` runs them in that order and returns which layers are active; a
+layer the kernel does not offer is reported as missing, the others still apply.
 
 This module is imported by the worker bootstrap: standard library only.
 """
@@ -84,6 +84,9 @@ _DENIED_X86_64 = {
     "mq_getsetattr": 245,
     # Anonymous files: memory that RLIMIT_AS does not count.
     "memfd_create": 319,
+    # Leaving SCHED_BATCH (see batch_scheduling).
+    "sched_setscheduler": 144,
+    "sched_setattr": 314,
 }
 _DENIED_AARCH64 = {
     "umount2": 39,
@@ -132,6 +135,8 @@ _DENIED_AARCH64 = {
     "shmat": 196,
     "shmdt": 197,
     "memfd_create": 279,
+    "sched_setscheduler": 119,
+    "sched_setattr": 274,
 }
 # The generic table shared by both architectures from 5.x on.
 _DENIED_COMMON = {
@@ -236,6 +241,26 @@ def scratch_quota(scratch: str, size: int, uid: int | None, gid: int | None) -> 
         _libc.mount(b"picloud-scratch", scratch.encode(), b"tmpfs", flags, options),
         "mount the scratch tmpfs",
     )
+
+
+# --- scheduling ----------------------------------------------------------------------
+
+
+def batch_scheduling() -> bool:
+    """Run as ``SCHED_BATCH``: a worker woken by its host's frame no longer preempts
+    the host on the CPU the host runs on (batch tasks wait for the tick or a free CPU).
+    Under load a preempting wake-up kept the host off its CPU for ~100 µs per frame
+    it sent, mid-``write`` (bench/RESULTS.md, session 8). Time slices are unchanged;
+    seccomp keeps a script from switching back. ``False`` where there is no such
+    policy."""
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is None:
+        return False
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError:
+        return False
+    return True
 
 
 # --- prctl ---------------------------------------------------------------------------
@@ -484,6 +509,7 @@ def apply(
     be read besides ``scratch`` (see :func:`readable_paths`); ``scratch_bytes``: the
     most the scratch directory holds (as root; the caller changes into it again)."""
     as_root = os.geteuid() == 0
+    batch = batch_scheduling()
     drop = as_root and uid is not None and gid is not None
     apply_rlimits(
         address_space=address_space,
@@ -503,6 +529,7 @@ def apply(
     not_dumpable()
     seccomp = apply_seccomp()
     return {
+        "sched_batch": batch,
         "rlimits": True,
         "nproc": drop,
         "no_new_privs": True,
