@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 
 from orchestrator_core.body_budget import BodyBudget
 from orchestrator_core.inbox import InboxRegistry
+from orchestrator_core.request_body import PARSED_JSON_SHARE
 from orchestrator_core.routes import UserRouteOrchestrator
 from picloud_shared.domain import DispatchMode
 from picloud_shared.gate import ExecutionGate
@@ -204,6 +205,48 @@ async def test_bodies_in_flight_on_a_node_are_bounded_by_the_budget(
             go_on.set()
         assert answers == [202]
         assert len(w.outbox.rows) == 2
+        w.assert_holds_nothing()
+
+
+@BOTH
+async def test_a_json_body_holds_a_larger_share_while_it_is_parsed(path: str) -> None:
+    """A JSON body is held parsed until its row is written: its share grows to
+    PARSED_JSON_SHARE times its size first. With 1000 bytes of budget and 300 held
+    by a slow body, a 100-byte JSON body needs 800 and is refused with 503, the same
+    100 bytes as text are not; once the slow body is done the JSON one fits."""
+    assert PARSED_JSON_SHARE == 8
+    async with wired(body_budget=BodyBudget(1000), body_budget_wait_seconds=0.1) as w:
+        go_on = anyio.Event()
+
+        async def slow_body() -> AsyncIterator[bytes]:
+            yield b"a" * 300
+            await go_on.wait()
+
+        json_body = b"[" + b"0," * 48 + b"0 ]"
+        assert len(json_body) == 100
+        as_json = {"content-type": "application/json"}
+        accepted = 200 if path == SYNC else 202
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(w.client.post, ASYNC, content=slow_body()))
+            await wait_until(lambda: w.orch.body_budget.in_use == 300)
+            over = await w.client.post(path, content=json_body, headers=as_json)
+            assert over.status_code == 503
+            assert over.json()["error"]["code"] == "overloaded"
+            text = await w.client.post(path, content=json_body)
+            assert text.status_code == accepted
+            # 700 free: a JSON body of 87 bytes (696) fits, one of 88 (704) does not.
+            edge = b'"' + b"a" * 85 + b'"'
+            assert (await w.client.post(path, content=edge, headers=as_json)).status_code == (
+                accepted
+            )
+            edge_over = b'"' + b"a" * 86 + b'"'
+            assert (
+                await w.client.post(path, content=edge_over, headers=as_json)
+            ).status_code == 503
+            go_on.set()
+        assert (await w.client.post(path, content=json_body, headers=as_json)).status_code == (
+            accepted
+        )
         w.assert_holds_nothing()
 
 

@@ -42,6 +42,7 @@ from orchestrator_core.request_body import (
     BodyTimedOut,
     BodyTooLarge,
     http_event,
+    parsed_share,
     read_body,
 )
 from orchestrator_core.route_cache import CachedRouteTable
@@ -366,6 +367,9 @@ class UserRouteOrchestrator:
                     permit = await self.gate.admit(self.admission_wait_seconds)
                     if permit is None:
                         return self._overloaded("too many executions in flight; retry later")
+                parsed = parsed_share(request, raw, self.body_budget.capacity)
+                if not await share.cover(parsed, self.body_budget_wait_seconds):
+                    return self._overloaded("too many request bodies in flight; retry later")
                 try:
                     event = http_event(request, path, params, raw)
                 except wire.WireError as exc:
