@@ -117,3 +117,41 @@ async def test_the_outbox_is_counted_at_most_once_a_second(
         await anyio.sleep(0.6)
         assert (await depth()).endswith(" 1.0")
     await services.engine.dispose()
+
+
+async def test_metrics_show_the_body_budget(db_url: str) -> None:
+    """/metrics shows the request-body bytes held, the budget and its refusals."""
+    services = build_services(Settings(executor_max_workers=1), db_url, node_id="b-node")
+    app = create_app(services)
+    budget = services.orchestrator.body_budget
+
+    async def figures() -> dict[str, float]:
+        text = (await c.get("/metrics")).text
+        wanted = (
+            "picloud_body_bytes_in_flight",
+            "picloud_body_budget_bytes",
+            "picloud_body_budget_refusals_total",
+        )
+        return {
+            name: float(line.split()[1])
+            for line in text.splitlines()
+            for name in wanted
+            if line.startswith(name + " ")
+        }
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c:
+        assert await figures() == {
+            "picloud_body_bytes_in_flight": 0.0,
+            "picloud_body_budget_bytes": float(budget.capacity),
+            "picloud_body_budget_refusals_total": 0.0,
+        }
+        with budget.share() as held:
+            assert await held.cover(1000, 0)
+            assert not await budget.share().cover(budget.capacity, 0)  # no room: refused
+            assert await figures() == {
+                "picloud_body_bytes_in_flight": 1000.0,
+                "picloud_body_budget_bytes": float(budget.capacity),
+                "picloud_body_budget_refusals_total": 1.0,
+            }
+        assert (await figures())["picloud_body_bytes_in_flight"] == 0.0
+    await services.engine.dispose()

@@ -69,6 +69,11 @@ class _Snapshot(Collector):
                 "Admissions refused by a full execution gate",
                 self._s.gate.saturation_count,
             ),
+            (
+                "picloud_body_budget_refusals",
+                "User-route requests refused (503): no room for their body in time",
+                self._s.orchestrator.body_budget.refusals,
+            ),
             # Statements against rows: how well the outbox's batching works under load.
             ("picloud_outbox_claims", "Claim statements run", m.claim_batches),
             ("picloud_outbox_claimed_rows", "Outbox rows claimed", m.claimed),
@@ -109,6 +114,17 @@ class _Snapshot(Collector):
             "picloud_gate_capacity",
             "Concurrent executions allowed on this node",
             value=self._s.gate.capacity,
+        )
+        budget = self._s.orchestrator.body_budget
+        yield GaugeMetricFamily(
+            "picloud_body_bytes_in_flight",
+            "User-route request body bytes held right now (their share of the budget)",
+            value=budget.in_use,
+        )
+        yield GaugeMetricFamily(
+            "picloud_body_budget_bytes",
+            "User-route request body bytes a node holds at most",
+            value=budget.capacity,
         )
 
 
