@@ -11,7 +11,7 @@ from executor_core.host_bridge import HostBridge
 from executor_core.memory_host import MemoryHostApi
 from picloud_shared.errors import Forbidden
 from picloud_shared.ids import AppId, UserId
-from picloud_shared.limits import MAX_JSON_DEPTH, MAX_WHERE_FIELDS
+from picloud_shared.limits import MAX_JSON_DEPTH, MAX_WHERE_FIELDS, MAX_WRITE_BYTES_PER_EXECUTION
 from picloud_shared.principals import Capability, Principal
 
 pytestmark = pytest.mark.anyio
@@ -145,6 +145,28 @@ async def test_bridge_caps_calls_per_execution() -> None:
     assert (await bridge.serve(1, "kv_get", ["a"]))["t"] == "ret"
     assert (await bridge.serve(2, "kv_get", ["a"]))["t"] == "ret"
     assert (await bridge.serve(3, "kv_get", ["a"]))["code"] == "limit_exceeded"
+
+
+async def test_bridge_caps_the_bytes_an_execution_writes() -> None:
+    """Values and documents written count their size as JSON, to the byte: the write
+    that would pass MAX_WRITE_BYTES_PER_EXECUTION is LimitExceeded and reaches no
+    host; reads, deletes and smaller writes after it still work."""
+    assert MAX_WRITE_BYTES_PER_EXECUTION == 64 * 1024 * 1024
+    bridge = HostBridge(host := MemoryHostApi(), max_write_bytes=100)
+    assert (await bridge.serve(1, "kv_set", ["a", "x" * 38]))["t"] == "ret"  # 40 bytes
+    doc = {"k": "y" * 44}  # 52 bytes as JSON: {"k":"yy…"}, no spaces
+    assert len(frames.dumps(doc).encode()) == 52
+    assert (await bridge.serve(2, "docs_insert", ["c", doc, "d1"]))["t"] == "ret"
+    assert bridge.written == 92
+    over = await bridge.serve(3, "docs_update", ["c", "d1", {"k": "z"}])  # 9 bytes: 101
+    assert over["code"] == "limit_exceeded"
+    assert "per execution" in over["msg"]
+    assert (await host.docs_get("c", "d1")) == doc  # the refused update reached no host
+    assert (await bridge.serve(4, "kv_set", ["b", 12345678]))["t"] == "ret"  # 8 bytes: 100
+    assert bridge.written == 100
+    assert (await bridge.serve(5, "kv_set", ["b", 0]))["code"] == "limit_exceeded"
+    assert (await bridge.serve(6, "kv_get", ["a"]))["v"] == "x" * 38
+    assert (await bridge.serve(7, "kv_delete", ["a"]))["v"] is True
 
 
 async def test_memory_host_enforces_capabilities() -> None:

@@ -3,9 +3,10 @@
 The worker names an operation and its arguments, nothing else: the app (and the
 transaction, for the Postgres host) is fixed by the ``HostApi`` object the
 executor was given for this execution. Every argument is validated here before
-the host sees it, calls are capped per execution, and a ``PicloudError`` from the
-host goes back as an ``err`` frame the script re-raises. Any other exception
-from the host is not the script's doing and propagates to the caller.
+the host sees it, calls and the bytes they write are capped per execution, and a
+``PicloudError`` from the host goes back as an ``err`` frame the script re-raises.
+Any other exception from the host is not the script's doing and propagates to the
+caller.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from executor_core import validation as v
 from picloud_shared.errors import InvalidInput, LimitExceeded, PicloudError
-from picloud_shared.limits import MAX_HOST_CALLS_PER_EXECUTION
+from picloud_shared.limits import MAX_HOST_CALLS_PER_EXECUTION, MAX_WRITE_BYTES_PER_EXECUTION
 
 if TYPE_CHECKING:
     from picloud_shared.ports import HostApi
@@ -25,17 +26,18 @@ def _opt_doc_id(value: object) -> str | None:
     return None if value is None else v.doc_id(value)
 
 
-# op → (argument checks, HostApi method name). Arity is exact.
-_OPS: dict[str, tuple[tuple[Callable[[Any], Any], ...], str]] = {
-    "kv_get": ((v.key,), "kv_get"),
-    "kv_set": ((v.key, v.json_value), "kv_set"),
-    "kv_delete": ((v.key,), "kv_delete"),
-    "kv_list": ((v.prefix, v.limit), "kv_list"),
-    "docs_insert": ((v.collection, v.document, _opt_doc_id), "docs_insert"),
-    "docs_get": ((v.collection, v.doc_id), "docs_get"),
-    "docs_update": ((v.collection, v.doc_id, v.document), "docs_update"),
-    "docs_delete": ((v.collection, v.doc_id), "docs_delete"),
-    "docs_query": ((v.collection, v.where, v.limit), "docs_query"),
+# op → (argument checks, HostApi method name, the argument that is written). Arity
+# is exact. The check of the written argument returns it with its size as JSON.
+_OPS: dict[str, tuple[tuple[Callable[[Any], Any], ...], str, int | None]] = {
+    "kv_get": ((v.key,), "kv_get", None),
+    "kv_set": ((v.key, v.sized_json_value), "kv_set", 1),
+    "kv_delete": ((v.key,), "kv_delete", None),
+    "kv_list": ((v.prefix, v.limit), "kv_list", None),
+    "docs_insert": ((v.collection, v.sized_document, _opt_doc_id), "docs_insert", 1),
+    "docs_get": ((v.collection, v.doc_id), "docs_get", None),
+    "docs_update": ((v.collection, v.doc_id, v.sized_document), "docs_update", 2),
+    "docs_delete": ((v.collection, v.doc_id), "docs_delete", None),
+    "docs_query": ((v.collection, v.where, v.limit), "docs_query", None),
 }
 OPS = frozenset(_OPS)
 
@@ -43,10 +45,17 @@ OPS = frozenset(_OPS)
 class HostBridge:
     """One execution's host calls."""
 
-    def __init__(self, host: HostApi, max_calls: int = MAX_HOST_CALLS_PER_EXECUTION) -> None:
+    def __init__(
+        self,
+        host: HostApi,
+        max_calls: int = MAX_HOST_CALLS_PER_EXECUTION,
+        max_write_bytes: int = MAX_WRITE_BYTES_PER_EXECUTION,
+    ) -> None:
         self._host = host
         self._max_calls = max_calls
+        self._max_write_bytes = max_write_bytes
         self.calls = 0
+        self.written = 0  # bytes of values and documents (as JSON) the calls wrote
 
     async def serve(self, call_id: int, op: str, args: object) -> dict[str, Any]:
         """The reply frame for one ``call`` (``op`` is already known to be in OPS)."""
@@ -54,10 +63,18 @@ class HostBridge:
         try:
             if self.calls > self._max_calls:
                 raise LimitExceeded(f"at most {self._max_calls} host calls per execution")
-            checks, method = _OPS[op]
+            checks, method, written = _OPS[op]
             if not isinstance(args, list) or len(args) != len(checks):
                 raise InvalidInput(f"{op} takes {len(checks)} arguments")
             clean = [check(arg) for check, arg in zip(checks, args, strict=True)]
+            if written is not None:
+                clean[written], size = clean[written]
+                if self.written + size > self._max_write_bytes:
+                    raise LimitExceeded(
+                        f"at most {self._max_write_bytes} bytes of values and documents "
+                        "written per execution"
+                    )
+                self.written += size
             fn: Callable[..., Awaitable[Any]] = getattr(self._host, method)
             value = await fn(*clean)
         except PicloudError as exc:

@@ -61,17 +61,29 @@ def _size(value: object, what: str) -> int:
 
 
 def json_value(value: object) -> Any:
-    if _size(value, "a value") > MAX_KV_VALUE_BYTES:
+    return sized_json_value(value)[0]
+
+
+def sized_json_value(value: object) -> tuple[Any, int]:
+    """The value and its size as JSON (UTF-8 bytes)."""
+    size = _size(value, "a value")
+    if size > MAX_KV_VALUE_BYTES:
         raise PayloadTooLarge(f"a value is at most {MAX_KV_VALUE_BYTES} bytes as JSON")
-    return value
+    return value, size
 
 
 def document(value: object) -> dict[str, Any]:
+    return sized_document(value)[0]
+
+
+def sized_document(value: object) -> tuple[dict[str, Any], int]:
+    """The document and its size as JSON (UTF-8 bytes)."""
     if not isinstance(value, dict):
         raise InvalidInput("a document must be a JSON object")
-    if _size(value, "a document") > MAX_DOCUMENT_BYTES:
+    size = _size(value, "a document")
+    if size > MAX_DOCUMENT_BYTES:
         raise PayloadTooLarge(f"a document is at most {MAX_DOCUMENT_BYTES} bytes as JSON")
-    return value
+    return value, size
 
 
 def where(value: object) -> dict[str, Any] | None:

@@ -58,6 +58,9 @@ DEFAULT_LIST_LIMIT = 100
 MAX_LOG_BYTES = 64 * KIB
 MAX_RESPONSE_BYTES = 1 * MIB
 MAX_HOST_CALLS_PER_EXECUTION = 10_000
+# Values and documents (as JSON) one execution's host calls may write: else a single
+# execution could write 10 000 documents of 1 MiB in one transaction.
+MAX_WRITE_BYTES_PER_EXECUTION = 64 * MIB
 # A failed execution's error message and traceback (the traceback keeps its end).
 MAX_MESSAGE_CHARS = 2000
 MAX_TRACEBACK_CHARS = 16000
