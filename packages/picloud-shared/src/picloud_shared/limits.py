@@ -14,6 +14,17 @@ MAX_REQUEST_BODY_BYTES = 1 * MIB
 # many, of at most this many bytes in all, names and values.
 MAX_REQUEST_HEADERS = 100
 MAX_REQUEST_HEADER_BYTES = 32 * KIB
+# Any request's head (request line and headers, as they arrive on the wire) is cut
+# off past this many bytes with 431 and a closed connection, before it is buffered
+# whole. Above MAX_REQUEST_HEADER_BYTES, so that a user route's 431 between the two
+# is still picloud's own answer.
+MAX_REQUEST_HEAD_BYTES = 64 * KIB
+# A request's head must arrive whole within this many seconds of its connection
+# opening, or of the previous response on it ending: else 408, or a plain close
+# when nothing of a request came. A client sends a head at once, in one or two
+# packets; this leaves a slow link time for 64 KiB (about 8 s at 64 kbit/s), yet
+# frees a connection slot held by a slow or silent client within seconds.
+HEAD_READ_TIMEOUT_SECONDS = 10.0
 # User-route request bodies a node holds at once, counted from each request's
 # declared Content-Length (or its bytes so far): a request that cannot get its share
 # within BODY_BUDGET_WAIT_SECONDS is answered 503 ``overloaded``.

@@ -94,6 +94,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from picloud.app import create_app
+    from picloud.http_protocol import BoundedHttpToolsProtocol
     from picloud.runtime import bootstrap_admin, database
     from picloud.services import build_services
 
@@ -108,7 +109,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             host=settings.host,
             port=settings.port,
             loop="uvloop",
-            http="httptools",
+            http=BoundedHttpToolsProtocol,  # httptools, each request head bounded
             lifespan="on",
             log_level="info",
             access_log=False,
