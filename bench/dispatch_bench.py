@@ -257,6 +257,7 @@ class Picloud:
                 poll_interval=poll_interval,
                 batch_size=self.args.batch_size,
                 claim_linger=self.args.claim_linger,
+                completion_linger=self.args.completion_linger,
             ),
         )
 
@@ -615,6 +616,12 @@ def main() -> None:
         type=float,
         default=attrs.fields(DispatcherSettings).claim_linger.default,
         help="DispatcherSettings.claim_linger (s)",
+    )
+    p.add_argument(
+        "--completion-linger",
+        type=float,
+        default=attrs.fields(DispatcherSettings).completion_linger.default,
+        help="DispatcherSettings.completion_linger (s)",
     )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--gate", type=int, default=16, help="picloud execution gate size")

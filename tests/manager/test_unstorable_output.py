@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from manager_core import tables as t
 from manager_core.completer import BatchCompleter
 from manager_core.guarded_host import GuardedHost, HostUnavailable
+from manager_core.postgres.outbox import ClaimedRow
 from picloud_shared.errors import InvalidInput
 from picloud_shared.events import HttpEvent
 from picloud_shared.execution import ExecResult, ScriptResponse
@@ -190,3 +191,41 @@ async def test_the_guard_records_a_refusal_a_repo_made_readable() -> None:
     assert isinstance(guard.db_error, psycopg.Error)
     with pytest.raises(HostUnavailable):
         await guard.kv_set("k", 2)
+
+
+async def _no_write_claims(world: World, n: int, **reply: object) -> list[ClaimedRow]:
+    script_id = await world.script("def handle(e, ctx):\n    pass\n")
+    route = await _route(world, script_id)
+    for _ in range(n):
+        await world.outbox.enqueue(
+            http_row(world, script_id, route, HttpEvent("GET", "/"), **reply)
+        )
+    return await world.outbox.claim_due("node-a", n, 60)
+
+
+@pytest.mark.parametrize(
+    ("linger", "running", "sync", "batches"),
+    [
+        (0.0, 3, False, 2),  # no linger: the first flushes alone, the next two together
+        (1.0, 3, False, 1),  # the first waits for the two others still running
+        (1.0, 1, False, 2),  # nothing else runs: no reason to wait
+        (1.0, 3, True, 2),  # a sync caller waits for its answer: never held back
+    ],
+    ids=["no-linger", "linger", "alone", "sync"],
+)
+async def test_completions_linger_only_for_executions_still_running(
+    world: World, linger: float, running: int, sync: bool, batches: int
+) -> None:
+    """Three no-write completions at once. With a linger and other executions in
+    flight, the first flush waits for the others: one statement for all three."""
+    reply = {"reply_to": world.inbox.register()[0], "reply_node": "node-a"} if sync else {}
+    claims = await _no_write_claims(world, 3, **reply)
+    completer = BatchCompleter(world.outbox, linger=linger, running=lambda: running)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for claim in claims:
+                result = ExecResult.succeeded(claim.row.execution_id, ScriptResponse.empty())
+                tg.start_soon(completer.complete, claim, result)
+    assert (completer.rows, completer.batches) == (3, batches)
+    assert completer.lingered == (1 if batches == 1 else 0)
+    assert len(await world.rows(t.executions, t.executions.c.status == "succeeded")) == 3

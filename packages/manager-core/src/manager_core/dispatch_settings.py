@@ -27,6 +27,7 @@ class DispatcherSettings:
     max_conflict_reruns: int = 100
     recover_interval: float = 1.0
     claim_linger: float = 0.002  # see Dispatcher._gather_slots
+    completion_linger: float = 0.002  # see completer.BatchCompleter
 
 
 @attrs.define

@@ -81,7 +81,9 @@ class Dispatcher:
         self._in_flight = 0
         self._idle = anyio.Event()
         self._idle.set()
-        self._completer = BatchCompleter(outbox)
+        self._completer = BatchCompleter(
+            outbox, linger=settings.completion_linger, running=lambda: self._in_flight
+        )
         self._leased: dict[int, str] = {}  # rows this node is running → claim token
         self._claims = ClaimRunner(
             deps=TransactionDeps(engine, outbox, executions, dead_letters, host_factory, signal),
