@@ -6,11 +6,11 @@ Those finish together in one statement and one commit
 (:class:`~manager_core.group_commit.GroupCommit`).
 
 Under load a flush first lingers (``linger`` seconds, at most once per flush) while
-other executions are still running and could join it: a statement per ~10 rows
-rather than per ~5 halved the completions' statements and cut the dispatcher's CPU
-per execution (bench/RESULTS.md, session 8). Nobody waits for these commits except
-a sync caller, so a batch holding a sync row never lingers, nor does a flush when
-nothing else runs.
+other executions are still running and could join it: a statement then carries ~10
+rows rather than ~5, and PostgreSQL's commits per execution fall by about a third
+(bench/RESULTS.md, session 8). Nobody waits for these commits except a sync caller,
+so a batch holding a sync row never lingers, nor does a flush when nothing else
+runs.
 """
 
 from __future__ import annotations
