@@ -325,8 +325,15 @@ def test_apps_create_conflict_paginate_get_delete(server: Server) -> None:
             r = c.post(f"{PREFIX}/apps", json={"name": f"{stem}-{suffix}"})
             assert r.status_code == 201, r.text
             body = r.json()
-            assert set(body) == {"id", "name", "created_at"}
+            assert set(body) == {
+                "id",
+                "name",
+                "created_at",
+                "storage_bytes",
+                "storage_quota_bytes",
+            }
             assert body["name"] == f"{stem}-{suffix}"
+            assert (body["storage_bytes"], body["storage_quota_bytes"]) == (0, 1024**3)
             uuid.UUID(body["id"])
             created.append(body)
         # Taken names: 409 for the creator and for anyone else.

@@ -29,6 +29,8 @@ def test_defaults_when_environment_is_empty() -> None:
     assert settings.executor_idle_ttl_seconds == 300
     assert settings.db_pool_size == 20
     assert settings.execution_retention_days == 14
+    assert settings.app_storage_quota_mb == 1024
+    assert settings.app_storage_quota_bytes == 1024 * 1024 * 1024
 
 
 def test_every_variable_is_read() -> None:
@@ -52,6 +54,7 @@ def test_every_variable_is_read() -> None:
             "PICLOUD_DB_POOL_SIZE": "5",
             "PICLOUD_DB_OUTBOX_POOL_SIZE": "3",
             "PICLOUD_EXECUTION_RETENTION_DAYS": "30",
+            "PICLOUD_APP_STORAGE_QUOTA_MB": "64",
             "UNRELATED": "ignored",
         }
     )
@@ -73,6 +76,7 @@ def test_every_variable_is_read() -> None:
         db_pool_size=5,
         db_outbox_pool_size=3,
         execution_retention_days=30,
+        app_storage_quota_mb=64,
     )
 
 
@@ -109,6 +113,10 @@ def test_empty_variables_keep_defaults() -> None:
         ("PICLOUD_EXECUTION_RETENTION_DAYS", "-1"),
         ("PICLOUD_EXECUTION_RETENTION_DAYS", "36501"),
         ("PICLOUD_EXECUTION_RETENTION_DAYS", "1.5"),
+        ("PICLOUD_APP_STORAGE_QUOTA_MB", "-1"),
+        ("PICLOUD_APP_STORAGE_QUOTA_MB", "1.5"),
+        ("PICLOUD_APP_STORAGE_QUOTA_MB", "lots"),
+        ("PICLOUD_APP_STORAGE_QUOTA_MB", str(1024**3 + 1)),
     ],
 )
 def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
@@ -138,3 +146,13 @@ def test_retention_days_at_its_edges(raw: str, days: int) -> None:
         Settings.from_env({"PICLOUD_EXECUTION_RETENTION_DAYS": raw}).execution_retention_days
         == days
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "quota"), [("0", None), ("1", 1024 * 1024), ("2048", 2048 * 1024 * 1024)]
+)
+def test_app_storage_quota_in_bytes_and_zero_is_unlimited(raw: str, quota: int | None) -> None:
+    """PICLOUD_APP_STORAGE_QUOTA_MB is MiB; 0 means no quota."""
+    settings = Settings.from_env({"PICLOUD_APP_STORAGE_QUOTA_MB": raw})
+    assert settings.app_storage_quota_mb == int(raw)
+    assert settings.app_storage_quota_bytes == quota

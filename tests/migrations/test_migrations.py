@@ -14,7 +14,7 @@ from manager_core.tables import metadata
 from picloud import migrations
 from tests.pg import PgServer
 
-HEAD = "0005"
+HEAD = "0006"
 
 
 @pytest.fixture
@@ -185,3 +185,31 @@ def test_a_status_change_is_a_hot_update_after_0003(empty_db_url: str) -> None:
     finally:
         engine.dispose()
     assert tuple(counts) == (1, 1)
+
+
+def test_0006_counts_the_data_stored_before_it(empty_db_url: str) -> None:
+    """0006 fills app_storage with what every app already stores (and 0 for an app
+    storing nothing)."""
+    migrations.upgrade(empty_db_url, "0005")
+    _query(
+        empty_db_url,
+        """
+        WITH a AS (INSERT INTO apps (name) VALUES ('full') RETURNING id),
+             b AS (INSERT INTO apps (name) VALUES ('empty') RETURNING id),
+             kv AS (INSERT INTO kv_entries (app_id, key, value)
+                    SELECT id, k, v FROM a,
+                    (VALUES ('k', '{"a": [1, 2]}'::jsonb), ('ключ', '"значение"'::jsonb)) AS x(k, v)
+                    RETURNING 1)
+        INSERT INTO documents (app_id, collection, id, data)
+        SELECT id, 'c', 'd1', '{"x": "y"}'::jsonb FROM a
+        """,
+    )
+    migrations.upgrade(empty_db_url, HEAD)
+    rows = dict(
+        _query(
+            empty_db_url,
+            "SELECT apps.name, app_storage.bytes FROM apps JOIN app_storage ON app_id = apps.id",
+        )
+    )
+    # 'k' {"a": [1, 2]} = 1 + 13; 'ключ' "значение" = 8 + 18; 'c' 'd1' {"x": "y"} = 3 + 10
+    assert rows == {"full": 14 + 26 + 13, "empty": 0}

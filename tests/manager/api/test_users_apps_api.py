@@ -5,11 +5,17 @@ from __future__ import annotations
 import uuid
 
 import anyio
+import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
+from manager_core.api import AdminDeps
+from manager_core.postgres.storage import PostgresStorageRepo
+from manager_core.storage import StorageQuota
 from picloud_shared.ids import AppId, UserId
 from picloud_shared.principals import ALL_CAPABILITIES, Capability
+from tests.manager.api.conftest import PREFIX, build_app
 from tests.manager.api.helpers import Api, bearer
 
 pytestmark = pytest.mark.anyio
@@ -61,13 +67,14 @@ async def test_malformed_user_bodies_are_422(api: Api, body: dict) -> None:
 
 
 async def test_create_app_answers_its_wire_form(api: Api) -> None:
-    """201 ``{"id", "name", "created_at"}``; the creator can use it at once."""
+    """201 ``{"id", "name", "created_at", "storage_bytes", "storage_quota_bytes"}``;
+    the creator can use it at once."""
     token = await api.user("dave")
     resp = await api.call("POST", "/apps", token, {"name": "blog"})
     assert resp.status_code == 201
     body = resp.json()
-    assert set(body) == {"id", "name", "created_at"}
-    assert body["name"] == "blog"
+    assert set(body) == {"id", "name", "created_at", "storage_bytes", "storage_quota_bytes"}
+    assert (body["name"], body["storage_bytes"], body["storage_quota_bytes"]) == ("blog", 0, None)
     assert (await api.call("GET", f"/apps/{body['id']}", token)).json() == body
 
 
@@ -279,3 +286,26 @@ async def test_two_managers_demoting_each_other_at_once_leave_one(api: Api) -> N
         # give both their capabilities back for the next round
         for whom in (str(owner_id), other_id):
             await api.call("PUT", url + whom, api.root, {"capabilities": caps})
+
+
+async def test_an_app_shows_its_storage_and_quota(engine: AsyncEngine) -> None:
+    """GET /apps/{id} and GET /apps answer storage_bytes (pending writes included)
+    and storage_quota_bytes; KV and document writes through the API are counted."""
+    quota = StorageQuota(PostgresStorageRepo(engine), 10_000)
+    deps = AdminDeps.from_engine(engine, quota=quota)
+    transport = httpx.ASGITransport(app=build_app(deps))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test" + PREFIX) as c:
+        api = await Api.start(c, deps)
+        assert (await api.call("PUT", f"/apps/{api.app_id}/kv/k", api.owner, "v" * 8)).is_success
+        doc = {"x": 1}
+        assert (await api.call("POST", f"/apps/{api.app_id}/docs/c", api.owner, doc)).is_success
+        used = 1 + 10 + 1 + 32 + 8  # "k" "vvvvvvvv"; "c" + a 32-char id + {"x": 1}
+        one = (await api.call("GET", f"/apps/{api.app_id}", api.owner)).json()
+        assert (one["storage_bytes"], one["storage_quota_bytes"]) == (used, 10_000)
+        await quota.storage.compact()
+        (listed,) = (await api.call("GET", "/apps", api.owner)).json()["items"]
+        assert (listed["storage_bytes"], listed["storage_quota_bytes"]) == (used, 10_000)
+        big = "x" * 10_000
+        resp = await api.call("PUT", f"/apps/{api.app_id}/kv/big", api.owner, big)
+        assert resp.status_code == 507
+        assert resp.json()["error"]["code"] == "storage_quota_exceeded"

@@ -5,7 +5,9 @@ Built per execution by the dispatcher with the execution's open transaction: eve
 read and write runs inside it, so a script's writes, the outbox rows they fan out
 and the execution record commit together (or not at all). The app and principal
 are fixed at construction; reads need ``app_read_data``, writes ``app_write_data``.
-Writes emit with ``trigger_depth + 1``.
+Writes emit with ``trigger_depth + 1`` and add their storage delta to the
+execution's :class:`~manager_core.storage.StorageGrowth`, which the app's storage
+quota check counts on top of the usage it last read.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from manager_core.postgres._pages import PAGE_BYTES
 from manager_core.postgres.documents import PostgresDocumentRepo
 from manager_core.postgres.kv import PostgresKvRepo
+from manager_core.storage import StorageGrowth
 from picloud_shared.errors import Forbidden, LimitExceeded
 from picloud_shared.ids import AppId
 from picloud_shared.principals import Capability, Principal
@@ -41,6 +44,7 @@ class PostgresHostApi:
         self._depth = trigger_depth
         self._kv = kv_repo
         self._docs = doc_repo
+        self.growth = StorageGrowth()  # net bytes this execution's writes added
         self.logs: list[str] = []
 
     def _require(self, capability: Capability) -> None:
@@ -59,12 +63,19 @@ class PostgresHostApi:
 
     async def kv_set(self, key: str, value: Json) -> None:
         self._require(Capability.APP_WRITE_DATA)
-        await self._kv.set(self._app_id, key, value, trigger_depth=self._depth + 1, conn=self._conn)
+        await self._kv.set(
+            self._app_id,
+            key,
+            value,
+            trigger_depth=self._depth + 1,
+            growth=self.growth,
+            conn=self._conn,
+        )
 
     async def kv_delete(self, key: str) -> bool:
         self._require(Capability.APP_WRITE_DATA)
         return await self._kv.delete(
-            self._app_id, key, trigger_depth=self._depth + 1, conn=self._conn
+            self._app_id, key, trigger_depth=self._depth + 1, growth=self.growth, conn=self._conn
         )
 
     async def kv_list(self, prefix: str = "", limit: int = 100) -> list[JsonObject]:
@@ -78,7 +89,13 @@ class PostgresHostApi:
     async def docs_insert(self, collection: str, data: JsonObject, id: str | None = None) -> str:
         self._require(Capability.APP_WRITE_DATA)
         doc = await self._docs.insert(
-            self._app_id, collection, data, id, trigger_depth=self._depth + 1, conn=self._conn
+            self._app_id,
+            collection,
+            data,
+            id,
+            trigger_depth=self._depth + 1,
+            growth=self.growth,
+            conn=self._conn,
         )
         return doc.id
 
@@ -90,13 +107,24 @@ class PostgresHostApi:
     async def docs_update(self, collection: str, id: str, data: JsonObject) -> None:
         self._require(Capability.APP_WRITE_DATA)
         await self._docs.update(
-            self._app_id, collection, id, data, trigger_depth=self._depth + 1, conn=self._conn
+            self._app_id,
+            collection,
+            id,
+            data,
+            trigger_depth=self._depth + 1,
+            growth=self.growth,
+            conn=self._conn,
         )
 
     async def docs_delete(self, collection: str, id: str) -> bool:
         self._require(Capability.APP_WRITE_DATA)
         return await self._docs.delete(
-            self._app_id, collection, id, trigger_depth=self._depth + 1, conn=self._conn
+            self._app_id,
+            collection,
+            id,
+            trigger_depth=self._depth + 1,
+            growth=self.growth,
+            conn=self._conn,
         )
 
     async def docs_query(

@@ -41,6 +41,8 @@ __all__ = [
     "TRIGGER_KINDS",
     "abandoned_executions",
     "app_members",
+    "app_storage",
+    "app_storage_deltas",
     "apps",
     "dead_letter_trigger_details",
     "dead_letters",
@@ -281,6 +283,25 @@ documents = Table(
     CheckConstraint("char_length(id) BETWEEN 1 AND 128", name="id_length"),
     CheckConstraint("jsonb_typeof(data) = 'object'", name="data_object"),
     CheckConstraint("version >= 1", name="version"),
+)
+
+# An app's stored bytes (``manager_core.storage``): what the compactor folded in,
+# plus the deltas every KV/document write appends in its own transaction (appends
+# never conflict, so concurrent writers of one app do not serialize on a counter).
+app_storage = Table(
+    "app_storage",
+    metadata,
+    _app_id(primary_key=True),
+    Column("bytes", BigInteger, nullable=False),
+)
+
+app_storage_deltas = Table(
+    "app_storage_deltas",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    _app_id(),
+    Column("bytes", BigInteger, nullable=False),
+    Index("ix_app_storage_deltas_app_id", "app_id"),
 )
 
 triggers = Table(

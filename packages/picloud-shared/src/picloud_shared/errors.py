@@ -13,6 +13,7 @@ the default message::
     │   ├── InvalidRetryPolicy        422 invalid_retry_policy
     │   └── LimitExceeded             422 limit_exceeded
     ├── PayloadTooLarge               413 payload_too_large
+    ├── StorageQuotaExceeded          507 storage_quota_exceeded
     ├── Unauthenticated               401 unauthenticated
     ├── Forbidden                     403 forbidden
     ├── NotFound                      404 not_found
@@ -91,6 +92,13 @@ class PayloadTooLarge(PicloudError):
     http_status = 413
 
 
+class StorageQuotaExceeded(PicloudError):
+    """The app's storage quota is used up; delete data to make room."""
+
+    code = "storage_quota_exceeded"
+    http_status = 507
+
+
 class Unauthenticated(PicloudError):
     """A valid bearer token is required."""
 
@@ -159,6 +167,7 @@ ALL_ERRORS: tuple[type[PicloudError], ...] = (
     InvalidRetryPolicy,
     LimitExceeded,
     PayloadTooLarge,
+    StorageQuotaExceeded,
     Unauthenticated,
     Forbidden,
     NotFound,

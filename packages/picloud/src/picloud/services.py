@@ -32,9 +32,11 @@ from manager_core.postgres.kv import PostgresKvRepo
 from manager_core.postgres.outbox import OutboxSignal, PostgresOutboxRepo
 from manager_core.postgres.routes import PostgresRouteRepo
 from manager_core.postgres.scripts import PostgresScriptRepo
+from manager_core.postgres.storage import PostgresStorageRepo
 from manager_core.postgres.triggers import PostgresTriggerRepo
 from manager_core.postgres.users import PostgresUserRepo
 from manager_core.retention import ExecutionRetention
+from manager_core.storage import StorageCompactor, StorageQuota
 from orchestrator_core.inbox import InboxRegistry
 from orchestrator_core.route_cache import CachedRouteTable
 from orchestrator_core.routes import UserRouteOrchestrator
@@ -86,6 +88,8 @@ class Services:
     dispatcher: Dispatcher
     orchestrator: UserRouteOrchestrator
     retention: ExecutionRetention | None  # None: records are kept for ever
+    quota: StorageQuota
+    compactor: StorageCompactor
 
 
 def build_services(
@@ -103,8 +107,10 @@ def build_services(
     trigger_repo: TriggerRepo = triggers
     emitter = OutboxEventEmitter(triggers, signal)
     event_emitter: EventEmitter = emitter
-    kv = PostgresKvRepo(engine, event_emitter)
-    docs = PostgresDocumentRepo(engine, event_emitter)
+    storage = PostgresStorageRepo(engine)
+    quota = StorageQuota(storage, settings.app_storage_quota_bytes)
+    kv = PostgresKvRepo(engine, event_emitter, quota)
+    docs = PostgresDocumentRepo(engine, event_emitter, quota)
     pool = make_pool(database_url, max_size=settings.db_outbox_pool_size)
     outbox = PostgresOutboxRepo(engine, signal, pool=pool)
     outbox_repo: OutboxRepo = outbox
@@ -194,13 +200,15 @@ def build_services(
             if settings.execution_retention_days
             else None
         ),
+        quota=quota,
+        compactor=StorageCompactor(storage),
     )
 
 
 @asynccontextmanager
 async def running(services: Services) -> AsyncIterator[Services]:
-    """Open the outbox pool, start the executor, the dispatcher and the retention task;
-    on exit drain and stop them, in order.
+    """Open the outbox pool, start the executor, the dispatcher, the retention task and
+    the storage compactor; on exit drain and stop them, in order.
 
     Once started, everything alive (modules, the schema, the pools, the caches) lives
     as long as the node: it is moved out of the cyclic garbage collector's sight
@@ -212,6 +220,7 @@ async def running(services: Services) -> AsyncIterator[Services]:
             await tg.start(services.dispatcher.run)
             if services.retention is not None:
                 await tg.start(services.retention.run)
+            await tg.start(services.compactor.run)
             gc.collect()
             gc.freeze()
             try:
@@ -221,6 +230,7 @@ async def running(services: Services) -> AsyncIterator[Services]:
                 services.dispatcher.stop()
                 if services.retention is not None:
                     services.retention.stop()
+                services.compactor.stop()
     finally:
         with anyio.CancelScope(shield=True):
             await services.pool.close()

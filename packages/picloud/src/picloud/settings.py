@@ -19,6 +19,7 @@ T = TypeVar("T")
 
 ENV_PREFIX = "PICLOUD_"
 MAX_RETENTION_DAYS = 36500  # PICLOUD_EXECUTION_RETENTION_DAYS, at most a century
+MAX_STORAGE_QUOTA_MB = 1024**3  # PICLOUD_APP_STORAGE_QUOTA_MB, at most a PiB
 
 
 def _positive_int(value: str) -> int:
@@ -32,6 +33,13 @@ def _retention_days(value: str) -> int:
     number = _non_negative_int(value)
     if number > MAX_RETENTION_DAYS:
         raise ValueError(f"must be at most {MAX_RETENTION_DAYS} (0 keeps records for ever)")
+    return number
+
+
+def _storage_quota_mb(value: str) -> int:
+    number = _non_negative_int(value)
+    if number > MAX_STORAGE_QUOTA_MB:
+        raise ValueError(f"must be at most {MAX_STORAGE_QUOTA_MB} (0 is unlimited)")
     return number
 
 
@@ -90,9 +98,16 @@ class Settings:
     #: Finished execution records are deleted this many days after they finished;
     #: ``0`` keeps them for ever.
     execution_retention_days: int = 14
+    #: What one app may store (KV entries and documents), in MiB; ``0``: unlimited.
+    app_storage_quota_mb: int = 1024
     db_pool_size: int = 20
     #: Plain psycopg connections for the outbox's hot single statements.
     db_outbox_pool_size: int = 8
+
+    @property
+    def app_storage_quota_bytes(self) -> int | None:
+        """``app_storage_quota_mb`` in bytes; ``None`` when unlimited."""
+        return self.app_storage_quota_mb * 1024 * 1024 or None
 
     @property
     def embedded_pg_dir(self) -> Path:
@@ -132,6 +147,7 @@ class Settings:
             ),
             "executor_idle_ttl_seconds": get("EXECUTOR_IDLE_TTL_SECONDS", _positive_int),
             "execution_retention_days": get("EXECUTION_RETENTION_DAYS", _retention_days),
+            "app_storage_quota_mb": get("APP_STORAGE_QUOTA_MB", _storage_quota_mb),
             "db_pool_size": get("DB_POOL_SIZE", _positive_int),
             "db_outbox_pool_size": get("DB_OUTBOX_POOL_SIZE", _positive_int),
         }

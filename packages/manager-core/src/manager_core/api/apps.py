@@ -5,10 +5,15 @@
 for an instance admin). ``PUT /apps/{id}/members/{user_id}`` replaces a member's
 capabilities; a caller who is not an instance admin may only grant or revoke
 capabilities they hold themselves, so nobody escalates through it.
+
+An app answers (created, read or listed) with ``storage_bytes`` (what it stores
+now: the usage its storage quota is checked against) and ``storage_quota_bytes``
+(``null``: unlimited).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from starlette.responses import Response
@@ -18,7 +23,7 @@ from manager_core.api._http import json_response, no_content, path_uuid
 from manager_core.api._pagination import PageRequest
 from picloud_shared.domain import App
 from picloud_shared.errors import Forbidden, InvalidInput, NotFound
-from picloud_shared.ids import UserId
+from picloud_shared.ids import AppId, UserId
 from picloud_shared.principals import Capability
 from picloud_shared.wire import JsonObject
 
@@ -27,15 +32,25 @@ if TYPE_CHECKING:
 
 
 def app_to_wire(app: App) -> JsonObject:
-    """An app as the API answers it."""
+    """An app's own fields (see :func:`apps_to_wire` for the resource)."""
     return {"id": str(app.id), "name": app.name, "created_at": app.created_at.isoformat()}
 
 
+async def apps_to_wire(deps: AdminDeps, apps: Sequence[App]) -> dict[AppId, JsonObject]:
+    """Apps as the API answers them: with their storage usage and quota (one query)."""
+    used = await deps.quota.storage.usage(a.id for a in apps)
+    limit = deps.quota.limit_bytes
+    return {
+        a.id: {**app_to_wire(a), "storage_bytes": used[a.id], "storage_quota_bytes": limit}
+        for a in apps
+    }
+
+
 async def create_app(call: Call) -> Response:
-    """``{"name"}`` → 201 app; 409 when the name is taken."""
+    """``{"name"}`` → 201 app (``storage_bytes`` 0); 409 when the name is taken."""
     fields = await call.fields()
     app = await call.deps.apps.create(fields.text("name"), call.user.id)
-    return json_response(app_to_wire(app), 201)
+    return json_response((await apps_to_wire(call.deps, [app]))[app.id], 201)
 
 
 async def list_apps(call: Call) -> Response:
@@ -48,7 +63,8 @@ async def list_apps(call: Call) -> Response:
         limit=page.fetch,
         after=None if page.after is None else page.after[0],
     )
-    return page.respond(rows, lambda a: (a.name,), app_to_wire)
+    wire = await apps_to_wire(call.deps, rows[: page.limit])
+    return page.respond(rows, lambda a: (a.name,), lambda a: wire[a.id])
 
 
 async def get_app(call: Call) -> Response:
@@ -56,7 +72,7 @@ async def get_app(call: Call) -> Response:
     app = await call.deps.apps.get(call.app_id)
     if app is None:
         raise NotFound("no such app")
-    return json_response(app_to_wire(app))
+    return json_response((await apps_to_wire(call.deps, [app]))[app.id])
 
 
 async def delete_app(call: Call) -> Response:

@@ -17,6 +17,7 @@ from manager_core.postgres.routes import PostgresRouteRepo
 from manager_core.postgres.scripts import PostgresScriptRepo
 from manager_core.postgres.triggers import PostgresTriggerRepo
 from manager_core.postgres.users import PostgresUserRepo
+from manager_core.storage import StorageQuota
 
 
 @attrs.frozen
@@ -25,7 +26,9 @@ class AdminDeps:
 
     ``kv`` and ``documents`` must be built with the node's event emitter so admin
     writes fire triggers exactly as script writes do; ``dead_letters`` with the
-    node's outbox repo so a replay wakes the local dispatcher.
+    node's outbox repo so a replay wakes the local dispatcher. ``quota`` (the apps'
+    storage usage and limit the app resource shows) defaults to the one ``kv``
+    enforces.
     """
 
     users: PostgresUserRepo
@@ -40,13 +43,21 @@ class AdminDeps:
     auth: Authenticator = attrs.field(
         default=attrs.Factory(lambda self: Authenticator(self.users, self.apps), takes_self=True)
     )
+    quota: StorageQuota = attrs.field(
+        default=attrs.Factory(lambda self: self.kv.quota, takes_self=True)
+    )
 
     @classmethod
     def from_engine(
-        cls, engine: AsyncEngine, *, outbox: PostgresOutboxRepo | None = None
+        cls,
+        engine: AsyncEngine,
+        *,
+        outbox: PostgresOutboxRepo | None = None,
+        quota: StorageQuota | None = None,
     ) -> AdminDeps:
         """Every dependency built on one engine. Pass the node's ``outbox`` (the one
-        its dispatcher waits on); by default a private one is made."""
+        its dispatcher waits on); by default a private one is made. ``quota``: the
+        apps' storage quota (default: unlimited)."""
         outbox = outbox if outbox is not None else PostgresOutboxRepo(engine)
         triggers = PostgresTriggerRepo(engine)
         emitter = OutboxEventEmitter(triggers, outbox.signal)
@@ -56,8 +67,8 @@ class AdminDeps:
             scripts=PostgresScriptRepo(engine),
             routes=PostgresRouteRepo(engine),
             triggers=triggers,
-            kv=PostgresKvRepo(engine, emitter),
-            documents=PostgresDocumentRepo(engine, emitter),
+            kv=PostgresKvRepo(engine, emitter, quota),
+            documents=PostgresDocumentRepo(engine, emitter, quota),
             executions=PostgresExecutionRepo(engine),
             dead_letters=PostgresDeadLetterRepo(engine, outbox, emitter),
         )

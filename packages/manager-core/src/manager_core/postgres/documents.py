@@ -2,7 +2,9 @@
 
 Writes emit a :class:`~picloud_shared.events.DocsEvent` (insert/update/delete with
 ``data``/``prev_data``) inside the write's own transaction. ``prev_data`` comes from
-the row the write locked (``SELECT … FOR UPDATE`` / ``DELETE … RETURNING``).
+the row the write locked (``SELECT … FOR UPDATE`` / ``DELETE … RETURNING``). Each
+write also appends its storage delta, in its own statement, and a write that would
+grow the app past its quota is refused (:mod:`manager_core.storage`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from manager_core import tables as t
 from manager_core.db import transaction
 from manager_core.postgres._pages import Page, json_bytes, within_bytes
 from manager_core.postgres.kv import encode_json, is_bad_json, json_param, notify_committed
+from manager_core.postgres.storage import PostgresStorageRepo, doc_size, record_delta, sized, within
 from manager_core.postgres.triggers import check_limit
+from manager_core.storage import StorageGrowth, StorageQuota
 from picloud_shared.domain import check_collection
 from picloud_shared.errors import Conflict, InvalidInput, LimitExceeded, NotFound
 from picloud_shared.events import DocsEvent
@@ -75,14 +79,22 @@ def _from_row(row: sa.Row) -> Document:  # type: ignore[type-arg]
 class PostgresDocumentRepo:
     """Per-app document store.
 
-    ``emitter`` fans writes out to triggers (default: none). Every method takes an
-    optional ``conn`` to join the caller's transaction; writes take the
-    ``trigger_depth`` their outbox rows carry (0 for admin writes).
+    ``emitter`` fans writes out to triggers (default: none); ``quota`` bounds what an
+    app stores (default: unlimited, still accounted). Every method takes an optional
+    ``conn`` to join the caller's transaction; writes take the ``trigger_depth``
+    their outbox rows carry (0 for admin writes), and the ``growth`` their
+    transaction has made so far (see :class:`~manager_core.storage.StorageGrowth`).
     """
 
-    def __init__(self, engine: AsyncEngine, emitter: EventEmitter | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        emitter: EventEmitter | None = None,
+        quota: StorageQuota | None = None,
+    ) -> None:
         self._engine = engine
         self._emitter: EventEmitter = emitter if emitter is not None else NoopEventEmitter()
+        self.quota = quota if quota is not None else StorageQuota(PostgresStorageRepo(engine), None)
 
     async def insert(
         self,
@@ -92,26 +104,46 @@ class PostgresDocumentRepo:
         id: str | None = None,
         *,
         trigger_depth: int = 0,
+        growth: StorageGrowth | None = None,
         conn: AsyncConnection | None = None,
     ) -> Document:
         """Insert a document (id: ``uuid4().hex`` when None). Raises ``Conflict`` when
-        ``id`` is taken."""
+        ``id`` is taken, ``StorageQuotaExceeded`` when it would grow the app past its
+        quota."""
         check_collection(collection)
         doc_id = uuid.uuid4().hex if id is None else check_document_id(id)
         text = check_document(data)
-        stmt = (
+        budget = await self.quota.budget(app_id, growth)
+        new = sized(json_param(text), len(collection.encode()) + len(doc_id.encode()))
+        rows = sa.select(
+            sa.literal(app_id, _D.c.app_id.type),
+            sa.literal(collection),
+            sa.literal(doc_id),
+            new.c.value,
+        ).where(*within(new.c.delta, budget))
+        written = (
             pg_insert(_D)
-            .values(app_id=app_id, collection=collection, id=doc_id, data=json_param(text))
+            .from_select([_D.c.app_id, _D.c.collection, _D.c.id, _D.c.data], rows)
             .on_conflict_do_nothing(index_elements=[_D.c.app_id, _D.c.collection, _D.c.id])
             .returning(*_COLUMNS)
+            .cte("written")
+        )
+        stmt = (
+            sa.select(new.c.delta, *written.c)
+            .select_from(new.outerjoin(written, sa.true()))
+            .add_cte(record_delta(app_id, new.c.delta, new.join(written, sa.true())))
         )
         async with self._writing(conn) as c:
-            row = (await c.execute(stmt)).one_or_none()
-            if row is None:
+            row = (await c.execute(stmt)).one()
+            if row.version is None:
+                if budget is not None and row.delta > max(budget, 0):
+                    raise self.quota.exceeded(app_id, row.delta, budget)
                 raise Conflict(f"document {doc_id!r} already exists in {collection!r}")
             doc = _from_row(row)
             event = DocsEvent(collection, doc_id, DocsOp.INSERT, doc.data, None)
             await self._emitter.emit(c, app_id, event, trigger_depth)
+        if growth is not None:
+            growth.bytes += row.delta
         return doc
 
     async def get(
@@ -144,27 +176,53 @@ class PostgresDocumentRepo:
         data: JsonObject,
         *,
         trigger_depth: int = 0,
+        growth: StorageGrowth | None = None,
         conn: AsyncConnection | None = None,
     ) -> Document:
-        """Replace a document's data. Raises ``NotFound`` when it does not exist."""
+        """Replace a document's data. Raises ``NotFound`` when it does not exist,
+        ``StorageQuotaExceeded`` when it would grow the app past its quota."""
         check_collection(collection)
         check_document_id(id)
         text = check_document(data)
+        budget = await self.quota.budget(app_id, growth)
         key = (_D.c.app_id == app_id, _D.c.collection == collection, _D.c.id == id)
-        locked = sa.select(_D.c.data).where(*key).with_for_update()
-        update = (
-            sa.update(_D)
+        locked = (
+            sa.select(_D.c.data, doc_size(_D.c.collection, _D.c.id, _D.c.data).label("size"))
             .where(*key)
-            .values(data=json_param(text), version=_D.c.version + 1, updated_at=sa.func.now())
-            .returning(*_COLUMNS)
+            .with_for_update()
         )
         async with self._writing(conn) as c:
             old = (await c.execute(locked)).one_or_none()
             if old is None:
                 raise NotFound(f"no document {id!r} in {collection!r}")
-            doc = _from_row((await c.execute(update)).one())
+            names = len(collection.encode()) + len(id.encode())
+            new = sized(json_param(text), names - old.size)
+            delta = sa.select(new.c.delta).scalar_subquery()
+            written = (
+                sa.update(_D)
+                .where(*key, *within(delta, budget))
+                .values(
+                    data=sa.select(new.c.value).scalar_subquery(),
+                    version=_D.c.version + 1,
+                    updated_at=sa.func.now(),
+                )
+                .returning(*_COLUMNS, delta.label("delta"))
+                .cte("written")
+            )
+            stmt = (
+                sa.select(new.c.delta, *(written.c[col.name] for col in _COLUMNS))
+                .select_from(new.outerjoin(written, sa.true()))
+                .add_cte(record_delta(app_id, written.c.delta, written))
+            )
+            row = (await c.execute(stmt)).one()
+            if row.version is None:
+                assert budget is not None
+                raise self.quota.exceeded(app_id, row.delta, budget)
+            doc = _from_row(row)
             event = DocsEvent(collection, id, DocsOp.UPDATE, doc.data, old.data)
             await self._emitter.emit(c, app_id, event, trigger_depth)
+        if growth is not None:
+            growth.bytes += row.delta
         return doc
 
     async def delete(
@@ -174,21 +232,26 @@ class PostgresDocumentRepo:
         id: str,
         *,
         trigger_depth: int = 0,
+        growth: StorageGrowth | None = None,
         conn: AsyncConnection | None = None,
     ) -> bool:
         """Delete a document; ``True`` if it existed (only then is an event emitted)."""
         check_collection(collection)
         check_document_id(id)
-        stmt = (
+        gone = (
             sa.delete(_D)
             .where(_D.c.app_id == app_id, _D.c.collection == collection, _D.c.id == id)
-            .returning(_D.c.data)
+            .returning(_D.c.data, doc_size(_D.c.collection, _D.c.id, _D.c.data).label("size"))
+            .cte("gone")
         )
+        stmt = sa.select(gone.c.data, gone.c.size).add_cte(record_delta(app_id, -gone.c.size, gone))
         async with self._writing(conn) as c:
             row = (await c.execute(stmt)).one_or_none()
             if row is not None:
                 event = DocsEvent(collection, id, DocsOp.DELETE, None, row.data)
                 await self._emitter.emit(c, app_id, event, trigger_depth)
+        if row is not None and growth is not None:
+            growth.bytes -= row.size
         return row is not None
 
     async def query(

@@ -4,7 +4,9 @@ Every ``set``/``delete`` emits a :class:`~picloud_shared.events.KvEvent` through
 emitter inside the write's own transaction, so the change and its outbox rows
 commit together. ``prev_value`` is read under the row lock the write itself holds
 (``SELECT … FOR UPDATE``, ``DELETE … RETURNING``), so concurrent writers each see
-the value they actually replaced.
+the value they actually replaced. Each write also appends its storage delta, in its
+own statement, and a write that would grow the app past its quota is refused
+(:mod:`manager_core.storage`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from manager_core import tables as t
 from manager_core.db import sqlstate, transaction
 from manager_core.outbox_event_emitter import OutboxEventEmitter
 from manager_core.postgres._pages import Page, json_bytes, within_bytes
+from manager_core.postgres.storage import PostgresStorageRepo, kv_size, record_delta, sized, within
 from manager_core.postgres.triggers import check_limit
+from manager_core.storage import StorageGrowth, StorageQuota
 from picloud_shared import wire
 from picloud_shared.errors import InvalidInput, LimitExceeded, PayloadTooLarge
 from picloud_shared.events import KvEvent, TriggerEvent
@@ -127,14 +131,22 @@ def notify_committed(emitter: EventEmitter, conn: AsyncConnection) -> None:
 class PostgresKvRepo:
     """Per-app key-value store.
 
-    ``emitter`` fans writes out to triggers (default: none). Every method takes an
-    optional ``conn`` to join the caller's transaction; writes take the
-    ``trigger_depth`` their outbox rows carry (0 for admin writes).
+    ``emitter`` fans writes out to triggers (default: none); ``quota`` bounds what an
+    app stores (default: unlimited, still accounted). Every method takes an optional
+    ``conn`` to join the caller's transaction; writes take the ``trigger_depth``
+    their outbox rows carry (0 for admin writes), and the ``growth`` their
+    transaction has made so far (see :class:`~manager_core.storage.StorageGrowth`).
     """
 
-    def __init__(self, engine: AsyncEngine, emitter: EventEmitter | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        emitter: EventEmitter | None = None,
+        quota: StorageQuota | None = None,
+    ) -> None:
         self._engine = engine
         self._emitter: EventEmitter = emitter if emitter is not None else NoopEventEmitter()
+        self.quota = quota if quota is not None else StorageQuota(PostgresStorageRepo(engine), None)
 
     async def get(
         self,
@@ -163,25 +175,20 @@ class PostgresKvRepo:
         value: Json,
         *,
         trigger_depth: int = 0,
+        growth: StorageGrowth | None = None,
         conn: AsyncConnection | None = None,
     ) -> KvEntry:
-        """Store ``value``; returns the entry with its new version."""
+        """Store ``value``; returns the entry with its new version. Raises
+        ``StorageQuotaExceeded`` when it would grow the app past its quota."""
         check_key(key)
         text = encode_json(value, MAX_KV_VALUE_BYTES, "the value")
+        key_bytes = len(key.encode("utf-8"))
+        budget = await self.quota.budget(app_id, growth)
+        where = (_KV.c.app_id == app_id, _KV.c.key == key)
         locked = (
-            sa.select(_KV.c.value).where(_KV.c.app_id == app_id, _KV.c.key == key).with_for_update()
-        )
-        update = (
-            sa.update(_KV)
-            .where(_KV.c.app_id == app_id, _KV.c.key == key)
-            .values(value=json_param(text), version=_KV.c.version + 1, updated_at=sa.func.now())
-            .returning(_KV.c.value, _KV.c.version, _KV.c.updated_at)
-        )
-        insert = (
-            pg_insert(_KV)
-            .values(app_id=app_id, key=key, value=json_param(text))
-            .on_conflict_do_nothing(index_elements=[_KV.c.app_id, _KV.c.key])
-            .returning(_KV.c.value, _KV.c.version, _KV.c.updated_at)
+            sa.select(_KV.c.value, kv_size(_KV.c.key, _KV.c.value).label("size"))
+            .where(*where)
+            .with_for_update()
         )
         try:
             async with transaction(conn or self._engine) as c:
@@ -189,14 +196,20 @@ class PostgresKvRepo:
                     old = (await c.execute(locked)).one_or_none()
                     if old is not None:
                         prev: Json = old.value
-                        row = (await c.execute(update)).one()
-                        break
-                    # No row yet: insert; if a concurrent writer inserted first, the
-                    # next round locks (and reports) its row.
-                    row = (await c.execute(insert)).one_or_none()
-                    if row is not None:
+                        row = (
+                            await c.execute(
+                                _overwrite(app_id, key, text, key_bytes - old.size, budget)
+                            )
+                        ).one()
+                    else:
                         prev = None
+                        row = (await c.execute(_insert(app_id, key, text, key_bytes, budget))).one()
+                    if row.version is None and budget is not None and row.delta > max(budget, 0):
+                        raise self.quota.exceeded(app_id, row.delta, budget)
+                    if row.version is not None:
                         break
+                    # No row yet and a concurrent writer inserted first: the next
+                    # round locks (and reports) its row.
                 else:  # pragma: no cover - needs a key deleted and re-inserted 10 times
                     raise RuntimeError(f"could not write key {key!r}: too much contention")
                 await self._emit(c, app_id, KvEvent(key, KvOp.SET, row.value, prev), trigger_depth)
@@ -204,6 +217,8 @@ class PostgresKvRepo:
             if is_bad_json(exc):
                 raise InvalidInput("the value cannot be stored (NUL character?)") from exc
             raise
+        if growth is not None:
+            growth.bytes += row.delta
         if conn is None:
             notify_committed(self._emitter, c)
         return KvEntry(key, row.value, row.version, row.updated_at)
@@ -214,16 +229,27 @@ class PostgresKvRepo:
         key: str,
         *,
         trigger_depth: int = 0,
+        growth: StorageGrowth | None = None,
         conn: AsyncConnection | None = None,
     ) -> bool:
         """Remove ``key``; ``True`` if it existed (only then is an event emitted)."""
         check_key(key)
-        stmt = sa.delete(_KV).where(_KV.c.app_id == app_id, _KV.c.key == key).returning(_KV.c.value)
+        gone = (
+            sa.delete(_KV)
+            .where(_KV.c.app_id == app_id, _KV.c.key == key)
+            .returning(_KV.c.value, kv_size(_KV.c.key, _KV.c.value).label("size"))
+            .cte("gone")
+        )
+        stmt = sa.select(gone.c.value, gone.c.size).add_cte(
+            record_delta(app_id, -gone.c.size, gone)
+        )
         async with transaction(conn or self._engine) as c:
             row = (await c.execute(stmt)).one_or_none()
             if row is not None:
                 event = KvEvent(key, KvOp.DELETE, None, row.value)
                 await self._emit(c, app_id, event, trigger_depth)
+        if row is not None and growth is not None:
+            growth.bytes -= row.size
         if conn is None and row is not None:
             notify_committed(self._emitter, c)
         return row is not None
@@ -260,3 +286,48 @@ class PostgresKvRepo:
         self, conn: AsyncConnection, app_id: AppId, event: TriggerEvent, depth: int
     ) -> None:
         await self._emitter.emit(conn, app_id, event, depth)
+
+
+def _overwrite(app_id: AppId, key: str, text: str, fixed: int, budget: int | None) -> sa.Select:  # type: ignore[type-arg]
+    """Replace the (locked) value of ``key`` unless the growth passes ``budget``; one
+    row ``(delta, value, version, updated_at)``, ``version`` NULL when refused."""
+    new = sized(json_param(text), fixed)
+    delta = sa.select(new.c.delta).scalar_subquery()
+    written = (
+        sa.update(_KV)
+        .where(_KV.c.app_id == app_id, _KV.c.key == key, *within(delta, budget))
+        .values(
+            value=sa.select(new.c.value).scalar_subquery(),
+            version=_KV.c.version + 1,
+            updated_at=sa.func.now(),
+        )
+        .returning(_KV.c.value, _KV.c.version, _KV.c.updated_at, delta.label("delta"))
+        .cte("written")
+    )
+    return (
+        sa.select(new.c.delta, written.c.value, written.c.version, written.c.updated_at)
+        .select_from(new.outerjoin(written, sa.true()))
+        .add_cte(record_delta(app_id, written.c.delta, written))
+    )
+
+
+def _insert(app_id: AppId, key: str, text: str, fixed: int, budget: int | None) -> sa.Select:  # type: ignore[type-arg]
+    """Insert ``key`` unless it exists or its size passes ``budget``; one row
+    ``(delta, value, version, updated_at)``, ``version`` NULL when nothing was
+    inserted."""
+    new = sized(json_param(text), fixed)
+    rows = sa.select(sa.literal(app_id, _KV.c.app_id.type), sa.literal(key), new.c.value).where(
+        *within(new.c.delta, budget)
+    )
+    written = (
+        pg_insert(_KV)
+        .from_select([_KV.c.app_id, _KV.c.key, _KV.c.value], rows)
+        .on_conflict_do_nothing(index_elements=[_KV.c.app_id, _KV.c.key])
+        .returning(_KV.c.value, _KV.c.version, _KV.c.updated_at)
+        .cte("written")
+    )
+    return (
+        sa.select(new.c.delta, written.c.value, written.c.version, written.c.updated_at)
+        .select_from(new.outerjoin(written, sa.true()))
+        .add_cte(record_delta(app_id, new.c.delta, new.join(written, sa.true())))
+    )
