@@ -229,3 +229,27 @@ async def test_completions_linger_only_for_executions_still_running(
     assert (completer.rows, completer.batches) == (3, batches)
     assert completer.lingered == (1 if batches == 1 else 0)
     assert len(await world.rows(t.executions, t.executions.c.status == "succeeded")) == 3
+
+
+async def test_a_sync_completion_cuts_a_linger_short(world: World) -> None:
+    """Two async completions linger for others still running; a sync one arriving
+    meanwhile ends the wait: all three go in one statement at once."""
+    claims = await _no_write_claims(world, 2)
+    inbox_id, _ = world.inbox.register()
+    (sync,) = await _no_write_claims(world, 1, reply_to=inbox_id, reply_node="node-a")
+    completer = BatchCompleter(world.outbox, linger=5.0, running=lambda: 3)
+
+    async def complete(claim: ClaimedRow) -> None:
+        result = ExecResult.succeeded(claim.row.execution_id, ScriptResponse.empty())
+        await completer.complete(claim, result)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for claim in claims:
+                tg.start_soon(complete, claim)
+            await anyio.wait_all_tasks_blocked()
+            assert (completer.lingered, completer.batches) == (1, 0)
+            tg.start_soon(complete, sync)
+            await anyio.wait_all_tasks_blocked()
+            assert completer.batches == 1  # flushed, the 5 s linger cut short
+    assert (completer.rows, completer.batches, completer.lingered) == (3, 1, 1)

@@ -62,7 +62,11 @@ class BatchCompleter:
         )
         self.batches = 0
         self.rows = 0
-        self.lingered = 0
+
+    @property
+    def lingered(self) -> int:
+        """Flushes that waited for more rows."""
+        return self._group.lingered
 
     async def complete(self, claim: ClaimedRow, result: ExecResult) -> bool:
         """Wait until the row is committed as succeeded; ``False`` if this node no
@@ -76,7 +80,6 @@ class BatchCompleter:
             return 0.0  # a batch already, or nothing else running could join it
         if any(item.claim.row.reply_to is not None for item in pending):
             return 0.0  # a caller waits for its answer
-        self.lingered += 1
         return self._linger
 
     async def _flush(self, batch: list[_Item]) -> None:

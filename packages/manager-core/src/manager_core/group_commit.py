@@ -10,8 +10,9 @@ last, up to ~100 ms late at 8 HTTP connections). Only items whose callers are go
 (cancelled) are flushed by whoever leads. No background task: at low load a batch
 is one item and nobody waits; under load batches grow by themselves. A ``linger``
 may hold a flush back a moment so that a batch grows larger (fewer statements) where
-its caller knows more items are about to come. Flushing is shielded from
-cancellation (other callers' items are in the leader's hands).
+its caller knows more items are about to come; it is asked again as items arrive,
+and a 0 then ends the wait. Flushing is shielded from cancellation (other callers'
+items are in the leader's hands).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class GroupCommit(Generic[T]):
         self._flush = flush
         self._max_batch = max_batch
         self._linger = linger
+        self._lingering: anyio.Event | None = None  # set: flush now
+        self.lingered = 0  # flushes that waited
         self._pending: list[T] = []
         self._flushing = False
         self._waiting: dict[int, T] = {}  # id → item, of callers waiting, oldest first
@@ -61,6 +64,10 @@ class GroupCommit(Generic[T]):
 
     async def _settle(self, item: T) -> None:
         self._pending.append(item)
+        if self._lingering is not None:
+            assert self._linger is not None
+            if self._linger(self._pending) <= 0:
+                self._lingering.set()
         if self._flushing:
             self._waiting[id(item)] = item
             try:
@@ -91,8 +98,12 @@ class GroupCommit(Generic[T]):
                         successor.done.set()
                         return
                     wait = 0.0 if self._linger is None else self._linger(self._pending)
-                    if wait > 0:
-                        await anyio.sleep(wait)  # items submitted meanwhile join the batch
+                    if wait > 0:  # items submitted meanwhile join the batch
+                        self.lingered += 1
+                        self._lingering = anyio.Event()
+                        with anyio.move_on_after(wait):
+                            await self._lingering.wait()
+                        self._lingering = None
                     batch = self._pending[: self._max_batch]
                     del self._pending[: self._max_batch]
                     await self._flush(batch)
