@@ -6,11 +6,12 @@ import base64
 import logging
 from collections.abc import AsyncIterator
 
+import anyio
 import attrs
 import httpx
 import pytest
 
-from manager_core.api import AdminDeps
+from manager_core.api import AdminDeps, _http
 from manager_core.api._pagination import encode_cursor
 from manager_core.postgres.scripts import PostgresScriptRepo
 from picloud_shared.limits import MAX_REQUEST_BODY_BYTES
@@ -120,6 +121,27 @@ async def test_a_streamed_body_over_one_mib_is_too_large(api: Api) -> None:
     resp = await api.client.post("/apps", content=chunks(), headers=bearer(api.owner))
     assert "content-length" not in resp.request.headers
     assert resp.status_code == 413
+
+
+@pytest.mark.parametrize(("pause", "status"), [(0.1, 201), (5.0, 408)])
+async def test_a_body_must_arrive_within_the_read_timeout(
+    api: Api, monkeypatch: pytest.MonkeyPatch, pause: float, status: int
+) -> None:
+    """A body still arriving after BODY_READ_TIMEOUT_SECONDS (here 1 s) is 408
+    ``request_timeout``, and the connection closes; one that arrives in time is served."""
+    assert _http.BODY_READ_TIMEOUT_SECONDS == 30.0
+    monkeypatch.setattr(_http, "BODY_READ_TIMEOUT_SECONDS", 1.0)
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b'{"name": '
+        await anyio.sleep(pause)
+        yield b'"slow"}'
+
+    resp = await api.client.post("/apps", content=slow(), headers=bearer(api.owner))
+    assert resp.status_code == status, resp.text
+    if status == 408:
+        assert resp.json()["error"]["code"] == "request_timeout"
+        assert resp.headers["connection"] == "close"
 
 
 async def test_a_lying_content_length_is_invalid(api: Api) -> None:

@@ -92,6 +92,13 @@ class PayloadTooLarge(PicloudError):
     http_status = 413
 
 
+class RequestTimeout(PicloudError):
+    """The request body did not arrive in time."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
 class StorageQuotaExceeded(PicloudError):
     """The app's storage quota is used up; delete data to make room."""
 

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -18,10 +19,11 @@ from picloud_shared.errors import (
     NotFound,
     PayloadTooLarge,
     PicloudError,
+    RequestTimeout,
     Unauthenticated,
     Unavailable,
 )
-from picloud_shared.limits import MAX_REQUEST_BODY_BYTES
+from picloud_shared.limits import BODY_READ_TIMEOUT_SECONDS, MAX_REQUEST_BODY_BYTES
 from picloud_shared.wire import Json
 
 _MISSING: Any = object()
@@ -46,6 +48,8 @@ def error_response(error: PicloudError, *, allow: list[str] | None = None) -> Re
         headers["Allow"] = ", ".join(allow)
     if isinstance(error, (Busy, Unavailable)):
         headers["Retry-After"] = "1"
+    if isinstance(error, (PayloadTooLarge, RequestTimeout)):
+        headers["Connection"] = "close"  # the rest of the body is not read
     return JSONResponse({"error": error.to_wire()}, error.http_status, headers=headers)
 
 
@@ -54,12 +58,20 @@ def internal_error_response() -> Response:
     return JSONResponse({"error": {"code": "internal", "message": "internal error"}}, 500)
 
 
-async def read_json(request: Request, limit: int = MAX_REQUEST_BODY_BYTES) -> Json:
+async def read_json(
+    request: Request,
+    limit: int = MAX_REQUEST_BODY_BYTES,
+    timeout: float | None = None,
+) -> Json:
     """The request body parsed as JSON.
 
     Raises ``PayloadTooLarge`` past ``limit`` bytes (by ``Content-Length`` or as
-    streamed) and ``InvalidInput`` for anything that is not one JSON value.
+    streamed), ``RequestTimeout`` when it is not whole within ``timeout`` seconds
+    (default ``BODY_READ_TIMEOUT_SECONDS``), and ``InvalidInput`` for anything that
+    is not one JSON value.
     """
+    if timeout is None:
+        timeout = BODY_READ_TIMEOUT_SECONDS
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -70,11 +82,14 @@ async def read_json(request: Request, limit: int = MAX_REQUEST_BODY_BYTES) -> Js
             raise PayloadTooLarge(f"request bodies are limited to {limit} bytes")
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise PayloadTooLarge(f"request bodies are limited to {limit} bytes")
-        chunks.append(chunk)
+    with anyio.move_on_after(timeout) as scope:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(f"request bodies are limited to {limit} bytes")
+            chunks.append(chunk)
+    if scope.cancelled_caught:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s")
     try:
         return wire.loads_untrusted(b"".join(chunks))
     except wire.WireError as exc:
