@@ -13,7 +13,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from unittest import mock
 
 import anyio
@@ -33,6 +33,7 @@ from picloud_shared.limits import (
     MAX_REQUEST_HEAD_BYTES,
     MAX_REQUEST_HEADER_BYTES,
 )
+from tests import uvicorn_server
 from tests.app.server import Server
 
 MIB = 1024 * 1024
@@ -66,33 +67,11 @@ def _app() -> Starlette:
     return Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"]), Route("/slow", slow)])
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # the test process keeps its handlers
-        yield
-
-
 @contextlib.asynccontextmanager
 async def serving(protocol: type[HttpToolsProtocol]) -> AsyncIterator[int]:
-    """A uvicorn running ``protocol`` (its keep-alive timeout the default 5 s); its port."""
-    config = uvicorn.Config(
-        _app(),
-        host="127.0.0.1",
-        port=0,
-        http=protocol,
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
-    server = _Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
-                await anyio.sleep(0.01)
-        yield server.servers[0].sockets[0].getsockname()[1]
-        server.should_exit = True
+    """A uvicorn running ``protocol``; its port."""
+    async with uvicorn_server.serving(_app(), protocol) as port:
+        yield port
 
 
 def request(head_bytes: int = 0, path: str = "/echo", body: bytes = b"") -> bytes:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import attrs
 import httpx
 import pytest
-import uvicorn
 from anyio.abc import SocketStream
 from starlette.applications import Starlette
 
@@ -33,6 +32,7 @@ from picloud_shared.limits import (
     BODY_SLOT_HOLD_SECONDS,
     MAX_BODY_BYTES_IN_FLIGHT,
 )
+from tests import uvicorn_server
 from tests.orchestrator.test_user_routes import FakeOutbox, FakeRoutes, target
 
 pytestmark = pytest.mark.anyio
@@ -73,33 +73,11 @@ async def wired(**settings: Any) -> AsyncIterator[Wired]:
             yield Wired(client, outbox, gate, orch)
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # the test process keeps its handlers
-        yield
-
-
 @contextlib.asynccontextmanager
 async def serving(orch: UserRouteOrchestrator) -> AsyncIterator[int]:
     """The orchestrator's routes on a real uvicorn, as ``picloud serve`` runs it; the port."""
-    config = uvicorn.Config(
-        Starlette(routes=orch.routes()),
-        host="127.0.0.1",
-        port=0,
-        http="httptools",
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
-    server = _Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
-                await anyio.sleep(0.01)
-        yield server.servers[0].sockets[0].getsockname()[1]
-        server.should_exit = True
+    async with uvicorn_server.serving(Starlette(routes=orch.routes())) as port:
+        yield port
 
 
 def head(path: str, length: int) -> bytes:
