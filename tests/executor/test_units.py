@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import uuid
 
 import pytest
 
@@ -167,6 +168,18 @@ async def test_bridge_caps_the_bytes_an_execution_writes() -> None:
     assert (await bridge.serve(5, "kv_set", ["b", 0]))["code"] == "limit_exceeded"
     assert (await bridge.serve(6, "kv_get", ["a"]))["v"] == "x" * 38
     assert (await bridge.serve(7, "kv_delete", ["a"]))["v"] is True
+
+
+async def test_a_write_the_host_refuses_does_not_count_towards_the_cap() -> None:
+    """Only writes the host made count: one it refused (here Forbidden, as a full
+    storage quota would) leaves the whole allowance."""
+    app = AppId(uuid.uuid4())
+    reader = Principal(UserId(uuid.uuid4()), app, frozenset({Capability.APP_READ_DATA}))
+    bridge = HostBridge(MemoryHostApi(reader), max_write_bytes=100)
+    for call_id in range(5):
+        refused = await bridge.serve(call_id, "kv_set", ["a", "x" * 38])  # 40 bytes each
+        assert refused["code"] == "forbidden"
+    assert bridge.written == 0
 
 
 async def test_memory_host_enforces_capabilities() -> None:

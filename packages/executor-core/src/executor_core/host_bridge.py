@@ -67,6 +67,7 @@ class HostBridge:
             if not isinstance(args, list) or len(args) != len(checks):
                 raise InvalidInput(f"{op} takes {len(checks)} arguments")
             clean = [check(arg) for check, arg in zip(checks, args, strict=True)]
+            size = 0
             if written is not None:
                 clean[written], size = clean[written]
                 if self.written + size > self._max_write_bytes:
@@ -74,9 +75,9 @@ class HostBridge:
                         f"at most {self._max_write_bytes} bytes of values and documents "
                         "written per execution"
                     )
-                self.written += size
             fn: Callable[..., Awaitable[Any]] = getattr(self._host, method)
             value = await fn(*clean)
+            self.written += size  # a write the host refused wrote nothing
         except PicloudError as exc:
             return {"t": "err", "id": call_id, "code": exc.code, "msg": exc.message}
         return {"t": "ret", "id": call_id, "v": value}
