@@ -267,12 +267,13 @@ def test_a_sync_request_is_not_queued_behind_an_async_backlog(
     assert done < backlog // 2, f"the sync request waited for {done} queued executions"
 
 
-def _raw_post(server: Server, path: str, length: int, *extra: str) -> socket.socket:
-    """A connection that has sent a POST's headers, declaring ``length`` body bytes."""
+def _raw_post(server: Server, path: str, length: int, *extra: str, sent: int = 0) -> socket.socket:
+    """A connection that has sent a POST's headers declaring ``length`` body bytes,
+    and ``sent`` bytes of that body."""
     host, port = server.base_url.removeprefix("http://").split(":")
     conn = socket.create_connection((host, int(port)), timeout=10)
     lines = [f"POST {path} HTTP/1.1", "Host: t", f"Content-Length: {length}", *extra]
-    conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + b"a" * sent)
     return conn
 
 
@@ -313,19 +314,20 @@ def test_a_sync_request_the_gate_refuses_is_answered_before_its_body(
 
 def test_request_bodies_in_flight_on_a_node_are_bounded(server: Server, admin: Admin) -> None:
     """A node holds at most MAX_BODY_BYTES_IN_FLIGHT of request bodies at once, counted
-    from their Content-Length: while slow clients have declared all of it but one
-    byte, a 1-byte body still fits and a 2-byte one is refused with 503 ``overloaded``;
-    once they are gone, a whole 1 MiB body fits again."""
+    as their bytes arrive: while slow clients have sent all of it but one byte (and
+    stalled), a 1-byte body still fits and a 2-byte one is refused with 503
+    ``overloaded``; once they are gone, a whole 1 MiB body fits again."""
     admin.script("noop", "def handle(e, ctx):\n    return None\n")
     admin.route("POST", "/in", "noop", "async")
     path = f"/apps/{admin.app_name}/in"
     url = server.base_url + path
     whole = MAX_BODY_BYTES_IN_FLIGHT // MAX_REQUEST_BODY_BYTES
-    sizes = [MAX_REQUEST_BODY_BYTES] * (whole - 1) + [MAX_REQUEST_BODY_BYTES - 1]
+    sent = [MAX_REQUEST_BODY_BYTES - 1] * whole + [whole - 1]  # 1 byte short in all
+    assert sum(sent) == MAX_BODY_BYTES_IN_FLIGHT - 1
     holders = []
     try:
-        for size in sizes:  # their bodies never come
-            holders.append(_raw_post(server, path, size))
+        for size in sent:  # the rest of their bodies never comes
+            holders.append(_raw_post(server, path, size + 1, sent=size))
         deadline = time.monotonic() + 30
         while (over := httpx.post(url, content=b"ab", timeout=30)).status_code != 503:
             assert over.status_code == 202, over.text  # not every holder is read yet

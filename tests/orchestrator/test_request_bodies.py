@@ -150,20 +150,20 @@ async def test_a_sync_request_the_gate_refuses_never_has_its_body_read() -> None
 async def test_bodies_in_flight_on_a_node_are_bounded_by_the_budget(
     length: str, probe: str
 ) -> None:
-    """While one request holds 600 bytes of a 1000-byte budget (its Content-Length,
-    or the bytes it has sent so far), a 400-byte body still fits exactly and one of
-    401 is refused with 503 ``overloaded`` and Retry-After. The share is given back
-    once the row is written."""
+    """While one request holds 600 bytes of a 1000-byte budget (the bytes it has sent
+    so far, whether it declared 900 or no length), a 400-byte body still fits exactly
+    and one of 401 is refused with 503 ``overloaded`` and Retry-After. The share is
+    given back once the row is written."""
     async with wired(body_budget=BodyBudget(1000), body_budget_wait_seconds=0.1) as w:
         go_on = anyio.Event()
 
         async def slow_body() -> AsyncIterator[bytes]:
-            yield b"a" * (300 if length == "declared" else 600)
+            yield b"a" * 600
             await go_on.wait()
             if length == "declared":
                 yield b"a" * 300
 
-        headers = {"content-length": "600"} if length == "declared" else {}
+        headers = {"content-length": "900"} if length == "declared" else {}
         answers: list[int] = []
 
         async def holder() -> None:
@@ -225,6 +225,31 @@ async def test_a_json_body_holds_a_larger_share_while_it_is_parsed(path: str) ->
         assert (await w.client.post(path, content=json_body, headers=as_json)).status_code == (
             accepted
         )
+        w.assert_holds_nothing()
+
+
+@BOTH
+async def test_a_declared_length_holds_nothing_before_its_bytes_come(path: str) -> None:
+    """A request that declares 1000 bytes and sends none holds nothing of the budget:
+    a client cannot reserve it with headers alone."""
+    async with wired(body_budget=BodyBudget(1000), body_budget_wait_seconds=0.1) as w:
+        go_on = anyio.Event()
+
+        async def late_body() -> AsyncIterator[bytes]:
+            await go_on.wait()
+            yield b"a" * 1000
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                functools.partial(
+                    w.client.post, path, content=late_body(), headers={"content-length": "1000"}
+                )
+            )
+            await anyio.wait_all_tasks_blocked()
+            assert w.orch.body_budget.in_use == 0
+            whole = await w.client.post(path, content=b"b" * 1000)
+            assert whole.status_code == (200 if path == SYNC else 202)
+            go_on.set()
         w.assert_holds_nothing()
 
 
@@ -369,7 +394,7 @@ async def test_a_slow_sync_body_gives_its_slot_back_and_is_served_once_whole() -
             await wait_until(lambda: w.gate.in_use == 1)  # admitted
             await wait_until(lambda: w.gate.in_use == 0, timeout=2)  # given back
             assert w.outbox.rows == []
-            assert w.orch.body_budget.in_use == 10
+            assert w.orch.body_budget.in_use == 5  # the bytes it has sent
             await s.send(b"67890")
             status, _, body = await read_response(s)
         assert (status, json.loads(body)) == (200, {"ok": True})

@@ -56,8 +56,8 @@ async def read_body(
     on_slow: Callable[[], None] | None = None,
 ) -> bytes:
     """The whole body, within its bounds: at most ``limit`` bytes, declared or
-    streamed (:class:`BodyTooLarge`); covered by ``share`` — the declared length at
-    once, else the bytes so far — each part within ``budget_wait`` seconds
+    streamed (:class:`BodyTooLarge`); covered by ``share`` as its bytes arrive,
+    each part within ``budget_wait`` seconds
     (:class:`BodyOverBudget`); whole within ``timeout`` seconds
     (:class:`BodyTimedOut`). ``on_slow`` is called once if the body is not whole
     ``slow_after`` seconds in. Raises ``ClientDisconnect`` when the client goes."""
@@ -71,10 +71,8 @@ async def read_body(
             raise BodyOverBudget
 
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
-        if int(declared) > limit:
-            raise BodyTooLarge
-        await cover(int(declared))
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
     more = True
