@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from picloud_shared import wire
 from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
@@ -135,3 +136,23 @@ def test_a_header_a_server_cannot_send_is_refused(name: str, value: str) -> None
 )
 def test_ordinary_headers_are_accepted(name: str, value: str) -> None:
     assert header_problem(name, value) is None
+
+
+@given(json_values, st.integers(min_value=0, max_value=6), st.booleans(), st.booleans())
+def test_depth_read_off_the_text_agrees_with_walking_the_value(
+    value: object, limit: int, as_bytes: bool, ascii_only: bool
+) -> None:
+    """``text_too_deep`` (strings dropped, brackets peeled level by level) says what
+    walking the parsed value says, for any JSON, brackets and escapes in strings
+    included, as text or UTF-8 bytes."""
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    nested = isinstance(value, dict | list) and wire.too_deep(value, limit)  # scalars: 0 deep
+    assert wire.text_too_deep(text.encode() if as_bytes else text, limit) == nested
+
+
+@pytest.mark.parametrize("inside", ['"[[["', '"\\"[[["', '"\\\\"', '"{\\u005b"'])
+def test_brackets_in_strings_do_not_count_as_nesting(inside: str) -> None:
+    text = "[" * MAX_JSON_DEPTH + inside + "]" * MAX_JSON_DEPTH
+    assert json.loads(text)  # valid JSON
+    assert not wire.text_too_deep(text)
+    assert wire.text_too_deep("[" + text + "]")

@@ -92,15 +92,40 @@ def too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
+# A JSON string (its escapes included), for text_too_deep to drop.
+_STRING_TEXT = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_STRING_BYTES = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_EMPTY_CONTAINERS = re.compile(rb"\{\}|\[\]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def text_too_deep(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether valid JSON ``text`` nests arrays and objects more than ``limit`` levels
+    deep, read off the text: strings dropped, then the brackets alone, each round
+    removing the empty containers (the innermost level). All of it runs in C: walking
+    the parsed value in Python took 0.35 s for a 1 MiB ``[{},{},…]``, on the event loop."""
+    bare = (
+        _STRING_TEXT.sub("", text).encode()
+        if isinstance(text, str)
+        else _STRING_BYTES.sub(b"", text)
+    )
+    brackets = bare.translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets = _EMPTY_CONTAINERS.sub(b"", brackets)
+    return bool(brackets)
+
+
 def depth_problem(value: object, text: str | bytes, limit: int = MAX_JSON_DEPTH) -> str | None:
     """Why ``value`` (parsed from, or serialized as, ``text``) nests too deeply, or
-    ``None``. A text with fewer brackets than the limit is not walked."""
+    ``None``. A text with fewer brackets than the limit is not looked at further."""
     brackets = (
         text.count("[") + text.count("{")
         if isinstance(text, str)
         else (text.count(b"[") + text.count(b"{"))
     )
-    if brackets <= limit or not isinstance(value, dict | list) or not too_deep(value, limit):
+    if brackets <= limit or not isinstance(value, dict | list) or not text_too_deep(text, limit):
         return None
     return f"JSON nests more than {limit} levels deep"
 
