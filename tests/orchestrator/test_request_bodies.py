@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,9 +21,10 @@ import pytest
 from anyio.abc import SocketStream
 from starlette.applications import Starlette
 
+from orchestrator_core import routes
 from orchestrator_core.body_budget import BodyBudget
 from orchestrator_core.inbox import InboxRegistry
-from orchestrator_core.request_body import PARSED_JSON_SHARE
+from orchestrator_core.request_body import PARSE_IN_THREAD_BYTES, PARSED_JSON_SHARE
 from orchestrator_core.routes import UserRouteOrchestrator
 from picloud_shared.domain import DispatchMode
 from picloud_shared.gate import ExecutionGate
@@ -401,3 +403,29 @@ async def test_a_slow_sync_body_gives_its_slot_back_and_is_served_once_whole() -
         (held,) = w.outbox.permits
         assert held is not None
         w.assert_holds_nothing()
+
+
+@BOTH
+async def test_a_large_body_is_parsed_off_the_event_loop(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body over PARSE_IN_THREAD_BYTES is parsed (and its event built) on a worker
+    thread, so a large JSON body does not stall the node's other requests; one of
+    exactly that size stays on the event loop."""
+    assert PARSE_IN_THREAD_BYTES == 64 * 1024
+    threads: list[bool] = []
+    build = routes.http_event
+
+    def recording(*args: Any) -> Any:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return build(*args)
+
+    monkeypatch.setattr(routes, "http_event", recording)
+    as_json = {"content-type": "application/json"}
+    async with wired() as w:
+        for size in (PARSE_IN_THREAD_BYTES, PARSE_IN_THREAD_BYTES + 1):
+            body = b'"' + b"a" * (size - 2) + b'"'
+            r = await w.client.post(path, content=body, headers=as_json)
+            assert r.status_code == (200 if path == SYNC else 202), r.text
+        w.assert_holds_nothing()
+    assert threads == [True, False]  # on the loop (the main thread), then not

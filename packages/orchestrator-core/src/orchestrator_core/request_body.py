@@ -31,6 +31,10 @@ from picloud_shared.limits import BODY_BUDGET_WAIT_SECONDS, BODY_READ_TIMEOUT_SE
 #: ``[{},{},...]``). Its share of the body budget grows to this many times its
 #: size (at most the whole budget) before it is parsed.
 PARSED_JSON_SHARE = 8
+#: A body larger than this is parsed on a worker thread: a 1 MiB JSON body takes
+#: ~0.1 s to parse and check, and on the event loop that stalled every request of
+#: the node. (The thread holds the GIL too, but hands it over every 5 ms.)
+PARSE_IN_THREAD_BYTES = 64 * 1024
 
 
 class BodyTooLarge(Exception):

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import anyio
+import anyio.to_thread
 import attrs
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -38,6 +39,7 @@ from orchestrator_core.body_budget import BodyBudget
 from orchestrator_core.inbox import InboxRegistry
 from orchestrator_core.paths import match_template
 from orchestrator_core.request_body import (
+    PARSE_IN_THREAD_BYTES,
     BodyOverBudget,
     BodyTimedOut,
     BodyTooLarge,
@@ -371,7 +373,12 @@ class UserRouteOrchestrator:
                 if not await share.cover(parsed, self.body_budget_wait_seconds):
                     return self._overloaded("too many request bodies in flight; retry later")
                 try:
-                    event = http_event(request, path, params, raw)
+                    if len(raw) > PARSE_IN_THREAD_BYTES:
+                        event = await anyio.to_thread.run_sync(
+                            http_event, request, path, params, raw
+                        )
+                    else:
+                        event = http_event(request, path, params, raw)
                 except wire.WireError as exc:
                     return _failure(InboxFailureKind.REJECTED, f"request body: {exc}", None)
                 row = self._row(target, event, execution_id, reply_to)
