@@ -263,6 +263,27 @@ async def test_one_transaction_counts_its_own_growth(engine: AsyncEngine) -> Non
     assert await recount(engine, app) == 100
 
 
+async def test_writes_committed_on_this_node_count_before_the_next_read(
+    engine: AsyncEngine,
+) -> None:
+    """One writer after another (admin writes, each its own transaction) with a
+    usage read only once an hour: each committed write counts in the node's cached
+    usage at once, so the writer stops at the quota, not a refresh later; a delete
+    makes room again."""
+    app = await factories.app(engine)
+    kv, docs, _ = repos(engine, limit=100, refresh=3600)
+    await kv.set(app, "a", text_of(39))  # 40 bytes; the usage is read here, as 0
+    await docs.insert(app, "c", {"x": "y" * 39}, id="d")  # 50: 90 in all
+    with pytest.raises(StorageQuotaExceeded):
+        await kv.set(app, "b", text_of(10))  # 11 more: 101
+    await kv.set(app, "b", text_of(9))  # 10 more: exactly 100
+    await kv.delete(app, "a")  # 40 back
+    await docs.insert(app, "c", {"x": "y" * 29}, id="e")  # 40 more: 100 again
+    with pytest.raises(StorageQuotaExceeded):
+        await kv.set(app, "f", text_of(1))
+    assert await recount(engine, app) == 100
+
+
 async def test_the_quota_reads_an_apps_usage_at_most_once_per_refresh(
     engine: AsyncEngine,
 ) -> None:

@@ -112,3 +112,30 @@ async def test_an_uncaught_quota_error_fails_the_execution_and_leaves_no_delta(
     assert row.error_message.startswith("StorageQuotaExceeded: the app's storage quota is 100")
     assert await world.kv_value("small") is None
     assert await pending(world.engine, world.app_id) == before
+
+
+async def test_executions_one_after_another_stop_at_the_quota(world: World) -> None:
+    """Executions that run one after another, with the usage read once an hour: each
+    one's committed writes count on the node at once, so the fourth is refused
+    rather than every one until the next read."""
+    quota = StorageQuota(PostgresStorageRepo(world.engine), 1000, refresh=3600)
+    world.kv = PostgresKvRepo(world.engine, world.emitter, quota)
+    world.docs = PostgresDocumentRepo(world.engine, world.emitter, quota)
+    script = await world.script(
+        "def handle(event, ctx):\n"
+        "    try:\n"
+        "        ctx.kv.set('out:' + event['key'], 'x' * 300)\n"  # 8 + 302 bytes
+        "    except Exception as exc:\n"
+        "        return exc.code\n"
+        "    return 'stored'\n"
+    )
+    await world.triggers.create_kv_trigger(
+        CreateKvTrigger(world.app_id, script, world.owner, "go:*", (KvOp.SET,), FAST_RETRY)
+    )
+    async with world.running():
+        for i in range(1, 6):
+            await world.kv.set(world.app_id, f"go:{i}", 1)  # 5 bytes
+            await world.wait_count(t.executions, t.executions.c.status == "succeeded", at_least=i)
+    answers = sorted((r.result["body"] for r in await world.rows(t.executions)), reverse=True)
+    assert answers == ["stored"] * 3 + ["storage_quota_exceeded"] * 2
+    assert await recount(world.engine, world.app_id) == 3 * 310 + 5 * 5

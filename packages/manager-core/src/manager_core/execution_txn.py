@@ -148,6 +148,7 @@ class ExecutionTransaction:
             if is_retryable_conflict(exc):
                 raise Rerun from None
             raise
+        self.host.committed()
         self._d.signal.notify()  # the script's writes may have fanned out new rows
 
     async def rollback(self) -> None:

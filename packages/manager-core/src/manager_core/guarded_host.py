@@ -66,6 +66,12 @@ class GuardedHost:
             self.db_error = exc
             raise HostUnavailable from None
 
+    def committed(self) -> None:
+        """Tell the inner host its transaction committed (if it wants to know)."""
+        committed = getattr(self._inner, "committed", None)
+        if committed is not None:
+            committed()
+
     async def kv_get(self, key: str) -> Json | None:
         return await self._call(lambda h: h.kv_get(key))
 

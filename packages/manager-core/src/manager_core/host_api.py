@@ -47,6 +47,11 @@ class PostgresHostApi:
         self.growth = StorageGrowth()  # net bytes this execution's writes added
         self.logs: list[str] = []
 
+    def committed(self) -> None:
+        """The execution's transaction committed: its writes count in the node's
+        cached usage of the app at once."""
+        self._kv.quota.committed(self._app_id, self.growth.bytes)
+
     def _require(self, capability: Capability) -> None:
         p = self._principal
         if not p.is_instance_admin and p.app_id != self._app_id:

@@ -144,6 +144,8 @@ class PostgresDocumentRepo:
             await self._emitter.emit(c, app_id, event, trigger_depth)
         if growth is not None:
             growth.bytes += row.delta
+        if conn is None:
+            self.quota.committed(app_id, row.delta)
         return doc
 
     async def get(
@@ -223,6 +225,8 @@ class PostgresDocumentRepo:
             await self._emitter.emit(c, app_id, event, trigger_depth)
         if growth is not None:
             growth.bytes += row.delta
+        if conn is None:
+            self.quota.committed(app_id, row.delta)
         return doc
 
     async def delete(
@@ -252,6 +256,8 @@ class PostgresDocumentRepo:
                 await self._emitter.emit(c, app_id, event, trigger_depth)
         if row is not None and growth is not None:
             growth.bytes -= row.size
+        if conn is None and row is not None:
+            self.quota.committed(app_id, -row.size)
         return row is not None
 
     async def query(

@@ -220,6 +220,7 @@ class PostgresKvRepo:
         if growth is not None:
             growth.bytes += row.delta
         if conn is None:
+            self.quota.committed(app_id, row.delta)
             notify_committed(self._emitter, c)
         return KvEntry(key, row.value, row.version, row.updated_at)
 
@@ -251,6 +252,7 @@ class PostgresKvRepo:
         if row is not None and growth is not None:
             growth.bytes -= row.size
         if conn is None and row is not None:
+            self.quota.committed(app_id, -row.size)
             notify_committed(self._emitter, c)
         return row is not None
 
