@@ -13,7 +13,7 @@ from manager_core.postgres.documents import PostgresDocumentRepo
 from manager_core.postgres.kv import PostgresKvRepo
 from manager_core.postgres.storage import PostgresStorageRepo
 from manager_core.storage import StorageCompactor, StorageGrowth, StorageQuota
-from picloud_shared.errors import StorageQuotaExceeded
+from picloud_shared.errors import Conflict, StorageQuotaExceeded
 from picloud_shared.principals import Capability
 from tests.manager import factories
 from tests.manager.storage_helpers import compacted, pending, recount
@@ -223,6 +223,20 @@ async def test_a_document_reaching_the_quota_exactly_passes_one_byte_more_fails(
         await docs.insert(app, "c", {}, id="e")
     assert (await docs.get(app, "c", "d")).version == 1  # type: ignore[union-attr]
     await docs.update(app, "c", "d", {"x": "z" * 39})
+
+
+async def test_inserting_a_taken_id_is_a_conflict_even_over_the_quota(
+    engine: AsyncEngine,
+) -> None:
+    """A document id already taken is 409 ``conflict`` whether or not the insert
+    would also pass the quota; a new id past the quota is ``storage_quota_exceeded``."""
+    app = await factories.app(engine)
+    _, docs, _ = repos(engine, limit=100)
+    await docs.insert(app, "c", {"x": "y" * 80}, id="d")  # 91 bytes
+    with pytest.raises(Conflict):
+        await docs.insert(app, "c", {"x": "y" * 80}, id="d")
+    with pytest.raises(StorageQuotaExceeded):
+        await docs.insert(app, "c", {"x": "y" * 80}, id="e")
 
 
 async def test_deletes_and_shrinking_writes_pass_when_over_the_quota(engine: AsyncEngine) -> None:

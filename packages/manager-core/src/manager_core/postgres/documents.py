@@ -135,9 +135,13 @@ class PostgresDocumentRepo:
         )
         async with self._writing(conn) as c:
             row = (await c.execute(stmt)).one()
-            if row.version is None:
+            if row.version is None:  # the id is taken, or the quota refused it
                 if budget is not None and row.delta > max(budget, 0):
-                    raise self.quota.exceeded(app_id, row.delta, budget)
+                    taken = sa.select(_D.c.id).where(
+                        _D.c.app_id == app_id, _D.c.collection == collection, _D.c.id == doc_id
+                    )
+                    if (await c.execute(taken)).first() is None:
+                        raise self.quota.exceeded(app_id, row.delta, budget)
                 raise Conflict(f"document {doc_id!r} already exists in {collection!r}")
             doc = _from_row(row)
             event = DocsEvent(collection, doc_id, DocsOp.INSERT, doc.data, None)
