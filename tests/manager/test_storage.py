@@ -12,7 +12,7 @@ from manager_core.postgres import storage as storage_sql
 from manager_core.postgres.documents import PostgresDocumentRepo
 from manager_core.postgres.kv import PostgresKvRepo
 from manager_core.postgres.storage import PostgresStorageRepo
-from manager_core.storage import StorageCompactor, StorageGrowth, StorageQuota
+from manager_core.storage import MAX_CACHED_APPS, StorageCompactor, StorageGrowth, StorageQuota
 from picloud_shared.errors import Conflict, StorageQuotaExceeded
 from picloud_shared.principals import Capability
 from tests.manager import factories
@@ -312,6 +312,25 @@ async def test_the_quota_reads_an_apps_usage_at_most_once_per_refresh(
     now[0] = 1.0
     assert await quota.budget(app, None) == 900
     assert await quota.budget(app, StorageGrowth(50)) == 850
+
+
+async def test_a_node_forgets_the_usage_of_the_least_recently_checked_apps(
+    engine: AsyncEngine,
+) -> None:
+    """At most ``max_cached_apps`` usages are kept; the least recently checked app is
+    forgotten first, and its usage is read afresh when next checked."""
+    assert MAX_CACHED_APPS == 10_000
+    a, b, c = [await factories.app(engine) for _ in range(3)]
+    quota = StorageQuota(PostgresStorageRepo(engine), 1000, refresh=3600)
+    quota.max_cached_apps = 2
+    for app in (a, b):
+        assert await quota.budget(app, None) == 1000
+    await PostgresKvRepo(engine).set(a, "k", text_of(99))  # written elsewhere: 100
+    await PostgresKvRepo(engine).set(b, "k", text_of(99))
+    assert await quota.budget(a, None) == 1000  # cached; a is now the most recent
+    assert await quota.budget(c, None) == 1000  # b, least recently checked, goes
+    assert await quota.budget(a, None) == 1000  # still cached
+    assert await quota.budget(b, None) == 900  # read afresh
 
 
 async def test_unlimited_checks_nothing_but_still_accounts(engine: AsyncEngine) -> None:

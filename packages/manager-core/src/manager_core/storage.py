@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import anyio
@@ -30,6 +31,7 @@ from picloud_shared.ids import AppId
 
 __all__ = [
     "COMPACT_INTERVAL_SECONDS",
+    "MAX_CACHED_APPS",
     "USAGE_REFRESH_SECONDS",
     "StorageCompactor",
     "StorageGrowth",
@@ -40,6 +42,9 @@ log = logging.getLogger("picloud.storage")
 
 #: A node reads an app's usage for its quota checks at most this often.
 USAGE_REFRESH_SECONDS = 1.0
+#: A node remembers the usage of at most this many apps (the least recently checked
+#: are forgotten, and read again when next checked).
+MAX_CACHED_APPS = 10_000
 #: Each node folds the storage deltas into ``app_storage`` this often.
 COMPACT_INTERVAL_SECONDS = 5.0
 
@@ -80,7 +85,8 @@ class StorageQuota:
         self.limit_bytes = limit_bytes
         self._refresh = refresh
         self._clock = clock
-        self._usage: dict[AppId, _Usage] = {}
+        self._usage: OrderedDict[AppId, _Usage] = OrderedDict()
+        self.max_cached_apps = MAX_CACHED_APPS
 
     async def budget(self, app_id: AppId, growth: StorageGrowth | None) -> int | None:
         """How many more bytes a write of ``app_id`` may add (negative when the app
@@ -96,6 +102,10 @@ class StorageQuota:
         entry = self._usage.get(app_id)
         if entry is None:
             entry = self._usage.setdefault(app_id, _Usage(0, float("-inf")))
+            while len(self._usage) > self.max_cached_apps:
+                self._usage.popitem(last=False)
+        else:
+            self._usage.move_to_end(app_id)
         if self._clock() - entry.read_at < self._refresh:
             return entry.bytes
         async with entry.lock:
