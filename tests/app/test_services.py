@@ -155,3 +155,30 @@ async def test_metrics_show_the_body_budget(db_url: str) -> None:
             }
         assert (await figures())["picloud_body_bytes_in_flight"] == 0.0
     await services.engine.dispose()
+
+
+async def test_metrics_count_the_storage_compactions(db_url: str) -> None:
+    """/metrics shows the node's compaction passes and the delta rows they folded."""
+    services = build_services(Settings(executor_max_workers=1), db_url, node_id="s-node")
+    app = create_app(services)
+
+    async def figures() -> tuple[float, float]:
+        text = (await c.get("/metrics")).text
+        values = {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith("picloud_storage_")
+        }
+        return (
+            values["picloud_storage_compactions_total"],
+            values["picloud_storage_deltas_folded_total"],
+        )
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://n") as c:
+        assert await figures() == (0.0, 0.0)
+        app_id = await factories.app(services.engine)
+        await services.kv.set(app_id, "a", 1)
+        await services.kv.set(app_id, "b", 2)
+        await services.compactor.compact_once()
+        assert await figures() == (1.0, 2.0)
+    await services.engine.dispose()

@@ -96,6 +96,16 @@ class _Snapshot(Collector):
                 0 if self._s.retention is None else self._s.retention.pruned,
             ),
             (
+                "picloud_storage_compactions",
+                "Passes that folded storage deltas into the apps' usage",
+                self._s.compactor.runs,
+            ),
+            (
+                "picloud_storage_deltas_folded",
+                "Storage delta rows (one per write) folded into the apps' usage",
+                self._s.compactor.folded,
+            ),
+            (
                 "picloud_dead_letters_pruned",
                 "Settled dead letters deleted past their retention",
                 0 if self._s.retention is None else self._s.retention.pruned_dead_letters,
