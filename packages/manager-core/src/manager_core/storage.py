@@ -114,6 +114,23 @@ class StorageQuota:
                 entry.bytes, entry.read_at = used, self._clock()
         return entry.bytes
 
+    def wrote(
+        self, app_id: AppId, added: int, growth: StorageGrowth | None, *, committed: bool
+    ) -> None:
+        """A write added ``added`` net bytes to the app: count them in its
+        transaction's ``growth``, and in the node's cached usage if the write's own
+        transaction already ``committed`` (a caller's transaction counts its growth
+        once it commits: :meth:`committed`)."""
+        if growth is not None:
+            growth.bytes += added
+        if committed:
+            self.committed(app_id, added)
+
+    def refused(self, delta: int, budget: int | None) -> bool:
+        """Whether a write of ``delta`` bytes was refused by ``budget`` (what the
+        write's statement checked with ``within``)."""
+        return budget is not None and delta > max(budget, 0)
+
     def committed(self, app_id: AppId, added: int) -> None:
         """A transaction of this node committed ``added`` net bytes to the app: count
         them in its cached usage at once, rather than at the next read (a lone writer

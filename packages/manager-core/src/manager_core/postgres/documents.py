@@ -136,7 +136,7 @@ class PostgresDocumentRepo:
         async with self._writing(conn) as c:
             row = (await c.execute(stmt)).one()
             if row.version is None:  # the id is taken, or the quota refused it
-                if budget is not None and row.delta > max(budget, 0):
+                if self.quota.refused(row.delta, budget):
                     taken = sa.select(_D.c.id).where(
                         _D.c.app_id == app_id, _D.c.collection == collection, _D.c.id == doc_id
                     )
@@ -146,10 +146,7 @@ class PostgresDocumentRepo:
             doc = _from_row(row)
             event = DocsEvent(collection, doc_id, DocsOp.INSERT, doc.data, None)
             await self._emitter.emit(c, app_id, event, trigger_depth)
-        if growth is not None:
-            growth.bytes += row.delta
-        if conn is None:
-            self.quota.committed(app_id, row.delta)
+        self.quota.wrote(app_id, row.delta, growth, committed=conn is None)
         return doc
 
     async def get(
@@ -227,10 +224,7 @@ class PostgresDocumentRepo:
             doc = _from_row(row)
             event = DocsEvent(collection, id, DocsOp.UPDATE, doc.data, old.data)
             await self._emitter.emit(c, app_id, event, trigger_depth)
-        if growth is not None:
-            growth.bytes += row.delta
-        if conn is None:
-            self.quota.committed(app_id, row.delta)
+        self.quota.wrote(app_id, row.delta, growth, committed=conn is None)
         return doc
 
     async def delete(
@@ -258,10 +252,8 @@ class PostgresDocumentRepo:
             if row is not None:
                 event = DocsEvent(collection, id, DocsOp.DELETE, None, row.data)
                 await self._emitter.emit(c, app_id, event, trigger_depth)
-        if row is not None and growth is not None:
-            growth.bytes -= row.size
-        if conn is None and row is not None:
-            self.quota.committed(app_id, -row.size)
+        if row is not None:
+            self.quota.wrote(app_id, -row.size, growth, committed=conn is None)
         return row is not None
 
     async def query(

@@ -204,7 +204,7 @@ class PostgresKvRepo:
                     else:
                         prev = None
                         row = (await c.execute(_insert(app_id, key, text, key_bytes, budget))).one()
-                    if row.version is None and budget is not None and row.delta > max(budget, 0):
+                    if row.version is None and self.quota.refused(row.delta, budget):
                         raise self.quota.exceeded(app_id, row.delta, budget)
                     if row.version is not None:
                         break
@@ -217,10 +217,8 @@ class PostgresKvRepo:
             if is_bad_json(exc):
                 raise InvalidInput("the value cannot be stored (NUL character?)") from exc
             raise
-        if growth is not None:
-            growth.bytes += row.delta
+        self.quota.wrote(app_id, row.delta, growth, committed=conn is None)
         if conn is None:
-            self.quota.committed(app_id, row.delta)
             notify_committed(self._emitter, c)
         return KvEntry(key, row.value, row.version, row.updated_at)
 
@@ -249,10 +247,9 @@ class PostgresKvRepo:
             if row is not None:
                 event = KvEvent(key, KvOp.DELETE, None, row.value)
                 await self._emit(c, app_id, event, trigger_depth)
-        if row is not None and growth is not None:
-            growth.bytes -= row.size
+        if row is not None:
+            self.quota.wrote(app_id, -row.size, growth, committed=conn is None)
         if conn is None and row is not None:
-            self.quota.committed(app_id, -row.size)
             notify_committed(self._emitter, c)
         return row is not None
 
