@@ -80,18 +80,6 @@ def unstorable(value: Json) -> str | None:
     return None
 
 
-def too_deep(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether ``value`` nests arrays and objects more than ``limit`` levels deep."""
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
-        if depth > limit:
-            return True
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))  # type: ignore[union-attr]
-    return False
-
-
 # A JSON string (its escapes included), for text_too_deep to drop.
 _STRING_TEXT = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _STRING_BYTES = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
