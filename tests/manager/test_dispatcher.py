@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
+from manager_core.dispatcher import CLAIM_ABORT_AFTER_STOP
 from picloud_shared.events import HttpEvent
 from picloud_shared.ids import RouteId, ScriptId, new_execution_id
 from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
@@ -355,6 +357,26 @@ async def test_stop_lets_in_flight_executions_finish_within_the_grace(world: Wor
         await world.wait_count(t.executions, t.executions.c.status == "running")
     assert await world.executions_by_status() == {"succeeded": 1}
     assert await world.kv_value("done") == 1
+
+
+async def test_stop_cuts_short_a_claim_stuck_waiting_for_the_database(world: World) -> None:
+    """A claim waiting for a connection (every one taken, as when PostgreSQL went
+    away) does not hold stop() for the pool's 30 s timeout: it is cut after
+    CLAIM_ABORT_AFTER_STOP."""
+    pool = world.outbox._pool
+    assert pool is not None
+    dispatcher = world.dispatcher(poll_interval=0.02)
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(pool.max_size):  # nothing left for the claim
+            await held.enter_async_context(pool.connection())
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.run)
+            await anyio.sleep(0.3)  # the claim loop is waiting for a connection
+            assert dispatcher._claiming is not None
+            started = time.monotonic()
+            dispatcher.stop()
+        stopped_after = time.monotonic() - started
+    assert stopped_after < CLAIM_ABORT_AFTER_STOP + 5  # not the pool's 30 s
 
 
 async def test_stop_gives_back_what_outlives_the_grace_and_it_runs_later(world: World) -> None:

@@ -49,6 +49,7 @@ from picloud_shared.ports import Executor, InboxResolver
 __all__ = ["Dispatcher", "DispatcherMetrics", "DispatcherSettings", "WorkSignal"]
 
 log = logging.getLogger("picloud.dispatcher")
+CLAIM_ABORT_AFTER_STOP = 1.0  # seconds a claim in progress may still take after stop()
 
 
 class Dispatcher:
@@ -98,6 +99,7 @@ class Dispatcher:
         )
         self._runs: anyio.abc.ObjectSendStream[tuple[ClaimedRow, Permit]] | None = None
         self._slots_gathered: anyio.Event | None = None
+        self._claiming: anyio.CancelScope | None = None  # around a claim in progress
 
     @property
     def completion_batches(self) -> tuple[int, int]:
@@ -225,9 +227,18 @@ class Dispatcher:
         self.metrics.handed_off += 1
 
     def stop(self) -> None:
-        """Stop claiming; :meth:`run` returns after draining."""
+        """Stop claiming; :meth:`run` returns after draining.
+
+        A claim in progress gets ``CLAIM_ABORT_AFTER_STOP`` seconds to end: one
+        waiting for a connection to a database that went away would otherwise hold
+        the stop for the pool's whole timeout (30 s). Rows an aborted claim took come
+        back when their lease expires."""
         self._stopping.set()
         self._signal.notify()
+        if self._claiming is not None:
+            self._claiming.deadline = min(
+                self._claiming.deadline, anyio.current_time() + CLAIM_ABORT_AFTER_STOP
+            )
 
     # ------------------------------------------------------------------ claiming
 
@@ -254,8 +265,16 @@ class Dispatcher:
             if self.settings.claim_linger and free < self._batch_floor and self._in_flight > 0:
                 free = await self._gather_slots()
             limit = min(self.settings.batch_size, free)
+            claims: list[ClaimedRow] = []
             try:
-                claims = await self._claim(limit)
+                with anyio.CancelScope() as scope:
+                    self._claiming = scope
+                    try:
+                        claims = await self._claim(limit)
+                    finally:
+                        self._claiming = None
+                if scope.cancelled_caught:
+                    break  # cut short by stop()
             except Exception as exc:
                 if is_retryable_conflict(exc):  # e.g. with an app delete: claim again
                     log.info("a claim met a conflict (%s); claiming again", sqlstate(exc))
