@@ -1,10 +1,11 @@
 """The ``ctx`` object a script sees, inside the worker (API.md, "Scripts").
 
 Every ``ctx.kv``/``ctx.docs`` call is one ``call`` frame to the host and one
-``ret``/``err`` frame back; a host error is re-raised here as the matching
-:class:`picloud_shared.errors.PicloudError` subclass (``.code``, ``.message``), so
-a script can catch it. Logs (``ctx.log`` and ``print``) travel as one-way ``log``
-frames, capped per execution.
+``ret``/``err`` frame back, while the execution the ``ctx`` was made for runs
+(afterwards it raises ``execution_ended`` in the worker); a host error is
+re-raised here as the matching :class:`picloud_shared.errors.PicloudError`
+subclass (``.code``, ``.message``), so a script can catch it. Logs (``ctx.log``
+and ``print``) travel as one-way ``log`` frames, capped per execution.
 
 Standard library (plus the two tiny ``picloud_shared`` modules) only: the worker
 bootstrap imports this module.
@@ -72,6 +73,41 @@ class InvalidReturn(Exception):
 
 class ResponseTooLarge(BaseException):
     """The response body is over the cap."""
+
+
+ENDED = "execution_ended"
+ENDED_MESSAGE = (
+    "this execution has ended: its ctx reaches the host no more "
+    "(a thread or a global outlived it; use the ctx handle() is given)"
+)
+
+
+def safe_text(text: str) -> str:
+    """``text`` as UTF-8 can carry it: half a surrogate pair becomes U+FFFD.
+
+    For diagnostic text only (messages, tracebacks, log lines); data is refused
+    instead, never altered."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
+def describe(value: object) -> str:
+    """``str(value)`` for a diagnostic, whatever the script made of ``__str__``: one
+    that raises or returns no ``str`` gives ``<unprintable Name>``."""
+    try:
+        text = str(value)
+    except BaseException:  # the script's own __str__: nothing of it may escape
+        text = None
+    if type(text) is not str:
+        try:
+            name = type(value).__name__
+        except BaseException:
+            name = "object"
+        return f"<unprintable {name if type(name) is str else 'object'}>"
+    return text
 
 
 REPLY, NEXT_EXEC = 0, 1  # the two kinds of wait
@@ -176,14 +212,45 @@ class Channel:
         with self._lock:
             frames.write_all(self.wfd, data)
 
-    def call(self, op: str, *args: Any) -> Any:
+    def finish(self, done: dict[str, Any]) -> None:
+        """Send the execution's ``done`` frame and end it: from then on a ctx of that
+        execution reaches the host no more (``call`` and ``log`` check ``nonce``
+        under the same lock, so no frame of it can follow ``done``)."""
+        try:
+            data = frames.encode(done)
+        except (TypeError, ValueError):  # a bug of ours: say so, rather than die
+            keep = ("t", "n", "cpu", "sp", "ts")
+            failed = {k: done[k] for k in keep if k in done}
+            failed.update(ok=False, kind="internal", msg="the worker could not encode its result")
+            data = frames.encode(failed)
         with self._lock:
+            self.nonce = ""
+            frames.write_all(self.wfd, data)
+
+    def call(self, nonce: str, op: str, *args: Any) -> Any:
+        """One host call of the execution ``nonce``; refused in the worker once that
+        execution has ended, and for arguments no frame can carry."""
+        call = {"t": "call", "n": nonce, "id": 0, "op": op, "a": args, "sp": False, "ts": 0.0}
+        with self._lock:
+            if nonce != self.nonce:
+                raise error_class(ENDED)(ENDED_MESSAGE)
             self._seq += 1
-            seq = self._seq
-            call = {"t": "call", "n": self.nonce, "id": seq, "op": op, "a": args}
+            seq = call["id"] = self._seq
             call["sp"] = self.will_spin(REPLY)
             call["ts"] = perf_counter()
-            frames.write_all(self.wfd, frames.encode(call))
+            try:
+                data = frames.encode(call)
+            except UnicodeEncodeError:
+                raise error_class("invalid_input")(
+                    f"ctx.{op.replace('_', '.', 1)}: a string holds half a surrogate pair, "
+                    "which is not valid Unicode"
+                ) from None
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise error_class("invalid_input")(
+                    f"ctx.{op.replace('_', '.', 1)}: the arguments must be JSON "
+                    f"({safe_text(str(exc))})"
+                ) from None
+            frames.write_all(self.wfd, data)
             reply = self.read_frame(REPLY)
         if reply is None or reply.get("id") != seq:
             raise SystemExit("host channel closed")
@@ -192,18 +259,36 @@ class Channel:
             raise error_class(str(reply.get("code")))(str(reply.get("msg")))
         return reply.get("v")
 
-    def log(self, line: str) -> None:
+    def log(self, line: str, nonce: str | None = None) -> None:
+        """One log line of the running execution (of ``nonce``, when given: a
+        ``ctx.log`` of an execution that has ended raises). Half a surrogate pair
+        becomes U+FFFD: a log line is for reading, not data."""
+        current = self.nonce
+        if not current or (nonce is not None and nonce != current):
+            raise error_class(ENDED)(ENDED_MESSAGE)
+        try:
+            raw = line.encode("utf-8")
+        except UnicodeEncodeError:
+            line = safe_text(line)
+            raw = line.encode("utf-8")
         # A line costs its bytes and its newline: empty lines are not free.
-        size = len(line.encode("utf-8", "replace")) + 1
+        size = len(raw) + 1
         room = MAX_LOG_BYTES - self.log_bytes
         if size > room:
-            cut = line.encode("utf-8", "replace")[: max(room - 1, 0)].decode("utf-8", "ignore")
+            cut = raw[: max(room - 1, 0)].decode("utf-8", "ignore")
             if cut:
-                self.send({"t": "log", "n": self.nonce, "line": cut})
+                self._send_log(current, cut)
             self.log_bytes = MAX_LOG_BYTES
             raise OutputLimit(f"logs are over {MAX_LOG_BYTES} bytes")
         self.log_bytes += size
-        self.send({"t": "log", "n": self.nonce, "line": line})
+        self._send_log(current, line)
+
+    def _send_log(self, nonce: str, line: str) -> None:
+        data = frames.encode({"t": "log", "n": nonce, "line": line})
+        with self._lock:
+            if nonce != self.nonce:  # ended while the line was on its way
+                raise error_class(ENDED)(ENDED_MESSAGE)
+            frames.write_all(self.wfd, data)
 
 
 class LogWriter(io.TextIOBase):
@@ -295,18 +380,71 @@ def build_response(body: Any = None, status: int = 200, headers: Any = None) -> 
     return Response(status, pairs, raw)
 
 
+def header_value_problem(name: str, value: str) -> str | None:
+    """Why HTTP cannot carry ``value`` in a header, or ``None``: header bytes are
+    ISO-8859-1, so a character past U+00FF (half a surrogate pair included) would be
+    altered on its way out. (The name is a token, which is ASCII.)"""
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return f"header {name[:40]!r} holds a character HTTP cannot send (not Latin-1)"
+    return None
+
+
+def checked_response(value: Response) -> Response:
+    """A returned :class:`Response` checked again, as a copy of plain values (a script
+    may change one after ``ctx.response`` built it): what HTTP cannot carry is an
+    :class:`InvalidReturn`."""
+    status, headers, body = value.status, value.headers, value.body
+    problem = status_problem(status)
+    if problem is not None or type(status) is not int:
+        raise InvalidReturn(f"the response's {problem or 'status must be an int'}")
+    if type(body) is not bytes:
+        raise InvalidReturn("the response's body must be bytes")
+    if not isinstance(headers, (list, tuple)):
+        raise InvalidReturn("the response's headers must be a list of (name, value)")
+    pairs: list[tuple[str, str]] = []
+    for pair in headers:
+        if not (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and type(pair[0]) is str
+            and type(pair[1]) is str
+        ):
+            raise InvalidReturn("the response's headers must be (name, value) string pairs")
+        name, text = pair
+        problem = header_problem(name, text) or header_value_problem(name, text)
+        if problem is not None:
+            raise InvalidReturn(problem)
+        pairs.append((name, text))
+    problem = headers_problem(pairs)
+    if problem is not None:
+        raise InvalidReturn(problem)
+    return Response(status, pairs, body)
+
+
 def response_from_return(value: Any) -> Response:
     """API.md's return-value mapping."""
     if isinstance(value, Response):
-        return value
+        return checked_response(value)
     if value is None:
         return Response(204, [], b"")
     if isinstance(value, str):
-        return Response(200, [("content-type", "text/plain; charset=utf-8")], value.encode())
+        try:
+            raw = str.encode(value)
+        except UnicodeEncodeError:
+            raise InvalidReturn(
+                "the returned str holds half a surrogate pair, which is not valid Unicode"
+            ) from None
+        return Response(200, [("content-type", "text/plain; charset=utf-8")], raw)
     if isinstance(value, (bool, int, float, dict, list)):
         try:
             raw = frames.dumps(value).encode("utf-8")
-        except (TypeError, ValueError) as exc:
+        except UnicodeEncodeError:
+            raise InvalidReturn(
+                "the return value holds half a surrogate pair, which is not valid Unicode"
+            ) from None
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidReturn(f"the return value is not JSON: {exc}") from None
         return Response(200, [("content-type", "application/json")], raw)
     raise InvalidReturn(
@@ -316,70 +454,81 @@ def response_from_return(value: Any) -> Response:
 
 
 class KV:
-    """``ctx.kv``: the app's key-value store."""
+    """``ctx.kv``: the app's key-value store, for one execution (``_n``)."""
 
-    __slots__ = ("_ch",)
+    __slots__ = ("_ch", "_n")
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, nonce: str) -> None:
         self._ch = channel
+        self._n = nonce
 
     def get(self, key: str) -> Any:
-        return self._ch.call("kv_get", key)
+        return self._ch.call(self._n, "kv_get", key)
 
     def set(self, key: str, value: Any) -> None:
-        self._ch.call("kv_set", key, value)
+        self._ch.call(self._n, "kv_set", key, value)
 
     def delete(self, key: str) -> bool:
-        return bool(self._ch.call("kv_delete", key))
+        return bool(self._ch.call(self._n, "kv_delete", key))
 
     def list(self, prefix: str = "", limit: int = 100) -> list[dict[str, Any]]:
-        return self._ch.call("kv_list", prefix, limit)  # type: ignore[no-any-return]
+        return self._ch.call(self._n, "kv_list", prefix, limit)  # type: ignore[no-any-return]
 
 
 class Docs:
-    """``ctx.docs``: the app's document store."""
+    """``ctx.docs``: the app's document store, for one execution (``_n``)."""
 
-    __slots__ = ("_ch",)
+    __slots__ = ("_ch", "_n")
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, nonce: str) -> None:
         self._ch = channel
+        self._n = nonce
 
     def insert(self, collection: str, data: dict[str, Any], id: str | None = None) -> str:
-        return self._ch.call("docs_insert", collection, data, id)  # type: ignore[no-any-return]
+        return self._ch.call(self._n, "docs_insert", collection, data, id)  # type: ignore[no-any-return]
 
     def get(self, collection: str, id: str) -> dict[str, Any] | None:
-        return self._ch.call("docs_get", collection, id)  # type: ignore[no-any-return]
+        return self._ch.call(self._n, "docs_get", collection, id)  # type: ignore[no-any-return]
 
     def update(self, collection: str, id: str, data: dict[str, Any]) -> None:
-        self._ch.call("docs_update", collection, id, data)
+        self._ch.call(self._n, "docs_update", collection, id, data)
 
     def delete(self, collection: str, id: str) -> bool:
-        return bool(self._ch.call("docs_delete", collection, id))
+        return bool(self._ch.call(self._n, "docs_delete", collection, id))
 
     def query(
         self, collection: str, where: dict[str, Any] | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
-        return self._ch.call("docs_query", collection, where, limit)  # type: ignore[no-any-return]
+        return self._ch.call(self._n, "docs_query", collection, where, limit)  # type: ignore[no-any-return]
 
 
 class Context:
-    """``ctx``: who and what this execution is, and the host API."""
+    """``ctx``: who and what this execution is, and the host API.
+
+    A ``ctx`` belongs to the execution it was made for (the channel's ``nonce`` at
+    the time): once that execution has ended, its host calls and ``log`` raise
+    ``ExecutionEnded`` (code ``execution_ended``) in the calling thread, and nothing
+    reaches the host. A thread the script left behind therefore never writes into a
+    later execution's transaction, nor breaks its frames.
+    """
 
     Rejected = Rejected
     Error = HostError
 
     def __init__(self, channel: Channel, fields: dict[str, Any]) -> None:
+        nonce = channel.nonce
         self._ch = channel
+        self._n = nonce
         self.app: str = fields["app"]
         self.execution_id: str = fields["execution_id"]
         self.attempt: int = fields["attempt"]
         self.trigger_depth: int = fields["trigger_depth"]
         self.principal: str = fields["principal"]
-        self.kv = KV(channel)
-        self.docs = Docs(channel)
+        self.kv = KV(channel, nonce)
+        self.docs = Docs(channel, nonce)
 
     def log(self, *args: Any) -> None:
-        self._ch.log(" ".join(str(a) for a in args))
+        self._ch.log(" ".join(str(a) for a in args), self._n)
 
     def reject(self, message: str = "rejected") -> None:
         raise Rejected(str(message))

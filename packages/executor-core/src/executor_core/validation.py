@@ -4,7 +4,9 @@ and :class:`~executor_core.memory_host.MemoryHostApi`.
 Each check returns the value it accepted or raises the ``PicloudError`` a script
 sees: ``InvalidInput`` for a wrong type, ``InvalidName`` for a bad collection
 name, ``LimitExceeded`` for a key, id or ``limit`` outside its range,
-``PayloadTooLarge`` for a value or document over its size.
+``PayloadTooLarge`` for a value or document over its size. Text that is not
+valid Unicode (half a surrogate pair, which a ``\\ud800`` escape in a frame makes)
+is ``InvalidInput``: data is refused, never altered.
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ from picloud_shared.limits import (
 _COLLECTION = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_COLLECTION_CHARS}}}")
 
 
+def _utf8(value: str, what: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(
+            f"{what} holds half a surrogate pair, which is not valid Unicode"
+        ) from None
+
+
 def key(value: object) -> str:
     if not isinstance(value, str):
         raise InvalidInput("a key must be a string")
@@ -35,7 +46,7 @@ def key(value: object) -> str:
         raise InvalidInput("a key must not be empty")
     if "\x00" in value:
         raise InvalidInput("a key must not contain NUL characters")
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
+    if len(_utf8(value, "a key")) > MAX_KV_KEY_BYTES:
         raise LimitExceeded(f"a key is at most {MAX_KV_KEY_BYTES} bytes")
     return value
 
@@ -43,7 +54,7 @@ def key(value: object) -> str:
 def prefix(value: object) -> str:
     if not isinstance(value, str) or "\x00" in value:
         raise InvalidInput("a prefix must be a string without NUL characters")
-    if len(value.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
+    if len(_utf8(value, "a prefix")) > MAX_KV_KEY_BYTES:
         raise LimitExceeded(f"a prefix is at most {MAX_KV_KEY_BYTES} bytes")
     return value
 
@@ -51,9 +62,9 @@ def prefix(value: object) -> str:
 def _size(value: object, what: str) -> int:
     try:
         text = frames.dumps(value)
-        size = len(text.encode("utf-8"))
-    except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+    except (TypeError, ValueError, RecursionError):
         raise InvalidInput(f"{what} must be JSON (no NaN or Infinity)") from None
+    size = len(_utf8(text, what))
     problem = wire.unstorable_json(value, text)
     if problem is not None:
         raise InvalidInput(f"{what}: {problem}")
@@ -108,6 +119,7 @@ def doc_id(value: object) -> str:
         raise InvalidInput("a document id must be a string")
     if "\x00" in value:
         raise InvalidInput("a document id must not contain NUL characters")
+    _utf8(value, "a document id")
     if not value or len(value) > MAX_DOCUMENT_ID_CHARS:
         raise LimitExceeded(f"a document id is 1-{MAX_DOCUMENT_ID_CHARS} characters")
     return value

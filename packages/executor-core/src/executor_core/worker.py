@@ -67,9 +67,11 @@ def _strip_host_frames(te: traceback.TracebackException | None, seen: set[int]) 
 
 def _chain(exc: BaseException) -> list[BaseException]:
     out: list[BaseException] = []
+    seen: set[int] = set()  # by identity: a script's __eq__ is not asked
     cur: BaseException | None = exc
-    while cur is not None and cur not in out and len(out) < 50:
+    while cur is not None and id(cur) not in seen and len(out) < 50:
         out.append(cur)
+        seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
     return out
 
@@ -86,19 +88,33 @@ def _register_sources() -> None:
 
 
 def classify(exc: BaseException) -> tuple[str, str, str | None]:
-    """(kind, message, script traceback) for an exception out of the script."""
+    """(kind, message, script traceback) for an exception out of the script, as text
+    a frame can carry: cut to size, half a surrogate pair as U+FFFD, and whatever the
+    script's ``__str__`` does (raise, return no ``str``) an ``<unprintable E>``."""
+    try:
+        kind, msg, tb = _classify(exc)
+    except BaseException:  # the script's own code ran (a __str__, a property): its error
+        kind, msg, tb = "uncaught_exception", "<unprintable exception>", None
+    # Cut here, not on the host: a 10 MB message would not fit in a frame.
+    msg = script_api.safe_text(msg[:MAX_MESSAGE_CHARS])
+    tb = None if tb is None else script_api.safe_text(tb[-MAX_TRACEBACK_CHARS:])
+    return kind, msg, tb
+
+
+def _classify(exc: BaseException) -> tuple[str, str, str | None]:
+    text = script_api.describe
     if isinstance(exc, script_api.Rejected):
-        return "rejected", str(exc) or "rejected", None
+        return "rejected", text(exc) or "rejected", None
     if isinstance(exc, script_api.OutputLimit):
-        return "output_limit", str(exc), None
+        return "output_limit", text(exc), None
     if isinstance(exc, script_api.ResponseTooLarge):
-        return "output_limit", str(exc), None
+        return "output_limit", text(exc), None
     if isinstance(exc, script_api.CpuLimit):
-        return "cpu_limit", str(exc), None
+        return "cpu_limit", text(exc), None
     if isinstance(exc, script_api.InvalidReturn):
-        return "invalid_return", str(exc), None
+        return "invalid_return", text(exc), None
     chain = _chain(exc)
-    message = f"{type(exc).__name__}: {exc}"
+    message = f"{type(exc).__name__}: {text(exc)}"
     if any(isinstance(e, MemoryError) for e in chain):
         return "memory_limit", "memory limit exceeded", None
     if any(isinstance(e, OSError) and e.errno == 27 for e in chain):  # EFBIG
@@ -195,9 +211,6 @@ class Worker:
                 done.update(ok=True, resp=response.to_wire())
         except BaseException as exc:
             kind, msg, tb = classify(exc)
-            # Cut here, not on the host: a 10 MB message would not fit in a frame.
-            msg = msg[:MAX_MESSAGE_CHARS]
-            tb = None if tb is None else tb[-MAX_TRACEBACK_CHARS:]
             done.update(ok=False, kind=kind, msg=msg, tb=tb)
         finally:
             _State.in_script = False
@@ -208,7 +221,7 @@ class Worker:
         done["cpu"] = used  # as of the start: the host only tracks the lifetime budget
         done["sp"] = ch.will_spin(script_api.NEXT_EXEC)
         done["ts"] = time.perf_counter()
-        ch.send(done)
+        ch.finish(done)  # ends the execution: its ctx reaches the host no more
 
 
 _INT_OPTIONS = (
