@@ -31,6 +31,7 @@ def test_defaults_when_environment_is_empty() -> None:
     assert settings.execution_retention_days == 14
     assert settings.app_storage_quota_mb == 1024
     assert settings.app_storage_quota_bytes == 1024 * 1024 * 1024
+    assert settings.embedded_pg_restarts == 5
 
 
 def test_every_variable_is_read() -> None:
@@ -55,6 +56,7 @@ def test_every_variable_is_read() -> None:
             "PICLOUD_DB_OUTBOX_POOL_SIZE": "3",
             "PICLOUD_EXECUTION_RETENTION_DAYS": "30",
             "PICLOUD_APP_STORAGE_QUOTA_MB": "64",
+            "PICLOUD_EMBEDDED_PG_RESTARTS": "0",
             "UNRELATED": "ignored",
         }
     )
@@ -77,6 +79,7 @@ def test_every_variable_is_read() -> None:
         db_outbox_pool_size=3,
         execution_retention_days=30,
         app_storage_quota_mb=64,
+        embedded_pg_restarts=0,
     )
 
 

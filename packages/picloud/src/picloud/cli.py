@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -101,7 +102,15 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    with database(settings) as url:
+    server: Any = None
+    lost: list[str] = []
+
+    def on_lost(why: str) -> None:  # the embedded PostgreSQL could not be kept up
+        lost.append(why)
+        if server is not None:
+            server.should_exit = True  # a graceful stop, as on SIGTERM
+
+    with database(settings, on_lost=on_lost) as url:
         bootstrap_admin(url, settings)
         app = create_app(build_services(settings, url))
         config = uvicorn.Config(
@@ -117,8 +126,11 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             limit_concurrency=settings.max_connections,
         )
         server = _server_class()(config)
-        server.run()
-        if not server.started:
+        if not lost:
+            server.run()
+        if not server.started or lost:
+            if lost:
+                print(f"picloud serve: embedded PostgreSQL lost: {lost[0]}", file=sys.stderr)
             return 1
     print("picloud serve: stopped", file=sys.stderr)
     return 0

@@ -16,6 +16,10 @@ settings.
   attaches as a guest (its ``stop()`` leaves the server alone) — e.g. ``picloud
   migrate`` next to a running ``picloud serve``. A running server whose lock nobody
   holds is an orphan of a killed process: the new instance adopts it and stops it.
+- The owner can tell whether its server still runs (:meth:`EmbeddedPostgres.alive`)
+  and start it again after it died (:meth:`EmbeddedPostgres.restart`: PostgreSQL
+  recovers from its WAL as after any crash); ``picloud.pg_watch`` does both for
+  ``picloud serve``.
 
 Exceptions: ``EmbeddedPostgresError`` (a ``RuntimeError``) carrying the server log tail.
 """
@@ -31,6 +35,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -136,34 +141,66 @@ class EmbeddedPostgres:
             self._initdb()
         self.socket_dir = Path(tempfile.mkdtemp(prefix="picloud-pg-", dir=_short_tmp()))
         self._owns_socket_dir = True
+        self._prepare_socket_dir(self.socket_dir)
+        try:
+            self._pg_ctl_start()
+        except EmbeddedPostgresError:
+            self._remove_socket_dir()
+            raise
+
+    def _prepare_socket_dir(self, path: Path) -> None:
         if self._run_as is not None:
-            os.chown(self.socket_dir, *self._run_as)
-        self.socket_dir.chmod(0o700)
+            os.chown(path, *self._run_as)
+        path.chmod(0o700)
+
+    def _pg_ctl_start(self) -> None:
+        """``pg_ctl start`` on ``socket_dir`` and ``port`` with ``settings``; waits
+        until the server accepts connections."""
+        assert self.socket_dir is not None
         options = [
             "-k",
             str(self.socket_dir),
             "-h",
             "127.0.0.1" if self.port is not None else "",
             "-p",
-            str(self.port if self.port is not None else DEFAULT_SOCKET_PORT),
+            str(self._socket_port),
         ]
         for name, value in self.settings.items():
             options += ["-c", f"{name}={value}"]
-        try:
-            self._pg_ctl(
-                "start",
-                "-w",
-                "-t",
-                str(int(self.start_timeout)),
-                "-l",
-                str(self.data_dir / LOG_FILE),
-                "-o",
-                shlex.join(options),
-            )
-        except EmbeddedPostgresError:
-            self._remove_socket_dir()
-            raise
-        self._socket_port = self.port if self.port is not None else DEFAULT_SOCKET_PORT
+        self._pg_ctl(
+            "start",
+            "-w",
+            "-t",
+            str(int(self.start_timeout)),
+            "-l",
+            str(self.data_dir / LOG_FILE),
+            "-o",
+            shlex.join(options),
+        )
+
+    def alive(self) -> bool:
+        """Whether the server on ``data_dir`` runs (its postmaster is alive)."""
+        return _postmaster_info(self.data_dir) is not None
+
+    def restart(self) -> None:
+        """Start the server again after it died, where it listened before (same
+        socket directory and port, so open URLs stay valid). PostgreSQL recovers from
+        its WAL, as after any crash. Only the owner restarts; a server that runs is
+        left alone.
+
+        Raises :class:`EmbeddedPostgresError` when it does not come up (for instance
+        while the killed server's last backends still hold its shared memory: try
+        again a moment later)."""
+        if not self._started or not self._owner:
+            raise EmbeddedPostgresError("only the owner of a running cluster restarts it")
+        if self.alive():
+            return
+        reap_dead_children("postgres")
+        assert self.socket_dir is not None
+        if not self.socket_dir.exists():  # a temp cleaner took it meanwhile
+            self.socket_dir.mkdir(mode=0o700)
+            self._prepare_socket_dir(self.socket_dir)
+        self._pg_ctl_start()
 
     def stop(self) -> None:
         """Stop the server (``pg_ctl stop -m fast``) if this instance owns it.
@@ -174,7 +211,8 @@ class EmbeddedPostgres:
             return
         try:
             if self._owner and (self.data_dir / "postmaster.pid").exists():
-                self._pg_ctl("stop", "-w", "-m", "fast", "-t", str(int(self.start_timeout)))
+                if self.alive():  # not when it died: pg_ctl would wait for it in vain
+                    self._pg_ctl("stop", "-w", "-m", "fast", "-t", str(int(self.start_timeout)))
                 self._remove_socket_dir()
         finally:
             self._started = False
@@ -355,6 +393,44 @@ class EmbeddedPostgres:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
         self.socket_dir = None
         self._owns_socket_dir = False
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux
+    ``PR_SET_CHILD_SUBREAPER``); whether that worked.
+
+    ``pg_ctl`` leaves the server it starts to whoever reaps orphans: by default the
+    machine's init, which in some containers reaps late or never. A killed server
+    then stays a zombie, and PostgreSQL refuses to start over a ``postmaster.pid``
+    whose process still exists. A process that supervises its server calls this
+    before starting it, and :meth:`EmbeddedPostgres.restart` reaps the dead."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    pr_set_child_subreaper = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0)
+
+
+def reap_dead_children(name: str) -> int:
+    """Reap this process's zombie children called ``name`` (a killed server and its
+    backends, once they are this process's children); how many."""
+    me, reaped = os.getpid(), 0
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat_line[stat_line.find("(") + 1 : stat_line.rfind(")")]
+        fields = stat_line.rsplit(")", 1)[-1].split()
+        if comm == name and fields[0] == "Z" and int(fields[1]) == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry.name), os.WNOHANG)
+                reaped += 1
+    return reaped
 
 
 def _postmaster_info(data_dir: Path) -> dict[str, str] | None:

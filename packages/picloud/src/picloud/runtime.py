@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import anyio
@@ -19,25 +19,40 @@ ADMIN_NAME = "admin"
 
 
 @contextmanager
-def database(settings: Settings) -> Iterator[str]:
+def database(settings: Settings, *, on_lost: Callable[[str], None] | None = None) -> Iterator[str]:
     """The database URL to serve from, migrated to head.
 
     With no ``PICLOUD_DATABASE_URL`` the embedded PostgreSQL in ``DATA_DIR/pg`` is
-    started for the duration of the block (and reused across restarts).
+    started for the duration of the block (and reused across restarts). With
+    ``on_lost``, a server this process started is watched: restarted when it dies,
+    and ``on_lost(why)`` called from the watch's thread if it cannot be kept up
+    (``picloud.pg_watch``).
     """
     if settings.database_url is not None:
         migrations.upgrade(settings.database_url)
         yield settings.database_url
         return
     from picloud.cli import ensure_database
-    from picloud.embedded_pg import EmbeddedPostgres
+    from picloud.embedded_pg import EmbeddedPostgres, become_subreaper
+    from picloud.pg_watch import PgWatch
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if on_lost is not None:
+        become_subreaper()  # a killed server must be reaped to be started again
     with EmbeddedPostgres(settings.embedded_pg_dir) as pg:
         ensure_database(pg.url("postgres"), EMBEDDED_DATABASE)
         url = pg.url(EMBEDDED_DATABASE)
         migrations.upgrade(url)
-        yield url
+        watch = None
+        if on_lost is not None and pg.owner:
+            watch = PgWatch(pg, on_lost, max_restarts=settings.embedded_pg_restarts)
+        if watch is not None:
+            watch.start()
+        try:
+            yield url
+        finally:
+            if watch is not None:
+                watch.stop()  # before the server is stopped on purpose
 
 
 async def _ensure_admin(url: str, token: str, *, replace: bool) -> str:

@@ -100,6 +100,9 @@ class Settings:
     execution_retention_days: int = 14
     #: What one app may store (KV entries and documents), in MiB; ``0``: unlimited.
     app_storage_quota_mb: int = 1024
+    #: How often the embedded PostgreSQL is started again after it died, within ten
+    #: minutes, before the node gives up and stops; ``0``: the node stops at once.
+    embedded_pg_restarts: int = 5
     db_pool_size: int = 20
     #: Plain psycopg connections for the outbox's hot single statements.
     db_outbox_pool_size: int = 8
@@ -148,6 +151,7 @@ class Settings:
             "executor_idle_ttl_seconds": get("EXECUTOR_IDLE_TTL_SECONDS", _positive_int),
             "execution_retention_days": get("EXECUTION_RETENTION_DAYS", _retention_days),
             "app_storage_quota_mb": get("APP_STORAGE_QUOTA_MB", _storage_quota_mb),
+            "embedded_pg_restarts": get("EMBEDDED_PG_RESTARTS", _non_negative_int),
             "db_pool_size": get("DB_POOL_SIZE", _positive_int),
             "db_outbox_pool_size": get("DB_OUTBOX_POOL_SIZE", _positive_int),
         }
