@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import anyio
 import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -279,6 +280,38 @@ async def test_same_method_and_path_is_a_conflict(engine: AsyncEngine) -> None:
     await routes.create(app.id, "POST", "/x", "s")
     with pytest.raises(Conflict):
         await routes.create(app.id, "get", "/x", "s")
+
+
+async def test_paths_differing_only_in_param_names_conflict_also_when_created_at_once(
+    engine: AsyncEngine,
+) -> None:
+    """``GET /u/{name}`` created while ``GET /u/{id}`` is not yet committed waits for
+    it (creates are serialised per app) and is then a conflict: one route, never two
+    of which one can never be reached."""
+    [app] = await _apps(engine, "shop")
+    await PostgresScriptRepo(engine).create(app.id, "s", SOURCE)
+    routes = PostgresRouteRepo(engine)
+    second: list[str] = []
+
+    async def create_second() -> None:
+        try:
+            await routes.create(app.id, "GET", "/u/{name}", "s")
+            second.append("made")
+        except Conflict as exc:
+            second.append(exc.message)
+
+    async with engine.connect() as first:
+        await first.begin()
+        await routes.create(app.id, "GET", "/u/{id}", "s", conn=first)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(create_second)
+            await anyio.sleep(0.5)
+            assert second == []  # waiting for the first
+            await first.commit()
+    assert second == [
+        "a route GET /u/{id} already exists (paths that differ only in param names are the same)"
+    ]
+    assert [e.route.path for e in await routes.list(app.id)] == ["/u/{id}"]
 
 
 async def test_list_routes_pages_by_path_then_method(engine: AsyncEngine) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from picloud_shared.limits import MAX_SCRIPT_SOURCE_BYTES
@@ -221,6 +222,46 @@ async def test_same_method_and_path_is_409(api: Api) -> None:
     await api.route("GET", "/x", "s")
     resp = await api.call("POST", _routes(api), body={"method": "GET", "path": "/x", "script": "s"})
     assert resp.status_code == 409
+
+
+@pytest.mark.parametrize("taken", ["/u/{id}", "/u/{name}"])
+async def test_a_path_that_differs_only_in_param_names_is_409(api: Api, taken: str) -> None:
+    """``/u/{id}`` and ``/u/{name}`` match the same requests: the same path, so the
+    second is 409 conflict, as an exact duplicate is. A literal segment where the
+    other has a param, or another method, is a different route."""
+    await api.script("s")
+    await api.route("GET", "/u/{id}/posts/{post}", "s")
+    await api.route("GET", taken, "s")
+    body = {"method": "GET", "path": "/u/{name}", "script": "s"}
+    resp = await api.call("POST", _routes(api), body=body)
+    assert resp.status_code == 409, resp.text
+    assert resp.json()["error"]["code"] == "conflict"
+    assert taken in resp.json()["error"]["message"]
+    body = {"method": "GET", "path": "/u/{a}/posts/{b}", "script": "s"}
+    assert (await api.call("POST", _routes(api), body=body)).status_code == 409
+    await api.route("POST", "/u/{name}", "s")
+    await api.route("GET", "/u/me", "s")
+    await api.route("GET", "/u/{id}/posts/latest", "s")
+    paths = [r["path"] for r in (await api.call("GET", _routes(api))).json()["items"]]
+    assert sorted(paths) == sorted(
+        [taken, "/u/{id}/posts/{post}", "/u/{name}", "/u/me", "/u/{id}/posts/latest"]
+    )
+
+
+async def test_two_creates_of_one_path_at_once_make_one_route(api: Api) -> None:
+    """``/u/{id}`` and ``/u/{name}`` created at the same moment: one 201, one 409."""
+    await api.script("s")
+    statuses: list[int] = []
+
+    async def create(path: str) -> None:
+        body = {"method": "GET", "path": path, "script": "s"}
+        statuses.append((await api.call("POST", _routes(api), body=body)).status_code)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(create, "/u/{id}")
+        tg.start_soon(create, "/u/{name}")
+    assert sorted(statuses) == [201, 409]
+    assert len((await api.call("GET", _routes(api))).json()["items"]) == 1
 
 
 async def test_route_to_an_unknown_script_is_422(api: Api) -> None:

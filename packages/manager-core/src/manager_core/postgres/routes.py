@@ -74,6 +74,12 @@ def check_route_path(path: object) -> str:
     return path
 
 
+def route_shape(path: str) -> str:
+    """``path`` with every param's name dropped: ``/u/{id}`` and ``/u/{name}`` match the
+    same requests, so they are the same path (``/u/{}``)."""
+    return _PARAM.sub("{}", path)
+
+
 @attrs.frozen
 class RouteEntry:
     """A route as the admin API shows it: with its script's name."""
@@ -105,8 +111,9 @@ class PostgresRouteRepo:
     ) -> RouteEntry:
         """Bind ``method path`` to the app's script ``script_name``.
 
-        Raises ``InvalidInput`` (method, path), ``UnknownScript``, ``Conflict`` (same
-        method and path exist) or ``NotFound`` (no such app).
+        Raises ``InvalidInput`` (method, path), ``UnknownScript``, ``Conflict`` (a route
+        with the same method and path exists, also one whose path differs only in its
+        params' names) or ``NotFound`` (no such app).
         """
         method = check_method(method)
         check_route_path(path)
@@ -129,7 +136,9 @@ class PostgresRouteRepo:
         )
         try:
             async with transaction(conn or self._engine) as c:
+                # The app row is locked from here on: concurrent creates check in turn.
                 await check_quota(c, t.routes, app_id, MAX_ROUTES_PER_APP, "routes")
+                await _check_no_route_like(c, app_id, method, path)
                 row = (await c.execute(stmt)).one_or_none()
         except IntegrityError as exc:
             if sqlstate(exc) == FOREIGN_KEY_VIOLATION:
@@ -233,3 +242,16 @@ class PostgresRouteRepo:
         return select(*ROUTE_COLUMNS, t.routes.c.created_at, t.scripts.c.name).join_from(
             t.routes, t.scripts, t.scripts.c.id == t.routes.c.script_id
         )
+
+
+async def _check_no_route_like(c: AsyncConnection, app_id: AppId, method: str, path: str) -> None:
+    """``Conflict`` when the app has a ``method`` route of ``path``'s shape (call it with
+    the app row locked, so that a concurrent create of the same shape waits)."""
+    shape = route_shape(path)
+    paths = await c.scalars(
+        select(t.routes.c.path).where((t.routes.c.app_id == app_id) & (t.routes.c.method == method))
+    )
+    for taken in paths:
+        if route_shape(taken) == shape:
+            same = "" if taken == path else " (paths that differ only in param names are the same)"
+            raise Conflict(f"a route {method} {taken} already exists{same}")
