@@ -360,6 +360,21 @@ def test_a_deleted_route_stops_serving_at_once_on_its_node(
     assert r.status_code == 404, r.text
 
 
+def test_a_more_specific_route_created_is_served_at_once_on_its_node(
+    admin: Admin, user: httpx.Client
+) -> None:
+    """With ``GET /u/{id}`` cached (it has served a request), a new ``GET /u/me`` is
+    served by the next request on the node whose admin API created it, not by the
+    cached ``/u/{id}`` until the cache's ttl ends."""
+    admin.script("any", "def handle(e, ctx):\n    return 'any ' + e['params']['id']\n")
+    admin.script("me", "def handle(e, ctx):\n    return 'me'\n")
+    admin.route("GET", "/u/{id}", "any")
+    assert user.get(f"/apps/{admin.app_name}/u/me").text == "any me"  # now cached
+    admin.route("GET", "/u/me", "me")
+    assert user.get(f"/apps/{admin.app_name}/u/me").text == "me"
+    assert user.get(f"/apps/{admin.app_name}/u/42").text == "any 42"
+
+
 def test_a_deleted_app_stops_serving_at_once_on_its_node(admin: Admin, user: httpx.Client) -> None:
     admin.script("s", "def handle(e, ctx):\n    return 'here'\n")
     admin.route("GET", "/x", "s")

@@ -95,6 +95,41 @@ async def test_admin_changes_reach_this_nodes_route_cache(db_url: str) -> None:
     await services.engine.dispose()
 
 
+async def test_a_route_created_through_this_nodes_admin_api_leaves_its_route_cache(
+    db_url: str,
+) -> None:
+    """With ``GET /u/{id}`` cached, creating ``GET /u/me`` through the node's admin API
+    drops the cached routes at once: the next lookup reads them afresh, new route
+    included (so ``/u/me`` is not served by ``/u/{id}`` for the cache's ttl)."""
+    services = build_services(Settings(executor_max_workers=1), db_url, node_id="create-node")
+    cache = services.orchestrator.route_table
+    assert isinstance(cache, CachedRouteTable)
+    _, token = await services.users.create_user("root", instance_admin=True)
+    transport = httpx.ASGITransport(create_app(services))
+    async with httpx.AsyncClient(
+        transport=transport,
+        base_url="http://n/api/v1/admin",
+        headers={"Authorization": f"Bearer {token}"},
+    ) as admin:
+        app = await admin.post("/apps", json={"name": "cached"})
+        base = f"/apps/{app.json()['id']}"
+        source = "def handle(e, ctx):\n    return 1\n"
+        assert (
+            await admin.post(f"{base}/scripts", json={"name": "s", "source": source})
+        ).is_success
+        route = {"method": "GET", "path": "/u/{id}", "script": "s"}
+        assert (await admin.post(f"{base}/routes", json=route)).status_code == 201
+        await cache.lookup("cached")
+        _, from_cache = await cache.lookup("cached")
+        assert from_cache
+        route = {"method": "GET", "path": "/u/me", "script": "s"}
+        assert (await admin.post(f"{base}/routes", json=route)).status_code == 201
+        targets, from_cache = await cache.lookup("cached")
+    assert not from_cache
+    assert sorted(t.path for t in targets or ()) == ["/u/me", "/u/{id}"]
+    await services.engine.dispose()
+
+
 async def test_the_outbox_is_counted_at_most_once_a_second(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -410,24 +410,27 @@ async def test_deleting_an_app_cascades_to_scripts_routes_and_triggers(
     assert await routes.routes_for_app("blog") is not None
 
 
-async def test_route_deletes_and_script_updates_tell_their_observers(engine: AsyncEngine) -> None:
-    """``changed`` callbacks (the node's route cache) run after a route is deleted or
-    a script updated, and not when nothing changed."""
+async def test_route_changes_and_script_updates_tell_their_observers(engine: AsyncEngine) -> None:
+    """``changed`` callbacks (the node's route cache) run after a route is created or
+    deleted or a script updated, and not when nothing changed."""
     [app] = await _apps(engine, "shop")
     scripts, routes = PostgresScriptRepo(engine), PostgresRouteRepo(engine)
     calls: list[str] = []
     scripts.changed.append(lambda: calls.append("script"))
     routes.changed.append(lambda: calls.append("route"))
     await scripts.create(app.id, "s", SOURCE)
-    entry = await routes.create(app.id, "GET", "/", "s")
     assert calls == []
+    entry = await routes.create(app.id, "GET", "/", "s")
+    assert calls == ["route"]
+    with pytest.raises(Conflict):
+        await routes.create(app.id, "GET", "/", "s")
     await scripts.update(app.id, "s", timeout_seconds=20)
     with pytest.raises(NotFound):
         await scripts.update(app.id, "missing", timeout_seconds=20)
     assert await routes.delete(app.id, entry.route.id) is True
     assert await routes.delete(app.id, entry.route.id) is False
-    assert calls == ["script", "route"]
+    assert calls == ["route", "script", "route"]
     apps = PostgresAppRepo(engine)
     apps.changed.append(lambda: calls.append("app"))
     assert await apps.delete(app.id) is True
-    assert calls == ["script", "route", "app", "app"]  # routes gone, then the app
+    assert calls == ["route", "script", "route", "app", "app"]  # routes gone, then the app

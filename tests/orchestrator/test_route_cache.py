@@ -173,3 +173,47 @@ async def test_a_failed_shared_read_is_retried_by_each_waiter() -> None:
             tg.start_soon(lookup)
     assert len(errors) == 3
     assert inner.reads == 3
+
+
+class StaleRoutes(CountingRoutes):
+    """Reads that see the table as it is when they start, and answer a moment later."""
+
+    async def routes_for_app(self, app_name: str) -> Sequence[RouteTarget] | None:
+        answer = await super().routes_for_app(app_name)
+        await anyio.sleep(0.05)
+        return answer
+
+
+async def test_a_read_under_way_when_invalidated_is_not_cached() -> None:
+    """A lookup that began reading before a route was created (and invalidate called)
+    returns what it read, but does not keep it: a lookup that arrives while that read
+    is still going reads afresh, and sees the new route, as does the next one."""
+    inner, clock = StaleRoutes(), Clock()
+    cache = CachedRouteTable(inner, ttl=10.0, clock=clock)
+    answers: dict[str, object] = {}
+
+    async def lookup(name: str) -> None:
+        answers[name] = await cache.routes_for_app("shop")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lookup, "before")
+        await anyio.sleep(0.01)  # the read has started, before the change
+        inner.apps["shop"].append(async_route("/b"))
+        cache.invalidate()
+        tg.start_soon(lookup, "during")
+    assert answers["before"] == inner.apps["shop"][:1]
+    assert answers["during"] == inner.apps["shop"]
+    assert await cache.routes_for_app("shop") == inner.apps["shop"]
+    assert inner.reads == 2  # the stale read, and the one during (then cached)
+
+
+async def test_invalidating_one_app_drops_its_read_under_way() -> None:
+    """``invalidate(app)`` also keeps a read of that app under way out of the cache."""
+    inner, clock = StaleRoutes(), Clock()
+    cache = CachedRouteTable(inner, ttl=10.0, clock=clock)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.routes_for_app, "shop")
+        await anyio.sleep(0.01)
+        inner.apps["shop"].append(async_route("/b"))
+        cache.invalidate("shop")
+    assert await cache.routes_for_app("shop") == inner.apps["shop"]

@@ -2,11 +2,20 @@
 
 Looking an app's routes up is one database round trip per user request; the
 routes change rarely. ``CachedRouteTable`` keeps each app's routes for ``ttl``
-seconds. The orchestrator re-reads the database before it answers 404 or 405
-from a cached answer, so a route created on any node is served at once. A deleted
-route (or a changed script timeout) is forgotten at once on the node whose admin
-API made the change (the composition root wires ``invalidate`` to the repos) and
-may be seen on other nodes for up to ``ttl`` more.
+seconds.
+
+What a node's cache shows:
+
+* A route created or deleted (an app deleted, a script's timeout changed) through
+  this node's admin API is served as it is now by this node's next request: the
+  composition root wires :meth:`~CachedRouteTable.invalidate` to the repos, and a
+  read that was already under way when the change came is not kept.
+* A change made through another node's admin API is seen here within ``ttl``
+  seconds: the cache is eventually consistent across nodes. Only a request the
+  cached routes would answer 404 or 405 re-reads the database first, so a route
+  created elsewhere for a path no cached route matches is served at once; one that
+  a cached route also matches (``GET /u/me`` next to a cached ``GET /u/{id}``), or a
+  route deleted elsewhere, may take up to ``ttl`` to show.
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ class CachedRouteTable:
         self._clock = clock
         self._entries: dict[str, tuple[float, Sequence[RouteTarget]]] = {}
         self._in_flight: dict[str, _Flight] = {}
+        # Bumped by every invalidate: a read begun before it may predate the change,
+        # so its answer is handed to its waiters but not cached.
+        self._generation = 0
         self.hits = 0
         self.misses = 0
 
@@ -63,6 +75,7 @@ class CachedRouteTable:
                 return shared.targets
             # the shared read failed: read for ourselves (alongside any other waiter)
         flight = _Flight()
+        generation = self._generation
         self._in_flight[app_name] = flight
         self.misses += 1
         try:
@@ -75,6 +88,8 @@ class CachedRouteTable:
                 del self._in_flight[app_name]
             flight.done.set()
         flight.targets = targets
+        if generation != self._generation:
+            return targets
         if targets is None:
             self._entries.pop(app_name, None)
             return None
@@ -84,11 +99,15 @@ class CachedRouteTable:
         return targets
 
     def invalidate(self, app_name: str | None = None) -> None:
-        """Forget one app's routes, or all."""
+        """Forget one app's routes, or all, with any read of them under way: the next
+        lookup reads the table afresh."""
+        self._generation += 1
         if app_name is None:
             self._entries.clear()
+            self._in_flight.clear()
         else:
             self._entries.pop(app_name, None)
+            self._in_flight.pop(app_name, None)
 
 
 class _Flight:

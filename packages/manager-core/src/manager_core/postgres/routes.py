@@ -94,8 +94,8 @@ class PostgresRouteRepo:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        # Called after a route is deleted: a cache of routes on this node (the
-        # orchestrator's) forgets it at once instead of at the end of its ttl.
+        # Called after a route is created or deleted: a cache of routes on this node
+        # (the orchestrator's) forgets them at once instead of at the end of its ttl.
         self.changed: list[Callable[[], None]] = []
 
     async def create(
@@ -149,6 +149,8 @@ class PostgresRouteRepo:
             raise err from exc
         if row is None:
             raise UnknownScript(f"no script named {script_name!r} in this app")
+        for callback in self.changed:
+            callback()
         return RouteEntry(route_from_row(row), script_name, row.created_at)
 
     async def get(
