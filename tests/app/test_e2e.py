@@ -375,6 +375,21 @@ def test_a_more_specific_route_created_is_served_at_once_on_its_node(
     assert user.get(f"/apps/{admin.app_name}/u/42").text == "any 42"
 
 
+def test_a_document_id_holding_slashes_is_addressable(admin: Admin, user: httpx.Client) -> None:
+    """A document a script inserted under the id ``a/b`` is read through the admin API
+    at ``…/docs/c/a/b`` and at ``…/docs/c/a%2Fb`` (the server decodes the path), and
+    deleted there."""
+    admin.script(
+        "ins", "def handle(e, ctx):\n    return ctx.docs.insert('c', {'v': 1}, id='a/b')\n"
+    )
+    admin.route("POST", "/ins", "ins")
+    assert user.post(f"/apps/{admin.app_name}/ins").text == "a/b"
+    assert admin.get("/docs/c/a/b") == {"id": "a/b", "data": {"v": 1}}
+    assert admin.get("/docs/c/a%2Fb") == {"id": "a/b", "data": {"v": 1}}
+    assert admin.http.delete(f"{admin.base}/docs/c/a%2Fb").status_code == 204
+    assert admin.http.get(f"{admin.base}/docs/c/a/b").status_code == 404
+
+
 def test_a_deleted_app_stops_serving_at_once_on_its_node(admin: Admin, user: httpx.Client) -> None:
     admin.script("s", "def handle(e, ctx):\n    return 'here'\n")
     admin.route("GET", "/x", "s")

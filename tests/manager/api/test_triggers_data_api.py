@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
 
 from manager_core import tables as t
+from picloud_shared.ids import AppId
 from picloud_shared.principals import ALL_CAPABILITIES, Capability
 from tests.manager.api.endpoints import enqueue_execution, insert_dead_letter
 from tests.manager.api.helpers import Api
@@ -156,6 +158,44 @@ async def test_docs_insert_put_get_delete(api: Api) -> None:
     assert sorted(i["id"] for i in items) == sorted([doc_id, "mine"])
     assert (await api.call("DELETE", _url(api, "/docs/things/mine"))).status_code == 204
     assert (await api.call("GET", _url(api, "/docs/things/mine"))).status_code == 404
+
+
+@pytest.mark.parametrize("doc_id", ["a/b", "a/b/c", "a/", "/a", "a//b", "%2F", "a?b#c%"])
+@pytest.mark.parametrize("encoded", [False, True], ids=["raw", "encoded"])
+async def test_a_document_id_holding_slashes_is_addressable(
+    api: Api, doc_id: str, encoded: bool
+) -> None:
+    """A document a script inserted under an id holding '/' (``ctx.docs.insert('c',
+    …, id='a/b')``) is read, replaced and deleted at ``/docs/c/a/b`` and at
+    ``/docs/c/a%2Fb`` alike; PUT creates one under such an id."""
+    await api.deps.documents.insert(AppId(uuid.UUID(api.app_id)), "c", {"v": 1}, doc_id)
+    # '/' as is (raw) or as %2F (encoded); what a URL cannot hold as is, always encoded
+    path = quote(doc_id, safe="" if encoded else "/")
+    url = _url(api, f"/docs/c/{path}")
+    got = await api.call("GET", url)
+    assert (got.status_code, got.json()) == (200, {"id": doc_id, "data": {"v": 1}})
+    put = await api.call("PUT", url, body={"v": 2})
+    assert (put.status_code, put.json()) == (200, {"id": doc_id, "data": {"v": 2}})
+    assert (await api.call("DELETE", url)).status_code == 204
+    gone = await api.call("GET", url)
+    assert gone.status_code == 404
+    assert gone.json()["error"]["message"].startswith("no document")
+    assert (await api.call("PUT", url, body={"v": 3})).status_code == 201
+    items = (await api.call("GET", _url(api, "/docs/c"))).json()["items"]
+    assert items == [{"id": doc_id, "data": {"v": 3}}]
+
+
+@pytest.mark.parametrize("doc_id", ["..", ".", "a/../b", "a/./b"])
+async def test_a_document_id_holding_dot_segments_is_addressable_encoded(
+    api: Api, doc_id: str
+) -> None:
+    """An id that is or holds '.' or '..' between slashes is addressable with its dots
+    sent as %2E (a client resolves raw dot segments away before sending)."""
+    await api.deps.documents.insert(AppId(uuid.UUID(api.app_id)), "c", {"v": 1}, doc_id)
+    url = _url(api, "/docs/c/" + quote(doc_id, safe="/").replace(".", "%2E"))
+    got = await api.call("GET", url)
+    assert (got.status_code, got.json()) == (200, {"id": doc_id, "data": {"v": 1}})
+    assert (await api.call("DELETE", url)).status_code == 204
 
 
 @pytest.mark.parametrize("body", [[1], "text", None])

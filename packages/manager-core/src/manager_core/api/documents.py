@@ -3,6 +3,10 @@ exactly as script writes do (``trigger_depth`` 0).
 
 POST inserts with a generated id; PUT replaces a document, creating it under
 that id when it does not exist yet (201 then, 200 on replace).
+
+A document id is any text ``ctx.docs`` accepts, ``/`` included: the id is the
+rest of the path after the collection, sent as is (``…/docs/c/a/b``) or encoded
+(``…/docs/c/a%2Fb``), both the id ``a/b``.
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ def resources(deps: AdminDeps) -> list[Resource]:
             {"POST": Operation(write, insert_document), "GET": Operation(read, list_documents)},
         ),
         Resource(
-            "/apps/{id}/docs/{collection}/{doc_id}",
+            "/apps/{id}/docs/{collection}/{doc_id:path}",
             deps,
             {
                 "PUT": Operation(write, put_document),
