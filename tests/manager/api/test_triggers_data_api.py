@@ -38,12 +38,14 @@ async def _outbox_rows(api: Api) -> int:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_create_trigger_happy_path(api: Api, kind: str) -> None:
-    """201 with the kind, details and default retry; listed afterwards."""
-    await api.script("s")
+    """201 with the kind, its script (name and id, as a route has), details and default
+    retry; listed afterwards, the same."""
+    script = await api.script("s")
     resp = await api.call("POST", _url(api, f"/triggers/{kind}"), body=KINDS[kind])
     assert resp.status_code == 201, resp.text
     body = resp.json()
     assert body["kind"] == kind.replace("-", "_")
+    assert (body["script"], body["script_id"]) == ("s", script["id"])
     assert body["retry"] == {
         "backoff": "exponential",
         "base_delay_ms": 1000,

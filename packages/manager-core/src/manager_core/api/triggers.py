@@ -109,11 +109,12 @@ class CreateDeadLetterTriggerRequest:
         )
 
 
-def trigger_to_wire(trigger: Trigger) -> JsonObject:
-    """A trigger as the API answers it."""
+def trigger_to_wire(trigger: Trigger, script_name: str) -> JsonObject:
+    """A trigger as the API answers it, with its script's name (as routes have)."""
     body: JsonObject = {
         "id": str(trigger.id),
         "kind": trigger.kind.value,
+        "script": script_name,
         "script_id": str(trigger.script_id),
         "registered_by": (
             None
@@ -155,7 +156,7 @@ async def create_kv_trigger(call: Call) -> Response:
             retry=req.retry,
         )
     )
-    return json_response(trigger_to_wire(trigger), 201)
+    return json_response(trigger_to_wire(trigger, req.script), 201)
 
 
 async def create_docs_trigger(call: Call) -> Response:
@@ -171,7 +172,7 @@ async def create_docs_trigger(call: Call) -> Response:
             retry=req.retry,
         )
     )
-    return json_response(trigger_to_wire(trigger), 201)
+    return json_response(trigger_to_wire(trigger, req.script), 201)
 
 
 async def create_dead_letter_trigger(call: Call) -> Response:
@@ -186,7 +187,7 @@ async def create_dead_letter_trigger(call: Call) -> Response:
             retry=req.retry,
         )
     )
-    return json_response(trigger_to_wire(trigger), 201)
+    return json_response(trigger_to_wire(trigger, req.script), 201)
 
 
 def uuid_cursor(value: str) -> uuid.UUID:
@@ -201,8 +202,8 @@ async def list_triggers(call: Call) -> Response:
     """The app's triggers, in id order."""
     page = PageRequest.from_request(call.request)
     after = None if page.after is None else TriggerId(uuid_cursor(page.after[0]))
-    rows = await call.deps.triggers.list(AppId(call.app_id), page.fetch, after)
-    return page.respond(rows, lambda tr: (str(tr.id),), trigger_to_wire)
+    rows = await call.deps.triggers.list_named(AppId(call.app_id), page.fetch, after)
+    return page.respond(rows, lambda row: (str(row[0].id),), lambda row: trigger_to_wire(*row))
 
 
 async def delete_trigger(call: Call) -> Response:

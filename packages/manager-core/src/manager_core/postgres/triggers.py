@@ -279,6 +279,28 @@ class PostgresTriggerRepo:
             rows = (await c.execute(stmt)).all()
         return [_trigger_from_row(r) for r in rows]
 
+    async def list_named(
+        self,
+        app_id: AppId,
+        limit: int = 100,
+        after: TriggerId | None = None,
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> Sequence[tuple[Trigger, str]]:
+        """Like :meth:`list`, each trigger with its script's name (the admin API's)."""
+        stmt = (
+            _FULL.add_columns(t.scripts.c.name.label("script_name"))
+            .join(t.scripts, t.scripts.c.id == _T.c.script_id)
+            .where(_T.c.app_id == app_id)
+            .order_by(_T.c.id)
+            .limit(check_limit(limit))
+        )
+        if after is not None:
+            stmt = stmt.where(_T.c.id > after)
+        async with transaction(conn or self._engine) as c:
+            rows = (await c.execute(stmt)).all()
+        return [(_trigger_from_row(r), r.script_name) for r in rows]
+
     async def delete(
         self, app_id: AppId, trigger_id: TriggerId, *, conn: AsyncConnection | None = None
     ) -> bool:
