@@ -16,7 +16,10 @@ Outcomes (DESIGN.md, "The execution pipeline"):
   nothing but bookkeeping to commit: that goes through the group-commit
   ``BatchCompleter``, without waiting for the disk (``outbox_claims._COMPLETE_BATCH``);
 * ``reply_to`` set — never retried; the answer goes to the ``InboxResolver`` after
-  commit; an absent receiver is recorded in ``abandoned_executions``;
+  commit; an absent receiver is recorded in ``abandoned_executions``. It runs and
+  commits only while its caller waits: not at all when the caller is gone before it
+  starts, and rolled back when the caller's wait ended before it could commit
+  (``InboxResolver.hold``): a caller answered 504 keeps nothing of its request;
 * dead-letter handler — never retried, never dead-lettered; marks its dead letter
   ``handled`` or ``handler_failed``;
 * otherwise — rescheduled by the row's retry policy with jitter, or at
@@ -52,6 +55,7 @@ from picloud_shared.errors import PrincipalRevoked
 from picloud_shared.events import HttpEvent, event_from_wire, script_event
 from picloud_shared.execution import ExecError, ExecRequest, ExecResult
 from picloud_shared.gate import ExecutionGate
+from picloud_shared.ids import ExecutionId
 from picloud_shared.inbox import DeliveryStatus, InboxResult
 from picloud_shared.outbox import HttpDispatchPayload, OutboxSourceKind
 from picloud_shared.ports import Executor, InboxResolver
@@ -109,6 +113,8 @@ class ClaimRunner:
                     ExecError(ExecErrorKind.WORKER_CRASH, "the node serving this request stopped"),
                 ),
             )
+        if row.reply_to is not None and not self._inbox.waiting(row.reply_to):
+            return await self._book_failure(claim, _caller_gone(row.execution_id))
         if row.attempt_count > row.retry.max_attempts:
             return await self._book_failure(
                 claim,
@@ -236,6 +242,9 @@ class ClaimRunner:
             if not result.ok:
                 await txn.rollback()
                 return result
+            if row.reply_to is not None and not self._inbox.hold(row.reply_to):
+                await txn.rollback()  # its caller was answered 504 or went away
+                return _caller_gone(row.execution_id, result)
             if txn.conn is None:
                 # The script touched no data: group-commit its bookkeeping.
                 if not await self._completer.complete(claim, result):
@@ -364,3 +373,17 @@ class ClaimRunner:
             return
         self.metrics.abandoned += 1
         await self._outbox.record_abandoned(row.execution_id, row.reply_to, "receiver gone", result)
+
+
+def _caller_gone(execution_id: ExecutionId, ran: ExecResult | None = None) -> ExecResult:
+    """The failure of a sync execution whose caller stopped waiting (its wait ended, or
+    it went away) before the execution could commit: nothing of it is kept."""
+    return ExecResult.failed(
+        execution_id,
+        ExecError(
+            ExecErrorKind.TIMEOUT,
+            "its caller stopped waiting before it could commit; nothing it wrote was kept",
+        ),
+        () if ran is None else ran.logs,
+        0.0 if ran is None else ran.duration_ms,
+    )

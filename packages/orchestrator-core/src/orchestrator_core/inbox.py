@@ -6,6 +6,12 @@ live in a plain dict keyed by inbox id (the event loop is single-threaded, so no
 lock is needed). A receiver that is closed — the client went away, the wait
 expired — is gone from the map, so a late delivery comes back ``ABANDONED`` and the
 dispatcher records the abandonment.
+
+A sync execution commits only while its caller waits: just before it commits, the
+dispatcher *holds* the receiver (:meth:`InboxRegistry.hold`). A held receiver keeps
+its caller waiting for the answer past the end of the wait; one whose wait ended
+first is closed, the hold fails, and the execution is rolled back. So a caller told
+that its request timed out (504) can rely on nothing of it being kept.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class InboxReceiver:
         self._result: InboxResult | None = None
         self._arrived = anyio.Event()
         self.closed = False
+        self.held = False  # an execution is committing: its answer comes next
 
     async def receive(self, timeout: float | None = None) -> InboxResult | None:
         """The delivered result, or ``None`` when ``timeout`` seconds pass first (or
@@ -94,6 +101,19 @@ class InboxRegistry:
         if receiver is None or not receiver._deliver(result):
             return DeliveryStatus.ABANDONED
         return DeliveryStatus.DELIVERED
+
+    def waiting(self, inbox_id: InboxId) -> bool:
+        """Whether a caller still waits for ``inbox_id``."""
+        return inbox_id in self._pending
+
+    def hold(self, inbox_id: InboxId) -> bool:
+        """Keep the caller of ``inbox_id`` waiting for the answer (its execution is
+        about to commit); ``False`` when none waits any more."""
+        receiver = self._pending.get(inbox_id)
+        if receiver is None:
+            return False
+        receiver.held = True
+        return True
 
     def cancel(self, inbox_id: InboxId) -> bool:
         """Forget a registration (its receiver gets nothing more); ``True`` if it was

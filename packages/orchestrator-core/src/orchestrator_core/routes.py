@@ -86,6 +86,9 @@ _HOP_HEADERS = frozenset(
 )
 log = logging.getLogger("picloud.routes")
 DISCONNECT_WATCH_AFTER = 0.05  # seconds a sync request waits before watching its client
+# How long a sync request whose execution was committing when its wait ended waits
+# for the answer (it comes right after the commit).
+HELD_ANSWER_WAIT_SECONDS = 60.0
 
 
 class _AnyMethod:
@@ -315,13 +318,23 @@ class UserRouteOrchestrator:
             )
             if refused is not None:
                 return refused
-            result = await self._wait(
-                request, receiver.receive, target.timeout_seconds + self.wait_buffer_seconds
-            )
+            wait = target.timeout_seconds + self.wait_buffer_seconds
+            result = await self._wait(request, receiver.receive, wait)
+            if result is None and receiver.held:  # committing as the wait ended
+                result = await receiver.receive(HELD_ANSWER_WAIT_SECONDS)
+                if result is None:
+                    return _failure(
+                        InboxFailureKind.INTERNAL,
+                        "the execution was committing, but its answer did not come",
+                        execution_id,
+                    )
+        # Not held when the wait ended: the receiver closes now, so the execution can
+        # no longer commit (InboxRegistry.hold) and the 504 below is the whole truth.
         if result is None:
             return _failure(
                 InboxFailureKind.TIMEOUT,
-                f"no answer within {target.timeout_seconds} s",
+                f"no answer within {wait:g} s (the script's timeout plus "
+                f"{self.wait_buffer_seconds:g} s); nothing of the request was kept",
                 execution_id,
             )
         return to_response(result)

@@ -24,3 +24,9 @@ class NoopInboxResolver:
         self, inbox_id: InboxId, result: InboxResult, reply_node: str | None = None
     ) -> DeliveryStatus:
         return DeliveryStatus.ABANDONED
+
+    def waiting(self, inbox_id: InboxId) -> bool:
+        return False
+
+    def hold(self, inbox_id: InboxId) -> bool:
+        return False

@@ -265,6 +265,18 @@ class InboxResolver(Protocol):
         (unknown id, receiver dropped, or wait expired). Never raises for that."""
         ...
 
+    def waiting(self, inbox_id: InboxId) -> bool:
+        """Whether a caller still waits for this answer (its wait has not expired and
+        it has not gone away)."""
+        ...
+
+    def hold(self, inbox_id: InboxId) -> bool:
+        """Whether the caller still waits, and if so keep it waiting for the answer
+        past the end of its wait: the execution commits now and answers right after.
+        ``False``: the caller has gone (or been told its request timed out), so the
+        execution must not commit."""
+        ...
+
 
 __all__ = [
     "EventEmitter",
