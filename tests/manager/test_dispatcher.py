@@ -469,6 +469,22 @@ async def _has(items: list[object]) -> bool:
     return bool(items)
 
 
+async def test_a_row_whose_trigger_was_deleted_is_dead_lettered_at_once(world: World) -> None:
+    """The trigger was deleted while its row waited: no attempt could ever run it, so it
+    is dead-lettered on the first (not retried up to max_attempts), and not run."""
+    await kv_trigger(world, COPY_TO_MIRROR, "k")  # FAST_RETRY: 3 attempts
+    (trigger,) = await world.rows(t.triggers)
+    await world.kv.set(world.app_id, "k", 1)
+    async with world.engine.begin() as conn:
+        await conn.execute(sa.delete(t.triggers).where(t.triggers.c.id == trigger.id))
+    async with world.running():
+        await world.wait_count(t.dead_letters)
+    (dl,) = await world.rows(t.dead_letters)
+    assert (dl.attempts, dl.error_message) == (1, "the trigger no longer exists")
+    assert await world.executions_by_status() == {"dead_lettered": 1}
+    assert await world.kv_value("mirror:k") is None
+
+
 async def test_a_registrant_who_no_longer_exists_is_principal_revoked(world: World) -> None:
     """The trigger's registrant was deleted: dead-lettered as principal_revoked, not run."""
     await kv_trigger(world, COPY_TO_MIRROR, "k")

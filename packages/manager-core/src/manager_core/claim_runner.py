@@ -23,8 +23,9 @@ Outcomes (DESIGN.md, "The execution pipeline"):
 * dead-letter handler — never retried, never dead-lettered; marks its dead letter
   ``handled`` or ``handler_failed``;
 * otherwise — rescheduled by the row's retry policy with jitter, or at
-  ``max_attempts`` (or at once for ``rejected`` / ``principal_revoked``)
-  dead-lettered and fanned out to dead-letter triggers;
+  ``max_attempts`` (or at once for ``rejected`` / ``principal_revoked``, and when
+  its trigger, route or script no longer exists) dead-lettered and fanned out to
+  dead-letter triggers;
 * ``trigger_depth > max_trigger_depth`` — not run, recorded ``skipped``.
 """
 
@@ -129,8 +130,9 @@ class ClaimRunner:
         try:
             principal = self._resolve_trigger(claim)
             request = self._build_exec_request(claim, principal)
-        except Unrunnable as exc:
-            return await self._book_failure(claim, ExecResult.failed(row.execution_id, exc.error))
+        except Unrunnable as exc:  # no later attempt could run it either
+            failed = ExecResult.failed(row.execution_id, exc.error)
+            return await self._book_failure(claim, failed, final=True)
         result = await self._run_in_transaction(claim, request, principal, slot)
         if result is None:
             return "succeeded"
@@ -257,8 +259,12 @@ class ClaimRunner:
             await self._deliver(claim, result)
         return None
 
-    async def _book_failure(self, claim: ClaimedRow, result: ExecResult) -> str:
-        """Record a failed execution: reply, mark, reschedule, or dead-letter."""
+    async def _book_failure(
+        self, claim: ClaimedRow, result: ExecResult, *, final: bool = False
+    ) -> str:
+        """Record a failed execution: reply, mark, reschedule, or dead-letter (at once
+        when ``final``: its trigger, route or script is gone, or its payload is
+        unreadable)."""
         row = claim.row
         error = result.error
         assert error is not None
@@ -278,7 +284,7 @@ class ClaimRunner:
                             await self._dead_letters.mark(
                                 row.app_id, row.dead_letter_id, "handler_failed", conn=conn
                             )
-                    elif error.kind in NON_RETRYABLE or attempts >= row.retry.max_attempts:
+                    elif final or error.kind in NON_RETRYABLE or attempts >= row.retry.max_attempts:
                         await self._dead_letter(conn, claim, result)
                         outcome = "dead_lettered"
                     else:
