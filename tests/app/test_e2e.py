@@ -135,6 +135,23 @@ def test_sync_route_with_path_params_query_and_json(admin: Admin, user: httpx.Cl
     }
 
 
+def test_repeated_request_headers_are_joined(admin: Admin, user: httpx.Client) -> None:
+    """A header sent twice reaches the script once, its values joined with ", " (the
+    cookie header with "; "); a repeated query parameter keeps its last value."""
+    admin.script(
+        "hdrs",
+        "def handle(e, ctx):\n"
+        "    h = e['headers']\n"
+        "    return {'multi': h['x-multi'], 'cookie': h['cookie'], 'q': e['query']['a']}\n",
+    )
+    admin.route("GET", "/h", "hdrs")
+    r = user.get(
+        f"/apps/{admin.app_name}/h?a=1&a=2",
+        headers=[("x-multi", "a"), ("x-multi", "b, c"), ("cookie", "k=1"), ("cookie", "j=2")],
+    )
+    assert r.json() == {"multi": "a, b, c", "cookie": "k=1; j=2", "q": "2"}, r.text
+
+
 def test_return_forms(admin: Admin, user: httpx.Client) -> None:
     """str → text/plain, None → 204, ctx.response → as built."""
     admin.script("text", "def handle(e, ctx):\n    return 'plain'\n")
@@ -160,12 +177,13 @@ def test_responses_without_content_and_hop_headers_keep_the_connection(
 ) -> None:
     """A 204/205/304 the script gave a body, or a hop-by-hop header it set, would make
     the HTTP server break the connection: the body and the header are dropped, and
-    the same keep-alive connection serves the next request."""
+    the same keep-alive connection serves the next request. A response without
+    content carries no content-type, and a script's Server header is the only one."""
     admin.script(
         "bodied",
         "def handle(e, ctx):\n"
         "    s = int(e['query']['s'])\n"
-        "    hop = {'upgrade': 'websocket', 'keep-alive': 'a', 'x-k': 'v'}\n"
+        "    hop = {'upgrade': 'websocket', 'keep-alive': 'a', 'x-k': 'v', 'server': 'mine'}\n"
         "    return ctx.response('x', s, hop)\n",
     )
     admin.route("GET", "/b", "bodied")
@@ -176,6 +194,9 @@ def test_responses_without_content_and_hop_headers_keep_the_connection(
         assert r.headers["x-k"] == "v"
         assert "upgrade" not in r.headers
         assert "keep-alive" not in r.headers
+        assert ("content-type" in r.headers) == (status == 200)
+        assert r.headers.get_list("server") == ["mine"]
+    assert "server" not in user.get("/healthz").headers
     assert user.get("/healthz").status_code == 200
 
 

@@ -130,12 +130,20 @@ def http_event(request: Request, path: str, params: dict[str, str], raw: bytes) 
     # Event text is stored (jsonb): undecodable bytes are already U+FFFD, and so
     # becomes a NUL (from a %00 or the body), which no PostgreSQL string holds.
     text = wire.storable_text
+    # A repeated header is one, its values joined as HTTP allows (RFC 9110 5.3; the
+    # cookie header with "; "). A repeated query parameter keeps its last value.
+    headers: dict[str, str] = {}
+    for name, value in request.headers.items():
+        name, value = text(name), text(value)
+        if name in headers:
+            value = headers[name] + ("; " if name == "cookie" else ", ") + value
+        headers[name] = value
     return HttpEvent(
         method=request.method,
         path=text(path),
         params={k: text(v) for k, v in params.items()},
         query={text(k): text(v) for k, v in request.query_params.items()},
-        headers={text(k): text(v) for k, v in request.headers.items()},
+        headers=headers,
         body=text(raw.decode("utf-8", errors="replace")),
         json=parsed,
     )

@@ -441,8 +441,11 @@ def to_response(result: InboxResult) -> Response:
             for k, v in r.headers
             if k.lower() not in _HOP_HEADERS
         ]
-        # A 204, 205 or 304 has no content: a body sent with one breaks the connection.
+        # A 204, 205 or 304 has no content: a body sent with one breaks the connection,
+        # and a content-type would describe nothing.
         body = b"" if r.status in NO_CONTENT_STATUSES else r.body
+        if r.status in NO_CONTENT_STATUSES:
+            headers = [h for h in headers if h[0] != b"content-type"]
         response = Response(content=body, status_code=r.status)
         response.raw_headers = [
             h for h in response.raw_headers if h[0] != b"content-type"

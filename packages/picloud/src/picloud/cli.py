@@ -122,6 +122,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             lifespan="on",
             log_level="info",
             access_log=False,
+            server_header=False,  # a script's own Server header is the only one
             timeout_graceful_shutdown=30,
             limit_concurrency=settings.max_connections,
         )
