@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 
+import anyio
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
 from manager_core.outbox_event_emitter import OutboxEventEmitter
-from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
+from manager_core.postgres.dead_letters import DeadLetter, PostgresDeadLetterRepo
 from manager_core.postgres.executions import PostgresExecutionRepo
 from manager_core.postgres.outbox import OutboxSignal, PostgresOutboxRepo
 from manager_core.postgres.triggers import PostgresTriggerRepo
 from picloud_shared.errors import Conflict, InvalidInput, NotFound
+from picloud_shared.events import HttpEvent
 from picloud_shared.execution import ExecError, ExecResult, ScriptResponse
-from picloud_shared.ids import AppId, DeadLetterId, ExecutionId, new_execution_id
-from picloud_shared.outbox import NewOutboxRow, OutboxRow, OutboxSourceKind
+from picloud_shared.ids import (
+    AppId,
+    DeadLetterId,
+    ExecutionId,
+    RouteId,
+    TriggerId,
+    new_execution_id,
+)
+from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxRow, OutboxSourceKind
 from picloud_shared.retry import Backoff, RetryPolicy
 from picloud_shared.status import ExecErrorKind, ExecutionStatus
 from picloud_shared.triggers import CreateDeadLetterTrigger, CreateKvTrigger
@@ -27,10 +37,14 @@ pytestmark = pytest.mark.anyio
 
 
 async def _enqueue(
-    outbox: PostgresOutboxRepo, app: AppId, kind: OutboxSourceKind = OutboxSourceKind.KV, **kw
+    outbox: PostgresOutboxRepo,
+    app: AppId,
+    kind: OutboxSourceKind = OutboxSourceKind.KV,
+    payload: dict | None = None,
+    **kw,
 ) -> ExecutionId:
     execution_id = new_execution_id()
-    payload = {"kind": "kv", "key": "k", "op": "set", "value": 1, "prev_value": None}
+    payload = payload or {"kind": "kv", "key": "k", "op": "set", "value": 1, "prev_value": None}
     await outbox.enqueue(NewOutboxRow(execution_id, app, kind, payload, **kw))
     return execution_id
 
@@ -151,9 +165,11 @@ async def test_create_get_list_resolve(engine: AsyncEngine) -> None:
     assert got.to_wire()["error"] == {"kind": "uncaught_exception", "message": "boom"}
     assert [d.id for d in await repo.list(app)] == [letter.id]
     assert await repo.get(await factories.app(engine), letter.id) is None
-    assert await repo.resolve(app, letter.id) is True
-    assert (await repo.get(app, letter.id)).resolution == "resolved"  # type: ignore[union-attr]
-    assert await repo.resolve(app, DeadLetterId(uuid.uuid4())) is False
+    resolved = await repo.resolve(app, letter.id)
+    assert resolved.resolution == "resolved"
+    assert resolved == await repo.get(app, letter.id)
+    with pytest.raises(NotFound):
+        await repo.resolve(app, DeadLetterId(uuid.uuid4()))
 
 
 async def test_list_paginates_newest_first(engine: AsyncEngine) -> None:
@@ -253,3 +269,153 @@ async def test_mark_sets_the_resolution_and_its_time(engine: AsyncEngine) -> Non
     assert row.resolved_at is not None
     with pytest.raises(InvalidInput):
         await repo.mark(app, dl_id, "forgotten")
+
+
+# -- replayed is final; a replay that could never run is refused ----------------------
+
+
+async def _live_letter(
+    engine: AsyncEngine, repo: PostgresDeadLetterRepo, app: AppId
+) -> tuple[DeadLetter, TriggerId]:
+    """A dead letter of a kv trigger that still exists, its outbox row gone."""
+    script, user = await factories.script(engine, app), await factories.user(engine)
+    trig = await PostgresTriggerRepo(engine).create_kv_trigger(
+        CreateKvTrigger(app, script, user, "*", ())
+    )
+    outbox = PostgresOutboxRepo(engine)
+    row = await _claimed(outbox, app, trigger_id=trig.id, script_id=script)
+    letter = await repo.create(row, attempts=5, error_kind=None, error_message=None)
+    await outbox.delete(row.id)
+    return letter, trig.id
+
+
+async def test_a_replayed_letter_stays_replayed(engine: AsyncEngine) -> None:
+    """After a replay, resolve is a Conflict and a handler's late outcome changes
+    nothing: the letter stays ``replayed`` and cannot be replayed again."""
+    app = await factories.app(engine)
+    repo = PostgresDeadLetterRepo(engine, PostgresOutboxRepo(engine))
+    letter, _ = await _live_letter(engine, repo, app)
+    await repo.replay(app, letter.id)
+    with pytest.raises(Conflict, match="already replayed"):
+        await repo.resolve(app, letter.id)
+    assert await repo.mark(app, letter.id, "handled") is False
+    assert await repo.mark(app, letter.id, "handler_failed") is False
+    assert (await repo.get(app, letter.id)).resolution == "replayed"  # type: ignore[union-attr]
+    with pytest.raises(Conflict, match="already replayed"):
+        await repo.replay(app, letter.id)
+    assert len(await factories.rows(engine, t.outbox)) == 1
+
+
+async def test_a_resolve_waiting_on_a_replay_sees_it(engine: AsyncEngine) -> None:
+    """A resolve that waits for a replay's row lock answers Conflict once the replay
+    commits; so does a second replay."""
+    app = await factories.app(engine)
+    repo = PostgresDeadLetterRepo(engine, PostgresOutboxRepo(engine))
+    letter, _ = await _live_letter(engine, repo, app)
+    refused: list[str] = []
+
+    async def attempt(op: Callable[..., Awaitable[object]]) -> None:
+        with pytest.raises(Conflict) as exc:
+            await op(app, letter.id)
+        refused.append(exc.value.message)
+
+    async with engine.connect() as conn:
+        await conn.begin()
+        await repo.replay(app, letter.id, conn=conn)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(attempt, repo.resolve)
+            tg.start_soon(attempt, repo.replay)
+            await anyio.sleep(0.3)  # both now wait on the row lock
+            assert refused == []
+            await conn.commit()
+    assert sorted(refused) == ["this dead letter was already replayed"] * 2
+    assert (await repo.get(app, letter.id)).resolution == "replayed"  # type: ignore[union-attr]
+    assert len(await factories.rows(engine, t.outbox)) == 1
+
+
+@pytest.mark.parametrize("resolution", [None, "handled", "handler_failed", "resolved"])
+async def test_any_other_letter_may_be_resolved_then_replayed(
+    engine: AsyncEngine, resolution: str | None
+) -> None:
+    """Unresolved, handled, handler_failed or resolved: resolve makes it ``resolved``, and
+    a replay after that is still allowed (once)."""
+    app = await factories.app(engine)
+    repo = PostgresDeadLetterRepo(engine, PostgresOutboxRepo(engine))
+    letter, _ = await _live_letter(engine, repo, app)
+    if resolution is not None:
+        assert await repo.mark(app, letter.id, resolution) is True
+    assert (await repo.resolve(app, letter.id)).resolution == "resolved"
+    await repo.replay(app, letter.id)
+    assert (await repo.get(app, letter.id)).resolution == "replayed"  # type: ignore[union-attr]
+
+
+async def _nothing_written(
+    engine: AsyncEngine, repo: PostgresDeadLetterRepo, letter: DeadLetter
+) -> None:
+    assert await factories.rows(engine, t.outbox) == []
+    assert len(await factories.rows(engine, t.executions)) == 1  # the original one
+    assert await repo.get(letter.app_id, letter.id) == letter
+
+
+async def test_replay_refuses_a_letter_whose_trigger_is_gone(engine: AsyncEngine) -> None:
+    """Its trigger deleted, the letter could never run: Conflict, nothing written."""
+    app = await factories.app(engine)
+    repo = PostgresDeadLetterRepo(engine, PostgresOutboxRepo(engine))
+    letter, trigger_id = await _live_letter(engine, repo, app)
+    assert await PostgresTriggerRepo(engine).delete(app, trigger_id)
+    with pytest.raises(Conflict, match=r"^the trigger no longer exists$"):
+        await repo.replay(app, letter.id)
+    await _nothing_written(engine, repo, letter)
+
+
+async def test_replay_refuses_a_letter_whose_script_is_gone(engine: AsyncEngine) -> None:
+    """Its trigger kept but the script it ran deleted: Conflict, nothing written."""
+    app = await factories.app(engine)
+    repo = PostgresDeadLetterRepo(engine, PostgresOutboxRepo(engine))
+    letter, _ = await _live_letter(engine, repo, app)
+    gone = await factories.script(engine, app)
+    async with engine.begin() as conn:
+        await conn.execute(sa.delete(t.scripts).where(t.scripts.c.id == gone))
+        await conn.execute(
+            sa.update(t.dead_letters).where(t.dead_letters.c.id == letter.id).values(script_id=gone)
+        )
+    letter = await repo.get(app, letter.id)  # type: ignore[assignment]
+    with pytest.raises(Conflict, match=r"^the script no longer exists$"):
+        await repo.replay(app, letter.id)
+    await _nothing_written(engine, repo, letter)
+
+
+async def _http_letter(
+    engine: AsyncEngine, repo: PostgresDeadLetterRepo, app: AppId
+) -> tuple[DeadLetter, OutboxRow, HttpEvent]:
+    """A dead letter of an async request to a route that still exists."""
+    script = await factories.script(engine, app)
+    async with engine.begin() as conn:
+        route = (
+            await conn.execute(
+                sa.insert(t.routes)
+                .values(app_id=app, method="POST", path="/orders/{id}", script_id=script)
+                .returning(t.routes.c.id)
+            )
+        ).scalar_one()
+    event = HttpEvent("POST", "/orders/7", {"id": "7"}, {"q": "1"}, {"a": "b"}, '{"n":1}', {"n": 1})
+    outbox = PostgresOutboxRepo(engine)
+    payload = HttpDispatchPayload(RouteId(route), event.to_wire()).to_wire()
+    row = await _claimed(
+        outbox, app, kind=OutboxSourceKind.HTTP, payload=payload, route_id=route, script_id=script
+    )
+    letter = await repo.create(row, attempts=5, error_kind=None, error_message=None)
+    await outbox.delete(row.id)
+    return letter, row, event
+
+
+async def test_replay_refuses_a_letter_whose_route_is_gone(engine: AsyncEngine) -> None:
+    """An async request's route deleted: Conflict naming the route, nothing written."""
+    app = await factories.app(engine)
+    repo = PostgresDeadLetterRepo(engine, PostgresOutboxRepo(engine))
+    letter, row, _ = await _http_letter(engine, repo, app)
+    async with engine.begin() as conn:
+        await conn.execute(sa.delete(t.routes).where(t.routes.c.id == row.route_id))
+    with pytest.raises(Conflict, match=r"^the route no longer exists$"):
+        await repo.replay(app, letter.id)
+    await _nothing_written(engine, repo, letter)

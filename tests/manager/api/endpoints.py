@@ -160,16 +160,30 @@ async def enqueue_execution(api: Api, app_id: str | None = None) -> ExecutionId:
     return execution_id
 
 
-async def insert_dead_letter(api: Api, execution_id: ExecutionId) -> uuid.UUID:
-    """A dead letter of ``execution_id`` in shop, as the dispatcher would leave it."""
+async def insert_dead_letter(api: Api, execution_id: ExecutionId, **values: Any) -> uuid.UUID:
+    """A dead letter of ``execution_id`` in shop, as the dispatcher would leave it: of a
+    kv trigger (and script) made for it, so that it can be replayed; ``values`` override
+    columns."""
+    if "trigger_id" not in values:
+        script = await api.script(f"dl-{uuid.uuid4().hex[:8]}")
+        trigger = await api.call(
+            "POST",
+            f"/apps/{api.app_id}/triggers/kv",
+            api.root,
+            {"script": script["name"], "key_glob": "dl/*"},
+        )
+        values = {"trigger_id": trigger.json()["id"], "script_id": script["id"], **values}
     async with api.deps.users._engine.begin() as conn:
         stmt = sa.insert(t.dead_letters).values(
-            app_id=uuid.UUID(api.app_id),
-            execution_id=execution_id,
-            source_kind="kv",
-            payload={"kind": "kv", "key": "k", "op": "set", "value": 1, "prev_value": None},
-            attempts=5,
-            error_kind="uncaught_exception",
-            error_message="boom",
+            {
+                "app_id": uuid.UUID(api.app_id),
+                "execution_id": execution_id,
+                "source_kind": "kv",
+                "payload": {"kind": "kv", "key": "k", "op": "set", "value": 1, "prev_value": None},
+                "attempts": 5,
+                "error_kind": "uncaught_exception",
+                "error_message": "boom",
+                **values,
+            }
         )
         return (await conn.execute(stmt.returning(t.dead_letters.c.id))).scalar_one()

@@ -77,20 +77,17 @@ async def list_dead_letters(call: Call) -> Response:
 
 
 async def replay_dead_letter(call: Call) -> Response:
-    """Re-enqueue the original event → 202 ``{"execution_id"}``; 409 if replayed."""
+    """Re-enqueue the original event → 202 ``{"execution_id"}``; 409 if replayed, or if
+    its trigger (route), or script, no longer exists."""
     dl_id = DeadLetterId(path_uuid(call.request, "dl_id", "dead letter"))
     execution_id = await call.deps.dead_letters.replay(call.app_id, dl_id)
     return json_response({"execution_id": str(execution_id)}, 202)
 
 
 async def resolve_dead_letter(call: Call) -> Response:
-    """Mark the dead letter ``resolved`` → 200 with the dead letter."""
+    """Mark the dead letter ``resolved`` → 200 with the dead letter; 409 if replayed."""
     dl_id = DeadLetterId(path_uuid(call.request, "dl_id", "dead letter"))
-    if not await call.deps.dead_letters.resolve(call.app_id, dl_id):
-        raise NotFound("no such dead letter")
-    letter = await call.deps.dead_letters.get(call.app_id, dl_id)
-    if letter is None:
-        raise NotFound("no such dead letter")
+    letter = await call.deps.dead_letters.resolve(call.app_id, dl_id)
     return json_response(_letter_to_wire(call, letter))
 
 

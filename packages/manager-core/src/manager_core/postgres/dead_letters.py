@@ -4,6 +4,10 @@
 triggers in the same transaction); ``replay`` re-enqueues the original payload as a
 fresh execution; ``resolve``/``mark`` set the ``resolution``; ``prune`` deletes the
 ones settled long ago (``retention.ExecutionRetention``).
+
+``replayed`` is final: a replayed letter is never replayed again, and neither a
+human's ``resolve`` (``Conflict``) nor a handler's late outcome (``mark``) overwrites
+it. Every other resolution may be followed by a replay or a resolve.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from picloud_shared.ids import (
 )
 from picloud_shared.outbox import NewOutboxRow, OutboxRow, OutboxSourceKind
 from picloud_shared.ports import EventEmitter
-from picloud_shared.retry import DEFAULT_RETRY_POLICY
+from picloud_shared.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from picloud_shared.status import ExecErrorKind
 from picloud_shared.wire import JsonObject
 
@@ -110,6 +114,9 @@ class DeadLetter:
             "created_at": self.created_at.isoformat(),
         }
 
+
+_REPLAYED = "this dead letter was already replayed"
+_NOT_REPLAYED = _DL.c.resolution.is_distinct_from("replayed")
 
 # Settled: nothing is left to do about them. ``handler_failed`` and unresolved ones
 # wait for their owner and are never pruned.
@@ -233,12 +240,13 @@ class PostgresDeadLetterRepo:
         *,
         conn: AsyncConnection | None = None,
     ) -> bool:
-        """Set the resolution; ``False`` when the app has no such dead letter."""
+        """Set the resolution; ``False`` when the app has no such dead letter or it was
+        replayed (which is final: a handler finishing after the replay changes nothing)."""
         if resolution not in t.DEAD_LETTER_RESOLUTIONS:
             raise InvalidInput(f"unknown resolution {resolution!r}")
         stmt = (
             sa.update(_DL)
-            .where(_DL.c.app_id == app_id, _DL.c.id == dead_letter_id)
+            .where(_DL.c.app_id == app_id, _DL.c.id == dead_letter_id, _NOT_REPLAYED)
             .values(resolution=resolution, resolved_at=sa.func.now())
         )
         async with transaction(conn or self._engine) as c:
@@ -252,9 +260,23 @@ class PostgresDeadLetterRepo:
 
     async def resolve(
         self, app_id: AppId, dead_letter_id: DeadLetterId, *, conn: AsyncConnection | None = None
-    ) -> bool:
-        """Mark ``resolved`` (a human dealt with it)."""
-        return await self.mark(app_id, dead_letter_id, "resolved", conn=conn)
+    ) -> DeadLetter:
+        """Mark ``resolved`` (a human dealt with it) and return the letter. Raises
+        ``NotFound``, or ``Conflict`` if it was replayed: that stays on record, and a
+        replay waiting on the row lock is seen (the update re-reads the row)."""
+        stmt = (
+            sa.update(_DL)
+            .where(_DL.c.app_id == app_id, _DL.c.id == dead_letter_id, _NOT_REPLAYED)
+            .values(resolution="resolved", resolved_at=sa.func.now())
+            .returning(_DL)
+        )
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+            if row is None:
+                if await self.get(app_id, dead_letter_id, conn=c) is None:
+                    raise NotFound("no such dead letter")
+                raise Conflict(_REPLAYED)
+        return DeadLetter.from_row(row)
 
     async def replay(
         self, app_id: AppId, dead_letter_id: DeadLetterId, *, conn: AsyncConnection | None = None
@@ -262,13 +284,13 @@ class PostgresDeadLetterRepo:
         """Re-enqueue the original payload as a new execution (fresh id, attempt 0, the
         trigger's current retry policy, async even for an HTTP source) and mark the
         dead letter ``replayed``. Raises ``NotFound``, or ``Conflict`` if already
-        replayed."""
+        replayed or if it could never run: its trigger (route for ``http``) or its
+        script no longer exists. Then nothing is written."""
         locked = (
             sa.select(_DL)
             .where(_DL.c.app_id == app_id, _DL.c.id == dead_letter_id)
             .with_for_update()
         )
-        policy = sa.select(t.triggers).where(t.triggers.c.id == sa.bindparam("tid"))
         execution_id = new_execution_id()
         async with transaction(conn or self._engine) as c:
             row = (await c.execute(locked)).one_or_none()
@@ -276,12 +298,8 @@ class PostgresDeadLetterRepo:
                 raise NotFound("no such dead letter")
             letter = DeadLetter.from_row(row)
             if letter.resolution == "replayed":
-                raise Conflict("this dead letter was already replayed")
-            retry = DEFAULT_RETRY_POLICY
-            if letter.trigger_id is not None:
-                trig = (await c.execute(policy, {"tid": letter.trigger_id})).one_or_none()
-                if trig is not None:
-                    retry = retry_from_row(trig)
+                raise Conflict(_REPLAYED)
+            retry = await _runnable(c, letter)
             await self._outbox.enqueue(
                 NewOutboxRow(
                     execution_id=execution_id,
@@ -300,3 +318,33 @@ class PostgresDeadLetterRepo:
         if conn is None:
             self._outbox.signal.committed(c)
         return execution_id
+
+
+async def _runnable(c: AsyncConnection, letter: DeadLetter) -> RetryPolicy:
+    """The retry policy a replay of ``letter`` runs under: its trigger's (the default
+    for ``http``). Raises ``Conflict`` when what it ran — its trigger or route, and its
+    script — is gone from the app, as the dispatcher would find when claiming it."""
+    retry = DEFAULT_RETRY_POLICY
+    if letter.source_kind is OutboxSourceKind.HTTP:
+        routes = t.routes
+        found = sa.select(routes.c.id).where(
+            routes.c.app_id == letter.app_id, routes.c.id == letter.route_id
+        )
+        if (await c.execute(found)).one_or_none() is None:
+            raise Conflict("the route no longer exists")
+    else:
+        triggers = t.triggers
+        found = sa.select(triggers).where(
+            triggers.c.app_id == letter.app_id, triggers.c.id == letter.trigger_id
+        )
+        trig = (await c.execute(found)).one_or_none()
+        if trig is None:
+            raise Conflict("the trigger no longer exists")
+        retry = retry_from_row(trig)
+    scripts = t.scripts
+    script = sa.select(scripts.c.id).where(
+        scripts.c.app_id == letter.app_id, scripts.c.id == letter.script_id
+    )
+    if (await c.execute(script)).one_or_none() is None:
+        raise Conflict("the script no longer exists")
+    return retry

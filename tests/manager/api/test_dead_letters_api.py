@@ -1,0 +1,97 @@
+"""Dead letters through the admin API: replayed is final, and a replay that could never
+run is refused."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from manager_core import tables as t
+from picloud_shared.events import HttpEvent
+from picloud_shared.ids import RouteId
+from picloud_shared.outbox import HttpDispatchPayload
+from tests.manager.api.endpoints import enqueue_execution, insert_dead_letter
+from tests.manager.api.helpers import Api
+
+pytestmark = pytest.mark.anyio
+
+EVENT = HttpEvent("POST", "/orders/7", {"id": "7"}, {"q": "1"}, {"x-a": "b"}, '{"n": 1}', {"n": 1})
+
+
+def _url(api: Api, rest: str = "") -> str:
+    return f"/apps/{api.app_id}/dead-letters{rest}"
+
+
+async def _count(api: Api, table: sa.Table) -> int:
+    async with api.deps.users._engine.connect() as conn:
+        return int(await conn.scalar(sa.select(sa.func.count()).select_from(table)) or 0)
+
+
+async def _resolution(api: Api, dl_id: uuid.UUID) -> str | None:
+    items = (await api.call("GET", _url(api))).json()["items"]
+    (letter,) = [i for i in items if i["id"] == str(dl_id)]
+    return letter["resolution"]  # type: ignore[no-any-return]
+
+
+def _conflict(resp: object, message: str) -> None:
+    assert resp.status_code == 409, resp.text  # type: ignore[attr-defined]
+    assert resp.json() == {"error": {"code": "conflict", "message": message}}  # type: ignore[attr-defined]
+
+
+async def _http_letter(api: Api) -> tuple[uuid.UUID, str]:
+    """A dead letter of an async request to ``POST /orders/{id}``; (its id, the route's)."""
+    script = await api.script("orders")
+    route = await api.route("POST", "/orders/{id}", "orders")
+    payload = HttpDispatchPayload(RouteId(uuid.UUID(route["id"])), EVENT.to_wire()).to_wire()
+    dl_id = await insert_dead_letter(
+        api,
+        await enqueue_execution(api),
+        source_kind="http",
+        payload=payload,
+        trigger_id=None,
+        route_id=route["id"],
+        script_id=script["id"],
+    )
+    return dl_id, route["id"]
+
+
+async def test_a_replayed_dead_letter_cannot_be_resolved(api: Api) -> None:
+    """replay → 202; resolve → 409 (it stays ``replayed``); replay again → still 409."""
+    dl_id = await insert_dead_letter(api, await enqueue_execution(api))
+    assert (await api.call("POST", _url(api, f"/{dl_id}/replay"))).status_code == 202
+    resolve = await api.call("POST", _url(api, f"/{dl_id}/resolve"))
+    _conflict(resolve, "this dead letter was already replayed")
+    assert await _resolution(api, dl_id) == "replayed"
+    again = await api.call("POST", _url(api, f"/{dl_id}/replay"))
+    _conflict(again, "this dead letter was already replayed")
+    assert await _count(api, t.outbox) == 2  # the original row and the one replay
+
+
+async def test_replaying_a_dead_letter_whose_trigger_is_gone_is_409(api: Api) -> None:
+    """Its trigger deleted: 409 naming the trigger, and nothing is written."""
+    dl_id = await insert_dead_letter(api, await enqueue_execution(api))
+    async with api.deps.users._engine.connect() as conn:
+        (trigger_id,) = (
+            await conn.execute(
+                sa.select(t.dead_letters.c.trigger_id).where(t.dead_letters.c.id == dl_id)
+            )
+        ).one()
+    deleted = await api.call("DELETE", f"/apps/{api.app_id}/triggers/{trigger_id}")
+    assert deleted.status_code == 204
+    before = (await _count(api, t.outbox), await _count(api, t.executions))
+    _conflict(await api.call("POST", _url(api, f"/{dl_id}/replay")), "the trigger no longer exists")
+    assert (await _count(api, t.outbox), await _count(api, t.executions)) == before
+    assert await _resolution(api, dl_id) is None
+
+
+async def test_replaying_a_dead_letter_whose_route_is_gone_is_409(api: Api) -> None:
+    """An async request's route deleted: 409 naming the route, and nothing is written."""
+    dl_id, route_id = await _http_letter(api)
+    deleted = await api.call("DELETE", f"/apps/{api.app_id}/routes/{route_id}")
+    assert deleted.status_code == 204
+    before = (await _count(api, t.outbox), await _count(api, t.executions))
+    _conflict(await api.call("POST", _url(api, f"/{dl_id}/replay")), "the route no longer exists")
+    assert (await _count(api, t.outbox), await _count(api, t.executions)) == before
+    assert await _resolution(api, dl_id) is None
