@@ -213,12 +213,28 @@ async def test_a_host_call_with_non_json_arguments_is_invalid_input(
     assert host.kv == {}
 
 
+@pytest.mark.parametrize("value", ["\\ud800", "\\U0001F600", "euro \\u20ac"])
+async def test_ctx_response_refuses_a_header_value_past_latin_1(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, value: str
+) -> None:
+    """A header value past Latin-1 (half a surrogate pair included) would go out as
+    '?': ``ctx.response`` refuses it with a ValueError naming it, as it does every
+    header HTTP cannot send."""
+    source = (
+        "def handle(e, ctx):\n"
+        "    try:\n"
+        f"        ctx.response('x', headers={{'X-S': '{value}'}})\n"
+        "    except ValueError as exc:\n"
+        "        return str(exc)\n"
+    )
+    result = await run_keeping_the_worker(executor, host, make_request, source)
+    assert result.response is not None, result.error
+    assert "cannot send (not Latin-1)" in result.response.body.decode()
+
+
 @pytest.mark.parametrize(
     "response",
     [
-        "ctx.response('x', headers={'X-S': '\\ud800'})",
-        "ctx.response('x', headers={'X-S': '\\U0001F600'})",
-        "ctx.response('x', headers={'X-S': 'euro \\u20ac'})",
         # changed after ctx.response checked it
         "(lambda r: (r.headers.append(('X-S', 'a\\r\\nb')), r)[1])(ctx.response('x'))",
         "(lambda r: (r.headers.append(('X-S', '\\ud800')), r)[1])(ctx.response('x'))",
@@ -231,9 +247,9 @@ async def test_a_host_call_with_non_json_arguments_is_invalid_input(
 async def test_a_response_http_cannot_carry_unaltered_is_an_invalid_return(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, response: str
 ) -> None:
-    """A header value past Latin-1 (half a surrogate pair included) would go out as
-    '?': it is an invalid return (502), checked when ``handle`` returns, and so is a
-    response changed after ``ctx.response`` built it, or a body that is not Unicode."""
+    """A response changed after ``ctx.response`` checked it (a header HTTP cannot send
+    among them), or a body that is not Unicode, is an invalid return (502), checked
+    when ``handle`` returns."""
     source = f"def handle(e, ctx):\n    return {response}\n"
     result = await run_keeping_the_worker(executor, host, make_request, source)
     assert result.error is not None, result.response

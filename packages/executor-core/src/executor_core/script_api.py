@@ -380,17 +380,6 @@ def build_response(body: Any = None, status: int = 200, headers: Any = None) -> 
     return Response(status, pairs, raw)
 
 
-def header_value_problem(name: str, value: str) -> str | None:
-    """Why HTTP cannot carry ``value`` in a header, or ``None``: header bytes are
-    ISO-8859-1, so a character past U+00FF (half a surrogate pair included) would be
-    altered on its way out. (The name is a token, which is ASCII.)"""
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        return f"header {name[:40]!r} holds a character HTTP cannot send (not Latin-1)"
-    return None
-
-
 def checked_response(value: Response) -> Response:
     """A returned :class:`Response` checked again, as a copy of plain values (a script
     may change one after ``ctx.response`` built it): what HTTP cannot carry is an
@@ -413,7 +402,7 @@ def checked_response(value: Response) -> Response:
         ):
             raise InvalidReturn("the response's headers must be (name, value) string pairs")
         name, text = pair
-        problem = header_problem(name, text) or header_value_problem(name, text)
+        problem = header_problem(name, text)
         if problem is not None:
             raise InvalidReturn(problem)
         pairs.append((name, text))

@@ -61,7 +61,7 @@ class ScriptResponse:
                 isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
             ):
                 raise WireError("headers must be [name, value] string pairs")
-            problem = header_problem(pair[0], pair[1]) or _unsendable(pair[0], pair[1])
+            problem = header_problem(pair[0], pair[1])
             if problem is not None:
                 raise WireError(problem)
             headers.append((pair[0], pair[1]))
@@ -80,16 +80,6 @@ class ScriptResponse:
         else:
             raise WireError(f"unknown body_encoding {encoding!r}")
         return cls(status, tuple(headers), raw)
-
-
-def _unsendable(name: str, value: str) -> str | None:
-    """Why HTTP cannot carry ``value`` unaltered (header bytes are ISO-8859-1), or
-    ``None``; the worker refuses such a header as an invalid return already."""
-    try:
-        value.encode("latin-1")
-    except UnicodeEncodeError:
-        return f"header {name[:40]!r} holds a character HTTP cannot send (not Latin-1)"
-    return None
 
 
 def _body_text(raw: bytes) -> tuple[str, str]:

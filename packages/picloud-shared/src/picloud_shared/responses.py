@@ -35,6 +35,10 @@ def header_problem(name: str, value: str) -> str | None:
         return f"header name {name[:40]!r} is not an HTTP token"
     if len(value.translate(_CONTROL)) != len(value):
         return f"header {name[:40]!r} holds a control character"
+    try:  # header bytes are ISO-8859-1: past U+00FF a character would go out altered
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return f"header {name[:40]!r} holds a character HTTP cannot send (not Latin-1)"
     return None
 
 
