@@ -419,3 +419,20 @@ async def test_replay_refuses_a_letter_whose_route_is_gone(engine: AsyncEngine) 
     with pytest.raises(Conflict, match=r"^the route no longer exists$"):
         await repo.replay(app, letter.id)
     await _nothing_written(engine, repo, letter)
+
+
+async def test_an_http_letters_event_is_the_route_event(engine: AsyncEngine) -> None:
+    """Handlers and the listing see the route event the script got (no ``kind``, no
+    ``route_id``); the stored payload, which a replay enqueues, is unchanged."""
+    app = await factories.app(engine)
+    outbox = PostgresOutboxRepo(engine)
+    repo = PostgresDeadLetterRepo(engine, outbox)
+    letter, row, event = await _http_letter(engine, repo, app)
+    assert letter.to_event().event == event.to_script()
+    assert letter.to_event().to_wire()["event"] == event.to_script()
+    assert letter.to_wire()["payload"] == event.to_script()
+    assert letter.payload == row.payload
+    new_id = await repo.replay(app, letter.id)
+    (claimed,) = await outbox.claim_due("n", 1, 30)
+    assert (claimed.row.execution_id, claimed.row.source_kind) == (new_id, OutboxSourceKind.HTTP)
+    assert (claimed.row.payload, claimed.row.route_id) == (row.payload, row.route_id)

@@ -1,5 +1,5 @@
-"""Dead letters through the admin API: replayed is final, and a replay that could never
-run is refused."""
+"""Dead letters through the admin API: replayed is final, a replay that could never run
+is refused, and an HTTP letter shows the route event."""
 
 from __future__ import annotations
 
@@ -95,3 +95,12 @@ async def test_replaying_a_dead_letter_whose_route_is_gone_is_409(api: Api) -> N
     _conflict(await api.call("POST", _url(api, f"/{dl_id}/replay")), "the route no longer exists")
     assert (await _count(api, t.outbox), await _count(api, t.executions)) == before
     assert await _resolution(api, dl_id) is None
+
+
+async def test_an_http_dead_letters_payload_is_the_route_event(api: Api) -> None:
+    """The listing shows an HTTP letter's payload as the route event its script got."""
+    dl_id, _ = await _http_letter(api)
+    (letter,) = (await api.call("GET", _url(api))).json()["items"]
+    assert (letter["id"], letter["source_kind"]) == (str(dl_id), "http")
+    assert letter["payload"] == EVENT.to_script()
+    assert (await api.call("POST", _url(api, f"/{dl_id}/replay"))).status_code == 202

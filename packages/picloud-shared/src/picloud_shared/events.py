@@ -13,7 +13,7 @@ import attrs
 
 from picloud_shared import wire
 from picloud_shared.ids import DeadLetterId
-from picloud_shared.outbox import OutboxSourceKind
+from picloud_shared.outbox import HttpDispatchPayload, OutboxSourceKind
 from picloud_shared.triggers import DocsOp, KvOp
 from picloud_shared.wire import Json, JsonObject, WireError
 
@@ -83,6 +83,8 @@ class DocsEvent:
 
 @attrs.frozen
 class DeadLetterEvent:
+    """``event`` is the event the failed script received (:func:`received_event`)."""
+
     dead_letter_id: DeadLetterId
     source_kind: OutboxSourceKind
     event: JsonObject
@@ -183,3 +185,12 @@ def event_from_wire(data: object) -> TriggerEvent:
 def script_event(event: TriggerEvent) -> JsonObject:
     """The ``event`` argument a script's ``handle`` receives."""
     return event.to_script() if isinstance(event, HttpEvent) else event.to_wire()
+
+
+def received_event(source_kind: OutboxSourceKind, payload: JsonObject) -> JsonObject:
+    """The ``event`` a script ran with for an outbox ``payload`` of ``source_kind``: for
+    ``http`` the route event inside the :class:`HttpDispatchPayload` (no ``kind``, no
+    ``route_id``), otherwise the payload itself. Raises :class:`WireError`."""
+    if source_kind is not OutboxSourceKind.HTTP:
+        return payload
+    return HttpEvent.from_wire(HttpDispatchPayload.from_wire(payload).event).to_script()

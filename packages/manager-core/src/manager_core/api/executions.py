@@ -58,9 +58,9 @@ async def get_execution(call: Call) -> Response:
 
 
 def _letter_to_wire(call: Call, letter: DeadLetter) -> JsonObject:
-    """A dead letter as the caller may see it: its ``payload`` is the original event,
-    which carries the app's data (a value, a document), so it is ``null`` for a
-    caller without ``app_read_data``."""
+    """A dead letter as the caller may see it: its ``payload`` is the event the failed
+    script received (for ``http``, the route event), which carries the app's data (a
+    value, a document), so it is ``null`` for a caller without ``app_read_data``."""
     body = letter.to_wire()
     assert call.principal is not None
     if not call.principal.can(Capability.APP_READ_DATA):

@@ -27,7 +27,7 @@ from manager_core.postgres.kv import notify_committed
 from manager_core.postgres.outbox import PostgresOutboxRepo
 from manager_core.postgres.triggers import check_limit, retry_from_row
 from picloud_shared.errors import Conflict, InvalidInput, NotFound
-from picloud_shared.events import DeadLetterEvent
+from picloud_shared.events import DeadLetterEvent, received_event
 from picloud_shared.ids import (
     AppId,
     DeadLetterId,
@@ -41,7 +41,7 @@ from picloud_shared.outbox import NewOutboxRow, OutboxRow, OutboxSourceKind
 from picloud_shared.ports import EventEmitter
 from picloud_shared.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 from picloud_shared.status import ExecErrorKind
-from picloud_shared.wire import JsonObject
+from picloud_shared.wire import JsonObject, WireError
 
 __all__ = ["DeadLetter", "PostgresDeadLetterRepo"]
 
@@ -93,9 +93,18 @@ class DeadLetter:
             "message": self.error_message,
         }
 
+    @property
+    def event(self) -> JsonObject:
+        """The event the failed script received (for ``http``, the route event inside
+        the stored dispatch payload); the stored payload if that cannot be decoded."""
+        try:
+            return received_event(self.source_kind, self.payload)
+        except WireError:
+            return self.payload
+
     def to_event(self) -> DeadLetterEvent:
         """The event dead-letter handlers receive."""
-        return DeadLetterEvent(self.id, self.source_kind, self.payload, self.error, self.attempts)
+        return DeadLetterEvent(self.id, self.source_kind, self.event, self.error, self.attempts)
 
     def to_wire(self) -> JsonObject:
         return {
@@ -105,7 +114,7 @@ class DeadLetter:
             "trigger_id": None if self.trigger_id is None else str(self.trigger_id),
             "route_id": None if self.route_id is None else str(self.route_id),
             "script_id": None if self.script_id is None else str(self.script_id),
-            "payload": self.payload,
+            "payload": self.event,
             "attempts": self.attempts,
             "trigger_depth": self.trigger_depth,
             "error": self.error,
