@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
 from manager_core.dispatcher import CLAIM_ABORT_AFTER_STOP
+from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from picloud_shared.events import HttpEvent
 from picloud_shared.ids import RouteId, ScriptId, new_execution_id
 from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
@@ -137,6 +138,32 @@ async def test_dead_letter_trigger_fires_and_marks_handled(world: World) -> None
     async with world.running():
         await world.wait_count(t.dead_letters, t.dead_letters.c.resolution == "handled")
     assert await world.kv_value("handled") == ["kv", "rejected", 1]
+
+
+async def test_a_handler_finishing_after_a_replay_leaves_the_letter_replayed(
+    world: World,
+) -> None:
+    """A dead letter replayed while its handler (which writes nothing) still runs stays
+    ``replayed``: the handler's group-committed success does not make it ``handled``
+    (which would let it be replayed again)."""
+    await kv_trigger(world, REJECT, "job:*")
+    handler = await world.script("import time\ndef handle(event, ctx):\n    time.sleep(1)\n")
+    await world.triggers.create_dead_letter_trigger(
+        CreateDeadLetterTrigger(world.app_id, handler, world.owner, (OutboxSourceKind.KV,))
+    )
+    await world.kv.set(world.app_id, "job:1", 1)
+    running = t.executions.c.status == "running"
+    async with world.running():
+        await world.wait_count(t.dead_letters)
+        (letter,) = await world.rows(t.dead_letters)
+        await world.wait_count(t.executions, running)
+        (handling,) = await world.rows(t.executions, running)
+        repo = PostgresDeadLetterRepo(world.engine, world.outbox, world.emitter)
+        await repo.replay(world.app_id, letter.id)
+        done = sa.and_(t.executions.c.id == handling.id, t.executions.c.status == "succeeded")
+        await world.wait_count(t.executions, done)
+    (letter,) = await world.rows(t.dead_letters, t.dead_letters.c.id == letter.id)
+    assert letter.resolution == "replayed"
 
 
 async def test_failing_dead_letter_handler_marks_handler_failed_and_does_not_recurse(

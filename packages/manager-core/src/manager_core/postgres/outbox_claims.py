@@ -454,6 +454,7 @@ _COMPLETE_BATCH = """
     ), handled AS (
         UPDATE dead_letters SET resolution = 'handled', resolved_at = now()
         WHERE id = ANY(ARRAY(SELECT dead_letter_id FROM done WHERE is_dead_letter_handler))
+          AND resolution IS DISTINCT FROM 'replayed'  -- final: a late handler leaves it
     )
     SELECT id FROM done CROSS JOIN commit_mode
 """
