@@ -561,8 +561,9 @@ def test_two_nodes_on_one_database_form_a_cluster(pg_server: PgServer, tmp_path:
 def test_a_client_that_disconnects_leaves_an_abandoned_answer(
     pg_server: PgServer, tmp_path: Path
 ) -> None:
-    """The caller gives up mid-wait; the script still finishes and its answer is
-    recorded in abandoned_executions."""
+    """The caller gives up mid-wait: the script still runs to its end, but nothing it
+    wrote is kept (its caller never had an answer), its record is failed, and its
+    answer is recorded in abandoned_executions."""
     from sqlalchemy import create_engine, pool, text
 
     name = pg_server.create_database(template=pg_server.template)
@@ -571,12 +572,17 @@ def test_a_client_that_disconnects_leaves_an_abandoned_answer(
         with serving(url, tmp_path / "picloud.log") as server:
             admin = Admin(server)
             admin.script(
-                "slow", "import time\ndef handle(e, ctx):\n    time.sleep(1.5)\n    return 'late'\n"
+                "slow",
+                "import time\ndef handle(e, ctx):\n"
+                "    time.sleep(1.5)\n    ctx.kv.set('late', 1)\n    return 'late'\n",
             )
             admin.route("GET", "/slow", "slow")
             with pytest.raises(httpx.ReadTimeout):
                 httpx.get(f"{server.base_url}/apps/{admin.app_name}/slow", timeout=0.5)
-            done = admin.wait(lambda: admin.executions(status="succeeded"), timeout=30)
+            done = admin.wait(lambda: admin.executions(status="failed"), timeout=30)
+            assert done[0]["error"]["kind"] == "timeout", done
+            assert admin.http.get(f"{admin.base}/kv/late").status_code == 404
+            assert admin.executions(status="succeeded") == []
             admin.http.close()
         engine = create_engine(url, poolclass=pool.NullPool)
         try:
