@@ -130,7 +130,7 @@ async def test_list_newest_first_with_filters_and_keyset(engine: AsyncEngine) ->
     http = await _enqueue(outbox, app, OutboxSourceKind.HTTP)
     await repo.finish(ids[0], ExecutionStatus.SUCCEEDED)
     first = await repo.list(app, limit=3)
-    rest = await repo.list(app, limit=3, after=first[-1].id)
+    rest = await repo.list(app, limit=3, after=(first[-1].created_at, first[-1].id))
     listed = [e.id for e in [*first, *rest]]
     assert sorted(listed) == sorted([*ids, http])
     assert [e.created_at for e in [*first, *rest]] == sorted(
@@ -183,7 +183,7 @@ async def test_list_paginates_newest_first(engine: AsyncEngine) -> None:
         made.append((await repo.create(row, attempts=1, error_kind=None, error_message=None)).id)
         await outbox.delete(row.id)
     first = await repo.list(app, limit=2)
-    rest = await repo.list(app, limit=2, after=first[-1].id)
+    rest = await repo.list(app, limit=2, after=(first[-1].created_at, first[-1].id))
     assert sorted(d.id for d in [*first, *rest]) == sorted(made)
 
 

@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from manager_core import tables as t
+from manager_core.api._pagination import encode_cursor
 from picloud_shared.ids import AppId
 from picloud_shared.principals import ALL_CAPABILITIES, Capability
 from tests.manager.api.endpoints import enqueue_execution, insert_dead_letter
@@ -240,6 +241,28 @@ async def test_bad_execution_filters_are_422(api: Api, params: dict) -> None:
     """Unknown status or source kind filters, and foreign cursors, answer 422."""
     resp = await api.client.get(_url(api, "/executions"), params=params, headers=_h(api))
     assert resp.status_code == 422
+
+
+async def test_executions_page_on_past_an_item_deleted_meanwhile(api: Api) -> None:
+    """The cursor holds the last item's (created_at, id), not only its id: when that
+    item is deleted between two pages (retention), the next page still follows it
+    instead of coming back empty; a cursor that is not one is 422."""
+    ids = [str(await enqueue_execution(api)) for _ in range(5)]
+    url = _url(api, "/executions")
+    first = (await api.client.get(url, params={"limit": 2}, headers=_h(api))).json()
+    assert len(first["items"]) == 2
+    last = first["items"][-1]["id"]
+    async with api.deps.users._engine.begin() as conn:
+        await conn.execute(sa.delete(t.executions).where(t.executions.c.id == uuid.UUID(last)))
+    params = {"limit": 10, "cursor": first["next_cursor"]}
+    rest = (await api.client.get(url, params=params, headers=_h(api))).json()
+    assert [i["id"] for i in rest["items"]] == [
+        i for i in reversed(ids) if i not in (first["items"][0]["id"], last)
+    ]
+    assert rest["next_cursor"] is None
+    for bad in (encode_cursor(("yesterday", last)), encode_cursor(("2026-01-01T00:00:00", last))):
+        resp = await api.client.get(url, params={"cursor": bad}, headers=_h(api))
+        assert resp.status_code == 422, resp.text
 
 
 async def test_another_apps_execution_is_404(api: Api) -> None:

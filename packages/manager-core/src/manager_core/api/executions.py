@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
 from starlette.responses import Response
@@ -11,6 +13,7 @@ from manager_core.api._http import json_response, path_uuid
 from manager_core.api._pagination import PageRequest
 from manager_core.api.triggers import uuid_cursor
 from manager_core.postgres.dead_letters import DeadLetter
+from manager_core.postgres.executions import Execution
 from picloud_shared.errors import InvalidInput, NotFound
 from picloud_shared.ids import DeadLetterId, ExecutionId
 from picloud_shared.outbox import OutboxSourceKind
@@ -36,16 +39,36 @@ def _filter(call: Call, name: str, kind: type[E]) -> E | None:
         raise InvalidInput(f"{name} must be one of: {allowed}") from None
 
 
+def _position(page: PageRequest) -> tuple[datetime, uuid.UUID] | None:
+    """The cursor of a newest-first list: the last item's ``(created_at, id)``, so a
+    page follows even when that item was deleted meanwhile (retention)."""
+    if page.after is None:
+        return None
+    created, last = page.after
+    try:
+        at = datetime.fromisoformat(created)
+    except ValueError:
+        raise InvalidInput("malformed cursor") from None
+    if at.tzinfo is None:
+        raise InvalidInput("malformed cursor")
+    return at, uuid_cursor(last)
+
+
+def _key(item: Execution | DeadLetter) -> tuple[str, str]:
+    return (item.created_at.isoformat(), str(item.id))
+
+
 async def list_executions(call: Call) -> Response:
     """Newest first; ``?status=&source_kind=`` filter."""
-    page = PageRequest.from_request(call.request)
+    page = PageRequest.from_request(call.request, key_size=2)
     status = _filter(call, "status", ExecutionStatus)
     source_kind = _filter(call, "source_kind", OutboxSourceKind)
-    after = None if page.after is None else ExecutionId(uuid_cursor(page.after[0]))
+    position = _position(page)
+    after = None if position is None else (position[0], ExecutionId(position[1]))
     rows = await call.deps.executions.list(
         call.app_id, page.fetch, after, status=status, source_kind=source_kind
     )
-    return page.respond(rows, lambda e: (str(e.id),), lambda e: e.to_wire())
+    return page.respond(rows, _key, lambda e: e.to_wire())
 
 
 async def get_execution(call: Call) -> Response:
@@ -70,10 +93,11 @@ def _letter_to_wire(call: Call, letter: DeadLetter) -> JsonObject:
 
 async def list_dead_letters(call: Call) -> Response:
     """Newest first."""
-    page = PageRequest.from_request(call.request)
-    after = None if page.after is None else DeadLetterId(uuid_cursor(page.after[0]))
+    page = PageRequest.from_request(call.request, key_size=2)
+    position = _position(page)
+    after = None if position is None else (position[0], DeadLetterId(position[1]))
     rows = await call.deps.dead_letters.list(call.app_id, page.fetch, after)
-    return page.respond(rows, lambda d: (str(d.id),), lambda d: _letter_to_wire(call, d))
+    return page.respond(rows, _key, lambda d: _letter_to_wire(call, d))
 
 
 async def replay_dead_letter(call: Call) -> Response:

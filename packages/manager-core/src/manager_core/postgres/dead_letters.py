@@ -210,27 +210,25 @@ class PostgresDeadLetterRepo:
         self,
         app_id: AppId,
         limit: int = 100,
-        after: DeadLetterId | None = None,
+        after: tuple[datetime, DeadLetterId] | None = None,
         *,
         conn: AsyncConnection | None = None,
     ) -> Sequence[DeadLetter]:
-        """Newest first, starting after the dead letter ``after``."""
+        """Newest first, starting after ``after`` (the previous page's last
+        ``(created_at, id)``: it need not exist any more)."""
         stmt = (
             sa.select(_DL)
             .where(_DL.c.app_id == app_id)
             .order_by(_DL.c.created_at.desc(), _DL.c.id.desc())
             .limit(check_limit(limit))
         )
-        if after is not None:
-            # (created_at, id) strictly after the cursor row, newest first.
-            cursor_created = (
-                sa.select(_DL.c.created_at)
-                .where(_DL.c.app_id == app_id, _DL.c.id == after)
-                .scalar_subquery()
-            )
+        if after is not None:  # (created_at, id) strictly after the cursor, newest first
+            created, last = after
             stmt = stmt.where(
                 sa.tuple_(_DL.c.created_at, _DL.c.id)
-                < sa.tuple_(cursor_created, sa.literal(after, _DL.c.id.type))
+                < sa.tuple_(
+                    sa.literal(created, _DL.c.created_at.type), sa.literal(last, _DL.c.id.type)
+                )
             )
         stmt = within_bytes(
             stmt,

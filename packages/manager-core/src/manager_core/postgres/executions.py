@@ -141,14 +141,15 @@ class PostgresExecutionRepo:
         self,
         app_id: AppId,
         limit: int = 100,
-        after: ExecutionId | None = None,
+        after: tuple[datetime, ExecutionId] | None = None,
         *,
         status: ExecutionStatus | None = None,
         source_kind: OutboxSourceKind | None = None,
         conn: AsyncConnection | None = None,
     ) -> Sequence[Execution]:
-        """Newest first (``created_at DESC, id DESC``), starting after the execution
-        ``after`` (the previous page's last id); optionally filtered; a
+        """Newest first (``created_at DESC, id DESC``), starting after ``after`` (the
+        previous page's last ``(created_at, id)``: it need not exist any more, pruned
+        meanwhile, say); optionally filtered; a
         :class:`~manager_core.postgres._pages.Page` of at most ``PAGE_BYTES``."""
         stmt = (
             sa.select(_E)
@@ -160,16 +161,13 @@ class PostgresExecutionRepo:
             stmt = stmt.where(_E.c.status == ExecutionStatus(status).value)
         if source_kind is not None:
             stmt = stmt.where(_E.c.source_kind == OutboxSourceKind(source_kind).value)
-        if after is not None:
-            # (created_at, id) strictly after the cursor row, newest first.
-            cursor_created = (
-                sa.select(_E.c.created_at)
-                .where(_E.c.app_id == app_id, _E.c.id == after)
-                .scalar_subquery()
-            )
+        if after is not None:  # (created_at, id) strictly after the cursor, newest first
+            created, last = after
             stmt = stmt.where(
                 sa.tuple_(_E.c.created_at, _E.c.id)
-                < sa.tuple_(cursor_created, sa.literal(after, _E.c.id.type))
+                < sa.tuple_(
+                    sa.literal(created, _E.c.created_at.type), sa.literal(last, _E.c.id.type)
+                )
             )
         stmt = within_bytes(
             stmt,
