@@ -13,11 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, pool, text
 
 from picloud.embedded_pg import TEST_SETTINGS, EmbeddedPostgres, become_subreaper
 from picloud.pg_watch import PgWatch
 from tests.app.server import PICLOUD, ROOT, free_port
+from tests.app.test_embedded_pg import _execute, _scalar
 from tests.app.test_serve_embedded import stop, wait_ready
 
 TOKEN = "pc_test_watch_0123456789abcdef"
@@ -44,15 +44,6 @@ def kill_postmaster(data_dir: Path) -> int:
     pid = int((data_dir / "postmaster.pid").read_text().split()[0])
     os.kill(pid, signal.SIGKILL)
     return pid
-
-
-def _scalar(url: str, sql: str) -> object:
-    engine = create_engine(url, poolclass=pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(text(sql)).scalar()
-    finally:
-        engine.dispose()
 
 
 def _wait(predicate: object, timeout: float = 60) -> None:
@@ -86,10 +77,7 @@ def test_a_killed_server_is_started_again_until_it_dies_too_often(pg_data_dir: P
     data_dir = pg_data_dir / "pg"
     with EmbeddedPostgres(data_dir) as pg:  # durable: a commit survives the kill
         url = pg.url("postgres")
-        engine = create_engine(url, poolclass=pool.NullPool)
-        with engine.begin() as conn:
-            conn.execute(text("CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)"))
-        engine.dispose()
+        _execute(url, "CREATE TABLE kept (x int); INSERT INTO kept VALUES (7)")
         with watched(pg, max_restarts=1) as (watch, lost):
             first = kill_postmaster(data_dir)
             _wait(lambda: watch.restarts == 1)
