@@ -135,6 +135,17 @@ def test_sync_route_with_path_params_query_and_json(admin: Admin, user: httpx.Cl
     }
 
 
+def test_an_escaped_slash_belongs_to_its_path_param(admin: Admin, user: httpx.Client) -> None:
+    """Segments are decoded one by one after matching: ``%2F`` is part of a param's
+    value, not a separator; an unescaped ``/`` still is one."""
+    admin.script("param", "def handle(e, ctx):\n    return [e['params'], e['path']]\n")
+    admin.route("GET", "/r/{id}", "param")
+    r = user.get(f"/apps/{admin.app_name}/r/a%2Fb")
+    assert r.json() == [{"id": "a/b"}, "/r/a/b"], r.text
+    assert user.get(f"/apps/{admin.app_name}/r/caf%C3%A9").json()[0] == {"id": "café"}
+    assert user.get(f"/apps/{admin.app_name}/r/a/b").status_code == 404
+
+
 def test_repeated_request_headers_are_joined(admin: Admin, user: httpx.Client) -> None:
     """A header sent twice reaches the script once, its values joined with ", " (the
     cookie header with "; "); a repeated query parameter keeps its last value."""

@@ -2,12 +2,19 @@
 
 A ``{name}`` segment matches one non-empty path segment and binds it as a path
 param; every other segment matches literally. A template compiles once.
+
+A request is matched segment by segment, each segment decoded on its own
+(:func:`request_segments`): an escaped ``%2F`` is part of a param's value (``a/b``),
+never a separator.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote
 
 from picloud_shared.errors import InvalidInput
 
@@ -40,6 +47,48 @@ def compile_template(template: str) -> re.Pattern[str]:
 
 
 def match_template(template: str, path: str) -> dict[str, str] | None:
-    """The path params if ``path`` matches ``template``, else ``None``."""
-    m = compile_template(template).match(path)
-    return None if m is None else m.groupdict()
+    """The path params if the decoded ``path`` matches ``template``, else ``None``."""
+    return match_segments(template, path.split("/"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parts(template: str) -> tuple[tuple[str | None, str], ...]:
+    """Per segment: ``(param name, "")`` or ``(None, literal)``."""
+    compile_template(template)  # validates
+    out: list[tuple[str | None, str]] = []
+    for segment in template.split("/"):
+        m = _PARAM.fullmatch(segment)
+        out.append((m.group(1), "") if m else (None, segment))
+    return tuple(out)
+
+
+def match_segments(template: str, segments: list[str]) -> dict[str, str] | None:
+    """The path params if the decoded path ``segments`` (``"/a/b"`` is ``["", "a",
+    "b"]``) match ``template``, else ``None``."""
+    parts = _parts(template)
+    if len(parts) != len(segments):
+        return None
+    params: dict[str, str] = {}
+    for (name, literal), segment in zip(parts, segments, strict=True):
+        if name is None:
+            if segment != literal:
+                return None
+        elif not segment:
+            return None
+        else:
+            params[name] = segment
+    return params
+
+
+def request_segments(scope: Mapping[str, Any], route_path: str) -> list[str]:
+    """The decoded segments of a request's route path (``route_path``, the part after
+    ``/apps/{app}``): from the undecoded ``raw_path`` when the server gives one that
+    is this request's whole path, each segment decoded on its own; else split from
+    ``route_path`` itself."""
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes) and raw:
+        text = raw.decode("latin-1")
+        if unquote(text, errors="replace") == scope.get("path"):
+            parts = text.split("/")[3:]  # past "", "apps" and the app's name
+            return ["", *(unquote(p, errors="replace") for p in parts)] if parts else ["", ""]
+    return route_path.split("/")

@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator_core.body_budget import BodyBudget
 from orchestrator_core.inbox import InboxRegistry
-from orchestrator_core.paths import match_template
+from orchestrator_core.paths import match_segments, request_segments
 from orchestrator_core.request_body import (
     PARSE_IN_THREAD_BYTES,
     BodyOverBudget,
@@ -177,12 +177,12 @@ class UserRouteOrchestrator:
         ]
 
     def _match(
-        self, targets: Sequence[RouteTarget], method: str, path: str
+        self, targets: Sequence[RouteTarget], method: str, segments: list[str]
     ) -> tuple[RouteTarget, dict[str, str]] | list[str]:
         """The matching route and its params, or the methods the path allows."""
         allowed: list[str] = []
         for target in targets:
-            params = match_template(target.path, path)
+            params = match_segments(target.path, segments)
             if params is None:
                 continue
             if target.method == method or (method == "HEAD" and target.method == "GET"):
@@ -205,17 +205,18 @@ class UserRouteOrchestrator:
         if not APP_NAME_RE.fullmatch(app_name):  # no such app can exist: ask nobody
             return _error(404, "not_found", f"no app named {app_name!r}")
         path = "/" + request.path_params.get("route_path", "")
+        segments = request_segments(request.scope, path)
         cache = self.route_table if isinstance(self.route_table, CachedRouteTable) else None
         try:
             if cache is None:
                 targets, cached = await self.route_table.routes_for_app(app_name), False
             else:
                 targets, cached = await cache.lookup(app_name)
-            found = [] if targets is None else self._match(targets, request.method, path)
+            found = [] if targets is None else self._match(targets, request.method, segments)
             if cached and isinstance(found, list):
                 assert cache is not None  # never answer 404/405 from the cache: it may be new
                 targets = await cache.refresh(app_name)
-                found = [] if targets is None else self._match(targets, request.method, path)
+                found = [] if targets is None else self._match(targets, request.method, segments)
         except Unavailable as exc:
             return _unavailable(exc)
         if targets is None:
