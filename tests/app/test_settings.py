@@ -42,7 +42,7 @@ def test_every_variable_is_read() -> None:
             "PICLOUD_HOST": "0.0.0.0",
             "PICLOUD_PORT": "9000",
             "PICLOUD_DATA_DIR": "/srv/picloud",
-            "PICLOUD_ADMIN_TOKEN": "s3cret",
+            "PICLOUD_ADMIN_TOKEN": "s3cret-s3cret-s3cret",
             "PICLOUD_MAX_CONCURRENT_EXECUTIONS": "4",
             "PICLOUD_MAX_CONNECTIONS": "50",
             "PICLOUD_SYNC_ADMISSION_WAIT_MS": "0",
@@ -65,7 +65,7 @@ def test_every_variable_is_read() -> None:
         host="0.0.0.0",
         port=9000,
         data_dir=Path("/srv/picloud"),
-        admin_token="s3cret",
+        admin_token="s3cret-s3cret-s3cret",
         max_concurrent_executions=4,
         max_connections=50,
         sync_admission_wait_ms=0,
@@ -127,6 +127,15 @@ def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ValueError, match=variable) as info:
         Settings.from_env({variable: value})
     assert repr(value) in str(info.value)
+
+
+def test_a_short_admin_token_is_refused_without_showing_it() -> None:
+    """PICLOUD_ADMIN_TOKEN must have 16 characters (what the database would refuse
+    after starting and migrating it); the error does not echo the would-be secret."""
+    with pytest.raises(ValueError, match="at least 16 characters") as info:
+        Settings.from_env({"PICLOUD_ADMIN_TOKEN": "fifteen-chars!!"})
+    assert "fifteen" not in str(info.value)
+    assert Settings.from_env({"PICLOUD_ADMIN_TOKEN": "sixteen-chars!!!"}).admin_token
 
 
 def test_settings_are_frozen() -> None:

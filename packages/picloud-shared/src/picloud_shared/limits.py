@@ -36,6 +36,7 @@ BODY_READ_TIMEOUT_SECONDS = 30.0
 # A sync request holds its execution slot at most this long while its body still
 # arrives; then it gives the slot back and asks again once the body is whole.
 BODY_SLOT_HOLD_SECONDS = 1.0
+MIN_TOKEN_CHARS = 16  # an API token, the instance admin's included
 MAX_KV_KEY_BYTES = 512
 MAX_KV_VALUE_BYTES = 256 * KIB
 MAX_DOCUMENT_BYTES = 1 * MIB

@@ -13,6 +13,8 @@ from typing import TypeVar
 import attrs
 import platformdirs
 
+from picloud_shared.limits import MIN_TOKEN_CHARS
+
 __all__ = ["Settings"]
 
 T = TypeVar("T")
@@ -48,6 +50,13 @@ def _non_negative_int(value: str) -> int:
     if number < 0:
         raise ValueError("must be a non-negative integer")
     return number
+
+
+def _admin_token(value: str) -> str:
+    token = _non_empty(value)
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"must be at least {MIN_TOKEN_CHARS} characters")
+    return token
 
 
 def _port(value: str) -> int:
@@ -121,7 +130,7 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Read the settings from ``environ``; unset or empty variables keep the default."""
 
-        def get(name: str, parse: Callable[[str], T]) -> T | None:
+        def get(name: str, parse: Callable[[str], T], *, secret: bool = False) -> T | None:
             variable = ENV_PREFIX + name
             raw = environ.get(variable)
             if raw is None or raw.strip() == "":
@@ -130,14 +139,15 @@ class Settings:
                 return parse(raw)
             except ValueError as exc:
                 reason = str(exc) if "invalid literal" not in str(exc) else "must be an integer"
-                raise ValueError(f"{variable}={raw!r}: {reason}") from None
+                shown = "(not shown)" if secret else repr(raw)
+                raise ValueError(f"{variable}={shown}: {reason}") from None
 
         values = {
             "database_url": get("DATABASE_URL", _database_url),
             "host": get("HOST", _non_empty),
             "port": get("PORT", _port),
             "data_dir": get("DATA_DIR", lambda v: Path(v).expanduser()),
-            "admin_token": get("ADMIN_TOKEN", _non_empty),
+            "admin_token": get("ADMIN_TOKEN", _admin_token, secret=True),
             "max_concurrent_executions": get("MAX_CONCURRENT_EXECUTIONS", _positive_int),
             "max_connections": get("MAX_CONNECTIONS", _positive_int),
             "sync_admission_wait_ms": get("SYNC_ADMISSION_WAIT_MS", _non_negative_int),

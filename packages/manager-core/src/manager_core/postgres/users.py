@@ -23,6 +23,7 @@ from manager_core import tables as t
 from manager_core.db import transaction, translate_integrity_error
 from picloud_shared.errors import Conflict, InvalidInput, InvalidName
 from picloud_shared.ids import UserId
+from picloud_shared.limits import MIN_TOKEN_CHARS
 
 TOKEN_PREFIX = "pc_"
 USER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}")
@@ -177,6 +178,6 @@ class PostgresUserRepo:
 
 
 def _check_token(token: object) -> str:
-    if not isinstance(token, str) or len(token) < 16:
-        raise InvalidInput("a token must be a string of at least 16 characters")
+    if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
+        raise InvalidInput(f"a token must be a string of at least {MIN_TOKEN_CHARS} characters")
     return token
