@@ -23,6 +23,7 @@ import psycopg
 from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as SaPoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from picloud_shared.errors import Conflict, InvalidInput, PicloudError, Unavailable
@@ -54,10 +55,22 @@ T = TypeVar("T")
 #   shared. PostgreSQL's documentation advises encouraging index scans for that.
 SESSION_OPTIONS = "-c enable_seqscan=off"
 
+# How long anything waits for a database connection: a free one from a pool, or a new
+# one from the server. Past it the database counts as unavailable (503 on the HTTP
+# side). The libraries' default (30 s) held requests for 30-60 s while PostgreSQL was
+# away, and a stop on SIGTERM as long.
+CONNECTION_WAIT_SECONDS = 5
 
-def _with_options(url: str, options: str | None) -> dict[str, str]:
-    """Connection arguments setting ``options``; a URL that sets its own keeps them."""
-    return {} if options is None or "options=" in url else {"options": options}
+
+def _with_options(url: str, options: str | None) -> dict[str, str | int]:
+    """Connection arguments setting ``options`` and a connect timeout
+    (``CONNECTION_WAIT_SECONDS``); a URL that sets its own keeps them."""
+    args: dict[str, str | int] = {}
+    if options is not None and "options=" not in url:
+        args["options"] = options
+    if "connect_timeout=" not in url:
+        args["connect_timeout"] = CONNECTION_WAIT_SECONDS
+    return args
 
 
 def make_engine(
@@ -77,6 +90,7 @@ def make_engine(
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_pre_ping=False,
+        pool_timeout=CONNECTION_WAIT_SECONDS,
         connect_args=_with_options(url, session_options),
         **kwargs,
     )
@@ -96,6 +110,7 @@ def make_pool(url: str, *, max_size: int, min_size: int = 1) -> AsyncConnectionP
         max_size=max_size,
         kwargs={"autocommit": True, "row_factory": namedtuple_row}
         | _with_options(url, SESSION_OPTIONS),
+        timeout=CONNECTION_WAIT_SECONDS,
         open=False,
     )
 
@@ -221,6 +236,8 @@ def is_unavailable(exc: BaseException) -> bool:
     not a refused statement): the operation may be tried again later."""
     if is_retryable_conflict(exc):
         return False
+    if isinstance(exc, SaPoolTimeout):  # no engine connection came free in time
+        return True
     orig = getattr(exc, "orig", exc)
     return isinstance(orig, (psycopg.OperationalError, PoolTimeout)) and not isinstance(
         orig, psycopg.errors.QueryCanceled
