@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,36 @@ def test_orphaned_server_is_adopted_and_stopped(pg_data_dir: Path) -> None:
     assert not (pg_data_dir / "pg" / "postmaster.pid").exists()
     assert lost.socket_dir is not None
     assert not lost.socket_dir.exists()
+
+
+def test_the_server_listens_where_it_did_at_every_start(pg_data_dir: Path) -> None:
+    """The socket directory is named after the data directory: a server started again,
+    after a stop or after being killed, gives the same URL (other processes that point
+    at it reconnect by themselves); a path held by someone else gives way."""
+    data_dir = pg_data_dir / "pg"
+    with EmbeddedPostgres(data_dir, settings=TEST_SETTINGS) as pg:
+        url = pg.url("postgres")
+    with EmbeddedPostgres(data_dir, settings=TEST_SETTINGS) as pg:
+        assert pg.url("postgres") == url
+        socket_dir = pg.socket_dir
+        os.kill(int((data_dir / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+        pg._unlock()  # as when its owner died with it
+    assert socket_dir is not None
+    again = EmbeddedPostgres(data_dir, settings=TEST_SETTINGS)
+    for _ in range(50):  # the killed server's zombie must be reaped first (by init)
+        try:
+            again.start()
+            break
+        except EmbeddedPostgresError:
+            time.sleep(0.2)
+    try:
+        assert again.url("postgres") == url
+        assert _scalar(url, "SELECT 1") == 1
+    finally:
+        again.stop()
+    socket_dir.mkdir(mode=0o755)  # not private: someone else's, say
+    try:
+        with EmbeddedPostgres(data_dir, settings=TEST_SETTINGS) as pg:
+            assert pg.socket_dir != socket_dir
+    finally:
+        socket_dir.rmdir()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import os
 import secrets
@@ -139,7 +140,7 @@ class EmbeddedPostgres:
         self._fix_permissions()
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
-        self.socket_dir = Path(tempfile.mkdtemp(prefix="picloud-pg-", dir=_short_tmp()))
+        self.socket_dir = self._make_socket_dir()
         self._owns_socket_dir = True
         self._prepare_socket_dir(self.socket_dir)
         try:
@@ -147,6 +148,24 @@ class EmbeddedPostgres:
         except EmbeddedPostgresError:
             self._remove_socket_dir()
             raise
+
+    def _make_socket_dir(self) -> Path:
+        """The socket directory: named after the data directory, so that a server
+        started again (by this node's watch, or at the next start) listens where it did
+        and other processes' URLs stay valid. A path someone else holds (not a plain
+        directory of ours, mode 0700) gives way to a random name."""
+        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:16]
+        path = Path(_short_tmp(), f"picloud-pg-{digest}")
+        owner = self._run_as[0] if self._run_as is not None else os.geteuid()
+        try:
+            path.mkdir(mode=0o700)
+            return path
+        except FileExistsError:
+            st = path.lstat()
+            mine = stat.S_ISDIR(st.st_mode) and st.st_uid in (owner, os.geteuid())
+            if mine and stat.S_IMODE(st.st_mode) == 0o700:
+                return path
+        return Path(tempfile.mkdtemp(prefix="picloud-pg-", dir=_short_tmp()))
 
     def _prepare_socket_dir(self, path: Path) -> None:
         if self._run_as is not None:
