@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator_core.paths import compile_template, match_template
+from orchestrator_core.paths import match_template, parse_template
 from picloud_shared.errors import InvalidInput
 
 
@@ -29,4 +29,4 @@ def test_params_bind_one_segment_each() -> None:
 def test_malformed_templates_are_invalid(bad: str) -> None:
     """Templates that cannot be matched unambiguously are refused."""
     with pytest.raises(InvalidInput):
-        compile_template(bad)
+        parse_template(bad)

@@ -1,7 +1,7 @@
 """Route path templates: ``/orders/{order_id}/items/{item}``.
 
 A ``{name}`` segment matches one non-empty path segment and binds it as a path
-param; every other segment matches literally. A template compiles once.
+param; every other segment matches literally. A template is parsed once.
 
 A request is matched segment by segment, each segment decoded on its own
 (:func:`request_segments`): an escaped ``%2F`` is part of a param's value (``a/b``),
@@ -22,28 +22,26 @@ _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @functools.lru_cache(maxsize=4096)
-def compile_template(template: str) -> re.Pattern[str]:
-    """The regex of a template; raises ``InvalidInput`` on a malformed template."""
+def parse_template(template: str) -> tuple[tuple[str | None, str], ...]:
+    """Per segment of a template: ``(param name, "")`` or ``(None, literal)``; raises
+    ``InvalidInput`` on a malformed template."""
     if not template.startswith("/"):
         raise InvalidInput("route paths start with '/'")
-    pattern = ["^"]
+    parts: list[tuple[str | None, str]] = []
     seen: set[str] = set()
-    for i, segment in enumerate(template.split("/")):
-        if i:
-            pattern.append("/")
+    for segment in template.split("/"):
         m = _PARAM.fullmatch(segment)
         if m:
             name = m.group(1)
             if name in seen:
                 raise InvalidInput(f"path param {name!r} appears twice")
             seen.add(name)
-            pattern.append(f"(?P<{name}>[^/]+)")
+            parts.append((name, ""))
         elif "{" in segment or "}" in segment:
             raise InvalidInput(f"bad path segment {segment!r}: use {{name}} for a whole segment")
         else:
-            pattern.append(re.escape(segment))
-    pattern.append("$")
-    return re.compile("".join(pattern))
+            parts.append((None, segment))
+    return tuple(parts)
 
 
 def match_template(template: str, path: str) -> dict[str, str] | None:
@@ -51,21 +49,10 @@ def match_template(template: str, path: str) -> dict[str, str] | None:
     return match_segments(template, path.split("/"))
 
 
-@functools.lru_cache(maxsize=4096)
-def _parts(template: str) -> tuple[tuple[str | None, str], ...]:
-    """Per segment: ``(param name, "")`` or ``(None, literal)``."""
-    compile_template(template)  # validates
-    out: list[tuple[str | None, str]] = []
-    for segment in template.split("/"):
-        m = _PARAM.fullmatch(segment)
-        out.append((m.group(1), "") if m else (None, segment))
-    return tuple(out)
-
-
 def match_segments(template: str, segments: list[str]) -> dict[str, str] | None:
     """The path params if the decoded path ``segments`` (``"/a/b"`` is ``["", "a",
     "b"]``) match ``template``, else ``None``."""
-    parts = _parts(template)
+    parts = parse_template(template)
     if len(parts) != len(segments):
         return None
     params: dict[str, str] = {}
