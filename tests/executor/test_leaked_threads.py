@@ -164,3 +164,38 @@ async def test_a_ctx_kept_in_a_global_is_refused_in_a_later_execution(
     result = await executor.execute(make_request(source), host)
     assert body(result) == ["ExecutionEnded", "execution_ended"]  # type: ignore[comparison-overlap]
     assert host.kv == {"new": 1}
+
+
+async def test_a_leaked_thread_prints_into_no_later_execution_log(
+    executor: ProcessExecutor, make_request: MakeRequest
+) -> None:
+    """A thread left printing by one execution is not in a later execution's logs,
+    while that later execution's own threads print into them as its own lines."""
+    printer = textwrap.dedent("""
+        import os, threading, time
+        def chatter(first):
+            for i in range(300):
+                print("leaked", i)
+                first.set()
+                time.sleep(0.01)
+        def handle(e, ctx):
+            first = threading.Event()
+            threading.Thread(target=chatter, args=(first,), daemon=True).start()
+            first.wait(5)
+            return {"pid": os.getpid()}
+    """)
+    own_thread = textwrap.dedent("""
+        import os, threading, time
+        def handle(e, ctx):
+            time.sleep(0.5)
+            t = threading.Thread(target=print, args=("mine",))
+            t.start()
+            t.join()
+            print("main")
+            return {"pid": os.getpid()}
+    """)
+    first = await executor.execute(make_request(printer), MemoryHostApi())
+    assert first.logs[:1] == ("leaked 0",)
+    later = await executor.execute(make_request(own_thread), MemoryHostApi())
+    assert body(later)["pid"] == body(first)["pid"]
+    assert later.logs == ("mine", "main")

@@ -17,6 +17,7 @@ import _thread
 import binascii
 import io
 import os
+import sys
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -292,12 +293,26 @@ class Channel:
 
 
 class LogWriter(io.TextIOBase):
-    """``sys.stdout``/``sys.stderr`` of a script: every line becomes a log line."""
+    """``sys.stdout``/``sys.stderr`` of a script: every line becomes a log line.
+
+    Lines belong to the execution that runs: a thread an earlier execution left
+    behind (alive when this one began) prints into nothing, as its ``ctx.log``
+    raises ``execution_ended``. Threads the running execution starts are its own.
+    """
 
     def __init__(self, channel: Channel) -> None:
         super().__init__()
         self._channel = channel
         self._pending = ""
+        self._stale: frozenset[int] = frozenset()
+
+    def begin(self) -> None:
+        """A new execution starts: every other thread alive now is an earlier one's."""
+        self._pending = ""
+        if _thread._count():  # type: ignore[attr-defined]
+            self._stale = frozenset(sys._current_frames()) - {_thread.get_ident()}
+        elif self._stale:
+            self._stale = frozenset()
 
     def writable(self) -> bool:
         return True
@@ -305,6 +320,8 @@ class LogWriter(io.TextIOBase):
     def write(self, text: str) -> int:  # type: ignore[override]
         if not isinstance(text, str):
             raise TypeError("write() argument must be str")
+        if self._stale and _thread.get_ident() in self._stale:
+            return len(text)  # an ended execution's thread: not this execution's log
         if len(self._pending) + len(text) > MAX_LOG_BYTES - self._channel.log_bytes:
             pending, self._pending = self._pending + text[: MAX_LOG_BYTES + 1], ""
             self._channel.log(pending)  # raises OutputLimit

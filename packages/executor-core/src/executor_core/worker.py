@@ -192,6 +192,7 @@ class Worker:
         done: dict[str, Any] = {"t": "done", "n": ch.nonce}
         cached = False
         saved = sys.stdout, sys.stderr
+        self.writer.begin()
         sys.stdout = sys.stderr = self.writer
         _State.in_script = True
         try:
@@ -215,7 +216,6 @@ class Worker:
         finally:
             _State.in_script = False
             sys.stdout, sys.stderr = saved
-        self.writer._pending = ""
         done["cached"] = cached
         done["has"] = frame["key"] in self.cache
         done["cpu"] = used  # as of the start: the host only tracks the lifetime budget
