@@ -10,10 +10,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core.postgres import routes as routes_module
 from manager_core.postgres import triggers as triggers_module
-from manager_core.postgres.routes import PostgresRouteRepo, check_route_path
+from manager_core.postgres.routes import PostgresRouteRepo
 from manager_core.postgres.triggers import PostgresTriggerRepo
 from picloud_shared.errors import InvalidInput, LimitExceeded
 from picloud_shared.limits import MAX_ROUTE_PARAMS, MAX_ROUTES_PER_APP, MAX_TRIGGERS_PER_APP
+from picloud_shared.route_paths import check_route_path
 from picloud_shared.triggers import CreateKvTrigger
 from tests.manager import factories
 

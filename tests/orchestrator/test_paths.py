@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator_core.paths import match_template, parse_template
+from orchestrator_core.paths import match_template
 from picloud_shared.errors import InvalidInput
+from picloud_shared.route_paths import parse_template, route_shape
 
 
 def test_literal_path_matches_itself_only() -> None:
@@ -30,3 +31,16 @@ def test_malformed_templates_are_invalid(bad: str) -> None:
     """Templates that cannot be matched unambiguously are refused."""
     with pytest.raises(InvalidInput):
         parse_template(bad)
+
+
+@pytest.mark.parametrize("bad", ["/a b", "/a?x", "/a#x", "/a\x00", "/" + "a" * 1024])
+def test_the_orchestrator_refuses_what_the_admin_api_refuses(bad: str) -> None:
+    """One grammar: a template the admin API would refuse is not matched either."""
+    with pytest.raises(InvalidInput):
+        parse_template(bad)
+
+
+def test_templates_differing_only_in_param_names_have_one_shape() -> None:
+    """``/u/{id}`` and ``/u/{name}`` match the same requests."""
+    assert route_shape("/u/{id}/x") == route_shape("/u/{name}/x") == "/u/{}/x"
+    assert route_shape("/u/{id}") != route_shape("/u/id")

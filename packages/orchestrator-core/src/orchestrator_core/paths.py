@@ -1,4 +1,5 @@
-"""Route path templates: ``/orders/{order_id}/items/{item}``.
+"""Matching requests against route path templates (their grammar:
+:mod:`picloud_shared.route_paths`).
 
 A ``{name}`` segment matches one non-empty path segment and binds it as a path
 param; every other segment matches literally. A template is parsed once.
@@ -10,38 +11,11 @@ never a separator.
 
 from __future__ import annotations
 
-import functools
-import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
-from picloud_shared.errors import InvalidInput
-
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-@functools.lru_cache(maxsize=4096)
-def parse_template(template: str) -> tuple[tuple[str | None, str], ...]:
-    """Per segment of a template: ``(param name, "")`` or ``(None, literal)``; raises
-    ``InvalidInput`` on a malformed template."""
-    if not template.startswith("/"):
-        raise InvalidInput("route paths start with '/'")
-    parts: list[tuple[str | None, str]] = []
-    seen: set[str] = set()
-    for segment in template.split("/"):
-        m = _PARAM.fullmatch(segment)
-        if m:
-            name = m.group(1)
-            if name in seen:
-                raise InvalidInput(f"path param {name!r} appears twice")
-            seen.add(name)
-            parts.append((name, ""))
-        elif "{" in segment or "}" in segment:
-            raise InvalidInput(f"bad path segment {segment!r}: use {{name}} for a whole segment")
-        else:
-            parts.append((None, segment))
-    return tuple(parts)
+from picloud_shared.route_paths import parse_template
 
 
 def match_template(template: str, path: str) -> dict[str, str] | None:

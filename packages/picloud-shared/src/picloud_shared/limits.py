@@ -59,6 +59,7 @@ MAX_LIST_LIMIT = 1000
 MAX_ROUTES_PER_APP = 500
 MAX_TRIGGERS_PER_APP = 500
 MAX_ROUTE_PARAMS = 16  # {name} segments in one route path
+MAX_ROUTE_PATH_CHARS = 1024
 # JSON values (bodies, KV values, documents, host-call arguments): at most this many
 # levels of arrays and objects.
 MAX_JSON_DEPTH = 100

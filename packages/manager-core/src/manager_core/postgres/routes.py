@@ -7,7 +7,6 @@ script's timeout, in a single query (it runs on every user request).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
@@ -30,11 +29,8 @@ from manager_core.postgres._rows import ROUTE_COLUMNS, route_from_row
 from picloud_shared.domain import HTTP_METHODS, DispatchMode, Route, RouteTarget
 from picloud_shared.errors import Conflict, InvalidInput, NotFound, UnknownScript
 from picloud_shared.ids import AppId, RouteId, ScriptId, UserId
-from picloud_shared.limits import MAX_ROUTE_PARAMS, MAX_ROUTES_PER_APP
-
-MAX_ROUTE_PATH_CHARS = 1024
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_FORBIDDEN_IN_PATH = re.compile(r"[\s\x00-\x1f\x7f?#]")
+from picloud_shared.limits import MAX_ROUTES_PER_APP
+from picloud_shared.route_paths import check_route_path, route_shape
 
 
 def check_method(method: object) -> str:
@@ -43,41 +39,6 @@ def check_method(method: object) -> str:
         allowed = ", ".join(sorted(HTTP_METHODS))
         raise InvalidInput(f"method must be one of {allowed}")
     return method.upper()
-
-
-def check_route_path(path: object) -> str:
-    """Return ``path`` if it is a valid route template, else raise ``InvalidInput``.
-
-    A template starts with ``/``; a ``{name}`` segment (an identifier, unique in the
-    template) binds one path segment; other segments are literal and may not hold
-    braces, whitespace, control characters, ``?`` or ``#``.
-    """
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise InvalidInput("route paths start with '/'")
-    if len(path) > MAX_ROUTE_PATH_CHARS:
-        raise InvalidInput(f"route paths are limited to {MAX_ROUTE_PATH_CHARS} characters")
-    if _FORBIDDEN_IN_PATH.search(path):
-        raise InvalidInput("route paths may not contain whitespace, control characters, '?' or '#'")
-    seen: set[str] = set()
-    for segment in path.split("/")[1:]:
-        m = _PARAM.fullmatch(segment)
-        if m:
-            if m.group(1) in seen:
-                raise InvalidInput(f"path param {m.group(1)!r} appears twice")
-            seen.add(m.group(1))
-            if len(seen) > MAX_ROUTE_PARAMS:
-                raise InvalidInput(f"a route path has at most {MAX_ROUTE_PARAMS} params")
-        elif "{" in segment or "}" in segment:
-            raise InvalidInput(
-                f"bad path segment {segment!r}: a param is a whole segment {{identifier}}"
-            )
-    return path
-
-
-def route_shape(path: str) -> str:
-    """``path`` with every param's name dropped: ``/u/{id}`` and ``/u/{name}`` match the
-    same requests, so they are the same path (``/u/{}``)."""
-    return _PARAM.sub("{}", path)
 
 
 @attrs.frozen
