@@ -117,8 +117,10 @@ async def test_the_hosts_files_are_unreadable(
 ) -> None:
     """API.md: scripts cannot reach the host's files. World-readable files of the host
     (/etc/passwd, this test's own source, /tmp), other processes' /proc entries (the
-    server's command line, PID 1's) are refused; the script's scratch directory, its
-    own /proc entry and the interpreter's files are not."""
+    server's command line, PID 1's), and what the worker's own /proc entry shows of
+    the host (its sockets and routes in net/, its mount table, maps and command line)
+    are refused; the script's scratch directory, its own status and descriptors and
+    the interpreter's files are not."""
     source = src(f"""
     import os, json
     def handle(e, ctx):
@@ -132,15 +134,27 @@ async def test_the_hosts_files_are_unreadable(
             "init": attempt(lambda: open("/proc/1/cmdline").read()),
             "scratch": attempt(lambda: [os.listdir("."), open("mine.txt").read()]),
             "self": attempt(lambda: open("/proc/self/status").read()[:5]),
+            "fds": attempt(lambda: os.listdir("/proc/self/fd") and None),
             "stdlib": attempt(lambda: open(json.__file__).read()[:3]),
+            "net_tcp": attempt(lambda: open("/proc/net/tcp").read()),
+            "net_unix": attempt(lambda: open("/proc/self/net/unix").read()),
+            "thread_net": attempt(
+                lambda: open(f"/proc/self/task/{{os.getpid()}}/net/route").read()
+            ),
+            "mountinfo": attempt(lambda: open("/proc/self/mountinfo").read()),
+            "mounts": attempt(lambda: open("/proc/mounts").read()),
+            "maps": attempt(lambda: open("/proc/self/maps").read()),
+            "cmdline": attempt(lambda: open("/proc/self/cmdline").read()),
         }}
     """)
     seen = body(await executor.execute(make_request(source), host))
     assert isinstance(seen, dict)
-    for what in ("passwd", "source", "tmp", "server", "init"):
+    hidden = ("net_tcp", "net_unix", "thread_net", "mountinfo", "mounts", "maps", "cmdline")
+    for what in ("passwd", "source", "tmp", "server", "init", *hidden):
         assert seen[what].startswith("PermissionError"), (what, seen[what])
     assert seen["scratch"] == "ok: [['mine.txt'], 'scratch']"
     assert seen["self"].startswith("ok")
+    assert seen["fds"] == "ok: None"
     assert seen["stdlib"].startswith("ok")
 
 

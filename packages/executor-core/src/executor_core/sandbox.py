@@ -337,12 +337,21 @@ SYSTEM_READABLE = (
 )
 
 
+# What a worker may read of its own ``/proc`` entry: its descriptors and its own
+# counters. Not ``net`` (the host's sockets, listening ports, routes: /proc/net is
+# /proc/self/net), ``mountinfo``/``mounts`` (the host's mount table), ``maps``,
+# ``cmdline``, ``environ`` or ``task`` (the same again, per thread).
+OWN_PROC_READABLE = ("fd", "fdinfo", "stat", "statm", "status", "limits")
+
+
 def readable_paths() -> list[str]:
     """Everything a worker may read but not write: the interpreter's installation and
-    import path (as real paths), :data:`SYSTEM_READABLE` and its own ``/proc`` entry."""
+    import path (as real paths), :data:`SYSTEM_READABLE` and :data:`OWN_PROC_READABLE`
+    of its own ``/proc`` entry."""
     paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
     paths += [entry for entry in sys.path if entry]
-    paths += [*SYSTEM_READABLE, f"/proc/{os.getpid()}"]
+    paths += SYSTEM_READABLE
+    paths += [f"/proc/{os.getpid()}/{entry}" for entry in OWN_PROC_READABLE]
     out: list[str] = []
     for path in paths:
         real = os.path.realpath(path)
