@@ -1,11 +1,17 @@
 """The admin API's side of "a script gets no more data than its author held": every
 save records the saver's data capabilities; data triggers need ``app_read_data``;
-a dead letter's payload (the original event, the app's data) needs it too."""
+a dead letter's payload (the original event, the app's data) needs it too, and so do
+what an execution's script made of that data: its result, logs and error message."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+import sqlalchemy as sa
+
+from manager_core import tables as t
+from manager_core.api.executions import WITHHELD
 from picloud_shared.principals import Capability
 from tests.manager.api.endpoints import enqueue_execution, insert_dead_letter
 from tests.manager.api.helpers import SOURCE, Api
@@ -66,9 +72,45 @@ async def test_a_dead_letters_payload_is_shown_only_to_data_readers(api: Api) ->
     reader = await api.user("reader", C.APP_READ, C.APP_READ_DATA)
     (hidden,) = (await api.call("GET", url, watcher)).json()["items"]
     assert hidden["payload"] is None
-    assert hidden["error"]["message"] == "boom"
+    assert hidden["error"] == {"kind": "uncaught_exception", "message": WITHHELD}
     (shown,) = (await api.call("GET", url, reader)).json()["items"]
     assert shown["payload"]["value"] == 1
+    assert shown["error"]["message"] == "boom"
     resolved = await api.call("POST", f"{url}/{letter}/resolve", watcher)
     assert resolved.status_code == 200
     assert resolved.json()["payload"] is None
+    assert resolved.json()["error"]["message"] == WITHHELD
+
+
+async def test_what_a_script_made_of_the_data_is_shown_only_to_data_readers(api: Api) -> None:
+    """An execution's result, logs and error message (a script's own text, which may
+    quote a value) are withheld from an app_read member, in the list and one by one;
+    its status, attempts and error kind are not."""
+    execution_id = await enqueue_execution(api)
+    async with api.deps.users._engine.begin() as conn:
+        await conn.execute(
+            sa.update(t.executions)
+            .where(t.executions.c.id == execution_id)
+            .values(
+                status="failed",
+                attempts=1,
+                logs=["value is 4111-1111"],
+                result={"status": 200, "body": "4111-1111"},
+                error_kind="uncaught_exception",
+                error_message="ValueError: the secret is 4111-1111",
+            )
+        )
+    url = f"/apps/{api.app_id}/executions"
+    watcher = await api.user("watcher", C.APP_READ)
+    reader = await api.user("reader", C.APP_READ, C.APP_READ_DATA)
+    (listed,) = (await api.call("GET", url, watcher)).json()["items"]
+    one = (await api.call("GET", f"{url}/{execution_id}", watcher)).json()
+    for hidden in (listed, one):
+        assert "4111" not in json.dumps(hidden)
+        assert (hidden["status"], hidden["attempts"]) == ("failed", 1)
+        assert hidden["error"] == {"kind": "uncaught_exception", "message": WITHHELD}
+        assert (hidden["logs"], hidden["result"]) == (None, None)
+    shown = (await api.call("GET", f"{url}/{execution_id}", reader)).json()
+    assert shown["logs"] == ["value is 4111-1111"]
+    assert shown["result"] == {"status": 200, "body": "4111-1111"}
+    assert shown["error"]["message"] == "ValueError: the secret is 4111-1111"

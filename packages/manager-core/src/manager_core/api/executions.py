@@ -19,7 +19,7 @@ from picloud_shared.ids import DeadLetterId, ExecutionId
 from picloud_shared.outbox import OutboxSourceKind
 from picloud_shared.principals import Capability
 from picloud_shared.status import ExecutionStatus
-from picloud_shared.wire import JsonObject
+from picloud_shared.wire import Json, JsonObject
 
 if TYPE_CHECKING:
     from manager_core.api.deps import AdminDeps
@@ -58,6 +58,33 @@ def _key(item: Execution | DeadLetter) -> tuple[str, str]:
     return (item.created_at.isoformat(), str(item.id))
 
 
+WITHHELD = "withheld: reading it needs app_read_data"
+
+
+def _reads_data(call: Call) -> bool:
+    assert call.principal is not None
+    return call.principal.can(Capability.APP_READ_DATA)
+
+
+def _withhold_message(error: Json) -> Json:
+    if isinstance(error, dict):
+        return {**error, "message": WITHHELD}
+    return error
+
+
+def _execution_to_wire(call: Call, execution: Execution) -> JsonObject:
+    """An execution as the caller may see it. What its script made of the app's data
+    (``result``, ``logs``, and the error's ``message``: a script's exception or
+    rejection text) is withheld from a caller without ``app_read_data``; its status,
+    timing and error ``kind`` are not."""
+    body = execution.to_wire()
+    if not _reads_data(call):
+        body["result"] = None
+        body["logs"] = None
+        body["error"] = _withhold_message(body["error"])
+    return body
+
+
 async def list_executions(call: Call) -> Response:
     """Newest first; ``?status=&source_kind=`` filter."""
     page = PageRequest.from_request(call.request, key_size=2)
@@ -68,7 +95,7 @@ async def list_executions(call: Call) -> Response:
     rows = await call.deps.executions.list(
         call.app_id, page.fetch, after, status=status, source_kind=source_kind
     )
-    return page.respond(rows, _key, lambda e: e.to_wire())
+    return page.respond(rows, _key, lambda e: _execution_to_wire(call, e))
 
 
 async def get_execution(call: Call) -> Response:
@@ -77,17 +104,18 @@ async def get_execution(call: Call) -> Response:
     execution = await call.deps.executions.get(call.app_id, execution_id)
     if execution is None:
         raise NotFound("no such execution")
-    return json_response(execution.to_wire())
+    return json_response(_execution_to_wire(call, execution))
 
 
 def _letter_to_wire(call: Call, letter: DeadLetter) -> JsonObject:
     """A dead letter as the caller may see it: its ``payload`` is the event the failed
     script received (for ``http``, the route event), which carries the app's data (a
-    value, a document), so it is ``null`` for a caller without ``app_read_data``."""
+    value, a document), so it is ``null`` for a caller without ``app_read_data``, and
+    its error's ``message`` is withheld as an execution's is."""
     body = letter.to_wire()
-    assert call.principal is not None
-    if not call.principal.can(Capability.APP_READ_DATA):
+    if not _reads_data(call):
         body["payload"] = None
+        body["error"] = _withhold_message(body["error"])
     return body
 
 
