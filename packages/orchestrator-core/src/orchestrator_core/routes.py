@@ -453,4 +453,8 @@ def to_response(result: InboxResult) -> Response:
         ] + headers
         return response
     assert result.failure is not None
+    if result.failure is InboxFailureKind.INTERNAL:
+        # The platform's own trouble (a worker that died, a registrant whose rights
+        # lapsed): the caller learns the execution's id, its owners read the rest.
+        return _failure(result.failure, "internal error", result.execution_id)
     return _failure(result.failure, result.message, result.execution_id)
