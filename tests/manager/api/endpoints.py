@@ -3,7 +3,7 @@
 The capability matrix (``test_capability_matrix.py``) runs over this table, and a
 completeness test checks it against ``admin_routes``: a new endpoint must be
 appended here. Path templates are filled from the world ``seed_world`` builds:
-``{id}`` (the app), ``{user_id}`` (a user to manage), ``{name}`` (a script),
+``{id}`` (the app), ``{user_id}`` (a user to manage: "target"), ``{name}`` (a script),
 ``{route_id}`` (a route), ``{trigger_id}``, ``{key}``, ``{collection}``/``{doc_id}``,
 ``{execution_id}`` and ``{dl_id}``.
 """
@@ -32,6 +32,8 @@ class Endpoint:
     access: Capability | Access
     body: Any = None
     also: frozenset[Capability] = frozenset()  # needed besides ``access``
+    # ``Access.ANY_USER`` on one's own ``{user_id}`` only; an instance admin on anyone's.
+    own_user_only: bool = False
 
     @property
     def required(self) -> frozenset[Capability]:
@@ -53,6 +55,11 @@ class Endpoint:
 C = Capability
 ENDPOINTS: list[Endpoint] = [
     Endpoint("POST", "/users", Access.INSTANCE_ADMIN, {"name": "newbie"}),
+    Endpoint("GET", "/users", Access.INSTANCE_ADMIN),
+    Endpoint("GET", "/users/me", Access.ANY_USER),
+    Endpoint("PATCH", "/users/{user_id}", Access.INSTANCE_ADMIN, {"instance_admin": True}),
+    Endpoint("DELETE", "/users/{user_id}", Access.INSTANCE_ADMIN),
+    Endpoint("POST", "/users/{user_id}/token", Access.ANY_USER, own_user_only=True),
     Endpoint("POST", "/apps", Access.ANY_USER, {"name": "new-app"}),
     Endpoint("GET", "/apps", Access.ANY_USER),
     Endpoint("GET", "/apps/{id}", C.APP_READ),

@@ -62,11 +62,23 @@ async def test_an_instance_admin_may_call_every_endpoint(api: Api, endpoint: End
 
 @pytest.mark.parametrize("endpoint", [e for e in ENDPOINTS if e.access is Access.ANY_USER], ids=str)
 async def test_any_user_endpoints_need_no_membership(api: Api, endpoint: Endpoint) -> None:
-    """A user who is a member of nothing may still call them (2xx)."""
+    """A user who is a member of nothing may still call them (2xx; on their own
+    ``{user_id}`` for an endpoint about one's own user)."""
     world = await seed_world(api)
-    token = await api.user("loner")
+    user_id, token = await api.user_id("loner")
+    world = {**world, "user_id": user_id} if endpoint.own_user_only else world
     resp = await api.call(endpoint.method, endpoint.url(world), token, endpoint.body)
     assert resp.status_code < 300, resp.text
+
+
+@pytest.mark.parametrize("endpoint", [e for e in ENDPOINTS if e.own_user_only], ids=str)
+async def test_own_user_endpoints_refuse_other_users(api: Api, endpoint: Endpoint) -> None:
+    """On another user's ``{user_id}``, a user who is not an instance admin is 403,
+    even holding every app capability."""
+    world = await seed_world(api)
+    resp = await api.call(endpoint.method, endpoint.url(world), api.owner, endpoint.body)
+    assert resp.status_code == 403, resp.text
+    assert resp.json()["error"]["code"] == "forbidden"
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,20 @@
 A token is ``pc_`` + 32 random bytes (urlsafe base64). Only its SHA-256 is
 stored; :meth:`PostgresUserRepo.authenticate` looks the hash up through the
 unique index on ``users.token_hash`` and compares it in constant time, so
-neither the token nor a timing difference on it is ever exposed.
+neither the token nor a timing difference on it is ever exposed. Every request
+authenticates afresh: a rotated token or a deleted user stops working at once.
+
+Two rules keep the instance manageable, whatever is revoked:
+
+- there is always an instance admin: the last one can be neither deleted nor
+  demoted (``Conflict``);
+- an app keeps a member holding ``app_manage_members`` (the apps repo's
+  last-manager rule): a user who is the only one of some app cannot be deleted
+  (``Conflict``, naming the apps) until another member holds it or the app is gone.
+
+Deleting a user removes their memberships; the apps they created stay, and the
+routes and triggers they registered stay but no longer run (their executions fail
+``principal_revoked``).
 """
 
 from __future__ import annotations
@@ -12,23 +25,31 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Sequence
 from datetime import datetime
 
 import attrs
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import any_, delete, exists, func, insert, literal, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
-from manager_core.db import transaction, translate_integrity_error
-from picloud_shared.errors import Conflict, InvalidInput, InvalidName
-from picloud_shared.ids import UserId
-from picloud_shared.limits import MIN_TOKEN_CHARS
+from manager_core.db import in_transaction, transaction, translate_integrity_error
+from manager_core.postgres._quota import lock_app
+from picloud_shared.errors import Conflict, InvalidInput, InvalidName, NotFound
+from picloud_shared.ids import AppId, UserId
+from picloud_shared.limits import MAX_LIST_LIMIT, MIN_TOKEN_CHARS
+from picloud_shared.principals import Capability
 
 TOKEN_PREFIX = "pc_"
 USER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}")
-# Serialises first-start admin creation across several `picloud serve` processes.
+# Serialises first-start admin creation across several `picloud serve` processes,
+# and every change that could leave no instance admin (delete, demote).
 _ADMIN_BOOTSTRAP_LOCK = 0x70C1_0AD1
+# A user delete cascades into rows running executions may hold: re-run on a deadlock.
+DELETE_ATTEMPTS = 10
+# How many apps a refused delete names.
+_NAMED_APPS = 5
 
 
 @attrs.frozen
@@ -129,6 +150,106 @@ class PostgresUserRepo:
             row = (await c.execute(stmt)).one_or_none()
         return None if row is None else _user(row)
 
+    async def get_by_name(self, name: str, *, conn: AsyncConnection | None = None) -> User | None:
+        """One user by name, or ``None``."""
+        stmt = select(*_USER_COLUMNS).where(t.users.c.name == name)
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        return None if row is None else _user(row)
+
+    async def list_users(
+        self,
+        *,
+        limit: int = 100,
+        after: str | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> Sequence[User]:
+        """Users in name order, starting after the name ``after`` (at most
+        ``MAX_LIST_LIMIT``)."""
+        stmt = select(*_USER_COLUMNS).order_by(t.users.c.name).limit(min(limit, MAX_LIST_LIMIT))
+        if after is not None:
+            stmt = stmt.where(t.users.c.name > after)
+        async with transaction(conn or self._engine) as c:
+            rows = (await c.execute(stmt)).all()
+        return [_user(r) for r in rows]
+
+    async def rotate_token(
+        self, user_id: UserId, *, conn: AsyncConnection | None = None
+    ) -> tuple[User, str]:
+        """Give the user a fresh token (returned, shown once); the old one stops
+        working. Raises ``NotFound``."""
+        token = new_token()
+        stmt = (
+            update(t.users)
+            .where(t.users.c.id == user_id)
+            .values(token_hash=hash_token(token))
+            .returning(*_USER_COLUMNS)
+        )
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        if row is None:
+            raise NotFound("no such user")
+        return _user(row), token
+
+    async def set_instance_admin(
+        self, user_id: UserId, instance_admin: bool, *, conn: AsyncConnection | None = None
+    ) -> User:
+        """Promote or demote the user; returns them as stored.
+
+        Raises ``NotFound``, or ``Conflict`` when it would demote the last instance admin.
+        """
+        async with transaction(conn or self._engine) as c:
+            await _lock_instance_admins(c)
+            user = await self._locked(c, user_id)
+            if user.is_instance_admin and not instance_admin:
+                await _keep_an_instance_admin(c, user)
+            row = (
+                await c.execute(
+                    update(t.users)
+                    .where(t.users.c.id == user_id)
+                    .values(is_instance_admin=instance_admin)
+                    .returning(*_USER_COLUMNS)
+                )
+            ).one()
+        return _user(row)
+
+    async def delete(self, user_id: UserId, *, conn: AsyncConnection | None = None) -> User:
+        """Delete the user and their memberships; returns who was deleted. Their token
+        stops working; apps they created stay (``created_by`` NULL), and so do routes
+        and triggers they registered, whose executions then fail ``principal_revoked``.
+
+        Raises ``NotFound``, or ``Conflict`` when the user is the last instance admin
+        or the only member holding ``app_manage_members`` of some app.
+        """
+
+        async def body(c: AsyncConnection) -> User:
+            await _lock_instance_admins(c)
+            # The apps first, in id order, as member changes lock them (lock_app):
+            # a concurrent change to who manages them is seen, not raced.
+            member_of = await c.scalars(
+                select(t.app_members.c.app_id)
+                .where(t.app_members.c.user_id == user_id)
+                .order_by(t.app_members.c.app_id)
+            )
+            for app_id in member_of.all():
+                await lock_app(c, AppId(app_id))
+            user = await self._locked(c, user_id)
+            if user.is_instance_admin:
+                await _keep_an_instance_admin(c, user)
+            await _keep_app_managers(c, user)
+            await c.execute(delete(t.users).where(t.users.c.id == user_id))
+            return user
+
+        return await in_transaction(conn or self._engine, body, attempts=DELETE_ATTEMPTS)
+
+    @staticmethod
+    async def _locked(c: AsyncConnection, user_id: UserId) -> User:
+        stmt = select(*_USER_COLUMNS).where(t.users.c.id == user_id).with_for_update()
+        row = (await c.execute(stmt)).one_or_none()
+        if row is None:
+            raise NotFound("no such user")
+        return _user(row)
+
     async def ensure_instance_admin(
         self, name: str, token: str, *, conn: AsyncConnection | None = None
     ) -> User | None:
@@ -175,6 +296,49 @@ class PostgresUserRepo:
                 return (await c.execute(stmt)).rowcount > 0
         except IntegrityError as exc:
             raise Conflict("another user holds that token") from exc
+
+
+async def _lock_instance_admins(c: AsyncConnection) -> None:
+    """One change to who is an instance admin at a time (two admins deleting each
+    other at once must not both succeed)."""
+    await c.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADMIN_BOOTSTRAP_LOCK})
+
+
+async def _keep_an_instance_admin(c: AsyncConnection, user: User) -> None:
+    """Refuse when ``user`` is the only instance admin."""
+    other = await c.scalar(
+        select(exists().where(t.users.c.is_instance_admin & (t.users.c.id != user.id)))
+    )
+    if not other:
+        raise Conflict(
+            f"{user.name!r} is the last instance admin; make another user an instance admin first"
+        )
+
+
+async def _keep_app_managers(c: AsyncConnection, user: User) -> None:
+    """Refuse when ``user`` is the only member holding ``app_manage_members`` of an app."""
+    holds = literal(Capability.APP_MANAGE_MEMBERS.value) == any_(t.app_members.c.capabilities)
+    other = t.app_members.alias("other")
+    other_holds = literal(Capability.APP_MANAGE_MEMBERS.value) == any_(other.c.capabilities)
+    stmt = (
+        select(t.apps.c.name)
+        .join(t.app_members, t.app_members.c.app_id == t.apps.c.id)
+        .where(t.app_members.c.user_id == user.id, holds)
+        .where(
+            ~exists().where(
+                (other.c.app_id == t.apps.c.id) & (other.c.user_id != user.id) & other_holds
+            )
+        )
+        .order_by(t.apps.c.name)
+        .limit(_NAMED_APPS + 1)
+    )
+    names = list((await c.scalars(stmt)).all())
+    if names:
+        shown = ", ".join(names[:_NAMED_APPS]) + (", ..." if len(names) > _NAMED_APPS else "")
+        raise Conflict(
+            f"{user.name!r} is the only member holding app_manage_members of app(s) {shown};"
+            " give it to another member (or delete the app) first"
+        )
 
 
 def _check_token(token: object) -> str:
