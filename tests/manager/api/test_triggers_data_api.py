@@ -133,6 +133,30 @@ async def test_kv_round_trip_with_slashes_in_the_key(api: Api) -> None:
     assert (await api.call("GET", url)).status_code == 404
 
 
+@pytest.mark.parametrize("escape", ["%ff", "%fe", "%80", "%ED%A0%80"])
+async def test_an_escape_that_is_no_utf8_names_no_key_nor_document(api: Api, escape: str) -> None:
+    """``kv/%ff`` and ``kv/%fe`` would both decode to U+FFFD, one key: each is 422
+    (for KV, documents and a list's prefix) and nothing is written; a U+FFFD the path
+    spells (``%EF%BF%BD``) is a key like any other."""
+    tried = [
+        ("PUT", f"/kv/{escape}"),
+        ("GET", f"/kv/{escape}"),
+        ("PUT", f"/docs/c/{escape}"),
+        ("DELETE", f"/docs/c/a{escape}"),
+    ]
+    for method, rest in tried:
+        r = await api.call(method, _url(api, rest), body={"n": 1} if method == "PUT" else None)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_input"), rest
+    listed = await api.call("GET", _url(api, f"/kv?prefix={escape}"))
+    assert (listed.status_code, listed.json()["error"]["code"]) == (422, "invalid_input")
+    assert (await api.call("GET", _url(api, "/kv"))).json()["items"] == []
+    spelled = _url(api, "/kv/%EF%BF%BD")
+    assert (await api.call("PUT", spelled, body=1)).json()["key"] == "\ufffd"
+    assert (await api.call("GET", _url(api, "/kv?prefix=%EF%BF%BD"))).json()["items"][0][
+        "key"
+    ] == "\ufffd"
+
+
 async def test_admin_kv_writes_fire_kv_triggers(api: Api) -> None:
     """A PUT through the admin API writes one outbox row per matching trigger."""
     await api.script("s")

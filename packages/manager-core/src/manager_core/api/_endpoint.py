@@ -27,6 +27,7 @@ from manager_core.api._http import (
     internal_error_response,
     path_uuid,
     read_json,
+    strict_utf8,
 )
 from manager_core.db import is_retryable_conflict, is_unavailable
 from manager_core.postgres.users import User
@@ -70,8 +71,20 @@ class Call:
         return self.principal.app_id
 
     def path(self, name: str) -> str:
-        """A path parameter."""
-        return str(self.request.path_params[name])
+        """A path parameter. ``InvalidInput`` when it holds a U+FFFD the path did not
+        spell: the server decodes an escape that is no UTF-8 (``%ff``) to one, so
+        ``kv/%ff`` and ``kv/%fe`` would name the same key."""
+        value = str(self.request.path_params[name])
+        if "\ufffd" in value:
+            strict_utf8(self.request.scope.get("raw_path"), "the request path")
+        return value
+
+    def query(self, name: str, default: str = "") -> str:
+        """A query parameter, refused as :meth:`path` refuses."""
+        value = self.request.query_params.get(name, default)
+        if "\ufffd" in value:
+            strict_utf8(self.request.scope.get("query_string"), "the query string")
+        return value
 
     async def fields(self) -> Fields:
         """The JSON object body."""

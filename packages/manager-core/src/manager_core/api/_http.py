@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import anyio
 from starlette.requests import Request
@@ -152,3 +153,13 @@ class Fields:
         if value is not default and not all(isinstance(v, str) for v in value):
             raise InvalidInput(f"field {name!r} must be a list of strings")
         return value
+
+
+def strict_utf8(raw: object, what: str) -> None:
+    """Raise ``InvalidInput`` unless the percent-decoded ``raw`` bytes are UTF-8."""
+    if not isinstance(raw, bytes):
+        return
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{what} is not UTF-8 once its %-escapes are decoded") from None

@@ -44,7 +44,7 @@ async def delete_value(call: Call) -> Response:
 async def list_values(call: Call) -> Response:
     """Entries whose key starts with ``?prefix=``, in key order."""
     page = PageRequest.from_request(call.request)
-    prefix = call.request.query_params.get("prefix", "")
+    prefix = call.query("prefix")
     rows = await call.deps.kv.list(
         call.app_id, prefix, page.fetch, None if page.after is None else page.after[0]
     )
