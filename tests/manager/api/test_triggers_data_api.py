@@ -166,6 +166,24 @@ async def test_admin_kv_writes_fire_kv_triggers(api: Api) -> None:
     assert await _outbox_rows(api) == 1
 
 
+async def test_admin_writes_fire_at_the_depth_a_route_scripts_writes_do(api: Api) -> None:
+    """Every admin write (KV put and delete, document post, put, replace and delete)
+    fires its trigger at trigger_depth 1, as a write by a depth-0 script does, so a
+    self-triggering script runs as often after either."""
+    await api.script("s")
+    await api.call("POST", _url(api, "/triggers/kv"), body=KINDS["kv"])
+    await api.call("POST", _url(api, "/triggers/docs"), body=KINDS["docs"])
+    await api.call("PUT", _url(api, "/kv/orders/1"), body=1)
+    await api.call("DELETE", _url(api, "/kv/orders/1"))
+    posted = (await api.call("POST", _url(api, "/docs/orders"), body={"n": 1})).json()
+    await api.call("PUT", _url(api, "/docs/orders/x"), body={"n": 1})
+    await api.call("PUT", _url(api, "/docs/orders/x"), body={"n": 2})
+    await api.call("DELETE", _url(api, f"/docs/orders/{posted['id']}"))
+    async with api.deps.users._engine.connect() as conn:
+        depths = (await conn.scalars(sa.select(t.outbox.c.trigger_depth))).all()
+    assert depths == [1] * 6
+
+
 async def test_kv_value_over_256_kib_is_413(api: Api) -> None:
     """The KV value limit answers 413."""
     resp = await api.call("PUT", _url(api, "/kv/big"), body="x" * (256 * 1024))

@@ -1,5 +1,5 @@
 """An app's document store through the admin API. Writes fire docs triggers
-exactly as script writes do (``trigger_depth`` 0).
+exactly as script writes do (at ``trigger_depth`` 1, as KV writes: :mod:`.kv`).
 
 POST inserts with a generated id; PUT replaces a document, creating it under
 that id when it does not exist yet (201 then, 200 on replace).
@@ -18,6 +18,7 @@ from starlette.responses import Response
 from manager_core.api._endpoint import Call, Operation, Resource
 from manager_core.api._http import json_response, no_content, read_json
 from manager_core.api._pagination import PageRequest
+from manager_core.api.kv import ADMIN_WRITE_DEPTH
 from picloud_shared.domain import check_collection
 from picloud_shared.errors import Conflict, InvalidInput, NotFound
 from picloud_shared.principals import Capability
@@ -41,7 +42,9 @@ async def _data(call: Call) -> JsonObject:
 async def insert_document(call: Call) -> Response:
     """The body is the document → 201 ``{"id", "data"}``."""
     collection = _collection(call)
-    doc = await call.deps.documents.insert(call.app_id, collection, await _data(call))
+    doc = await call.deps.documents.insert(
+        call.app_id, collection, await _data(call), trigger_depth=ADMIN_WRITE_DEPTH
+    )
     return json_response(doc.to_wire(), 201)
 
 
@@ -52,11 +55,15 @@ async def put_document(call: Call) -> Response:
     docs = call.deps.documents
     for _ in range(2):  # an insert racing ours turns into a replace
         try:
-            doc = await docs.update(call.app_id, collection, doc_id, data)
+            doc = await docs.update(
+                call.app_id, collection, doc_id, data, trigger_depth=ADMIN_WRITE_DEPTH
+            )
             return json_response(doc.to_wire())
         except NotFound:
             try:
-                doc = await docs.insert(call.app_id, collection, data, doc_id)
+                doc = await docs.insert(
+                    call.app_id, collection, data, doc_id, trigger_depth=ADMIN_WRITE_DEPTH
+                )
                 return json_response(doc.to_wire(), 201)
             except Conflict:
                 continue
@@ -75,7 +82,10 @@ async def get_document(call: Call) -> Response:
 async def delete_document(call: Call) -> Response:
     """204, or 404 when the document does not exist."""
     collection, doc_id = _collection(call), call.path("doc_id")
-    if not await call.deps.documents.delete(call.app_id, collection, doc_id):
+    deleted = await call.deps.documents.delete(
+        call.app_id, collection, doc_id, trigger_depth=ADMIN_WRITE_DEPTH
+    )
+    if not deleted:
         raise NotFound(f"no document {doc_id!r} in {collection!r}")
     return no_content()
 

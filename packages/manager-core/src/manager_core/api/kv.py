@@ -1,5 +1,7 @@
 """An app's key-value store through the admin API. Writes fire KV triggers
-exactly as script writes do (``trigger_depth`` 0)."""
+exactly as script writes do: an admin write is an origin, as an HTTP request is, so
+the executions it fires are at ``trigger_depth`` 1 (:data:`ADMIN_WRITE_DEPTH`), as
+those a route's script fires are."""
 
 from __future__ import annotations
 
@@ -16,11 +18,16 @@ from picloud_shared.principals import Capability
 if TYPE_CHECKING:
     from manager_core.api.deps import AdminDeps
 
+ADMIN_WRITE_DEPTH = 1
+"""The ``trigger_depth`` of what an admin write fires: that of a depth-0 script's write."""
+
 
 async def put_value(call: Call) -> Response:
     """The body is the JSON value → 200 ``{"key", "value", "version"}``."""
     value = await read_json(call.request)
-    entry = await call.deps.kv.set(call.app_id, call.path("key"), value)
+    entry = await call.deps.kv.set(
+        call.app_id, call.path("key"), value, trigger_depth=ADMIN_WRITE_DEPTH
+    )
     return json_response(entry.to_wire())
 
 
@@ -36,7 +43,7 @@ async def get_value(call: Call) -> Response:
 async def delete_value(call: Call) -> Response:
     """204, or 404 when the key does not exist."""
     key = call.path("key")
-    if not await call.deps.kv.delete(call.app_id, key):
+    if not await call.deps.kv.delete(call.app_id, key, trigger_depth=ADMIN_WRITE_DEPTH):
         raise NotFound(f"no key {key!r}")
     return no_content()
 
