@@ -1,4 +1,6 @@
-"""The ``picloud`` command line: ``serve``, ``migrate`` (and, later, ``admin``).
+"""The ``picloud`` command line: ``serve``, ``migrate`` and ``admin`` (``create-user``,
+``delete-user``, ``rotate-token``: for an operator at the database, e.g. one who lost
+every instance admin's token).
 
 Each subcommand is a ``_cmd_<name>(args, settings) -> int`` function registered on
 its own subparser; ``main()`` reads the settings once and returns its exit code.
@@ -9,9 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -20,6 +22,7 @@ from picloud.settings import Settings
 __all__ = ["main"]
 
 EMBEDDED_DATABASE = "picloud"
+T = TypeVar("T")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -48,6 +51,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_data_dir(create_user)
     create_user.set_defaults(handler=_cmd_create_user)
+
+    delete_user = admin_commands.add_parser(
+        "delete-user",
+        help="delete a user: their token stops working and their memberships are gone",
+    )
+    delete_user.add_argument("name")
+    _add_data_dir(delete_user)
+    delete_user.set_defaults(handler=_cmd_delete_user)
+
+    rotate_token = admin_commands.add_parser(
+        "rotate-token", help="give a user a new token and print it; the old one stops working"
+    )
+    rotate_token.add_argument("name")
+    _add_data_dir(rotate_token)
+    rotate_token.set_defaults(handler=_cmd_rotate_token)
     return parser
 
 
@@ -145,6 +163,58 @@ def _cmd_create_user(args: argparse.Namespace, settings: Settings) -> int:
             token = create_user(url, args.name, args.instance_admin)
     except Exception as exc:  # PicloudError (name taken, bad name) or a database error
         print(f"picloud admin create-user: {exc}", file=sys.stderr)
+        return 1
+    print(token)
+    return 0
+
+
+def _on_user(settings: Settings, name: str, action: Callable[[Any, Any], Awaitable[T]]) -> T:
+    """``await action(users_repo, user)`` for the user called ``name``, on the database
+    ``serve`` would use. Raises ``NotFound`` when there is no such user."""
+    import anyio
+
+    from manager_core.db import make_engine
+    from manager_core.postgres.users import PostgresUserRepo
+    from picloud.runtime import database
+    from picloud_shared.errors import NotFound
+
+    async def run(url: str) -> T:
+        engine = make_engine(url, pool_size=1, max_overflow=0)
+        try:
+            users = PostgresUserRepo(engine)
+            user = await users.get_by_name(name)
+            if user is None:
+                raise NotFound(f"no user named {name!r}")
+            return await action(users, user)
+        finally:
+            await engine.dispose()
+
+    with database(settings) as url:
+        return anyio.run(run, url)
+
+
+def _cmd_delete_user(args: argparse.Namespace, settings: Settings) -> int:
+    async def delete(users: Any, user: Any) -> None:
+        await users.delete(user.id)
+
+    try:
+        _on_user(settings, args.name, delete)
+    except Exception as exc:  # PicloudError (no such user, last admin, ...) or the database
+        print(f"picloud admin delete-user: {exc}", file=sys.stderr)
+        return 1
+    print(f"picloud admin delete-user: deleted user {args.name!r}", file=sys.stderr)
+    return 0
+
+
+def _cmd_rotate_token(args: argparse.Namespace, settings: Settings) -> int:
+    async def rotate(users: Any, user: Any) -> str:
+        _, token = await users.rotate_token(user.id)
+        return str(token)
+
+    try:
+        token = _on_user(settings, args.name, rotate)
+    except Exception as exc:  # PicloudError (no such user) or a database error
+        print(f"picloud admin rotate-token: {exc}", file=sys.stderr)
         return 1
     print(token)
     return 0

@@ -1,0 +1,129 @@
+"""`picloud admin delete-user` and `rotate-token` as operators run them (a subprocess of
+the installed entry point), and what the next start does with the bootstrap `admin`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from manager_core.db import make_engine
+from manager_core.postgres.users import PostgresUserRepo
+from picloud.runtime import ADMIN_NAME, bootstrap_admin
+from picloud.settings import Settings
+
+PICLOUD = Path(sys.executable).parent / "picloud"
+ADMIN_TOKEN = "bootstrap-admin-token-0123456789"
+
+
+def _admin(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``picloud admin ARGS`` on ``db_url``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PICLOUD_")}
+    return subprocess.run(
+        [str(PICLOUD), "admin", *args],
+        env={**clean, "PICLOUD_DATABASE_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _holder(url: str, token: str) -> str | None:
+    """The name of the user ``token`` authenticates, if any."""
+
+    async def look() -> str | None:
+        engine = make_engine(url, pool_size=1, max_overflow=0)
+        try:
+            user = await PostgresUserRepo(engine).authenticate(token)
+            return None if user is None else user.name
+        finally:
+            await engine.dispose()
+
+    return anyio.run(look)
+
+
+def _created(db_url: str, name: str, *flags: str) -> str:
+    made = _admin(db_url, "create-user", name, *flags)
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip()
+
+
+def test_rotate_token_prints_a_new_token_and_the_old_one_stops_working(db_url: str) -> None:
+    """Exit 0, the new token alone on stdout; it authenticates, the old one does not."""
+    old = _created(db_url, "ann")
+    result = _admin(db_url, "rotate-token", "ann")
+    assert result.returncode == 0, result.stderr
+    new = result.stdout.strip()
+    assert new.startswith("pc_")
+    assert new != old
+    assert (_holder(db_url, old), _holder(db_url, new)) == (None, "ann")
+
+
+def test_delete_user_removes_the_user_and_their_token(db_url: str) -> None:
+    """Exit 0; the token stops working, and deleting again is exit 1 "no user"."""
+    token = _created(db_url, "ann")
+    result = _admin(db_url, "delete-user", "ann")
+    assert result.returncode == 0, result.stderr
+    assert "deleted user 'ann'" in result.stderr
+    assert _holder(db_url, token) is None
+    again = _admin(db_url, "delete-user", "ann")
+    assert again.returncode == 1
+    assert "no user named 'ann'" in again.stderr
+
+
+@pytest.mark.parametrize("command", ["delete-user", "rotate-token"])
+def test_an_unknown_name_is_exit_1_without_a_traceback(db_url: str, command: str) -> None:
+    """Exit 1 naming the user, nothing on stdout."""
+    result = _admin(db_url, command, "nobody")
+    assert result.returncode == 1
+    assert (result.stdout, "no user named 'nobody'" in result.stderr) == ("", True)
+    assert "Traceback" not in result.stderr
+
+
+def test_the_last_instance_admin_cannot_be_deleted(db_url: str) -> None:
+    """Exit 1 "last instance admin" and the admin's token still works; with a second
+    instance admin the delete goes through."""
+    token = _created(db_url, "root", "--instance-admin")
+    refused = _admin(db_url, "delete-user", "root")
+    assert refused.returncode == 1
+    assert "last instance admin" in refused.stderr
+    assert _holder(db_url, token) == "root"
+    _created(db_url, "ops", "--instance-admin")
+    assert _admin(db_url, "delete-user", "root").returncode == 0
+
+
+def test_a_deleted_bootstrap_admin_is_not_recreated_while_another_admin_exists(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`admin` deleted (another instance admin exists): a start with the same
+    PICLOUD_ADMIN_TOKEN creates no `admin` and the token stays revoked; `admin` is only
+    created by a start that finds no instance admin at all."""
+    settings = Settings(database_url=db_url, admin_token=ADMIN_TOKEN)
+    bootstrap_admin(db_url, settings)
+    assert _holder(db_url, ADMIN_TOKEN) == ADMIN_NAME
+    _created(db_url, "ops", "--instance-admin")
+    assert _admin(db_url, "delete-user", ADMIN_NAME).returncode == 0
+    capsys.readouterr()
+    bootstrap_admin(db_url, settings)
+    assert capsys.readouterr().err == ""
+    assert _holder(db_url, ADMIN_TOKEN) is None
+
+
+def test_a_start_with_the_admin_token_setting_undoes_a_rotation_of_admin(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rotate-token admin` works until the next start with PICLOUD_ADMIN_TOKEN, which
+    gives `admin` that token again: rotate `admin` by changing the setting."""
+    settings = Settings(database_url=db_url, admin_token=ADMIN_TOKEN)
+    bootstrap_admin(db_url, settings)
+    rotated = _admin(db_url, "rotate-token", ADMIN_NAME).stdout.strip()
+    assert (_holder(db_url, ADMIN_TOKEN), _holder(db_url, rotated)) == (None, ADMIN_NAME)
+    capsys.readouterr()
+    bootstrap_admin(db_url, settings)
+    assert "is now PICLOUD_ADMIN_TOKEN" in capsys.readouterr().err
+    assert (_holder(db_url, ADMIN_TOKEN), _holder(db_url, rotated)) == (ADMIN_NAME, None)
