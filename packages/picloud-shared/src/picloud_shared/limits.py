@@ -58,6 +58,12 @@ MAX_LIST_LIMIT = 1000
 # against its triggers.
 MAX_ROUTES_PER_APP = 500
 MAX_TRIGGERS_PER_APP = 500
+# Scripts are stored whole (up to MAX_SCRIPT_SOURCE_BYTES each, counted in the app's
+# storage quota): without a cap one app could hold any number of them.
+MAX_SCRIPTS_PER_APP = 500
+# Apps a user (not an instance admin) created and that still exist: each app has its
+# own storage quota, so without a cap one token multiplies the quota at will.
+MAX_APPS_PER_USER = 100
 MAX_ROUTE_PARAMS = 16  # {name} segments in one route path
 MAX_ROUTE_PATH_CHARS = 1024
 # JSON values (bodies, KV values, documents, host-call arguments): at most this many

@@ -1,14 +1,15 @@
 """Apps and their members.
 
-``POST /apps`` is open to every user (the creator gets every capability);
-``GET /apps`` lists the apps where the caller holds ``app_read`` (all of them
-for an instance admin). ``PUT /apps/{id}/members/{user_id}`` replaces a member's
-capabilities; a caller who is not an instance admin may only grant or revoke
-capabilities they hold themselves, so nobody escalates through it.
+``POST /apps`` is open to every user (the creator gets every capability), up to
+``MAX_APPS_PER_USER`` apps they created at a time (422 ``limit_exceeded``; instance
+admins have no cap); ``GET /apps`` lists the apps where the caller holds
+``app_read`` (all of them for an instance admin). ``PUT /apps/{id}/members/{user_id}``
+replaces a member's capabilities; a caller who is not an instance admin may only
+grant or revoke capabilities they hold themselves, so nobody escalates through it.
 
 An app answers (created, read or listed) with ``storage_bytes`` (what it stores
-now: the usage its storage quota is checked against) and ``storage_quota_bytes``
-(``null``: unlimited).
+now, its scripts' sources included: the usage its storage quota is checked against)
+and ``storage_quota_bytes`` (``null``: unlimited).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ async def apps_to_wire(deps: AdminDeps, apps: Sequence[App]) -> dict[AppId, Json
 
 
 async def create_app(call: Call) -> Response:
-    """``{"name"}`` → 201 app (``storage_bytes`` 0); 409 when the name is taken."""
+    """``{"name"}`` → 201 app (``storage_bytes`` 0); 409 when the name is taken, 422
+    ``limit_exceeded`` when the caller already has ``MAX_APPS_PER_USER`` apps."""
     fields = await call.fields()
     app = await call.deps.apps.create(fields.text("name"), call.user.id)
     return json_response((await apps_to_wire(call.deps, [app]))[app.id], 201)

@@ -1,4 +1,9 @@
-"""An app's scripts: create, update (bumps ``version``), read, list, delete."""
+"""An app's scripts: create, update (bumps ``version``), read, list, delete.
+
+An app holds at most ``MAX_SCRIPTS_PER_APP`` scripts (422 ``limit_exceeded``), and
+their sources count in its storage quota: a create or update that would grow the app
+past it is answered 507 ``storage_quota_exceeded``.
+"""
 
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ async def create_script(call: Call) -> Response:
         timeout_seconds=fields.integer("timeout_seconds", DEFAULT_TIMEOUT_SECONDS),
         memory_limit_mb=fields.integer("memory_limit_mb", DEFAULT_MEMORY_LIMIT_MB),
         data_capabilities=_authors_data_capabilities(call),
+        quota=call.deps.quota,
     )
     return json_response(script_to_wire(script), 201)
 
@@ -93,6 +99,7 @@ async def update_script(call: Call) -> Response:
         timeout_seconds=fields.integer("timeout_seconds", None),
         memory_limit_mb=fields.integer("memory_limit_mb", None),
         data_capabilities=_authors_data_capabilities(call),
+        quota=call.deps.quota,
     )
     return json_response(script_to_wire(script))
 
@@ -100,7 +107,7 @@ async def update_script(call: Call) -> Response:
 async def delete_script(call: Call) -> Response:
     """Delete a script (409 while a route or trigger uses it); 204."""
     name = _name(call)
-    if not await call.deps.scripts.delete(call.app_id, name):
+    if not await call.deps.scripts.delete(call.app_id, name, quota=call.deps.quota):
         raise NotFound(f"no script named {name!r}")
     return no_content()
 

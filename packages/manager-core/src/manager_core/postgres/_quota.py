@@ -1,4 +1,5 @@
-"""Per-app quotas on configuration rows (``MAX_ROUTES_PER_APP``, ...)."""
+"""Quotas on configuration rows: per app (``MAX_ROUTES_PER_APP``, ...) and the apps a
+user created (``MAX_APPS_PER_USER``)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager_core import tables as t
-from picloud_shared.errors import LimitExceeded
-from picloud_shared.ids import AppId
+from picloud_shared.errors import LimitExceeded, NotFound
+from picloud_shared.ids import AppId, UserId
 
 
 async def lock_app(c: AsyncConnection, app_id: AppId) -> None:
@@ -30,3 +31,27 @@ async def check_quota(
     )
     if held is not None and held >= limit:
         raise LimitExceeded(f"an app holds at most {limit} {what}")
+
+
+async def check_apps_created(c: AsyncConnection, user_id: UserId, limit: int) -> None:
+    """Raise ``LimitExceeded`` when the user, unless an instance admin, created
+    ``limit`` apps that still exist; ``NotFound`` when there is no such user. The
+    user row is locked first (``FOR NO KEY UPDATE``, which the key-share locks of
+    rows referring to the user do not wait for), so one user's concurrent creates
+    are counted in turn."""
+    is_admin = await c.scalar(
+        sa.select(t.users.c.is_instance_admin)
+        .where(t.users.c.id == user_id)
+        .with_for_update(key_share=True)
+    )
+    if is_admin is None:
+        raise NotFound("no such user")
+    if is_admin:
+        return
+    held = await c.scalar(
+        sa.select(sa.func.count()).select_from(t.apps).where(t.apps.c.created_by == user_id)
+    )
+    if held is not None and held >= limit:
+        raise LimitExceeded(
+            f"a user may have at most {limit} apps they created; delete one to create another"
+        )

@@ -8,6 +8,10 @@ A member row always holds at least one capability (setting none removes it).
 An app never loses its last member who can manage members: a change that would
 take ``app_manage_members`` from them is refused (``Conflict``), so an app cannot be
 left with nobody but an instance admin able to fix its membership.
+
+A user who is not an instance admin may have at most ``MAX_APPS_PER_USER`` apps they
+created (``apps.created_by``) at a time (``LimitExceeded``): each app has its own
+storage quota, and without a cap one token would multiply it at will.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from manager_core.db import (
     transaction,
     translate_integrity_error,
 )
-from manager_core.postgres._quota import lock_app
+from manager_core.postgres._quota import check_apps_created, lock_app
 from manager_core.postgres._rows import (
     APP_COLUMNS,
     app_from_row,
@@ -37,6 +41,7 @@ from manager_core.postgres._rows import (
 from picloud_shared.domain import App, check_app_name
 from picloud_shared.errors import Conflict, NotFound
 from picloud_shared.ids import AppId, UserId
+from picloud_shared.limits import MAX_APPS_PER_USER
 from picloud_shared.principals import ALL_CAPABILITIES, Capability, Principal
 
 # An admin delete can wait: it runs again more often than other transactions do.
@@ -57,11 +62,16 @@ class PostgresAppRepo:
     ) -> App:
         """Create an app; its creator becomes a member holding every capability.
 
-        Raises ``InvalidName``, ``Conflict`` (name taken) or ``NotFound`` (no such user).
+        Raises ``InvalidName``, ``Conflict`` (name taken), ``NotFound`` (no such user)
+        or ``LimitExceeded`` (the user, not an instance admin, already has
+        ``MAX_APPS_PER_USER`` apps they created).
         """
         check_app_name(name)
         try:
             async with transaction(conn or self._engine) as c:
+                # The user row is locked from here on: their concurrent creates count
+                # in turn.
+                await check_apps_created(c, created_by, MAX_APPS_PER_USER)
                 row = (
                     await c.execute(
                         insert(t.apps)

@@ -4,6 +4,13 @@ Limits (API.md): source at most 256 KiB of UTF-8 (``PayloadTooLarge``),
 ``timeout_seconds`` 1-300 and ``memory_limit_mb`` 16-2048 (``LimitExceeded``).
 A script still used by a route or trigger cannot be deleted (``Conflict``; the
 schema's ``ON DELETE RESTRICT`` enforces it).
+
+An app holds at most ``MAX_SCRIPTS_PER_APP`` scripts (``LimitExceeded``; creates are
+serialised per app, so concurrent ones cannot pass it). A script's source counts in
+its app's storage (:mod:`manager_core.postgres.storage`): given a ``quota``, a create,
+or an update growing the source, that would take the app past it raises
+``StorageQuotaExceeded``, checked as KV and document writes are
+(:mod:`manager_core.storage`); a delete or a shrinking update always passes.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from manager_core.db import (
     transaction,
     translate_integrity_error,
 )
+from manager_core.postgres._quota import check_quota
 from manager_core.postgres._rows import SCRIPT_COLUMNS, script_from_row
+from manager_core.storage import StorageQuota
 from picloud_shared.domain import Script, check_script_name
 from picloud_shared.errors import Conflict, InvalidInput, LimitExceeded, NotFound, PayloadTooLarge
 from picloud_shared.ids import AppId, ScriptId
@@ -33,6 +42,7 @@ from picloud_shared.limits import (
     DEFAULT_TIMEOUT_SECONDS,
     MAX_MEMORY_LIMIT_MB,
     MAX_SCRIPT_SOURCE_BYTES,
+    MAX_SCRIPTS_PER_APP,
     MAX_TIMEOUT_SECONDS,
     MIN_MEMORY_LIMIT_MB,
     MIN_TIMEOUT_SECONDS,
@@ -66,6 +76,19 @@ def check_source(source: object) -> str:
     if len(source.encode("utf-8", "surrogatepass")) > MAX_SCRIPT_SOURCE_BYTES:
         raise PayloadTooLarge(f"script source is limited to {MAX_SCRIPT_SOURCE_BYTES} bytes")
     return source
+
+
+def source_bytes(source: str) -> int:
+    """What a source counts in its app's storage: its UTF-8 bytes (PostgreSQL's
+    ``octet_length(source)``)."""
+    return len(source.encode("utf-8", "surrogatepass"))
+
+
+def _check_room(quota: StorageQuota | None, app_id: AppId, adds: int, budget: int | None) -> None:
+    """Raise ``StorageQuotaExceeded`` when ``budget`` does not allow ``adds`` bytes."""
+    if quota is not None and quota.refused(adds, budget):
+        assert budget is not None
+        raise quota.exceeded(app_id, adds, budget)
 
 
 def check_timeout_seconds(value: int) -> int:
@@ -113,16 +136,22 @@ class PostgresScriptRepo:
         timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS,
         memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
         data_capabilities: frozenset[Capability] = DATA_CAPABILITIES,
+        quota: StorageQuota | None = None,
         conn: AsyncConnection | None = None,
     ) -> Script:
         """Create version 1 of a script. ``data_capabilities``: those its author holds
-        (see ``Script.data_capabilities``). Raises ``InvalidName``, ``InvalidInput``,
-        ``PayloadTooLarge``, ``LimitExceeded``, ``Conflict`` (name taken) or
-        ``NotFound`` (no such app)."""
+        (see ``Script.data_capabilities``); ``quota``: the storage quota its source
+        counts against (``None``: not checked). Raises ``InvalidName``,
+        ``InvalidInput``, ``PayloadTooLarge``, ``LimitExceeded`` (also: the app holds
+        ``MAX_SCRIPTS_PER_APP``), ``StorageQuotaExceeded``, ``Conflict`` (name taken)
+        or ``NotFound`` (no such app)."""
         check_script_name(name)
         check_source(source)
         check_timeout_seconds(timeout_seconds)
         check_memory_limit_mb(memory_limit_mb)
+        size = source_bytes(source)
+        budget = None if quota is None else await quota.budget(app_id, None)
+        _check_room(quota, app_id, size, budget)
         stmt = (
             insert(t.scripts)
             .values(
@@ -137,6 +166,8 @@ class PostgresScriptRepo:
         )
         try:
             async with transaction(conn or self._engine) as c:
+                # The app row is locked from here on: concurrent creates check in turn.
+                await check_quota(c, t.scripts, app_id, MAX_SCRIPTS_PER_APP, "scripts")
                 row = (await c.execute(stmt)).one()
         except IntegrityError as exc:
             if sqlstate(exc) == FOREIGN_KEY_VIOLATION:
@@ -145,6 +176,8 @@ class PostgresScriptRepo:
             if isinstance(err, Conflict):
                 raise Conflict(f"a script named {name!r} already exists") from exc
             raise err from exc
+        if quota is not None:
+            quota.wrote(app_id, size, None, committed=conn is None)
         return script_from_row(row)
 
     async def update(
@@ -156,10 +189,12 @@ class PostgresScriptRepo:
         timeout_seconds: int | None = None,
         memory_limit_mb: int | None = None,
         data_capabilities: frozenset[Capability] | None = None,
+        quota: StorageQuota | None = None,
         conn: AsyncConnection | None = None,
     ) -> Script:
         """Replace the given fields, keep the others, and bump ``version``.
-        ``data_capabilities``: those of the user saving it (``None``: unchanged).
+        ``data_capabilities``: those of the user saving it (``None``: unchanged);
+        ``quota``: as for :meth:`create`, checked against the source's growth.
         Raises ``NotFound`` when the script does not exist, or the checks of
         :meth:`create`."""
         values: dict[str, object] = {
@@ -175,10 +210,26 @@ class PostgresScriptRepo:
         if data_capabilities is not None:
             values["data_capabilities"] = _data_column(data_capabilities)
         stmt = update(t.scripts).where(_by_name(app_id, name)).values(values)
+        budget, grows = None, 0
+        if quota is not None and source is not None:
+            budget = await quota.budget(app_id, None)
         async with transaction(conn or self._engine) as c:
+            if quota is not None and source is not None:
+                # The old size under the row's lock: a concurrent update waits for it.
+                old = await c.scalar(
+                    select(func.octet_length(t.scripts.c.source))
+                    .where(_by_name(app_id, name))
+                    .with_for_update()
+                )
+                if old is None:
+                    raise NotFound(f"no script named {name!r}")
+                grows = source_bytes(source) - old
+                _check_room(quota, app_id, grows, budget)
             row = (await c.execute(stmt.returning(*SCRIPT_COLUMNS))).one_or_none()
         if row is None:
             raise NotFound(f"no script named {name!r}")
+        if quota is not None:
+            quota.wrote(app_id, grows, None, committed=conn is None)
         for callback in self.changed:
             callback()
         return script_from_row(row)
@@ -247,17 +298,27 @@ class PostgresScriptRepo:
         ]
 
     async def delete(
-        self, app_id: AppId, name: str, *, conn: AsyncConnection | None = None
+        self,
+        app_id: AppId,
+        name: str,
+        *,
+        quota: StorageQuota | None = None,
+        conn: AsyncConnection | None = None,
     ) -> bool:
         """Delete a script; ``True`` if it existed. Raises ``Conflict`` while a route
-        or trigger still uses it."""
+        or trigger still uses it. ``quota``: the one :meth:`create` counted it in,
+        told at once that its bytes are free."""
 
-        async def body(c: AsyncConnection) -> bool:
-            return (await c.execute(delete(t.scripts).where(_by_name(app_id, name)))).rowcount > 0
+        async def body(c: AsyncConnection) -> int | None:
+            gone = delete(t.scripts).where(_by_name(app_id, name))
+            return await c.scalar(gone.returning(func.octet_length(t.scripts.c.source)))
 
         try:
-            return await in_transaction(conn or self._engine, body)
+            size = await in_transaction(conn or self._engine, body)
         except IntegrityError as exc:
             if sqlstate(exc) in (FOREIGN_KEY_VIOLATION, RESTRICT_VIOLATION):
                 raise Conflict(f"script {name!r} is still used by a route or trigger") from exc
             raise translate_integrity_error(exc, what="script") from exc
+        if size is not None and quota is not None:
+            quota.wrote(app_id, -size, None, committed=conn is None)
+        return size is not None

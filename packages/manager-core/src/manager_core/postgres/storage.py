@@ -4,7 +4,8 @@
 and the tests' recount:
 
 - a KV entry: ``octet_length(key) + octet_length(value::text)``;
-- a document: ``octet_length(collection) + octet_length(id) + octet_length(data::text)``.
+- a document: ``octet_length(collection) + octet_length(id) + octet_length(data::text)``;
+- a script: ``octet_length(source)``, its source's UTF-8 bytes.
 
 That is the UTF-8 bytes of the names plus the bytes of the value as PostgreSQL
 renders its ``jsonb`` (not the on-disk, possibly compressed size, which no write
@@ -18,6 +19,13 @@ counter row. :meth:`PostgresStorageRepo.compact` folds the deltas into
 ``app_storage`` every few seconds; an app's usage is ``app_storage.bytes`` plus
 its pending deltas, read in one statement (one snapshot: a delta is counted either
 pending or folded, never both).
+
+**Scripts** append no deltas: their bytes are summed from ``scripts`` in that same
+statement. An app holds at most ``MAX_SCRIPTS_PER_APP`` of them, and
+``octet_length`` of a ``text`` reads its stored length without decompressing or
+fetching it, so the sum costs an index scan of a few hundred rows; in exchange it is
+exact by construction (scripts stored before they counted need no backfill, and
+they leave with their app).
 """
 
 from __future__ import annotations
@@ -116,8 +124,9 @@ class PostgresStorageRepo:
     async def usage(
         self, app_ids: Iterable[AppId], *, conn: AsyncConnection | None = None
     ) -> dict[AppId, int]:
-        """Each app's stored bytes: compacted plus pending deltas (0 for an app that
-        never stored anything, or does not exist). One statement, one snapshot."""
+        """Each app's stored bytes: compacted plus pending deltas plus its scripts'
+        sources (0 for an app that never stored anything, or does not exist). One
+        statement, one snapshot."""
         ids = list(dict.fromkeys(app_ids))
         if not ids:
             return {}
@@ -131,9 +140,16 @@ class PostgresStorageRepo:
             .where(_DELTAS.c.app_id == t.apps.c.id)
             .scalar_subquery()
         )
+        scripts = (
+            sa.select(sa.func.sum(sa.func.octet_length(t.scripts.c.source)))
+            .where(t.scripts.c.app_id == t.apps.c.id)
+            .scalar_subquery()
+        )
         stmt = sa.select(
             t.apps.c.id,
-            sa.func.coalesce(folded, 0) + sa.func.coalesce(pending, 0),
+            sa.func.coalesce(folded, 0)
+            + sa.func.coalesce(pending, 0)
+            + sa.func.coalesce(scripts, 0),
         ).where(t.apps.c.id.in_(ids))
         async with transaction(conn or self._engine) as c:
             rows = (await c.execute(stmt)).all()
