@@ -79,7 +79,7 @@ async def test_concurrent_executions_end_with_exact_usage_and_no_reruns(world: W
 async def test_a_script_catches_storage_quota_exceeded_and_goes_on(world: World) -> None:
     """Past the quota a script's write raises a PicloudError with code
     storage_quota_exceeded it can catch; its transaction stays usable."""
-    with_quota(world, 100)
+    with_quota(world, len(CATCH_QUOTA) + 100)  # the script's source counts too
     script = await world.script(CATCH_QUOTA)
     await world.triggers.create_kv_trigger(
         CreateKvTrigger(world.app_id, script, world.owner, "go", (), FAST_RETRY)
@@ -118,10 +118,7 @@ async def test_executions_one_after_another_stop_at_the_quota(world: World) -> N
     """Executions that run one after another, with the usage read once an hour: each
     one's committed writes count on the node at once, so the fourth is refused
     rather than every one until the next read."""
-    quota = StorageQuota(PostgresStorageRepo(world.engine), 1000, refresh=3600)
-    world.kv = PostgresKvRepo(world.engine, world.emitter, quota)
-    world.docs = PostgresDocumentRepo(world.engine, world.emitter, quota)
-    script = await world.script(
+    source = (
         "def handle(event, ctx):\n"
         "    try:\n"
         "        ctx.kv.set('out:' + event['key'], 'x' * 300)\n"  # 8 + 302 bytes
@@ -129,6 +126,11 @@ async def test_executions_one_after_another_stop_at_the_quota(world: World) -> N
         "        return exc.code\n"
         "    return 'stored'\n"
     )
+    # the script's source counts too
+    quota = StorageQuota(PostgresStorageRepo(world.engine), len(source) + 1000, refresh=3600)
+    world.kv = PostgresKvRepo(world.engine, world.emitter, quota)
+    world.docs = PostgresDocumentRepo(world.engine, world.emitter, quota)
+    script = await world.script(source)
     await world.triggers.create_kv_trigger(
         CreateKvTrigger(world.app_id, script, world.owner, "go:*", (KvOp.SET,), FAST_RETRY)
     )
