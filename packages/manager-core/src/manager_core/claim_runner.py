@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager_core.completer import BatchCompleter
+from manager_core.conflict_lanes import ConflictLanes
 from manager_core.db import is_retryable_conflict, transaction
 from manager_core.dispatch_settings import DispatcherMetrics, DispatcherSettings
 from manager_core.execution_txn import (
@@ -98,6 +99,7 @@ class ClaimRunner:
         self.settings = settings
         self.metrics = metrics
         self._rand = rand
+        self._lanes = ConflictLanes()
 
     async def run(self, claim: ClaimedRow, slot: Slot) -> str:
         """Run one claimed row to its outcome; returns the outcome's metric label."""
@@ -201,13 +203,26 @@ class ClaimRunner:
         the script's effects committed) for :meth:`_book_failure`.
         """
         row = claim.row
-        for _ in range(self.settings.max_conflict_reruns):
+        if not self._lanes.hot(row.app_id):
             try:
                 return await self._attempt(claim, request, principal, slot)
             except Rerun:
                 self.metrics.conflict_reruns += 1
-                await anyio.sleep(self._rand() * 0.005)
-                await slot.reacquire(self._gate)
+                self._lanes.conflicted(row.app_id)
+        # A conflict, now or in the app's other executions: one at a time, in order
+        # (module conflict_lanes). Neither the waiters nor the lane's head hold a gate
+        # slot: a head waiting for one held by rows queued behind the waiters (for the
+        # runners the waiters occupy) would wait for ever. So each hot app may run one
+        # execution past the gate's size.
+        slot.release()
+        async with self._lanes.serial(row.app_id):
+            for _ in range(self.settings.max_conflict_reruns):
+                try:
+                    return await self._attempt(claim, request, principal, slot)
+                except Rerun:  # an execution outside the lane won
+                    self.metrics.conflict_reruns += 1
+                    self._lanes.conflicted(row.app_id)
+                    await anyio.sleep(self._rand() * 0.005)
         return ExecResult.failed(
             row.execution_id,
             ExecError(
