@@ -332,7 +332,7 @@ async def test_host_error_is_catchable_with_code(
         ["PayloadTooLarge", "payload_too_large", True],
         ["NotFound", "not_found", True],
         ["InvalidName", "invalid_name", True],
-        ["LimitExceeded", "limit_exceeded", True],
+        ["InvalidInput", "invalid_input", True],
         ["Conflict", "conflict", True],
     ]
     assert host.kv == {}

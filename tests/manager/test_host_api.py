@@ -165,7 +165,7 @@ async def test_limits_and_errors_surface_as_picloud_errors(engine: AsyncEngine) 
             await host.kv_set("x" * 513, 1)
         with pytest.raises(PayloadTooLarge):
             await host.kv_set("k", "x" * MAX_KV_VALUE_BYTES)
-        with pytest.raises(LimitExceeded):
+        with pytest.raises(InvalidInput):
             await host.kv_list(limit=100_000)
         with pytest.raises(NotFound):
             await host.docs_update("c", "missing", {})

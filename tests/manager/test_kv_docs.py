@@ -77,12 +77,31 @@ async def test_kv_key_of_512_bytes_is_accepted(engine: AsyncEngine) -> None:
     assert await PostgresKvRepo(engine).get(app, key) is not None
 
 
-@pytest.mark.parametrize("key", ["x" * 513, "é" * 256 + "x", ""])
-async def test_kv_key_outside_1_to_512_bytes_is_rejected(engine: AsyncEngine, key: str) -> None:
-    """Keys of 0 or more than 512 UTF-8 bytes raise LimitExceeded."""
+@pytest.mark.parametrize("key", ["x" * 513, "é" * 256 + "x"])
+async def test_kv_key_past_512_bytes_is_rejected(engine: AsyncEngine, key: str) -> None:
+    """Keys of more than 512 UTF-8 bytes raise LimitExceeded."""
     app = await factories.app(engine)
     with pytest.raises(LimitExceeded):
         await PostgresKvRepo(engine).set(app, key, 1)
+
+
+async def test_empty_keys_ids_and_limits_out_of_range_are_invalid_input(
+    engine: AsyncEngine,
+) -> None:
+    """The same codes as a script's ctx gets: an empty key or document id, and a list
+    limit outside 1-1000, are invalid_input; a document id past 128 characters is
+    limit_exceeded."""
+    app = await factories.app(engine)
+    kv, docs = PostgresKvRepo(engine), PostgresDocumentRepo(engine)
+    with pytest.raises(InvalidInput):
+        await kv.set(app, "", 1)
+    with pytest.raises(InvalidInput):
+        await docs.insert(app, "c", {}, "")
+    with pytest.raises(LimitExceeded):
+        await docs.insert(app, "c", {}, "i" * 129)
+    for limit in (0, 1001):
+        with pytest.raises(InvalidInput):
+            await kv.list(app, limit=limit)
 
 
 async def test_kv_value_exactly_at_limit_is_accepted(engine: AsyncEngine) -> None:

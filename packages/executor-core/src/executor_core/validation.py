@@ -2,8 +2,9 @@
 and :class:`~executor_core.memory_host.MemoryHostApi`.
 
 Each check returns the value it accepted or raises the ``PicloudError`` a script
-sees: ``InvalidInput`` for a wrong type, ``InvalidName`` for a bad collection
-name, ``LimitExceeded`` for a key, id or ``limit`` outside its range,
+sees: ``InvalidInput`` for a wrong type, an empty key or id, or a ``limit``
+outside 1-1000, ``InvalidName`` for a bad collection name, ``LimitExceeded`` for a
+key or id past its length,
 ``PayloadTooLarge`` for a value or document over its size. Text that is not
 valid Unicode (half a surrogate pair, which a ``\\ud800`` escape in a frame makes)
 is ``InvalidInput``: data is refused, never altered.
@@ -120,7 +121,9 @@ def doc_id(value: object) -> str:
     if "\x00" in value:
         raise InvalidInput("a document id must not contain NUL characters")
     _utf8(value, "a document id")
-    if not value or len(value) > MAX_DOCUMENT_ID_CHARS:
+    if not value:
+        raise InvalidInput("a document id must not be empty")
+    if len(value) > MAX_DOCUMENT_ID_CHARS:
         raise LimitExceeded(f"a document id is 1-{MAX_DOCUMENT_ID_CHARS} characters")
     return value
 
@@ -129,5 +132,5 @@ def limit(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput("limit must be an integer")
     if not 1 <= value <= MAX_LIST_LIMIT:
-        raise LimitExceeded(f"limit is 1-{MAX_LIST_LIMIT}")
+        raise InvalidInput(f"limit must be between 1 and {MAX_LIST_LIMIT}")
     return value

@@ -57,9 +57,12 @@ class Document:
 
 
 def check_document_id(doc_id: object) -> str:
-    """A document id: 1 to 128 characters, no NUL."""
-    if not isinstance(doc_id, str) or not 1 <= len(doc_id) <= MAX_DOCUMENT_ID_CHARS:
+    """A document id: 1 to 128 characters, no NUL (``InvalidInput``; a longer one is
+    ``LimitExceeded``, as for a script's ``ctx.docs``)."""
+    if not isinstance(doc_id, str) or not doc_id:
         raise InvalidInput(f"a document id must be a string of 1 to {MAX_DOCUMENT_ID_CHARS} chars")
+    if len(doc_id) > MAX_DOCUMENT_ID_CHARS:
+        raise LimitExceeded(f"a document id is 1-{MAX_DOCUMENT_ID_CHARS} characters")
     if "\x00" in doc_id:
         raise InvalidInput("a document id must not contain NUL characters")
     return doc_id

@@ -78,7 +78,9 @@ def check_key(key: object) -> str:
         size = len(key.encode("utf-8"))
     except UnicodeEncodeError:
         raise InvalidInput("a key must be valid UTF-8") from None
-    if not 1 <= size <= MAX_KV_KEY_BYTES:
+    if not size:
+        raise InvalidInput("a key must not be empty")
+    if size > MAX_KV_KEY_BYTES:
         raise LimitExceeded(f"a key must be 1 to {MAX_KV_KEY_BYTES} bytes of UTF-8")
     if "\x00" in key:
         raise InvalidInput("a key must not contain NUL characters")
