@@ -6,7 +6,7 @@ import pytest
 
 from orchestrator_core.paths import match_template
 from picloud_shared.errors import InvalidInput
-from picloud_shared.route_paths import parse_template, route_shape
+from picloud_shared.route_paths import check_route_path, parse_template, route_shape
 
 
 def test_literal_path_matches_itself_only() -> None:
@@ -44,3 +44,12 @@ def test_templates_differing_only_in_param_names_have_one_shape() -> None:
     """``/u/{id}`` and ``/u/{name}`` match the same requests."""
     assert route_shape("/u/{id}/x") == route_shape("/u/{name}/x") == "/u/{}/x"
     assert route_shape("/u/{id}") != route_shape("/u/id")
+
+
+@pytest.mark.parametrize("unreachable", ["/a/./b", "/a/..", "/./x", "/pct%20x", "/a/%7Bid%7D"])
+def test_a_new_route_may_not_have_a_path_no_request_reaches(unreachable: str) -> None:
+    """Clients resolve ``.``/``..`` segments before sending, and segments are matched
+    decoded: such routes could never be called, so creating one is refused."""
+    with pytest.raises(InvalidInput):
+        check_route_path(unreachable)
+    assert check_route_path("/a.b/..c/{x}") == "/a.b/..c/{x}"

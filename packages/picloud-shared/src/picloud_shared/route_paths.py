@@ -23,10 +23,18 @@ Segment = tuple[str | None, str]
 
 
 def check_route_path(path: object) -> str:
-    """Return ``path`` if it is a valid route template, else raise ``InvalidInput``."""
+    """Return ``path`` if it is a valid route template for a new route, else raise
+    ``InvalidInput``. Besides the grammar, a new route may not hold what no request
+    could reach: a ``.`` or ``..`` segment (clients resolve them away before sending)
+    or a ``%`` (a request's segments are matched decoded, so ``/a%20b`` would only
+    match a request for ``/a%2520b``: write the character itself)."""
     if not isinstance(path, str):
         raise InvalidInput("route paths start with '/'")
-    parse_template(path)
+    for _, literal in parse_template(path):
+        if literal in (".", ".."):
+            raise InvalidInput(f"a route path may not have a {literal!r} segment")
+    if "%" in path:
+        raise InvalidInput("a route path may not hold '%': write the character itself")
     return path
 
 
