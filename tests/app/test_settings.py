@@ -168,3 +168,42 @@ def test_app_storage_quota_in_bytes_and_zero_is_unlimited(raw: str, quota: int |
     settings = Settings.from_env({"PICLOUD_APP_STORAGE_QUOTA_MB": raw})
     assert settings.app_storage_quota_mb == int(raw)
     assert settings.app_storage_quota_bytes == quota
+
+
+BOUNDS = [
+    ("PICLOUD_MAX_CONCURRENT_EXECUTIONS", "max_concurrent_executions", 1024),
+    ("PICLOUD_MAX_CONNECTIONS", "max_connections", 65536),
+    ("PICLOUD_SYNC_ADMISSION_WAIT_MS", "sync_admission_wait_ms", 300_000),
+    ("PICLOUD_MAX_TRIGGER_DEPTH", "max_trigger_depth", 100),
+    ("PICLOUD_DISPATCH_POLL_INTERVAL_MS", "dispatch_poll_interval_ms", 60_000),
+    ("PICLOUD_DISPATCH_BATCH_SIZE", "dispatch_batch_size", 1024),
+    ("PICLOUD_EXECUTOR_MAX_WORKERS", "executor_max_workers", 1024),
+    ("PICLOUD_EXECUTOR_MAX_EXECUTIONS_PER_WORKER", "executor_max_executions_per_worker", 10**6),
+    ("PICLOUD_EXECUTOR_IDLE_TTL_SECONDS", "executor_idle_ttl_seconds", 86400),
+    ("PICLOUD_EXECUTION_RETENTION_DAYS", "execution_retention_days", 36500),
+    ("PICLOUD_APP_STORAGE_QUOTA_MB", "app_storage_quota_mb", 1024**3),
+    ("PICLOUD_EMBEDDED_PG_RESTARTS", "embedded_pg_restarts", 100),
+    ("PICLOUD_DB_POOL_SIZE", "db_pool_size", 100),
+    ("PICLOUD_DB_OUTBOX_POOL_SIZE", "db_outbox_pool_size", 100),
+]
+# The pools and the gate of a node on the embedded PostgreSQL must fit in it together
+# (tests/app/test_settings_bounds.py); alone, each bound holds for any server.
+EXTERNAL = {"PICLOUD_DATABASE_URL": "postgresql://u@db.example/picloud"}
+
+
+def test_every_numeric_setting_has_a_bound() -> None:
+    """Each integer setting is in BOUNDS (a new one needs its bound too)."""
+    numeric = {f.name for f in attrs.fields(Settings) if f.type in (int, "int")} - {"port"}
+    assert numeric == {field for _, field, _ in BOUNDS}
+
+
+@pytest.mark.parametrize(("variable", "field", "bound"), BOUNDS)
+def test_each_bound_at_its_edge(variable: str, field: str, bound: int) -> None:
+    """The bound itself is accepted; one more is refused, saying the bound."""
+    settings = Settings.from_env({**EXTERNAL, variable: str(bound)})
+    assert getattr(settings, field) == bound
+    with pytest.raises(ValueError, match=f"must be at most {bound}") as info:
+        Settings.from_env({**EXTERNAL, variable: str(bound + 1)})
+    assert str(info.value).startswith(f"{variable}='{bound + 1}': ")
+    with pytest.raises(ValueError, match=f"must be at most {bound}"):
+        Settings.from_env({**EXTERNAL, variable: "99999999999999999999"})

@@ -1,11 +1,15 @@
 """picloud's settings, read once from ``PICLOUD_*`` environment variables.
 
 ``Settings.from_env(os.environ)`` is the only reader; nothing happens at import time.
-An invalid value raises ``ValueError`` naming the variable.
+An invalid value raises ``ValueError`` naming the variable; so does a value past its
+upper bound (``MAX_*`` below: what a real deployment never needs to exceed, and what
+the node can still honour). ``PICLOUD_*`` variables it does not know are kept in
+``Settings.unknown`` (typos: ``Settings.unknown_warning`` says so in one line).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -13,43 +17,63 @@ from typing import TypeVar
 import attrs
 import platformdirs
 
-from picloud_shared.limits import MIN_TOKEN_CHARS
+from picloud_shared.limits import MAX_TIMEOUT_SECONDS, MIN_TOKEN_CHARS
 
 __all__ = ["Settings"]
 
 T = TypeVar("T")
 
 ENV_PREFIX = "PICLOUD_"
+# ``PICLOUD_*`` variables read elsewhere, not settings: never reported as unknown.
+# ``PICLOUD_TEST_*`` belong to the test harness and ./dev (PICLOUD_TEST_DATABASE_URL,
+# PICLOUD_TEST_WORKERS).
+OTHER_VARIABLES = frozenset({"PICLOUD_ALEMBIC_DIR"})  # migrations.ALEMBIC_DIR_ENV
+OTHER_PREFIXES = ("PICLOUD_TEST_",)
+
 MAX_RETENTION_DAYS = 36500  # PICLOUD_EXECUTION_RETENTION_DAYS, at most a century
 MAX_STORAGE_QUOTA_MB = 1024**3  # PICLOUD_APP_STORAGE_QUOTA_MB, at most a PiB
+# The execution gate: the dispatcher runs two tasks per slot, and each execution in
+# flight may hold a database connection (the engine's overflow is capacity + 4).
+MAX_CONCURRENT_EXECUTIONS = 1024
+# Open HTTP connections: each is a file descriptor (RLIMIT_NOFILE must allow them).
+MAX_CONNECTIONS = 65536
+# Waiting longer for a slot than the longest script may run helps no caller.
+MAX_SYNC_ADMISSION_WAIT_MS = MAX_TIMEOUT_SECONDS * 1000
+MAX_TRIGGER_DEPTH = 100
+# The poll is a fallback (commits on this node wake the dispatcher at once), but it
+# is how due retries and other nodes' rows are found: at most a minute late.
+MAX_DISPATCH_POLL_INTERVAL_MS = 60_000
+# A claim is further capped at half the gate's capacity.
+MAX_DISPATCH_BATCH_SIZE = 1024
+# Each worker runs as its own uid, claimed machine-wide out of 20000
+# (executor_core.uids.SEARCH_SPAN) that every pool on the machine shares.
+MAX_EXECUTOR_WORKERS = 1024
+MAX_EXECUTIONS_PER_WORKER = 1_000_000
+MAX_EXECUTOR_IDLE_TTL_SECONDS = 86400  # a day
+MAX_EMBEDDED_PG_RESTARTS = 100  # within ten minutes
+# PostgreSQL's default max_connections, what the embedded server runs with.
+MAX_DB_POOL_SIZE = 100
+MAX_DB_OUTBOX_POOL_SIZE = 100
+# What one node may open on the embedded server (max_connections 100, a few kept for
+# its LISTEN connection and for ``picloud admin`` beside it): the engine's pool and
+# overflow (DB_POOL_SIZE + MAX_CONCURRENT_EXECUTIONS + 4) and DB_OUTBOX_POOL_SIZE.
+EMBEDDED_PG_CONNECTIONS = 90
 
 
-def _positive_int(value: str) -> int:
-    number = int(value.strip())
-    if number < 1:
-        raise ValueError("must be a positive integer")
-    return number
+def _int_in(low: int, high: int, what: str = "") -> Callable[[str], int]:
+    """A parser for integers in ``low..high``; ``what`` explains a special value."""
 
+    def parse(value: str) -> int:
+        number = int(value.strip())
+        if number < low:
+            raise ValueError(
+                "must be a positive integer" if low == 1 else "must be a non-negative integer"
+            )
+        if number > high:
+            raise ValueError(f"must be at most {high}{what}")
+        return number
 
-def _retention_days(value: str) -> int:
-    number = _non_negative_int(value)
-    if number > MAX_RETENTION_DAYS:
-        raise ValueError(f"must be at most {MAX_RETENTION_DAYS} (0 keeps records for ever)")
-    return number
-
-
-def _storage_quota_mb(value: str) -> int:
-    number = _non_negative_int(value)
-    if number > MAX_STORAGE_QUOTA_MB:
-        raise ValueError(f"must be at most {MAX_STORAGE_QUOTA_MB} (0 is unlimited)")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value.strip())
-    if number < 0:
-        raise ValueError("must be a non-negative integer")
-    return number
+    return parse
 
 
 def _admin_token(value: str) -> str:
@@ -80,6 +104,14 @@ def _database_url(value: str) -> str:
     if scheme != "postgresql+psycopg":
         raise ValueError("must be a postgresql:// (or postgresql+psycopg://) URL")
     return value
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password (``user:PASSWORD@``, ``password=…``) shown as ``***``."""
+    # Everything up to the last @ goes: a password's unescaped @ / ? # are masked too.
+    scheme = r"[^:/?#@]*://" if "://" in url else ""
+    url = re.sub(rf"^({scheme}[^/?#:@]*:).*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&\s]*", r"\1***", url, flags=re.IGNORECASE)
 
 
 @attrs.frozen(kw_only=True)
@@ -115,6 +147,8 @@ class Settings:
     db_pool_size: int = 20
     #: Plain psycopg connections for the outbox's hot single statements.
     db_outbox_pool_size: int = 8
+    #: ``PICLOUD_*`` variables in the environment that are no setting (sorted names).
+    unknown: tuple[str, ...] = ()
 
     @property
     def app_storage_quota_bytes(self) -> int | None:
@@ -126,12 +160,36 @@ class Settings:
         """Where the embedded PostgreSQL cluster lives."""
         return self.data_dir / "pg"
 
+    @property
+    def database_connections(self) -> int:
+        """Connections this node may open at once: the engine's pool and overflow,
+        and the outbox pool."""
+        return self.db_pool_size + self.max_concurrent_executions + 4 + self.db_outbox_pool_size
+
+    def unknown_warning(self) -> str | None:
+        """One line naming the unknown ``PICLOUD_*`` variables (never their values);
+        ``None`` when there are none."""
+        if not self.unknown:
+            return None
+        return (
+            f"picloud: warning: ignoring unknown variable{'s' if len(self.unknown) > 1 else ''}"
+            f" {', '.join(self.unknown)} (not a setting; see the README's Settings)"
+        )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Read the settings from ``environ``; unset or empty variables keep the default."""
+        read: set[str] = set()
 
-        def get(name: str, parse: Callable[[str], T], *, secret: bool = False) -> T | None:
+        def get(
+            name: str,
+            parse: Callable[[str], T],
+            *,
+            secret: bool = False,
+            show: Callable[[str], str] = repr,
+        ) -> T | None:
             variable = ENV_PREFIX + name
+            read.add(variable)
             raw = environ.get(variable)
             if raw is None or raw.strip() == "":
                 return None
@@ -139,30 +197,70 @@ class Settings:
                 return parse(raw)
             except ValueError as exc:
                 reason = str(exc) if "invalid literal" not in str(exc) else "must be an integer"
-                shown = "(not shown)" if secret else repr(raw)
+                shown = "(not shown)" if secret else show(raw)
                 raise ValueError(f"{variable}={shown}: {reason}") from None
 
         values = {
-            "database_url": get("DATABASE_URL", _database_url),
+            "database_url": get(
+                "DATABASE_URL", _database_url, show=lambda raw: repr(masked_url(raw))
+            ),
             "host": get("HOST", _non_empty),
             "port": get("PORT", _port),
             "data_dir": get("DATA_DIR", lambda v: Path(v).expanduser()),
             "admin_token": get("ADMIN_TOKEN", _admin_token, secret=True),
-            "max_concurrent_executions": get("MAX_CONCURRENT_EXECUTIONS", _positive_int),
-            "max_connections": get("MAX_CONNECTIONS", _positive_int),
-            "sync_admission_wait_ms": get("SYNC_ADMISSION_WAIT_MS", _non_negative_int),
-            "max_trigger_depth": get("MAX_TRIGGER_DEPTH", _non_negative_int),
-            "dispatch_poll_interval_ms": get("DISPATCH_POLL_INTERVAL_MS", _positive_int),
-            "dispatch_batch_size": get("DISPATCH_BATCH_SIZE", _positive_int),
-            "executor_max_workers": get("EXECUTOR_MAX_WORKERS", _positive_int),
-            "executor_max_executions_per_worker": get(
-                "EXECUTOR_MAX_EXECUTIONS_PER_WORKER", _positive_int
+            "max_concurrent_executions": get(
+                "MAX_CONCURRENT_EXECUTIONS", _int_in(1, MAX_CONCURRENT_EXECUTIONS)
             ),
-            "executor_idle_ttl_seconds": get("EXECUTOR_IDLE_TTL_SECONDS", _positive_int),
-            "execution_retention_days": get("EXECUTION_RETENTION_DAYS", _retention_days),
-            "app_storage_quota_mb": get("APP_STORAGE_QUOTA_MB", _storage_quota_mb),
-            "embedded_pg_restarts": get("EMBEDDED_PG_RESTARTS", _non_negative_int),
-            "db_pool_size": get("DB_POOL_SIZE", _positive_int),
-            "db_outbox_pool_size": get("DB_OUTBOX_POOL_SIZE", _positive_int),
+            "max_connections": get("MAX_CONNECTIONS", _int_in(1, MAX_CONNECTIONS)),
+            "sync_admission_wait_ms": get(
+                "SYNC_ADMISSION_WAIT_MS", _int_in(0, MAX_SYNC_ADMISSION_WAIT_MS)
+            ),
+            "max_trigger_depth": get("MAX_TRIGGER_DEPTH", _int_in(0, MAX_TRIGGER_DEPTH)),
+            "dispatch_poll_interval_ms": get(
+                "DISPATCH_POLL_INTERVAL_MS", _int_in(1, MAX_DISPATCH_POLL_INTERVAL_MS)
+            ),
+            "dispatch_batch_size": get("DISPATCH_BATCH_SIZE", _int_in(1, MAX_DISPATCH_BATCH_SIZE)),
+            "executor_max_workers": get("EXECUTOR_MAX_WORKERS", _int_in(1, MAX_EXECUTOR_WORKERS)),
+            "executor_max_executions_per_worker": get(
+                "EXECUTOR_MAX_EXECUTIONS_PER_WORKER", _int_in(1, MAX_EXECUTIONS_PER_WORKER)
+            ),
+            "executor_idle_ttl_seconds": get(
+                "EXECUTOR_IDLE_TTL_SECONDS", _int_in(1, MAX_EXECUTOR_IDLE_TTL_SECONDS)
+            ),
+            "execution_retention_days": get(
+                "EXECUTION_RETENTION_DAYS",
+                _int_in(0, MAX_RETENTION_DAYS, " (0 keeps records for ever)"),
+            ),
+            "app_storage_quota_mb": get(
+                "APP_STORAGE_QUOTA_MB", _int_in(0, MAX_STORAGE_QUOTA_MB, " (0 is unlimited)")
+            ),
+            "embedded_pg_restarts": get(
+                "EMBEDDED_PG_RESTARTS", _int_in(0, MAX_EMBEDDED_PG_RESTARTS)
+            ),
+            "db_pool_size": get("DB_POOL_SIZE", _int_in(1, MAX_DB_POOL_SIZE)),
+            "db_outbox_pool_size": get("DB_OUTBOX_POOL_SIZE", _int_in(1, MAX_DB_OUTBOX_POOL_SIZE)),
         }
-        return cls(**{name: value for name, value in values.items() if value is not None})
+        unknown = tuple(
+            sorted(
+                name
+                for name in environ
+                if name.startswith(ENV_PREFIX)
+                and name not in read
+                and name not in OTHER_VARIABLES
+                and not name.startswith(OTHER_PREFIXES)
+            )
+        )
+        settings = cls(
+            **{name: value for name, value in values.items() if value is not None},
+            unknown=unknown,
+        )
+        if settings.database_url is None and settings.database_connections > (
+            EMBEDDED_PG_CONNECTIONS
+        ):
+            raise ValueError(
+                "PICLOUD_DB_POOL_SIZE + PICLOUD_MAX_CONCURRENT_EXECUTIONS + 4"
+                f" + PICLOUD_DB_OUTBOX_POOL_SIZE = {settings.database_connections}: the"
+                f" embedded PostgreSQL takes at most {EMBEDDED_PG_CONNECTIONS} connections"
+                " from a node (lower them, or set PICLOUD_DATABASE_URL)"
+            )
+        return settings
