@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from typing import Protocol
 
@@ -30,12 +31,35 @@ class DispatcherSettings:
     completion_linger: float = 0.002  # see completer.BatchCompleter
 
 
+#: Upper bounds (seconds) of the execution-duration histogram's buckets.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0
+)  # fmt: skip
+
+
+class DurationTotals(Counter[str]):
+    """Seconds spent per source kind, summed (``totals[kind] += seconds``). Each such
+    addition is one observation too: ``buckets[kind][i]`` counts those of at most
+    ``DURATION_BUCKETS[i]`` seconds and above the one before (not cumulative); the
+    last entry counts those above every bound."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.buckets: dict[str, list[int]] = {}
+        super().__init__(*args, **kwargs)
+
+    def __setitem__(self, kind: str, total: float) -> None:
+        added = total - self.get(kind, 0)
+        super().__setitem__(kind, total)
+        counts = self.buckets.setdefault(kind, [0] * (len(DURATION_BUCKETS) + 1))
+        counts[bisect_left(DURATION_BUCKETS, added)] += 1
+
+
 @attrs.define
 class DispatcherMetrics:
     """Counters the binary exposes on ``/metrics``."""
 
     executions: Counter[tuple[str, str]] = attrs.Factory(Counter)  # (source_kind, outcome)
-    duration_seconds: Counter[str] = attrs.Factory(Counter)  # source_kind → total seconds
+    duration_seconds: DurationTotals = attrs.Factory(DurationTotals)  # source_kind → seconds
     retries: int = 0
     dead_letters: int = 0
     skipped_for_depth: int = 0
