@@ -13,7 +13,7 @@ import pytest
 
 from manager_core.db import make_engine
 from manager_core.postgres.users import PostgresUserRepo
-from picloud.runtime import ADMIN_NAME, bootstrap_admin
+from picloud.runtime import ADMIN_NAME, StartupError, bootstrap_admin
 from picloud.settings import Settings
 
 PICLOUD = Path(sys.executable).parent / "picloud"
@@ -110,7 +110,10 @@ def test_a_deleted_bootstrap_admin_is_not_recreated_while_another_admin_exists(
     assert _admin(db_url, "delete-user", ADMIN_NAME).returncode == 0
     capsys.readouterr()
     bootstrap_admin(db_url, settings)
-    assert capsys.readouterr().err == ""
+    said = capsys.readouterr().err
+    assert said.startswith("picloud: PICLOUD_ADMIN_TOKEN is not used: there is no instance admin")
+    assert said.count("\n") == 1
+    assert ADMIN_TOKEN not in said
     assert _holder(db_url, ADMIN_TOKEN) is None
 
 
@@ -127,3 +130,66 @@ def test_a_start_with_the_admin_token_setting_undoes_a_rotation_of_admin(
     bootstrap_admin(db_url, settings)
     assert "is now PICLOUD_ADMIN_TOKEN" in capsys.readouterr().err
     assert (_holder(db_url, ADMIN_TOKEN), _holder(db_url, rotated)) == (ADMIN_NAME, None)
+
+
+def test_create_user_admin_needs_instance_admin(db_url: str) -> None:
+    """`admin` is the bootstrap instance admin's name: `create-user admin` alone is
+    exit 1 and creates nothing; with --instance-admin it is created."""
+    refused = _admin(db_url, "create-user", ADMIN_NAME)
+    assert refused.returncode == 1
+    assert "the name 'admin' is the bootstrap instance admin's" in refused.stderr
+    assert refused.stdout == ""
+    assert _admin(db_url, "rotate-token", ADMIN_NAME).returncode == 1  # no such user
+    token = _created(db_url, ADMIN_NAME, "--instance-admin")
+    assert _holder(db_url, token) == ADMIN_NAME
+
+
+def test_a_plain_user_named_admin_stops_the_first_start_with_one_line(db_url: str) -> None:
+    """No instance admin, and a user who is not one holds the name `admin` (made
+    before the command line refused it): `picloud serve` exits 1 with one line saying
+    what to do, no traceback; after `delete-user admin` the start creates `admin`."""
+
+    async def plain_admin() -> None:
+        engine = make_engine(db_url, pool_size=1, max_overflow=0)
+        try:
+            await PostgresUserRepo(engine).create_user(ADMIN_NAME, False)
+        finally:
+            await engine.dispose()
+
+    anyio.run(plain_admin)
+    with pytest.raises(StartupError, match="picloud admin delete-user admin"):
+        bootstrap_admin(db_url, Settings(database_url=db_url, admin_token=ADMIN_TOKEN))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PICLOUD_")}
+    served = subprocess.run(
+        [str(PICLOUD), "serve", "--port", "0"],
+        env={**clean, "PICLOUD_DATABASE_URL": db_url, "PICLOUD_ADMIN_TOKEN": ADMIN_TOKEN},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert served.returncode == 1
+    last = served.stderr.strip().splitlines()[-1]
+    assert last.startswith("picloud serve: there is no instance admin, and the bootstrap")
+    assert "Traceback" not in served.stderr
+    assert ADMIN_TOKEN not in served.stderr
+    assert _admin(db_url, "delete-user", ADMIN_NAME).returncode == 0
+    bootstrap_admin(db_url, Settings(database_url=db_url, admin_token=ADMIN_TOKEN))
+    assert _holder(db_url, ADMIN_TOKEN) == ADMIN_NAME
+
+
+def test_an_admin_token_setting_it_cannot_apply_is_said_once(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An instance admin `root` made before the first start: a start with
+    PICLOUD_ADMIN_TOKEN creates no `admin` and says in one line that the setting is
+    not used (never the token); without the setting it says nothing."""
+    _created(db_url, "root", "--instance-admin")
+    bootstrap_admin(db_url, Settings(database_url=db_url, admin_token=ADMIN_TOKEN))
+    said = capsys.readouterr().err
+    assert said.startswith("picloud: PICLOUD_ADMIN_TOKEN is not used:")
+    assert said.count("\n") == 1
+    assert ADMIN_TOKEN not in said
+    assert _holder(db_url, ADMIN_TOKEN) is None
+    bootstrap_admin(db_url, Settings(database_url=db_url))
+    assert capsys.readouterr().err == ""

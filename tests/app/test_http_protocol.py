@@ -13,7 +13,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from unittest import mock
 
 import anyio
@@ -27,7 +27,9 @@ from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from picloud.cli import uvicorn_config
 from picloud.http_protocol import BoundedHttpToolsProtocol
+from picloud.settings import Settings
 from picloud_shared.limits import (
     HEAD_READ_TIMEOUT_SECONDS,
     MAX_REQUEST_HEAD_BYTES,
@@ -412,3 +414,53 @@ def test_picloud_serve_bounds_request_heads(server: Server) -> None:
         idle.settimeout(HEAD_READ_TIMEOUT_SECONDS + 10)
         assert idle.recv(1) == b""
         assert time.monotonic() - opened >= HEAD_READ_TIMEOUT_SECONDS - 0.5
+
+
+class _NoSignals(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # the test process keeps its handlers
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _serving_config(config: uvicorn.Config) -> AsyncIterator[int]:
+    server = _NoSignals(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
+                await anyio.sleep(0.01)
+        yield server.servers[0].sockets[0].getsockname()[1]
+        server.should_exit = True
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("http", ["picloud", "h11"])
+@pytest.mark.parametrize("limit", [1, 2])
+async def test_max_connections_connections_are_served_and_one_more_is_503(
+    limit: int, http: str
+) -> None:
+    """With ``picloud serve``'s uvicorn config (and with uvicorn's h11 protocol, whose
+    check is the same), PICLOUD_MAX_CONNECTIONS=N serves N open connections, however
+    many requests each sends; a request on one connection more is answered uvicorn's
+    plain 503 and closed."""
+    settings = Settings(host="127.0.0.1", port=0, max_connections=limit)
+    config = uvicorn_config(_app(), settings)
+    config.log_level = "error"  # not uvicorn's "Exceeded concurrency limit" warnings
+    if http == "h11":
+        config.http = "h11"
+    get = b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
+    async with _serving_config(config) as port, contextlib.AsyncExitStack() as stack:
+        streams = [
+            await stack.enter_async_context(await anyio.connect_tcp("127.0.0.1", port))
+            for _ in range(limit)
+        ]
+        for _ in range(2):  # in the second round every connection is known to be open
+            for stream in streams:
+                await stream.send(get)
+                assert (await read_response(stream))[0] == 200
+        async with await anyio.connect_tcp("127.0.0.1", port) as extra:
+            await extra.send(get)
+            (status, headers, body), _ = parse(await read_until_closed(extra))
+        assert (status, headers["connection"], body) == (503, "close", b"Service Unavailable")
+        assert headers["content-type"] == "text/plain; charset=utf-8"

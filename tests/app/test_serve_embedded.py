@@ -139,14 +139,18 @@ def test_admin_create_user_prints_a_working_token(pg_data_dir: Path) -> None:
 
 def test_connections_past_the_limit_are_answered_503(db_url: str, tmp_path: Path) -> None:
     """PICLOUD_MAX_CONNECTIONS bounds the open connections: idle clients holding
-    sockets cannot pile up; past the limit a request gets a 503, and once they leave
-    requests are served again."""
+    sockets cannot pile up; a request on the limit's last connection is served, past
+    the limit it gets a 503, and once they leave requests are served again."""
     with serving(db_url, tmp_path / "serve.log", env={"PICLOUD_MAX_CONNECTIONS": "3"}) as server:
         host, port = server.base_url.removeprefix("http://").split(":")
-        idle = [socket.create_connection((host, int(port))) for _ in range(3)]
+        idle = [socket.create_connection((host, int(port))) for _ in range(2)]
         try:
             time.sleep(0.2)
-            assert httpx.get(f"{server.base_url}/healthz").status_code == 503
+            assert httpx.get(f"{server.base_url}/healthz").status_code == 200  # the third
+            idle.append(socket.create_connection((host, int(port))))
+            time.sleep(0.2)
+            refused = httpx.get(f"{server.base_url}/healthz")
+            assert (refused.status_code, refused.text) == (503, "Service Unavailable")
         finally:
             for s in idle:
                 s.close()

@@ -4,11 +4,18 @@ every instance admin's token).
 
 Each subcommand is a ``_cmd_<name>(args, settings) -> int`` function registered on
 its own subparser; ``main()`` reads the settings once and returns its exit code.
+
+Exit statuses: 0 done (``serve``: stopped by SIGTERM or SIGINT, also while it was
+still starting); 1 the command failed, in one line on stderr (``serve``: it could not
+start: data directory unusable or in use by another ``picloud serve``, database
+unreachable, address not available, bootstrap admin's name taken; or its embedded
+PostgreSQL was lost); 2 a bad command line or ``PICLOUD_*`` setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,7 +38,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the picloud server")
     serve.add_argument("--host", help="listen address (PICLOUD_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (PICLOUD_PORT, default 8080)")
+    serve.add_argument(
+        "--port", type=_port, help="listen port (PICLOUD_PORT, default 8080; 0 picks a free one)"
+    )
     _add_data_dir(serve)
     serve.set_defaults(handler=_cmd_serve)
 
@@ -77,6 +86,19 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _port(value: str) -> int:
+    """``--port``, checked as ``PICLOUD_PORT`` is."""
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"must be a TCP port (0-65535; 0 picks a free one), not {value!r}"
+        )
+    return number
+
+
 def _apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
     overrides = {
         name: getattr(args, name)
@@ -86,35 +108,118 @@ def _apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
     return attrs.evolve(settings, **overrides)
 
 
-def _server_class() -> type:
-    import contextlib
+def _server_class(signals: Any) -> type:
+    import logging
     from collections.abc import Iterator
 
     import uvicorn
 
     class PicloudServer(uvicorn.Server):
         """uvicorn's server, minus re-raising SIGTERM/SIGINT after a graceful
-        shutdown: picloud has drained, stopped its database, and exits 0."""
+        shutdown: picloud has drained, stopped its database, and exits 0. A signal
+        that came while uvicorn was not yet handling them stops it as soon."""
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             with super().capture_signals():
+                if signals.received is not None:
+                    self.handle_exit(signals.received, None)
                 try:
                     yield
                 finally:
                     self._captured_signals.clear()
 
+        async def startup(self, sockets: list[Any] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and sockets:  # uvicorn says where only when it binds itself
+                port = sockets[0].getsockname()[1]
+                host = self.config.host
+                shown = f"[{host}]" if ":" in host else host
+                logging.getLogger("picloud").info("listening on http://%s:%d", shown, port)
+
     return PicloudServer
 
 
-def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import logging
-
+def uvicorn_config(app: Any, settings: Settings) -> Any:
+    """How ``picloud serve`` runs ``app`` under uvicorn."""
     import uvicorn
 
-    from picloud.app import create_app
     from picloud.http_protocol import BoundedHttpToolsProtocol
-    from picloud.runtime import bootstrap_admin, database
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http=BoundedHttpToolsProtocol,  # httptools, each request head bounded
+        lifespan="on",
+        log_level="info",
+        access_log=False,
+        server_header=False,  # a script's own Server header is the only one
+        timeout_graceful_shutdown=30,
+        # uvicorn refuses a request once its connections (the request's own one
+        # included) reach the limit: one more lets exactly max_connections be served.
+        limit_concurrency=settings.max_connections + 1,
+    )
+
+
+def listen(host: str, port: int) -> list[Any]:
+    """Sockets bound to ``host``:``port`` (every address ``host`` names), not yet
+    listening, as asyncio's ``create_server`` would bind them. Raises
+    ``StartupError`` ("cannot listen on HOST:PORT: why")."""
+    import socket
+
+    from picloud.runtime import StartupError
+
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        why = exc.strerror or str(exc)
+        raise StartupError(f"cannot listen on {host}:{port}: {why}") from None
+    return sockets
+
+
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from picloud.runtime import StartupError, StartupInterrupted, StartupSignals
+
+    signals = StartupSignals()
+    signals.install()  # from here on SIGTERM/SIGINT stop what was started, and exit 0
+    try:
+        with contextlib.ExitStack() as stack:
+            return _serve(settings, signals, stack)
+    except StartupInterrupted:
+        print("picloud serve: stopped before it served", file=sys.stderr)
+        return 0
+    except StartupError as exc:
+        print(f"picloud serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(settings: Settings, signals: Any, stack: contextlib.ExitStack) -> int:
+    import logging
+
+    from picloud.embedded_pg import EmbeddedPostgresError
+    from picloud.runtime import StartupError, bootstrap_admin, data_dir_lock, database
+
+    if settings.database_url is None:
+        stack.enter_context(data_dir_lock(settings.data_dir))
+    sockets = listen(settings.host, settings.port)
+    for sock in sockets:
+        stack.callback(sock.close)
+
+    from picloud.app import create_app
     from picloud.services import build_services
 
     logging.basicConfig(
@@ -128,36 +233,40 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         if server is not None:
             server.should_exit = True  # a graceful stop, as on SIGTERM
 
-    with database(settings, on_lost=on_lost) as url:
-        bootstrap_admin(url, settings)
-        app = create_app(build_services(settings, url))
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            loop="uvloop",
-            http=BoundedHttpToolsProtocol,  # httptools, each request head bounded
-            lifespan="on",
-            log_level="info",
-            access_log=False,
-            server_header=False,  # a script's own Server header is the only one
-            timeout_graceful_shutdown=30,
-            limit_concurrency=settings.max_connections,
-        )
-        server = _server_class()(config)
-        if not lost:
-            server.run()
-        if not server.started or lost:
-            if lost:
-                print(f"picloud serve: embedded PostgreSQL lost: {lost[0]}", file=sys.stderr)
-            return 1
+    try:
+        url = stack.enter_context(database(settings, on_lost=on_lost, signals=signals))
+    except EmbeddedPostgresError as exc:
+        raise StartupError(f"the embedded PostgreSQL did not start: {exc}") from None
+    bootstrap_admin(url, settings)
+    app = create_app(build_services(settings, url))
+    server = _server_class(signals)(uvicorn_config(app, settings))
+    signals.raising = False  # uvicorn stops on a signal from now on (capture_signals)
+    if not lost:
+        try:
+            server.run(sockets=sockets)
+        except SystemExit:  # uvicorn's own exit when the app's startup failed
+            server.started = False
+    if not server.started or lost:
+        if lost:
+            print(f"picloud serve: embedded PostgreSQL lost: {lost[0]}", file=sys.stderr)
+        else:
+            print("picloud serve: the server did not start (see the log above)", file=sys.stderr)
+        return 1
+    stack.close()  # PostgreSQL stopped before we say so
     print("picloud serve: stopped", file=sys.stderr)
     return 0
 
 
 def _cmd_create_user(args: argparse.Namespace, settings: Settings) -> int:
-    from picloud.runtime import create_user, database
+    from picloud.runtime import ADMIN_NAME, create_user, database
 
+    if args.name == ADMIN_NAME and not args.instance_admin:
+        print(
+            f"picloud admin create-user: the name {ADMIN_NAME!r} is the bootstrap instance"
+            f" admin's: create it with --instance-admin, or choose another name",
+            file=sys.stderr,
+        )
+        return 1
     try:
         with database(settings) as url:
             token = create_user(url, args.name, args.instance_admin)
@@ -222,17 +331,25 @@ def _cmd_rotate_token(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from picloud import migrations
+    from picloud.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+    from picloud.runtime import StartupError, check_reachable, prepare_data_dir
 
-    if settings.database_url is not None:
-        migrations.upgrade(settings.database_url)
-        print("picloud migrate: database migrated to head", file=sys.stderr)
-        return 0
-
-    from picloud.embedded_pg import EmbeddedPostgres
-
-    with EmbeddedPostgres(settings.embedded_pg_dir) as pg:
-        ensure_database(pg.url("postgres"), EMBEDDED_DATABASE)
-        migrations.upgrade(pg.url(EMBEDDED_DATABASE))
+    try:
+        if settings.database_url is not None:
+            check_reachable(settings.database_url)
+            migrations.upgrade(settings.database_url)
+            print("picloud migrate: database migrated to head", file=sys.stderr)
+            return 0
+        prepare_data_dir(settings.data_dir)
+        with EmbeddedPostgres(settings.embedded_pg_dir) as pg:
+            ensure_database(pg.url("postgres"), EMBEDDED_DATABASE)
+            migrations.upgrade(pg.url(EMBEDDED_DATABASE))
+    except StartupError as exc:
+        print(f"picloud migrate: {exc}", file=sys.stderr)
+        return 1
+    except EmbeddedPostgresError as exc:
+        print(f"picloud migrate: the embedded PostgreSQL did not start: {exc}", file=sys.stderr)
+        return 1
     print(
         f"picloud migrate: embedded database in {settings.embedded_pg_dir} migrated to head",
         file=sys.stderr,
@@ -264,6 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"picloud: {exc}", file=sys.stderr)
         return 2
+    if settings.database_url is not None:
+        from picloud.runtime import check_database_url
+
+        why = check_database_url(settings.database_url)
+        if why is not None:
+            print(f"picloud: PICLOUD_DATABASE_URL=(not shown): {why}", file=sys.stderr)
+            return 2
     return args.handler(args, settings)
 
 
