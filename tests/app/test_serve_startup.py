@@ -62,6 +62,16 @@ def test_a_data_dir_that_cannot_be_a_directory_is_one_line(command: str, tmp_pat
         assert f"cannot use the data directory {data_dir}: " in line
 
 
+def test_serve_names_the_picloud_variables_it_does_not_know(tmp_path: Path) -> None:
+    """A typo'd setting is named (not its value) on stderr before anything else."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    result = _run("serve", "--data-dir", str(afile), PICLOUD_MAX_WORKERS="sekrit-47")
+    first, *_ = result.stderr.splitlines()
+    assert "PICLOUD_MAX_WORKERS" in first
+    assert "sekrit-47" not in result.stderr
+
+
 @pytest.mark.parametrize("command", ["serve", "migrate"])
 def test_a_bad_or_unreachable_database_url_is_one_line_without_the_password(
     command: str,

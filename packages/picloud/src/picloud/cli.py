@@ -194,6 +194,8 @@ def listen(host: str, port: int) -> list[Any]:
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from picloud.runtime import StartupError, StartupInterrupted, StartupSignals
 
+    if (warning := settings.unknown_warning()) is not None:
+        print(warning, file=sys.stderr)
     signals = StartupSignals()
     signals.install()  # from here on SIGTERM/SIGINT stop what was started, and exit 0
     try:
