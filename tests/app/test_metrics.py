@@ -40,11 +40,11 @@ async def _scrape(services: Services, times: int = 1) -> list[httpx.Response]:
 
 
 def test_durations_fall_into_their_buckets() -> None:
-    """Each ``duration_seconds[kind] += s`` (what the dispatcher does) is one
+    """Each ``duration_seconds.observe(kind, s)`` (what the dispatcher does) is one
     observation, counted in the first bucket whose bound is at least s."""
     m = DispatcherMetrics()
     for seconds in (0.001, 0.005, 0.2, 299.0, 301.0):
-        m.duration_seconds["kv"] += seconds
+        m.duration_seconds.observe("kv", seconds)
     assert m.duration_seconds["kv"] == pytest.approx(0.001 + 0.005 + 0.2 + 299.0 + 301.0)
     counts = m.duration_seconds.buckets["kv"]
     assert len(counts) == len(DURATION_BUCKETS) + 1
@@ -62,8 +62,8 @@ async def test_execution_durations_are_a_histogram_by_source_kind(db_url: str) -
     services = build_services(Settings(executor_max_workers=1), db_url, node_id="h-node")
     durations = services.dispatcher.metrics.duration_seconds
     for seconds in (0.004, 0.03, 0.03, 7.0):
-        durations["http"] += seconds
-    durations["kv"] += 500.0
+        durations.observe("http", seconds)
+    durations.observe("kv", 500.0)
     (response,) = await _scrape(services)
     await services.engine.dispose()
     assert response.status_code == 200

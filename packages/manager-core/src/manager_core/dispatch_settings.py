@@ -38,8 +38,8 @@ DURATION_BUCKETS: tuple[float, ...] = (
 
 
 class DurationTotals(Counter[str]):
-    """Seconds spent per source kind, summed (``totals[kind] += seconds``). Each such
-    addition is one observation too: ``buckets[kind][i]`` counts those of at most
+    """Seconds spent per source kind, summed, and the histogram of the observations
+    (:meth:`observe`): ``buckets[kind][i]`` counts those of at most
     ``DURATION_BUCKETS[i]`` seconds and above the one before (not cumulative); the
     last entry counts those above every bound."""
 
@@ -47,11 +47,13 @@ class DurationTotals(Counter[str]):
         self.buckets: dict[str, list[int]] = {}
         super().__init__(*args, **kwargs)
 
-    def __setitem__(self, kind: str, total: float) -> None:
-        added = total - self.get(kind, 0)
-        super().__setitem__(kind, total)
-        counts = self.buckets.setdefault(kind, [0] * (len(DURATION_BUCKETS) + 1))
-        counts[bisect_left(DURATION_BUCKETS, added)] += 1
+    def observe(self, kind: str, seconds: float) -> None:
+        """One execution of ``kind`` took ``seconds``."""
+        self[kind] += seconds
+        counts = self.buckets.get(kind)
+        if counts is None:
+            counts = self.buckets[kind] = [0] * (len(DURATION_BUCKETS) + 1)
+        counts[bisect_left(DURATION_BUCKETS, seconds)] += 1
 
 
 @attrs.define

@@ -379,7 +379,7 @@ class Dispatcher:
             await self._claims.answer_interrupted(claim)
         finally:
             self._leased.pop(claim.row.id, None)
-            self.metrics.duration_seconds[kind] += time.monotonic() - started
+            self.metrics.duration_seconds.observe(kind, time.monotonic() - started)
             self._finished()
 
     async def _give_back(self, claim: ClaimedRow) -> None:
