@@ -31,6 +31,13 @@ async def serving(app: ASGIApp, http: Any = "httptools") -> AsyncIterator[int]:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+    async with serving_config(config) as port:
+        yield port
+
+
+@contextlib.asynccontextmanager
+async def serving_config(config: uvicorn.Config) -> AsyncIterator[int]:
+    """A uvicorn of ``config`` (port 0: a free one), started; yields its port."""
     server = _Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)

@@ -13,7 +13,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from unittest import mock
 
 import anyio
@@ -416,24 +416,6 @@ def test_picloud_serve_bounds_request_heads(server: Server) -> None:
         assert time.monotonic() - opened >= HEAD_READ_TIMEOUT_SECONDS - 0.5
 
 
-class _NoSignals(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:  # the test process keeps its handlers
-        yield
-
-
-@contextlib.asynccontextmanager
-async def _serving_config(config: uvicorn.Config) -> AsyncIterator[int]:
-    server = _NoSignals(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn has no started event
-                await anyio.sleep(0.01)
-        yield server.servers[0].sockets[0].getsockname()[1]
-        server.should_exit = True
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("http", ["picloud", "h11"])
 @pytest.mark.parametrize("limit", [1, 2])
@@ -450,7 +432,7 @@ async def test_max_connections_connections_are_served_and_one_more_is_503(
     if http == "h11":
         config.http = "h11"
     get = b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
-    async with _serving_config(config) as port, contextlib.AsyncExitStack() as stack:
+    async with uvicorn_server.serving_config(config) as port, contextlib.AsyncExitStack() as stack:
         streams = [
             await stack.enter_async_context(await anyio.connect_tcp("127.0.0.1", port))
             for _ in range(limit)
