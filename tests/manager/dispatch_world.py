@@ -97,6 +97,22 @@ class World:
         )
         return created.id
 
+    async def route(
+        self, script_id: ScriptId, path: str, *, method: str = "GET", dispatch_mode: str = "sync"
+    ) -> uuid.UUID:
+        """A route of the app to ``script_id``, registered by its owner (written as is)."""
+        async with self.engine.begin() as conn:
+            stmt = sa.insert(t.routes).values(
+                app_id=self.app_id,
+                method=method,
+                path=path,
+                script_id=script_id,
+                registered_by=self.owner,
+                dispatch_mode=dispatch_mode,
+            )
+            route_id: uuid.UUID = (await conn.execute(stmt.returning(t.routes.c.id))).scalar_one()
+            return route_id
+
     async def count(self, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
         async with self.engine.connect() as conn:
             return int(

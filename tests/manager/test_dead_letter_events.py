@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
@@ -44,21 +43,7 @@ async def test_an_http_dead_letter_carries_the_route_event(world: World) -> None
     route event the script got (no ``kind``, no ``route_id``); replayed, the request
     runs again with that same event."""
     script = await world.script(ORDERS)
-    async with world.engine.begin() as conn:
-        route = (
-            await conn.execute(
-                sa.insert(t.routes)
-                .values(
-                    app_id=world.app_id,
-                    method="POST",
-                    path="/orders/{id}",
-                    script_id=script,
-                    registered_by=world.owner,
-                    dispatch_mode="async",
-                )
-                .returning(t.routes.c.id)
-            )
-        ).scalar_one()
+    route = await world.route(script, "/orders/{id}", method="POST", dispatch_mode="async")
     handler = await world.script(KEEP)
     await world.triggers.create_dead_letter_trigger(
         CreateDeadLetterTrigger(world.app_id, handler, world.owner, (OutboxSourceKind.HTTP,))

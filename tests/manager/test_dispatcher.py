@@ -308,21 +308,8 @@ def http_row(
     )
 
 
-async def _route(world: World, script_id: uuid.UUID) -> uuid.UUID:
-    async with world.engine.begin() as conn:
-        return (
-            await conn.execute(
-                sa.insert(t.routes)
-                .values(
-                    app_id=world.app_id,
-                    method="GET",
-                    path=f"/r{uuid.uuid4().hex[:6]}",
-                    script_id=script_id,
-                    registered_by=world.owner,
-                )
-                .returning(t.routes.c.id)
-            )
-        ).scalar_one()
+async def _route(world: World, script_id: ScriptId) -> uuid.UUID:
+    return await world.route(script_id, f"/r{uuid.uuid4().hex[:6]}")
 
 
 async def test_a_row_that_keeps_crashing_its_worker_ends_dead_lettered(world: World) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
@@ -54,21 +53,7 @@ async def test_a_deleted_users_async_route_ends_principal_revoked(world: World) 
     """An async request to a route the deleted user registered: the execution ends
     principal_revoked, the script not run."""
     script = await world.script(WRITE)
-    async with world.engine.begin() as conn:
-        route = (
-            await conn.execute(
-                sa.insert(t.routes)
-                .values(
-                    app_id=world.app_id,
-                    method="POST",
-                    path="/later",
-                    script_id=script,
-                    registered_by=world.owner,
-                    dispatch_mode="async",
-                )
-                .returning(t.routes.c.id)
-            )
-        ).scalar_one()
+    route = await world.route(script, "/later", method="POST", dispatch_mode="async")
     await world.users.delete(world.owner)
     await world.outbox.enqueue(
         NewOutboxRow(
