@@ -6,7 +6,7 @@ import uuid
 
 import anyio
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import any_, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
@@ -293,3 +293,62 @@ async def test_repos_join_a_callers_transaction(engine: AsyncEngine) -> None:
         assert await apps.get_by_name("shop", conn=conn) is not None
         await conn.rollback()
     assert await apps.get_by_name("shop") is None
+
+
+async def test_a_user_who_becomes_an_apps_manager_while_being_deleted_keeps_it_managed(
+    engine: AsyncEngine,
+) -> None:
+    """A delete of U waits for U's row; meanwhile M makes U a manager of M's app. The
+    delete must then count U as that app's manager, so M, removing themself while the
+    delete finishes, is refused: the app never ends without a member manager."""
+    users, apps = PostgresUserRepo(engine), PostgresAppRepo(engine)
+    admin, _ = await users.create_user("root", True)
+    m, _ = await users.create_user("m", False)
+    u, _ = await users.create_user("u", False)
+    app = await apps.create("shop", m.id)
+    outcome: dict[str, object] = {}
+
+    async def delete_u() -> None:
+        outcome["delete"] = await users.delete(u.id)
+
+    async with engine.connect() as holder, engine.connect() as member_lock:
+        # Hold U's row (as a membership insert does) so the delete waits for it.
+        held = select(t.users.c.id).where(t.users.c.id == u.id)
+        await holder.execute(held.with_for_update(key_share=True, read=True))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(delete_u)
+            await anyio.sleep(0.5)
+            await apps.set_capabilities(
+                app.id, u.id, [Capability.APP_READ, Capability.APP_MANAGE_MEMBERS]
+            )
+            # Keep U's membership row: the delete's cascade waits on it, after its checks.
+            await member_lock.execute(
+                select(t.app_members.c.user_id)
+                .where(t.app_members.c.app_id == app.id, t.app_members.c.user_id == u.id)
+                .with_for_update()
+            )
+            await holder.rollback()
+            await anyio.sleep(0.5)
+
+            async def m_leaves() -> None:
+                try:
+                    await apps.set_capabilities(app.id, m.id, [])
+                    outcome["m"] = "left"
+                except Conflict:
+                    outcome["m"] = "refused"
+
+            tg.start_soon(m_leaves)
+            await anyio.sleep(0.5)
+            await member_lock.rollback()
+    assert outcome["m"] == "refused"
+    async with engine.connect() as conn:
+        managers = await conn.scalar(
+            select(func.count())
+            .select_from(t.app_members)
+            .where(
+                t.app_members.c.app_id == app.id,
+                literal(Capability.APP_MANAGE_MEMBERS.value) == any_(t.app_members.c.capabilities),
+            )
+        )
+    assert managers == 1
+    assert admin.is_instance_admin

@@ -222,18 +222,26 @@ class PostgresUserRepo:
         or the only member holding ``app_manage_members`` of some app.
         """
 
+        member_of = (
+            select(t.app_members.c.app_id)
+            .where(t.app_members.c.user_id == user_id)
+            .order_by(t.app_members.c.app_id)
+        )
+
         async def body(c: AsyncConnection) -> User:
             await _lock_instance_admins(c)
             # The apps first, in id order, as member changes lock them (lock_app):
             # a concurrent change to who manages them is seen, not raced.
-            member_of = await c.scalars(
-                select(t.app_members.c.app_id)
-                .where(t.app_members.c.user_id == user_id)
-                .order_by(t.app_members.c.app_id)
-            )
-            for app_id in member_of.all():
+            locked = set((await c.scalars(member_of)).all())
+            for app_id in sorted(locked):
                 await lock_app(c, AppId(app_id))
             user = await self._locked(c, user_id)
+            # With the user's row locked nobody adds them to an app any more; an app
+            # they joined since the first read is locked now (a deadlock with that
+            # member change is run again, with the app among the first).
+            for app_id in (await c.scalars(member_of)).all():
+                if app_id not in locked:
+                    await lock_app(c, AppId(app_id))
             if user.is_instance_admin:
                 await _keep_an_instance_admin(c, user)
             await _keep_app_managers(c, user)
