@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -158,3 +159,53 @@ def test_sigterm_while_it_starts_stops_postgres_and_exits_0(pg_data_dir: Path) -
     digest = hashlib.sha256(str(pg_data_dir / "pg").encode()).hexdigest()[:16]
     assert not Path(lines[4].split(",")[0]).exists()
     assert not Path("/tmp", f"picloud-pg-{digest}").exists()
+
+
+def _catches_sigterm(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+PROBE = """
+import signal, sys
+from picloud import cli
+def probe(args):
+    print(signal.getsignal(signal.SIGTERM).__qualname__, "sqlalchemy" in sys.modules)
+    return 0
+cli._main = probe
+sys.exit(cli.main(["serve", "--data-dir", "/dev/null/picloud-probe"]))
+"""
+
+
+def test_serve_catches_sigterm_before_the_imports_of_a_start() -> None:
+    """``main`` installs the start's signal handler before it reads settings, and
+    before SQLAlchemy and the packages are imported (a second or more under load): a
+    SIGTERM then is a clean stop, not death by the signal (143)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PICLOUD_")}
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert out.stdout.split() == ["StartupSignals._on_signal", "False"]
+
+
+def test_sigterm_as_soon_as_it_is_caught_exits_0(tmp_path: Path) -> None:
+    """From the moment ``picloud serve`` has read its arguments (before the imports of
+    a start), SIGTERM ends it with status 0 and the line saying so, not 143."""
+    data_dir = tmp_path / "data"
+    log = tmp_path / "serve.log"
+    proc = start(data_dir, free_port(), log)
+    deadline = time.monotonic() + 30
+    while not _catches_sigterm(proc.pid):
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    assert stop(proc) == 0, log.read_text()
+    assert "picloud serve: stopped before it served" in log.read_text()
+    assert not (data_dir / "pg" / "postmaster.pid").exists()

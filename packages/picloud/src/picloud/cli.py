@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import attrs
 
 from picloud.settings import Settings
+from picloud.startup_signals import StartupInterrupted, StartupSignals
 
 __all__ = ["main"]
 
@@ -192,18 +193,14 @@ def listen(host: str, port: int) -> list[Any]:
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from picloud.runtime import StartupError, StartupInterrupted, StartupSignals
+    signals: StartupSignals = args.signals  # installed by main(), which also ends
+    from picloud.runtime import StartupError  # a start that a signal interrupted
 
     if (warning := settings.unknown_warning()) is not None:
         print(warning, file=sys.stderr)
-    signals = StartupSignals()
-    signals.install()  # from here on SIGTERM/SIGINT stop what was started, and exit 0
     try:
         with contextlib.ExitStack() as stack:
             return _serve(settings, signals, stack)
-    except StartupInterrupted:
-        print("picloud serve: stopped before it served", file=sys.stderr)
-        return 0
     except StartupError as exc:
         print(f"picloud serve: {exc}", file=sys.stderr)
         return 1
@@ -378,6 +375,19 @@ def ensure_database(admin_url: str, name: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.handler is _cmd_serve:
+        # From here on SIGTERM/SIGINT stop what a start started, and exit 0.
+        args.signals = StartupSignals()
+        args.signals.install()
+        try:
+            return _main(args)
+        except StartupInterrupted:
+            print("picloud serve: stopped before it served", file=sys.stderr)
+            return 0
+    return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         settings = _apply_overrides(Settings.from_env(os.environ), args)
     except ValueError as exc:

@@ -13,12 +13,10 @@ import errno
 import fcntl
 import functools
 import os
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 
 import anyio
 
@@ -26,6 +24,7 @@ from manager_core.db import make_engine
 from manager_core.postgres.users import PostgresUserRepo, new_token
 from picloud import migrations
 from picloud.settings import Settings
+from picloud.startup_signals import StartupSignals
 from picloud_shared.errors import Conflict
 
 EMBEDDED_DATABASE = "picloud"
@@ -36,49 +35,6 @@ CONNECT_TIMEOUT_SECONDS = 10
 
 class StartupError(Exception):
     """A start that cannot go on; the message says why, in one line."""
-
-
-class StartupInterrupted(BaseException):
-    """SIGTERM or SIGINT came before the server ran."""
-
-
-class StartupSignals:
-    """SIGTERM and SIGINT from the start of ``picloud serve`` until uvicorn takes them.
-
-    While ``raising``, the first signal raises :class:`StartupInterrupted` in the main
-    thread, so that what was started is stopped on the way out; inside :meth:`held`
-    (work that must not be cut in the middle, such as ``initdb``) it is raised when
-    the block ends. Afterwards, and for any later signal, it is only recorded in
-    ``received``: uvicorn's own handlers see it (``picloud.cli``), and stopping is
-    never interrupted.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.raising = True
-        self._held = 0
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:
-            return  # already stopping
-        self.received = signum
-        if self.raising and not self._held:
-            raise StartupInterrupted(signum)
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """A signal in this block is raised when the block ends, not in its middle."""
-        self._held += 1
-        try:
-            yield
-        finally:
-            self._held -= 1
-        if not self._held and self.raising and self.received is not None:
-            raise StartupInterrupted(self.received)
 
 
 def prepare_data_dir(data_dir: Path) -> None:
