@@ -120,6 +120,10 @@ def test_empty_variables_keep_defaults() -> None:
         ("PICLOUD_APP_STORAGE_QUOTA_MB", "1.5"),
         ("PICLOUD_APP_STORAGE_QUOTA_MB", "lots"),
         ("PICLOUD_APP_STORAGE_QUOTA_MB", str(1024**3 + 1)),
+        ("PICLOUD_MAX_CONCURRENT_EXECUTIONS", "1_0"),
+        ("PICLOUD_PORT", "+80"),
+        ("PICLOUD_MAX_TRIGGER_DEPTH", "\uff18"),  # a full-width 8
+        ("PICLOUD_DB_POOL_SIZE", "\u0661\u0662"),  # Arabic-Indic 12
     ],
 )
 def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
@@ -127,6 +131,11 @@ def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ValueError, match=variable) as info:
         Settings.from_env({variable: value})
     assert repr(value) in str(info.value)
+
+
+def test_numbers_may_have_spaces_around_them() -> None:
+    """What an env file's stray space adds is not a new number: ``" 8 "`` is 8."""
+    assert Settings.from_env({"PICLOUD_MAX_TRIGGER_DEPTH": " 8 "}).max_trigger_depth == 8
 
 
 def test_a_short_admin_token_is_refused_without_showing_it() -> None:

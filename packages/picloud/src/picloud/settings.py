@@ -60,11 +60,14 @@ MAX_DB_OUTBOX_POOL_SIZE = 100
 EMBEDDED_PG_CONNECTIONS = 90
 
 
+_DECIMAL = re.compile(r"-?[0-9]+")
+
+
 def _int_in(low: int, high: int, what: str = "") -> Callable[[str], int]:
     """A parser for integers in ``low..high``; ``what`` explains a special value."""
 
     def parse(value: str) -> int:
-        number = int(value.strip())
+        number = _decimal(value)
         if number < low:
             raise ValueError(
                 "must be a positive integer" if low == 1 else "must be a non-negative integer"
@@ -83,8 +86,17 @@ def _admin_token(value: str) -> str:
     return token
 
 
+def _decimal(value: str) -> int:
+    """ASCII digits, with an optional leading ``-`` (for its range to refuse) and
+    spaces around; not what else ``int()`` takes (``1_0``, ``+3``, other scripts'
+    digits)."""
+    if not _DECIMAL.fullmatch(value.strip()):
+        raise ValueError("must be a whole number in ASCII digits")
+    return int(value)
+
+
 def _port(value: str) -> int:
-    number = int(value.strip())
+    number = _decimal(value)
     if not 0 <= number <= 65535:
         raise ValueError("must be a TCP port (0-65535; 0 picks a free one)")
     return number
