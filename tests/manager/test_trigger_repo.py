@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
 from manager_core.postgres.triggers import PostgresTriggerRepo
-from picloud_shared.errors import UnknownScript
+from picloud_shared.errors import NotFound, UnknownScript
 from picloud_shared.ids import AppId, ScriptId, TriggerId, UserId
 from picloud_shared.outbox import OutboxSourceKind
 from picloud_shared.retry import Backoff, RetryPolicy
@@ -104,6 +104,16 @@ async def test_unknown_script_is_rejected(engine: AsyncEngine) -> None:
     repo = PostgresTriggerRepo(engine)
     with pytest.raises(UnknownScript):
         await repo.create_kv_trigger(CreateKvTrigger(app, ScriptId(uuid.uuid4()), user, "*"))
+    assert await factories.rows(engine, t.triggers) == []
+
+
+async def test_a_registrant_who_does_not_exist_is_not_found(engine: AsyncEngine) -> None:
+    """A registrant deleted meanwhile (no such user row) is NotFound, as for a route,
+    not invalid_input; nothing is written."""
+    app, script, _ = await _setup(engine)
+    repo = PostgresTriggerRepo(engine)
+    with pytest.raises(NotFound):
+        await repo.create_kv_trigger(CreateKvTrigger(app, script, UserId(uuid.uuid4()), "*"))
     assert await factories.rows(engine, t.triggers) == []
 
 

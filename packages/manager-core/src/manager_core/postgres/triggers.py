@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from manager_core import tables as t
 from manager_core.db import in_transaction, transaction, translate_integrity_error
 from manager_core.postgres._quota import check_quota
-from picloud_shared.errors import InvalidInput, UnknownScript
+from picloud_shared.errors import InvalidInput, NotFound, UnknownScript
 from picloud_shared.ids import AppId, ScriptId, TriggerId, UserId
 from picloud_shared.limits import MAX_LIST_LIMIT, MAX_TRIGGERS_PER_APP
 from picloud_shared.outbox import OutboxSourceKind
@@ -242,7 +242,7 @@ class PostgresTriggerRepo:
                 await c.execute(stmt)
         except IntegrityError as exc:
             raise translate_integrity_error(
-                exc, what="trigger", foreign_key=InvalidInput("unknown principal")
+                exc, what="trigger", foreign_key=NotFound("no such app, script or user")
             ) from exc
         return Trigger(
             id=TriggerId(row.id),
