@@ -12,22 +12,9 @@ from manager_core.postgres.users import PostgresUserRepo
 from picloud.runtime import ADMIN_NAME, bootstrap_admin
 from picloud.settings import Settings
 from picloud_shared.errors import Conflict
+from tests.app.tokens import token_holder
 
 OLD, NEW = "first-admin-token-0123456789", "second-admin-token-0123456789"
-
-
-def _holder(url: str, token: str) -> str | None:
-    """The name of the user ``token`` authenticates, if any."""
-
-    async def look() -> str | None:
-        engine = make_engine(url, pool_size=1, max_overflow=0)
-        try:
-            user = await PostgresUserRepo(engine).authenticate(token)
-            return None if user is None else user.name
-        finally:
-            await engine.dispose()
-
-    return anyio.run(look)
 
 
 def _start(url: str, token: str | None, capsys: pytest.CaptureFixture[str]) -> str:
@@ -40,12 +27,12 @@ def test_a_new_admin_token_replaces_the_old_one(
     db_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert "created instance admin" in _start(db_url, OLD, capsys)
-    assert _holder(db_url, OLD) == ADMIN_NAME
+    assert token_holder(db_url, OLD) == ADMIN_NAME
     assert _start(db_url, OLD, capsys) == ""  # the same token: nothing to do
     said = _start(db_url, NEW, capsys)
     assert "is now PICLOUD_ADMIN_TOKEN" in said
     assert NEW not in said  # never printed
-    assert (_holder(db_url, OLD), _holder(db_url, NEW)) == (None, ADMIN_NAME)
+    assert (token_holder(db_url, OLD), token_holder(db_url, NEW)) == (None, ADMIN_NAME)
 
 
 def test_a_start_without_the_setting_keeps_the_token(
@@ -56,7 +43,7 @@ def test_a_start_without_the_setting_keeps_the_token(
     assert "shown once" in _start(db_url, None, capsys)
     _start(db_url, OLD, capsys)
     assert _start(db_url, None, capsys) == ""
-    assert _holder(db_url, OLD) == ADMIN_NAME
+    assert token_holder(db_url, OLD) == ADMIN_NAME
 
 
 def test_a_token_another_user_holds_is_refused(db_url: str) -> None:

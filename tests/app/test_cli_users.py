@@ -15,6 +15,7 @@ from manager_core.db import make_engine
 from manager_core.postgres.users import PostgresUserRepo
 from picloud.runtime import ADMIN_NAME, StartupError, bootstrap_admin
 from picloud.settings import Settings
+from tests.app.tokens import token_holder
 
 PICLOUD = Path(sys.executable).parent / "picloud"
 ADMIN_TOKEN = "bootstrap-admin-token-0123456789"
@@ -33,20 +34,6 @@ def _admin(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _holder(url: str, token: str) -> str | None:
-    """The name of the user ``token`` authenticates, if any."""
-
-    async def look() -> str | None:
-        engine = make_engine(url, pool_size=1, max_overflow=0)
-        try:
-            user = await PostgresUserRepo(engine).authenticate(token)
-            return None if user is None else user.name
-        finally:
-            await engine.dispose()
-
-    return anyio.run(look)
-
-
 def _created(db_url: str, name: str, *flags: str) -> str:
     made = _admin(db_url, "create-user", name, *flags)
     assert made.returncode == 0, made.stderr
@@ -61,7 +48,7 @@ def test_rotate_token_prints_a_new_token_and_the_old_one_stops_working(db_url: s
     new = result.stdout.strip()
     assert new.startswith("pc_")
     assert new != old
-    assert (_holder(db_url, old), _holder(db_url, new)) == (None, "ann")
+    assert (token_holder(db_url, old), token_holder(db_url, new)) == (None, "ann")
 
 
 def test_delete_user_removes_the_user_and_their_token(db_url: str) -> None:
@@ -70,7 +57,7 @@ def test_delete_user_removes_the_user_and_their_token(db_url: str) -> None:
     result = _admin(db_url, "delete-user", "ann")
     assert result.returncode == 0, result.stderr
     assert "deleted user 'ann'" in result.stderr
-    assert _holder(db_url, token) is None
+    assert token_holder(db_url, token) is None
     again = _admin(db_url, "delete-user", "ann")
     assert again.returncode == 1
     assert "no user named 'ann'" in again.stderr
@@ -92,7 +79,7 @@ def test_the_last_instance_admin_cannot_be_deleted(db_url: str) -> None:
     refused = _admin(db_url, "delete-user", "root")
     assert refused.returncode == 1
     assert "last instance admin" in refused.stderr
-    assert _holder(db_url, token) == "root"
+    assert token_holder(db_url, token) == "root"
     _created(db_url, "ops", "--instance-admin")
     assert _admin(db_url, "delete-user", "root").returncode == 0
 
@@ -105,7 +92,7 @@ def test_a_deleted_bootstrap_admin_is_not_recreated_while_another_admin_exists(
     created by a start that finds no instance admin at all."""
     settings = Settings(database_url=db_url, admin_token=ADMIN_TOKEN)
     bootstrap_admin(db_url, settings)
-    assert _holder(db_url, ADMIN_TOKEN) == ADMIN_NAME
+    assert token_holder(db_url, ADMIN_TOKEN) == ADMIN_NAME
     _created(db_url, "ops", "--instance-admin")
     assert _admin(db_url, "delete-user", ADMIN_NAME).returncode == 0
     capsys.readouterr()
@@ -114,7 +101,7 @@ def test_a_deleted_bootstrap_admin_is_not_recreated_while_another_admin_exists(
     assert said.startswith("picloud: PICLOUD_ADMIN_TOKEN is not used: there is no instance admin")
     assert said.count("\n") == 1
     assert ADMIN_TOKEN not in said
-    assert _holder(db_url, ADMIN_TOKEN) is None
+    assert token_holder(db_url, ADMIN_TOKEN) is None
 
 
 def test_a_start_with_the_admin_token_setting_undoes_a_rotation_of_admin(
@@ -125,11 +112,11 @@ def test_a_start_with_the_admin_token_setting_undoes_a_rotation_of_admin(
     settings = Settings(database_url=db_url, admin_token=ADMIN_TOKEN)
     bootstrap_admin(db_url, settings)
     rotated = _admin(db_url, "rotate-token", ADMIN_NAME).stdout.strip()
-    assert (_holder(db_url, ADMIN_TOKEN), _holder(db_url, rotated)) == (None, ADMIN_NAME)
+    assert (token_holder(db_url, ADMIN_TOKEN), token_holder(db_url, rotated)) == (None, ADMIN_NAME)
     capsys.readouterr()
     bootstrap_admin(db_url, settings)
     assert "is now PICLOUD_ADMIN_TOKEN" in capsys.readouterr().err
-    assert (_holder(db_url, ADMIN_TOKEN), _holder(db_url, rotated)) == (ADMIN_NAME, None)
+    assert (token_holder(db_url, ADMIN_TOKEN), token_holder(db_url, rotated)) == (ADMIN_NAME, None)
 
 
 def test_create_user_admin_needs_instance_admin(db_url: str) -> None:
@@ -141,7 +128,7 @@ def test_create_user_admin_needs_instance_admin(db_url: str) -> None:
     assert refused.stdout == ""
     assert _admin(db_url, "rotate-token", ADMIN_NAME).returncode == 1  # no such user
     token = _created(db_url, ADMIN_NAME, "--instance-admin")
-    assert _holder(db_url, token) == ADMIN_NAME
+    assert token_holder(db_url, token) == ADMIN_NAME
 
 
 def test_a_plain_user_named_admin_stops_the_first_start_with_one_line(db_url: str) -> None:
@@ -175,7 +162,7 @@ def test_a_plain_user_named_admin_stops_the_first_start_with_one_line(db_url: st
     assert ADMIN_TOKEN not in served.stderr
     assert _admin(db_url, "delete-user", ADMIN_NAME).returncode == 0
     bootstrap_admin(db_url, Settings(database_url=db_url, admin_token=ADMIN_TOKEN))
-    assert _holder(db_url, ADMIN_TOKEN) == ADMIN_NAME
+    assert token_holder(db_url, ADMIN_TOKEN) == ADMIN_NAME
 
 
 def test_an_admin_token_setting_it_cannot_apply_is_said_once(
@@ -190,6 +177,6 @@ def test_an_admin_token_setting_it_cannot_apply_is_said_once(
     assert said.startswith("picloud: PICLOUD_ADMIN_TOKEN is not used:")
     assert said.count("\n") == 1
     assert ADMIN_TOKEN not in said
-    assert _holder(db_url, ADMIN_TOKEN) is None
+    assert token_holder(db_url, ADMIN_TOKEN) is None
     bootstrap_admin(db_url, Settings(database_url=db_url))
     assert capsys.readouterr().err == ""
