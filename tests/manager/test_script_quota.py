@@ -60,7 +60,7 @@ async def test_a_script_and_kv_share_the_quota_and_storage_compacts(
     app = await factories.app(engine)
     quota = quota_of(engine, 1000)
     kv = PostgresKvRepo(engine, quota=quota)
-    await PostgresScriptRepo(engine).create(app, "s", source_of(900), quota=quota)
+    await PostgresScriptRepo(engine, quota).create(app, "s", source_of(900))
     with pytest.raises(StorageQuotaExceeded):
         await kv.set(app, "k", "x" * 98)  # 1 + 100 bytes: one too many
     assert await usage(engine, app) == 900
@@ -75,13 +75,12 @@ async def test_a_script_reaching_the_quota_exactly_passes_one_byte_more_fails(
     """A create that fills the quota to the byte passes; one byte more is
     storage_quota_exceeded and stores nothing."""
     app = await factories.app(engine)
-    quota = quota_of(engine, 1000)
-    repo = PostgresScriptRepo(engine)
-    await repo.create(app, "a", source_of(600), quota=quota)
+    repo = PostgresScriptRepo(engine, quota_of(engine, 1000))
+    await repo.create(app, "a", source_of(600))
     with pytest.raises(StorageQuotaExceeded, match="quota is 1000 bytes"):
-        await repo.create(app, "b", source_of(401), quota=quota)
+        await repo.create(app, "b", source_of(401))
     assert await repo.get(app, "b") is None
-    await repo.create(app, "b", source_of(400), quota=quota)
+    await repo.create(app, "b", source_of(400))
     assert await usage(engine, app) == 1000
 
 
@@ -92,21 +91,21 @@ async def test_an_update_growing_past_the_quota_fails_and_shrinking_passes_over_
     one byte more fails and keeps the old version; over the quota (a smaller limit
     now), an update that shrinks, or keeps the size, passes, and so does a delete."""
     app = await factories.app(engine)
-    repo = PostgresScriptRepo(engine)
-    await repo.create(app, "a", source_of(500), quota=quota_of(engine, 1000))
+    repo = PostgresScriptRepo(engine, quota_of(engine, 1000))
+    await repo.create(app, "a", source_of(500))
     with pytest.raises(StorageQuotaExceeded):
-        await repo.update(app, "a", source=source_of(1001), quota=quota_of(engine, 1000))
+        await repo.update(app, "a", source=source_of(1001))
     kept = await repo.get(app, "a")
     assert kept is not None
     assert (kept.version, len(kept.source)) == (1, 500)
-    await repo.update(app, "a", source=source_of(1000), quota=quota_of(engine, 1000))
-    tight = quota_of(engine, 10)
-    await repo.update(app, "a", source=source_of(999), quota=tight)
-    await repo.update(app, "a", source=source_of(999).upper(), quota=tight)
-    await repo.update(app, "a", timeout_seconds=30, quota=tight)
+    await repo.update(app, "a", source=source_of(1000))
+    tight = PostgresScriptRepo(engine, quota_of(engine, 10))
+    await tight.update(app, "a", source=source_of(999))
+    await tight.update(app, "a", source=source_of(999).upper())
+    await tight.update(app, "a", timeout_seconds=30)
     with pytest.raises(StorageQuotaExceeded):
-        await repo.update(app, "a", source=source_of(1000), quota=tight)
-    assert await repo.delete(app, "a", quota=tight)
+        await tight.update(app, "a", source=source_of(1000))
+    assert await tight.delete(app, "a")
     assert await usage(engine, app) == 0
 
 
@@ -117,16 +116,16 @@ async def test_script_writes_count_on_this_node_before_the_next_read(
     node count in its cached usage at once."""
     app = await factories.app(engine)
     quota = quota_of(engine, 1000, refresh=3600)
-    repo = PostgresScriptRepo(engine)
+    repo = PostgresScriptRepo(engine, quota)
     assert await quota.cached_usage(app) == 0
-    await repo.create(app, "a", source_of(700), quota=quota)
+    await repo.create(app, "a", source_of(700))
     with pytest.raises(StorageQuotaExceeded):
-        await repo.create(app, "b", source_of(301), quota=quota)
-    await repo.update(app, "a", source=source_of(800), quota=quota)
+        await repo.create(app, "b", source_of(301))
+    await repo.update(app, "a", source=source_of(800))
     assert await quota.cached_usage(app) == 800
-    assert await repo.delete(app, "a", quota=quota)
+    assert await repo.delete(app, "a")
     assert await quota.cached_usage(app) == 0
-    await repo.create(app, "b", source_of(1000), quota=quota)
+    await repo.create(app, "b", source_of(1000))
 
 
 async def test_a_script_in_a_rolled_back_transaction_counts_nothing(
@@ -139,7 +138,7 @@ async def test_a_script_in_a_rolled_back_transaction_counts_nothing(
     assert await quota.cached_usage(app) == 0
     async with engine.connect() as conn:
         await conn.begin()
-        await PostgresScriptRepo(engine).create(app, "a", source_of(900), quota=quota, conn=conn)
+        await PostgresScriptRepo(engine, quota).create(app, "a", source_of(900), conn=conn)
         await conn.rollback()
     assert await usage(engine, app) == 0
     assert await quota.cached_usage(app) == 0

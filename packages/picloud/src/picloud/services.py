@@ -125,7 +125,7 @@ def build_services(
     inbox = InboxRegistry()
     inbox_resolver: InboxResolver = inbox
     routes = PostgresRouteRepo(engine)
-    scripts = PostgresScriptRepo(engine)
+    scripts = PostgresScriptRepo(engine, quota)
     route_cache = CachedRouteTable(routes)
     # What this node's admin API changes, its own user routes see at once (other
     # nodes within the cache's ttl).

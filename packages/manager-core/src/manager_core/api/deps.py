@@ -61,13 +61,14 @@ class AdminDeps:
         outbox = outbox if outbox is not None else PostgresOutboxRepo(engine)
         triggers = PostgresTriggerRepo(engine)
         emitter = OutboxEventEmitter(triggers, outbox.signal)
+        kv = PostgresKvRepo(engine, emitter, quota)
         return cls(
             users=PostgresUserRepo(engine),
             apps=PostgresAppRepo(engine),
-            scripts=PostgresScriptRepo(engine),
+            scripts=PostgresScriptRepo(engine, kv.quota),
             routes=PostgresRouteRepo(engine),
             triggers=triggers,
-            kv=PostgresKvRepo(engine, emitter, quota),
+            kv=kv,
             documents=PostgresDocumentRepo(engine, emitter, quota),
             executions=PostgresExecutionRepo(engine),
             dead_letters=PostgresDeadLetterRepo(engine, outbox, emitter),

@@ -63,7 +63,6 @@ async def create_script(call: Call) -> Response:
         timeout_seconds=fields.integer("timeout_seconds", DEFAULT_TIMEOUT_SECONDS),
         memory_limit_mb=fields.integer("memory_limit_mb", DEFAULT_MEMORY_LIMIT_MB),
         data_capabilities=_authors_data_capabilities(call),
-        quota=call.deps.quota,
     )
     return json_response(script_to_wire(script), 201)
 
@@ -99,7 +98,6 @@ async def update_script(call: Call) -> Response:
         timeout_seconds=fields.integer("timeout_seconds", None),
         memory_limit_mb=fields.integer("memory_limit_mb", None),
         data_capabilities=_authors_data_capabilities(call),
-        quota=call.deps.quota,
     )
     return json_response(script_to_wire(script))
 
@@ -107,7 +105,7 @@ async def update_script(call: Call) -> Response:
 async def delete_script(call: Call) -> Response:
     """Delete a script (409 while a route or trigger uses it); 204."""
     name = _name(call)
-    if not await call.deps.scripts.delete(call.app_id, name, quota=call.deps.quota):
+    if not await call.deps.scripts.delete(call.app_id, name):
         raise NotFound(f"no script named {name!r}")
     return no_content()
 

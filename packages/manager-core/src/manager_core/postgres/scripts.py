@@ -121,8 +121,11 @@ def _by_name(app_id: AppId, name: str) -> ColumnElement[bool]:
 class PostgresScriptRepo:
     """Scripts on PostgreSQL."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, quota: StorageQuota | None = None) -> None:
         self._engine = engine
+        # The storage quota script sources count against (``None``: not checked), the
+        # one the app's KV and document repos hold.
+        self.quota = quota
         # Called after a script is updated: its routes' cached targets carry its
         # timeout (the sync wait), so a cache of them forgets them at once.
         self.changed: list[Callable[[], None]] = []
@@ -136,12 +139,11 @@ class PostgresScriptRepo:
         timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS,
         memory_limit_mb: int = DEFAULT_MEMORY_LIMIT_MB,
         data_capabilities: frozenset[Capability] = DATA_CAPABILITIES,
-        quota: StorageQuota | None = None,
         conn: AsyncConnection | None = None,
     ) -> Script:
         """Create version 1 of a script. ``data_capabilities``: those its author holds
-        (see ``Script.data_capabilities``); ``quota``: the storage quota its source
-        counts against (``None``: not checked). Raises ``InvalidName``,
+        (see ``Script.data_capabilities``); its source counts against the repo's
+        ``quota``. Raises ``InvalidName``,
         ``InvalidInput``, ``PayloadTooLarge``, ``LimitExceeded`` (also: the app holds
         ``MAX_SCRIPTS_PER_APP``), ``StorageQuotaExceeded``, ``Conflict`` (name taken)
         or ``NotFound`` (no such app)."""
@@ -150,6 +152,7 @@ class PostgresScriptRepo:
         check_timeout_seconds(timeout_seconds)
         check_memory_limit_mb(memory_limit_mb)
         size = source_bytes(source)
+        quota = self.quota
         budget = None if quota is None else await quota.budget(app_id, None)
         _check_room(quota, app_id, size, budget)
         stmt = (
@@ -189,12 +192,11 @@ class PostgresScriptRepo:
         timeout_seconds: int | None = None,
         memory_limit_mb: int | None = None,
         data_capabilities: frozenset[Capability] | None = None,
-        quota: StorageQuota | None = None,
         conn: AsyncConnection | None = None,
     ) -> Script:
         """Replace the given fields, keep the others, and bump ``version``.
-        ``data_capabilities``: those of the user saving it (``None``: unchanged);
-        ``quota``: as for :meth:`create`, checked against the source's growth.
+        ``data_capabilities``: those of the user saving it (``None``: unchanged); the
+        ``quota`` is checked as for :meth:`create`, against the source's growth.
         Raises ``NotFound`` when the script does not exist, or the checks of
         :meth:`create`."""
         values: dict[str, object] = {
@@ -210,6 +212,7 @@ class PostgresScriptRepo:
         if data_capabilities is not None:
             values["data_capabilities"] = _data_column(data_capabilities)
         stmt = update(t.scripts).where(_by_name(app_id, name)).values(values)
+        quota = self.quota
         budget, grows = None, 0
         if quota is not None and source is not None:
             budget = await quota.budget(app_id, None)
@@ -302,12 +305,10 @@ class PostgresScriptRepo:
         app_id: AppId,
         name: str,
         *,
-        quota: StorageQuota | None = None,
         conn: AsyncConnection | None = None,
     ) -> bool:
-        """Delete a script; ``True`` if it existed. Raises ``Conflict`` while a route
-        or trigger still uses it. ``quota``: the one :meth:`create` counted it in,
-        told at once that its bytes are free."""
+        """Delete a script; ``True`` if it existed (the ``quota`` is told at once that
+        its bytes are free). Raises ``Conflict`` while a route or trigger still uses it."""
 
         async def body(c: AsyncConnection) -> int | None:
             gone = delete(t.scripts).where(_by_name(app_id, name))
@@ -319,6 +320,6 @@ class PostgresScriptRepo:
             if sqlstate(exc) in (FOREIGN_KEY_VIOLATION, RESTRICT_VIOLATION):
                 raise Conflict(f"script {name!r} is still used by a route or trigger") from exc
             raise translate_integrity_error(exc, what="script") from exc
-        if size is not None and quota is not None:
-            quota.wrote(app_id, -size, None, committed=conn is None)
+        if size is not None and self.quota is not None:
+            self.quota.wrote(app_id, -size, None, committed=conn is None)
         return size is not None
