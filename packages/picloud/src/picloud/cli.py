@@ -393,13 +393,6 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"picloud: {exc}", file=sys.stderr)
         return 2
-    if settings.database_url is not None:
-        from picloud.runtime import check_database_url
-
-        why = check_database_url(settings.database_url)
-        if why is not None:
-            print(f"picloud: PICLOUD_DATABASE_URL=(not shown): {why}", file=sys.stderr)
-            return 2
     return args.handler(args, settings)
 
 

@@ -95,22 +95,6 @@ def _describe(url: str) -> str:
     return f"{host if isinstance(host, str) else ','.join(host)}:{port}"
 
 
-def check_database_url(url: str) -> str | None:
-    """Why ``url`` is not a usable database URL (a port that is no number, say), or
-    ``None``. The reason never quotes the URL, which may hold a password."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        port = make_url(url).port
-    except ValueError:
-        return "its port must be a number (0-65535)"
-    except Exception:  # sqlalchemy's ArgumentError and friends
-        return "it is not a database URL"
-    if port is not None and not 0 <= port <= 65535:
-        return "its port must be a number (0-65535)"
-    return None
-
-
 def check_reachable(url: str) -> None:
     """Connect to ``url`` once. Raises :class:`StartupError` ("cannot reach the
     database at HOST:PORT: why", the password never shown) when that fails."""

@@ -112,9 +112,19 @@ def _database_url(value: str) -> str:
     value = value.strip()
     scheme = value.split("://", 1)[0] if "://" in value else ""
     if scheme in ("postgresql", "postgres"):
-        return "postgresql+psycopg://" + value.split("://", 1)[1]
-    if scheme != "postgresql+psycopg":
+        value = "postgresql+psycopg://" + value.split("://", 1)[1]
+    elif scheme != "postgresql+psycopg":
         raise ValueError("must be a postgresql:// (or postgresql+psycopg://) URL")
+    from sqlalchemy.engine import make_url  # only when a URL is set: the start needs it
+
+    try:
+        port = make_url(value).port
+    except ValueError:
+        port = -1
+    except Exception:  # sqlalchemy's ArgumentError and friends
+        raise ValueError("is not a database URL") from None
+    if port is not None and not 0 <= port <= 65535:
+        raise ValueError("its port must be a number (0-65535)")
     return value
 
 
