@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 
+import anyio
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,7 +14,7 @@ from prometheus_client.samples import Sample
 
 from manager_core.dispatch_settings import DURATION_BUCKETS, DispatcherMetrics
 from picloud import metrics
-from picloud.app import create_app
+from picloud.app import READY_CHECK_SECONDS, create_app
 from picloud.services import Services, build_services
 from picloud.settings import Settings
 from tests.pg import PgServer
@@ -157,3 +159,27 @@ async def test_a_lost_database_keeps_the_last_depth_marked_stale(
     finally:
         await services.engine.dispose()
         pg_server.drop_database(name)
+
+
+async def test_readyz_answers_within_its_bound_while_the_database_hangs() -> None:
+    """A database that accepts connections and never answers (a stopped or frozen
+    PostgreSQL): /readyz still answers, 503 "no answer within 3 s", and so does
+    /metrics, with the depth marked stale."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        url = f"postgresql+psycopg://picloud:secret@127.0.0.1:{port}/frozen"
+        services = build_services(Settings(executor_max_workers=1), url, node_id="f-node")
+        app = create_app(services)  # no lifespan: the dispatcher is not running either
+        transport = httpx.ASGITransport(app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://n") as c:
+                with anyio.fail_after(4 * READY_CHECK_SECONDS):
+                    ready = await c.get("/readyz")
+                    scraped = await c.get("/metrics")
+        finally:
+            await services.engine.dispose()
+    assert ready.status_code == 503
+    assert f"database: no answer within {READY_CHECK_SECONDS:g} s" in ready.json()["problems"]
+    assert _value(scraped.text, "picloud_outbox_depth_stale") == 1.0

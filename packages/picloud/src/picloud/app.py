@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,6 +20,7 @@ from picloud.services import Services, running
 log = logging.getLogger("picloud")
 
 ADMIN_PREFIX = "/api/v1/admin"
+READY_CHECK_SECONDS = metrics.DEPTH_READ_TIMEOUT_SECONDS
 
 
 def admin_deps(services: Services) -> AdminDeps:
@@ -44,8 +46,13 @@ def create_app(services: Services) -> Starlette:
     async def readyz(request: Request) -> Response:
         problems: list[str] = []
         try:
-            async with services.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            # Bounded as /metrics' depth read is: a PostgreSQL that hangs without
+            # closing its connections answers no statement, nor refuses one.
+            with anyio.fail_after(READY_CHECK_SECONDS):
+                async with services.engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+        except TimeoutError:
+            problems.append(f"database: no answer within {READY_CHECK_SECONDS:g} s")
         except Exception as exc:
             problems.append(f"database: {type(exc).__name__}")
         if not services.dispatcher.ready:
