@@ -38,6 +38,11 @@ MAX_UNREAD_BYTES = frames.MAX_FRAME_BYTES + 4 * 1024 * 1024
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# One read's size. Under glibc's mmap threshold (128 KiB): a larger buffer is an
+# mmap, a shrinking mremap and a munmap per frame, and the munmap of a threaded
+# process sends TLB-shootdown interrupts to the other CPUs (costly on a VM: a warm
+# no-op's host CPU fell by ~30 µs of ~195). A bigger frame takes several reads.
+READ_SIZE = 1 << 16
 
 
 class WorkerGone(Exception):
@@ -209,7 +214,7 @@ class WorkerProcess:
         if self._eof is not None:
             return
         try:
-            data = os.read(self.rfd, 1 << 18)
+            data = os.read(self.rfd, READ_SIZE)
         except BlockingIOError:
             return
         except OSError as exc:
