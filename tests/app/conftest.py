@@ -15,11 +15,12 @@ def server(
     pg_server: PgServer, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Server]:
     """``picloud serve`` on a fresh copy of the template database, for the whole
-    module (starting one costs a few seconds); 4 gate slots."""
+    module (starting one costs a few seconds); 4 gate slots, the access log on."""
     name = pg_server.create_database(template=pg_server.template)
     log = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]) / "picloud.log"
     try:
-        with serving(pg_server.url(name), log, env={"PICLOUD_MAX_CONCURRENT_EXECUTIONS": "4"}) as s:
+        env = {"PICLOUD_MAX_CONCURRENT_EXECUTIONS": "4", "PICLOUD_ACCESS_LOG": "on"}
+        with serving(pg_server.url(name), log, env=env) as s:
             yield s
     finally:
         pg_server.drop_database(name)

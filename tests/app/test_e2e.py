@@ -453,6 +453,42 @@ def test_async_route_is_202_and_its_execution_is_readable_at_once(
     assert done["source_kind"] == "http"
 
 
+def test_the_access_log_names_a_requests_execution(
+    server: Server, admin: Admin, user: httpx.Client
+) -> None:
+    """With PICLOUD_ACCESS_LOG=on, an async and a sync request each end with one
+    line naming the execution they became; the query string stays out of it."""
+    admin.script("logged", "def handle(e, ctx):\n    return 'ok'\n")
+    admin.route("POST", "/logged/{x}", "logged", mode="async")
+    admin.route("GET", "/logged/{x}", "logged")
+    accepted = user.post(f"/apps/{admin.app_name}/logged/a%20b?key=s3cret", json={})
+    assert accepted.status_code == 202
+    assert user.get(f"/apps/{admin.app_name}/logged/c?key=s3cret").status_code == 200
+    sync_id = admin.wait(
+        lambda: [
+            e["id"]
+            for e in admin.executions(source_kind="http")
+            if e["status"] == "succeeded" and e["id"] != accepted.json()["execution_id"]
+        ][:1]
+    )[0]
+    lines = admin.wait(
+        lambda: (
+            [
+                line
+                for line in server.log().splitlines()
+                if f"/apps/{admin.app_name}/logged/" in line
+            ]
+            if len(server.log().split(f"/apps/{admin.app_name}/logged/")) == 3
+            else None
+        )
+    )
+    assert f'"POST /apps/{admin.app_name}/logged/a%20b" 202 ' in lines[0]
+    assert lines[0].endswith(f" ms execution={accepted.json()['execution_id']}")
+    assert f'"GET /apps/{admin.app_name}/logged/c" 200 ' in lines[1]
+    assert lines[1].endswith(f" ms execution={sync_id}")
+    assert all("picloud.access" in line and "s3cret" not in line for line in lines)
+
+
 def test_route_script_kv_write_fires_a_visible_trigger_execution(
     admin: Admin, user: httpx.Client
 ) -> None:

@@ -32,6 +32,7 @@ def test_defaults_when_environment_is_empty() -> None:
     assert settings.app_storage_quota_mb == 1024
     assert settings.app_storage_quota_bytes == 1024 * 1024 * 1024
     assert settings.embedded_pg_restarts == 5
+    assert settings.access_log is False
 
 
 def test_every_variable_is_read() -> None:
@@ -57,6 +58,7 @@ def test_every_variable_is_read() -> None:
             "PICLOUD_EXECUTION_RETENTION_DAYS": "30",
             "PICLOUD_APP_STORAGE_QUOTA_MB": "64",
             "PICLOUD_EMBEDDED_PG_RESTARTS": "0",
+            "PICLOUD_ACCESS_LOG": "on",
             "UNRELATED": "ignored",
         }
     )
@@ -80,6 +82,7 @@ def test_every_variable_is_read() -> None:
         execution_retention_days=30,
         app_storage_quota_mb=64,
         embedded_pg_restarts=0,
+        access_log=True,
     )
 
 
@@ -124,6 +127,8 @@ def test_empty_variables_keep_defaults() -> None:
         ("PICLOUD_PORT", "+80"),
         ("PICLOUD_MAX_TRIGGER_DEPTH", "\uff18"),  # a full-width 8
         ("PICLOUD_DB_POOL_SIZE", "\u0661\u0662"),  # Arabic-Indic 12
+        ("PICLOUD_ACCESS_LOG", "maybe"),
+        ("PICLOUD_ACCESS_LOG", "2"),
     ],
 )
 def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
@@ -216,3 +221,12 @@ def test_each_bound_at_its_edge(variable: str, field: str, bound: int) -> None:
     assert str(info.value).startswith(f"{variable}='{bound + 1}': ")
     with pytest.raises(ValueError, match=f"must be at most {bound}"):
         Settings.from_env({**EXTERNAL, variable: "99999999999999999999"})
+
+
+@pytest.mark.parametrize(
+    ("raw", "on"),
+    [("on", True), ("OFF", False), (" true ", True), ("False", False), ("1", True), ("0", False)],
+)
+def test_access_log_is_a_switch(raw: str, on: bool) -> None:
+    """PICLOUD_ACCESS_LOG takes on/off, true/false or 1/0, in any case."""
+    assert Settings.from_env({"PICLOUD_ACCESS_LOG": raw}).access_log is on

@@ -84,6 +84,10 @@ _HOP_HEADERS = frozenset(
         "upgrade",
     }
 )
+# Where a request whose row was written leaves its execution id, in the ASGI
+# scope's ``state`` (``request.state``), for the access log (picloud.access_log).
+EXECUTION_ID_STATE = "execution_id"
+
 log = logging.getLogger("picloud.routes")
 DISCONNECT_WATCH_AFTER = 0.05  # seconds a sync request waits before watching its client
 # How long a sync request whose execution was committing when its wait ended waits
@@ -401,6 +405,7 @@ class UserRouteOrchestrator:
                 else:
                     handed, permit = permit, None  # the writer owns it from the call on
                     await self.outbox.enqueue(row, permit=handed)
+                request.scope.setdefault("state", {})[EXECUTION_ID_STATE] = execution_id
                 return None
         finally:
             if permit is not None:

@@ -145,10 +145,11 @@ def uvicorn_config(app: Any, settings: Settings) -> Any:
     """How ``picloud serve`` runs ``app`` under uvicorn."""
     import uvicorn
 
+    from picloud.access_log import AccessLog
     from picloud.http_protocol import BoundedHttpToolsProtocol
 
     return uvicorn.Config(
-        app,
+        AccessLog(app) if settings.access_log else app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",

@@ -108,6 +108,16 @@ def _non_empty(value: str) -> str:
     return value.strip()
 
 
+_SWITCH = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
+
+
+def _switch(value: str) -> bool:
+    try:
+        return _SWITCH[value.strip().lower()]
+    except KeyError:
+        raise ValueError("must be on or off") from None
+
+
 def _database_url(value: str) -> str:
     value = value.strip()
     scheme = value.split("://", 1)[0] if "://" in value else ""
@@ -169,6 +179,8 @@ class Settings:
     db_pool_size: int = 20
     #: Plain psycopg connections for the outbox's hot single statements.
     db_outbox_pool_size: int = 8
+    #: One line per HTTP request on the ``picloud.access`` logger (``access_log.py``).
+    access_log: bool = False
     #: ``PICLOUD_*`` variables in the environment that are no setting (sorted names).
     unknown: tuple[str, ...] = ()
 
@@ -261,6 +273,7 @@ class Settings:
             ),
             "db_pool_size": get("DB_POOL_SIZE", _int_in(1, MAX_DB_POOL_SIZE)),
             "db_outbox_pool_size": get("DB_OUTBOX_POOL_SIZE", _int_in(1, MAX_DB_OUTBOX_POOL_SIZE)),
+            "access_log": get("ACCESS_LOG", _switch),
         }
         unknown = tuple(
             sorted(
