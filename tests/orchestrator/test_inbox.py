@@ -105,3 +105,32 @@ async def test_a_second_delivery_to_the_same_id_is_abandoned() -> None:
     with receiver:
         assert await registry.deliver(inbox_id, result()) is DeliveryStatus.DELIVERED
         assert await registry.deliver(inbox_id, result()) is DeliveryStatus.ABANDONED
+
+
+async def test_stop_waiting_ends_the_waits_of_executions_not_committing() -> None:
+    """stop_waiting() wakes every wait whose execution is not held, with nothing: a
+    later delivery to it is abandoned (so its execution cannot commit); a held one
+    still gets its answer."""
+    registry = InboxRegistry()
+    idle_id, idle = registry.register()
+    held_id, held = registry.register()
+    assert registry.hold(held_id)
+    with idle, held:
+        with anyio.fail_after(5):  # the wait would last 30 s without stop_waiting
+            async with anyio.create_task_group() as tg:
+                got: list[InboxResult | None] = []
+
+                async def wait() -> None:
+                    got.append(await idle.receive(timeout=30))
+
+                tg.start_soon(wait)
+                await anyio.sleep(0.01)
+                assert registry.stop_waiting() == 1
+        assert got == [None]
+        assert registry.stopping
+        assert not registry.waiting(idle_id)
+        assert not registry.hold(idle_id)
+        assert await registry.deliver(idle_id, result()) is DeliveryStatus.ABANDONED
+        sent = result()
+        assert await registry.deliver(held_id, sent) is DeliveryStatus.DELIVERED
+        assert await held.receive(timeout=1) == sent

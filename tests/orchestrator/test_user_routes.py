@@ -307,6 +307,39 @@ async def test_no_answer_in_time_is_504_and_the_late_answer_is_abandoned(env) ->
     assert status.value == "abandoned"
 
 
+async def test_a_node_that_stops_answers_its_waiting_sync_callers_503(env) -> None:  # type: ignore[no-untyped-def]
+    """InboxRegistry.stop_waiting (the node stops) ends a sync wait at once with 503
+    ``unavailable`` and its execution id; the late answer is abandoned, so the
+    execution cannot commit."""
+    client, outbox, _, _ = env
+    outbox.answer = lambda row: None
+    answers: list[httpx.Response] = []
+    async with anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            answers.append(await client.get("/apps/shop/hello"))
+
+        tg.start_soon(call)
+        with anyio.fail_after(5):
+            while not outbox.rows:  # noqa: ASYNC110 - the fake outbox has no event
+                await anyio.sleep(0.01)
+            assert outbox.inbox.stop_waiting() == 1
+    (r,) = answers
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    row = outbox.rows[0]
+    assert r.json()["error"] == {
+        "code": "unavailable",
+        "message": "this node is stopping; nothing of the request was kept; retry",
+        "execution_id": str(row.execution_id),
+    }
+    assert row.reply_to is not None
+    status = await outbox.inbox.deliver(
+        row.reply_to, InboxResult(row.execution_id, response=ScriptResponse.empty())
+    )
+    assert status.value == "abandoned"
+
+
 async def test_an_answer_after_the_disconnect_watch_started_is_served(env) -> None:  # type: ignore[no-untyped-def]
     """The wait goes on past the point where the client starts being watched."""
     client, outbox, _, _ = env

@@ -12,6 +12,10 @@ dispatcher *holds* the receiver (:meth:`InboxRegistry.hold`). A held receiver ke
 its caller waiting for the answer past the end of the wait; one whose wait ended
 first is closed, the hold fails, and the execution is rolled back. So a caller told
 that its request timed out (504) can rely on nothing of it being kept.
+
+When the node stops, :meth:`InboxRegistry.stop_waiting` ends the waits that are
+still on (their callers are told the node is stopping, with the same guarantee),
+before the HTTP server gives up on them with no answer of picloud's own.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ class InboxRegistry:
 
     def __init__(self) -> None:
         self._pending: dict[InboxId, InboxReceiver] = {}
+        self.stopping = False  # stop_waiting() was called: the node is stopping
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -114,6 +119,18 @@ class InboxRegistry:
             return False
         receiver.held = True
         return True
+
+    def stop_waiting(self) -> int:
+        """The node is stopping: close every receiver whose execution is not
+        committing (not held), so its caller is answered now and nothing of its
+        request is kept; a held one still gets its answer. Returns how many were
+        closed. Receivers registered afterwards are kept (a request may still
+        arrive on a connection being drained)."""
+        self.stopping = True
+        closing = [i for i, receiver in self._pending.items() if not receiver.held]
+        for inbox_id in closing:
+            self.cancel(inbox_id)
+        return len(closing)
 
     def cancel(self, inbox_id: InboxId) -> bool:
         """Forget a registration (its receiver gets nothing more); ``True`` if it was

@@ -334,7 +334,15 @@ class UserRouteOrchestrator:
                         execution_id,
                     )
         # Not held when the wait ended: the receiver closes now, so the execution can
-        # no longer commit (InboxRegistry.hold) and the 504 below is the whole truth.
+        # no longer commit (InboxRegistry.hold) and the answer below is the whole truth.
+        if result is None and self.inbox.stopping:  # InboxRegistry.stop_waiting
+            return _error(
+                503,
+                "unavailable",
+                "this node is stopping; nothing of the request was kept; retry",
+                execution_id,
+                headers={"Retry-After": "1"},
+            )
         if result is None:
             return _failure(
                 InboxFailureKind.TIMEOUT,

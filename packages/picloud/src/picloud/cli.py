@@ -109,7 +109,15 @@ def _apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
     return attrs.evolve(settings, **overrides)
 
 
-def _server_class(signals: Any) -> type:
+# On SIGTERM, requests get uvicorn's graceful window (GRACEFUL_SHUTDOWN_SECONDS) to
+# finish; this long before it ends, the sync requests still waiting are answered 503
+# "this node is stopping" (InboxRegistry.stop_waiting), not cut off by uvicorn.
+GRACEFUL_SHUTDOWN_SECONDS = 30
+STOP_ANSWER_MARGIN_SECONDS = 2
+
+
+def _server_class(signals: Any, on_stopping: Callable[[], object]) -> type:
+    import asyncio
     import logging
     from collections.abc import Iterator
 
@@ -129,6 +137,14 @@ def _server_class(signals: Any) -> type:
                     yield
                 finally:
                     self._captured_signals.clear()
+
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            delay = max(0.0, self.config.timeout_graceful_shutdown - STOP_ANSWER_MARGIN_SECONDS)
+            answer = asyncio.get_running_loop().call_later(delay, on_stopping)
+            try:
+                await super().shutdown(sockets=sockets)
+            finally:
+                answer.cancel()
 
         async def startup(self, sockets: list[Any] | None = None) -> None:
             await super().startup(sockets=sockets)
@@ -158,7 +174,7 @@ def uvicorn_config(app: Any, settings: Settings) -> Any:
         log_level="info",
         access_log=False,
         server_header=False,  # a script's own Server header is the only one
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         # uvicorn refuses a request once its connections (the request's own one
         # included) reach the limit: one more lets exactly max_connections be served.
         limit_concurrency=settings.max_connections + 1,
@@ -238,8 +254,9 @@ def _serve(settings: Settings, signals: Any, stack: contextlib.ExitStack) -> int
     except EmbeddedPostgresError as exc:
         raise StartupError(f"the embedded PostgreSQL did not start: {exc}") from None
     bootstrap_admin(url, settings)
-    app = create_app(build_services(settings, url))
-    server = _server_class(signals)(uvicorn_config(app, settings))
+    services = build_services(settings, url)
+    app = create_app(services)
+    server = _server_class(signals, services.inbox.stop_waiting)(uvicorn_config(app, settings))
     signals.raising = False  # uvicorn stops on a signal from now on (capture_signals)
     if not lost:
         try:
