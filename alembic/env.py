@@ -2,9 +2,10 @@
 
 Works two ways:
 - programmatically (``picloud.migrations``): a SQLAlchemy ``Connection`` is passed in
-  ``config.attributes["connection"]`` and used as is (the caller owns the transaction);
+  ``config.attributes["connection"]`` and used as is (the caller owns the transaction
+  and holds the migration lock, ``picloud.migrations.migration_lock``);
 - from the alembic CLI: the URL is ``-x url=...``, else ``sqlalchemy.url`` from the
-  config, else ``PICLOUD_DATABASE_URL``.
+  config, else ``PICLOUD_DATABASE_URL``; the run holds the migration lock itself.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from alembic import context
 from sqlalchemy import Connection, create_engine, pool
 
 from manager_core.tables import metadata
+from picloud.migrations import migration_lock
 
 config = context.config
 target_metadata = metadata
@@ -63,7 +65,7 @@ def run_migrations_online() -> None:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
     engine = create_engine(_url(), poolclass=pool.NullPool)
     try:
-        with engine.connect() as connection:
+        with engine.connect() as connection, migration_lock(connection):
             _run(connection)
             connection.commit()
     finally:
