@@ -20,10 +20,10 @@ from __future__ import annotations
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
+import sqlalchemy as sa
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -489,14 +489,26 @@ async def complete_batch(
     return {row.id for row in rows}
 
 
+_MILLISECOND = sa.literal_column("interval '1 millisecond'", sa.Interval)
+
+
+def due_after(delay_ms: float) -> sa.ColumnElement[Any]:
+    """``run_at`` for a row due ``delay_ms`` from now by the database's clock.
+
+    Every time the outbox compares (``run_at``, ``claimed_until``, ``created_at``) is
+    the database's ``now()``; a node's own clock, possibly minutes off, plays no part."""
+    return sa.func.now() + sa.cast(sa.literal(float(delay_ms)), sa.Double) * _MILLISECOND
+
+
 async def reschedule(
     conn: AsyncConnection, row_id: int, *, delay_ms: float, uncount_attempt: bool = False
 ) -> None:
-    """Give a row back, due after ``delay_ms``; ``uncount_attempt`` undoes the claim's count."""
+    """Give a row back, due ``delay_ms`` after the database's ``now()``;
+    ``uncount_attempt`` undoes the claim's count."""
     values: dict[str, Any] = {
         "claimed_by": None,
         "claimed_until": None,
-        "run_at": datetime.now(UTC) + timedelta(milliseconds=delay_ms),
+        "run_at": due_after(delay_ms),
     }
     if uncount_attempt:
         values["attempt_count"] = t.outbox.c.attempt_count - 1
@@ -506,7 +518,8 @@ async def reschedule(
 async def give_back(
     conn: AsyncConnection, row_id: int, token: str, *, delay_ms: float = 0.0
 ) -> None:
-    """Return a claimed row without counting the attempt (saturation, shutdown)."""
+    """Return a claimed row without counting the attempt (saturation, shutdown), due
+    ``delay_ms`` after the database's ``now()``."""
     result = await conn.execute(
         update(t.outbox)
         .where(t.outbox.c.id == row_id, t.outbox.c.claimed_by == token)
@@ -514,7 +527,7 @@ async def give_back(
             claimed_by=None,
             claimed_until=None,
             attempt_count=t.outbox.c.attempt_count - 1,
-            run_at=datetime.now(UTC) + timedelta(milliseconds=delay_ms),
+            run_at=due_after(delay_ms),
         )
         .returning(t.outbox.c.execution_id, t.outbox.c.attempt_count)
     )
