@@ -27,9 +27,11 @@ from tests.manager import factories
 
 pytestmark = pytest.mark.anyio
 
+# Records are aged by writing their times directly; the prune keeps what is younger
+# than KEEP by the database's clock (this machine's, in the tests).
 NOW = datetime.now(UTC)
 OLD = NOW - timedelta(days=20)
-CUTOFF = NOW - timedelta(days=14)
+KEEP = timedelta(days=14)
 
 
 async def _execution(
@@ -96,7 +98,7 @@ async def test_prune_deletes_exactly_the_records_finished_before_the_cutoff(
     }
     outbox_before = await _ids(engine, t.outbox)
 
-    deleted = await PostgresExecutionRepo(engine).prune(CUTOFF)
+    deleted = await PostgresExecutionRepo(engine).prune(KEEP)
 
     assert deleted == len(gone) == 5
     assert await _ids(engine, t.executions) == kept
@@ -108,7 +110,7 @@ async def test_prune_goes_on_batch_after_batch(engine: AsyncEngine) -> None:
     app = await factories.app(engine)
     for _ in range(7):
         await _execution(engine, app, S.SUCCEEDED, created=OLD, finished=OLD)
-    assert await PostgresExecutionRepo(engine).prune(CUTOFF, batch=3) == 7
+    assert await PostgresExecutionRepo(engine).prune(KEEP, batch=3) == 7
     assert await _ids(engine, t.executions) == set()
 
 
@@ -127,7 +129,7 @@ async def test_prune_deletes_old_abandoned_answers(engine: AsyncEngine) -> None:
                     created_at=created,
                 )
             )
-    assert await PostgresExecutionRepo(engine).prune(CUTOFF) == 0  # counts executions only
+    assert await PostgresExecutionRepo(engine).prune(KEEP) == 0  # counts executions only
     assert await _ids(engine, t.abandoned_executions, "execution_id") == {new}
 
 
@@ -174,14 +176,14 @@ async def test_prune_deletes_dead_letters_settled_before_the_cutoff(engine: Asyn
         await _dead_letter(engine, app, "handled", created=NOW, resolved=NOW),
     }
     repo = PostgresDeadLetterRepo(engine, PostgresOutboxRepo(engine))
-    assert await repo.prune(CUTOFF, batch=2) == len(gone) == 4
+    assert await repo.prune(KEEP, batch=2) == len(gone) == 4
     assert await _ids(engine, t.dead_letters) == kept
 
 
 async def test_prune_rejects_an_empty_batch(engine: AsyncEngine) -> None:
     """A batch below one row is refused before any statement runs."""
     with pytest.raises(InvalidInput, match="batch"):
-        await PostgresExecutionRepo(engine).prune(CUTOFF, batch=0)
+        await PostgresExecutionRepo(engine).prune(KEEP, batch=0)
 
 
 async def test_the_task_prunes_on_its_schedule_until_stopped(engine: AsyncEngine) -> None:
@@ -225,7 +227,7 @@ class _FlakyRepo:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def prune(self, before: datetime, *, batch: int = 1000) -> int:
+    async def prune(self, older_than: timedelta, *, batch: int = 1000) -> int:
         self.calls += 1
         if self.calls == 1:
             raise OSError("connection refused")
@@ -304,7 +306,7 @@ async def test_a_prune_batch_reads_one_app_by_the_listing_index(
     explain = sa.text("EXPLAIN (FORMAT JSON) " + prune.text).bindparams(typed)
     async with engine.begin() as conn:
         plan = (
-            await conn.execute(explain, {"app_id": apps[1], "before": CUTOFF, "batch": 1000})
+            await conn.execute(explain, {"app_id": apps[1], "older_than": KEEP, "batch": 1000})
         ).scalar_one()[0]["Plan"]
     nodes = _nodes(plan)
     by_index = [n for n in nodes if n.get("Index Name") == f"ix_{table}_app_id_created_at_id"]

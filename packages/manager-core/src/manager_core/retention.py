@@ -8,13 +8,17 @@ letters settled (handled, resolved or replayed) more than ``keep_for`` ago, ever
 locks or a long transaction. Several nodes may prune at once: each skips rows
 another is deleting. Records still queued, running or retrying are never touched,
 nor dead letters still waiting for their owner (unresolved, or ``handler_failed``).
+
+"Ago" is by the database's clock, which wrote ``finished_at`` and ``resolved_at``:
+the statements delete what is older than ``keep_for`` before PostgreSQL's ``now()``.
+The node's own clock plays no part, so a node whose clock is far ahead cannot delete
+the cluster's recent history (nor one far behind keep old records for ever).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import anyio
 import anyio.abc
@@ -23,10 +27,6 @@ from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from manager_core.postgres.executions import PostgresExecutionRepo
 
 log = logging.getLogger("picloud.retention")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class ExecutionRetention:
@@ -41,7 +41,6 @@ class ExecutionRetention:
         interval: float = 3600.0,
         first_after: float = 60.0,
         batch: int = 1000,
-        clock: Callable[[], datetime] = _now,
     ) -> None:
         if keep_for <= timedelta(0):
             raise ValueError("keep_for must be positive (to keep records for ever, run no task)")
@@ -51,7 +50,6 @@ class ExecutionRetention:
         self._interval = interval
         self._first_after = first_after
         self._batch = batch
-        self._clock = clock
         self.pruned = 0  # execution records deleted by this node (``/metrics``)
         self.pruned_dead_letters = 0
         self.runs = 0
@@ -60,12 +58,11 @@ class ExecutionRetention:
 
     async def prune_once(self) -> int:
         """One pass over every app; returns the execution records deleted."""
-        before = self._clock() - self.keep_for
-        n = await self._executions.prune(before, batch=self._batch)
+        n = await self._executions.prune(self.keep_for, batch=self._batch)
         self.pruned += n
         letters = 0
         if self._dead_letters is not None:
-            letters = await self._dead_letters.prune(before, batch=self._batch)
+            letters = await self._dead_letters.prune(self.keep_for, batch=self._batch)
             self.pruned_dead_letters += letters
         self.runs += 1
         if n or letters:

@@ -13,7 +13,7 @@ it. Every other resolution may be followed by a replay or a resolve.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import attrs
 import sqlalchemy as sa
@@ -131,13 +131,16 @@ _NOT_REPLAYED = _DL.c.resolution.is_distinct_from("replayed")
 # wait for their owner and are never pruned.
 SETTLED = ("handled", "resolved", "replayed")
 
-# One batch of one app's dead letters settled before the cutoff, found through
-# (app_id, created_at): settled before it implies created before it.
+# One batch of one app's dead letters settled before the cutoff (the database's now()
+# less ``:older_than``), found through (app_id, created_at): settled before it implies
+# created before it.
 _PRUNE_BATCH = sa.text(
     """
     DELETE FROM dead_letters WHERE id = ANY(ARRAY(
         SELECT id FROM dead_letters
-        WHERE app_id = :app_id AND created_at < :before AND resolved_at < :before
+        WHERE app_id = :app_id
+          AND created_at < now() - CAST(:older_than AS interval)
+          AND resolved_at < now() - CAST(:older_than AS interval)
           AND resolution = ANY(:settled)
         LIMIT :batch
         FOR UPDATE SKIP LOCKED
@@ -260,10 +263,11 @@ class PostgresDeadLetterRepo:
             result = await c.execute(stmt)
         return bool(result.rowcount)
 
-    async def prune(self, before: datetime, *, batch: int = 1000) -> int:
-        """Delete the dead letters settled (``SETTLED``) before ``before``, ``batch``
-        rows per statement and transaction, app by app; returns how many."""
-        return await prune_by_app(self._engine, _PRUNE_BATCH, before, batch)
+    async def prune(self, older_than: timedelta, *, batch: int = 1000) -> int:
+        """Delete the dead letters settled (``SETTLED``) more than ``older_than`` before
+        the database's ``now()``, ``batch`` rows per statement and transaction, app by
+        app; returns how many."""
+        return await prune_by_app(self._engine, _PRUNE_BATCH, older_than, batch)
 
     async def resolve(
         self, app_id: AppId, dead_letter_id: DeadLetterId, *, conn: AsyncConnection | None = None

@@ -10,7 +10,7 @@ their retention (``retention.ExecutionRetention``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import attrs
 import sqlalchemy as sa
@@ -32,17 +32,19 @@ __all__ = ["Execution", "PostgresExecutionRepo"]
 _E = t.executions
 _FINAL_STATUSES = sorted(status.value for status in ExecutionStatus if status.is_final)
 
-# One batch of one app's prunable executions: finished before the cutoff, and without
-# an outbox row (a final record never has one; the check keeps the cascade from ever
-# taking a live row). The range scan is the listing index's (app_id, created_at):
-# finished before the cutoff implies created before it. Rows locked by a concurrent
-# pruner (another node) are skipped, not waited for.
+# One batch of one app's prunable executions: finished before the cutoff (the
+# database's now() less ``:older_than``: the times it compares are the database's, never
+# a node's clock), and without an outbox row (a final record never has one; the check
+# keeps the cascade from ever taking a live row). The range scan is the listing index's
+# (app_id, created_at): finished before the cutoff implies created before it. Rows
+# locked by a concurrent pruner (another node) are skipped, not waited for.
 _PRUNE_BATCH = sa.text(
     """
     DELETE FROM executions WHERE id = ANY(ARRAY(
         SELECT e.id FROM executions e
         WHERE e.app_id = :app_id
-          AND e.created_at < :before AND e.finished_at < :before
+          AND e.created_at < now() - CAST(:older_than AS interval)
+          AND e.finished_at < now() - CAST(:older_than AS interval)
           AND e.status = ANY(:final)
           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.execution_id = e.id)
         LIMIT :batch
@@ -55,7 +57,7 @@ _PRUNE_ABANDONED = sa.text(
     """
     DELETE FROM abandoned_executions WHERE execution_id = ANY(ARRAY(
         SELECT execution_id FROM abandoned_executions
-        WHERE app_id = :app_id AND created_at < :before
+        WHERE app_id = :app_id AND created_at < now() - CAST(:older_than AS interval)
         LIMIT :batch
         FOR UPDATE SKIP LOCKED
     ))
@@ -243,11 +245,12 @@ class PostgresExecutionRepo:
             conn=conn,
         )
 
-    async def prune(self, before: datetime, *, batch: int = 1000) -> int:
-        """Delete the execution records that finished before ``before`` (and the
-        abandoned-answer records written before it), ``batch`` rows per statement and
-        transaction, app by app. Never touches an execution still queued, running or
-        retrying. Returns how many execution records were deleted."""
-        deleted = await prune_by_app(self._engine, _PRUNE_BATCH, before, batch)
-        await prune_by_app(self._engine, _PRUNE_ABANDONED, before, batch)
+    async def prune(self, older_than: timedelta, *, batch: int = 1000) -> int:
+        """Delete the execution records that finished more than ``older_than`` before
+        the database's ``now()`` (and the abandoned-answer records written before that),
+        ``batch`` rows per statement and transaction, app by app. Never touches an
+        execution still queued, running or retrying. Returns how many execution records
+        were deleted."""
+        deleted = await prune_by_app(self._engine, _PRUNE_BATCH, older_than, batch)
+        await prune_by_app(self._engine, _PRUNE_ABANDONED, older_than, batch)
         return deleted
