@@ -208,7 +208,7 @@ async def test_a_renewed_lease_does_not_expire(engine: AsyncEngine) -> None:
     repo = PostgresOutboxRepo(engine)
     await repo.enqueue(_row(app))
     (first,) = await repo.claim_due("n", 1, 0.3)
-    assert await repo.renew_leases([first.row.id], 30) == 1
+    assert await repo.renew_leases({first.row.id: first.token}, 30) == 1
     await anyio.sleep(0.5)
     assert await repo.recover_expired() == 0
     assert await repo.claim_due("other", 1, 30) == []

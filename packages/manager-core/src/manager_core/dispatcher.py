@@ -341,7 +341,7 @@ class Dispatcher:
         if not self._leased:
             return
         try:
-            await self._outbox.renew_leases(list(self._leased), self.settings.lease_seconds)
+            await self._outbox.renew_leases(dict(self._leased), self.settings.lease_seconds)
         except Exception:
             log.exception("renewing leases failed")
 

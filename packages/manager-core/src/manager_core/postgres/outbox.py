@@ -16,7 +16,7 @@ committed, calls :meth:`OutboxSignal.committed`.
 from __future__ import annotations
 
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -274,13 +274,22 @@ class PostgresOutboxRepo:
             return await claims.recover_expired(c)
 
     async def renew_leases(
-        self, row_ids: Sequence[int], lease_seconds: float, *, conn: AsyncConnection | None = None
+        self,
+        leases: Mapping[int, str],
+        lease_seconds: float,
+        *,
+        conn: AsyncConnection | None = None,
     ) -> int:
-        """Extend the leases of rows this node is still running (the heartbeat)."""
-        if not row_ids:
+        """Extend the leases of rows this node is still running (the heartbeat):
+        ``leases`` maps each row's id to its claim token (``ClaimedRow.token``). A row
+        whose lease ran out and that another claim owns now keeps its new owner's
+        lease. Returns the rows renewed."""
+        if not isinstance(leases, Mapping):
+            raise TypeError("renew_leases takes {row id: claim token}, not row ids alone")
+        if not leases:
             return 0
         async with self._hot(conn) as c:
-            return await claims.renew_leases(c, row_ids, lease_seconds)
+            return await claims.renew_leases(c, leases, lease_seconds)
 
     async def take(self, row_id: int, token: str, *, conn: AsyncConnection) -> bool:
         """Lock a claimed row for ``conn``'s transaction; ``False`` if another claim

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -409,17 +409,26 @@ async def take(conn: AsyncConnection, row_id: int, token: str) -> bool:
     return result.first() is not None
 
 
-async def renew_leases(conn: SqlConn, row_ids: Sequence[int], lease_seconds: float) -> int:
-    """Extend the lease of rows this node is still running (the heartbeat)."""
-    if not row_ids:
+# Only a row still claimed under the token its runner holds: a row whose lease ran out
+# and that another claim took meanwhile has a new owner, whose lease is its own.
+_RENEW = """
+    UPDATE outbox o
+    SET claimed_until = now() + make_interval(secs => CAST(%(lease)s AS float8))
+    FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS text[])) AS l(id, token)
+    WHERE o.id = ANY(%(ids)s) AND o.id = l.id AND o.claimed_by = l.token
+"""
+
+
+async def renew_leases(conn: SqlConn, leases: Mapping[int, str], lease_seconds: float) -> int:
+    """Extend the lease of rows this node is still running (the heartbeat): ``leases``
+    maps each row's id to the token it was claimed under. Returns the rows renewed; a
+    row another claim owns now is not."""
+    if not leases:
         return 0
     return await execute(
         conn,
-        """
-        UPDATE outbox SET claimed_until = now() + make_interval(secs => CAST(%(lease)s AS float8))
-        WHERE id = ANY(%(ids)s) AND claimed_until IS NOT NULL
-        """,
-        {"lease": lease_seconds, "ids": list(row_ids)},
+        _RENEW,
+        {"lease": lease_seconds, "ids": list(leases), "tokens": list(leases.values())},
     )
 
 
