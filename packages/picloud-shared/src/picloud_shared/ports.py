@@ -8,7 +8,7 @@ raises; anything not listed is a bug.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from picloud_shared.domain import RouteTarget
@@ -221,8 +221,10 @@ class OutboxRepo(Protocol):
         """Make rows whose lease expired (and that nobody is running) due again."""
         ...
 
-    async def renew_leases(self, row_ids: Sequence[int], lease_seconds: float) -> int:
-        """Extend the leases of rows this node is still running."""
+    async def renew_leases(self, leases: Mapping[int, str], lease_seconds: float) -> int:
+        """Extend the leases of rows this node is still running, ``{row id: claim
+        token}``: a row whose lease ran out and that another claim took since is left
+        as it is (its token differs). Returns how many were extended."""
         ...
 
     async def reschedule(self, row_id: int, *, delay_ms: float) -> None:
