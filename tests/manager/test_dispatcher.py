@@ -416,6 +416,35 @@ async def test_stop_gives_back_what_outlives_the_grace_and_it_runs_later(world: 
     assert await world.kv_value("done") == 1
 
 
+async def test_a_sync_row_whose_caller_was_let_go_at_stop_is_failed_not_given_back(
+    world: World,
+) -> None:
+    """A stopping node answers its waiting sync callers (InboxRegistry.stop_waiting);
+    a sync execution still running past the grace is then booked failed at once, its
+    effects discarded, rather than given back to sit queued until another node fails it
+    minutes later."""
+    script_id = await world.script(
+        "import time\ndef handle(event, ctx):\n    ctx.kv.set('ran', 1)\n    time.sleep(30)\n",
+        timeout=60,
+    )
+    route = await _route(world, script_id)
+    inbox_id, receiver = world.inbox.register()
+    with receiver:
+        row = http_row(
+            world, script_id, route, HttpEvent("GET", "/"), reply_to=inbox_id, reply_node="node-a"
+        )
+        async with world.running(world.dispatcher("node-a", shutdown_grace=0.3)):
+            await world.outbox.enqueue(row)
+            await world.wait_count(t.executions, t.executions.c.status == "running")
+            assert world.inbox.stop_waiting() == 1
+    assert await world.rows(t.outbox) == []
+    (execution,) = await world.rows(t.executions)
+    assert (execution.status, execution.error_kind) == ("failed", "timeout")
+    assert "stopped waiting" in execution.error_message
+    assert await world.count(t.abandoned_executions) == 1
+    assert await world.kv_value("ran") is None
+
+
 async def test_sync_rows_run_only_on_the_node_whose_caller_waits(world: World) -> None:
     """Another node never runs a sync row it cannot answer; once orphaned (older than the
     longest wait), any node fails it without running it."""

@@ -366,6 +366,26 @@ class ClaimRunner:
         self.metrics.skipped_for_depth += 1
         return "skipped"
 
+    async def fail_unanswerable(self, claims: list[ClaimedRow]) -> list[ClaimedRow]:
+        """Of rows about to be given back, book the sync ones whose caller no longer
+        waits failed now (its caller was answered or went away; nothing of it is
+        kept); returns the others."""
+        rest: list[ClaimedRow] = []
+        for claim in claims:
+            row = claim.row
+            if row.reply_to is None or self._inbox.waiting(row.reply_to):
+                rest.append(claim)
+                continue
+            try:
+                await self._book_failure(claim, _caller_gone(row.execution_id))
+            except Lost:
+                pass
+            except Exception:
+                log.exception(
+                    "booking execution %s failed; its lease will expire", row.execution_id
+                )
+        return rest
+
     async def answer_interrupted(self, claim: ClaimedRow) -> None:
         """A sync row whose run broke off on a platform error (the database went away,
         say): answer its caller now rather than at the end of its wait. The row comes

@@ -386,7 +386,13 @@ class Dispatcher:
         await self._give_back_all([claim])
 
     async def _give_back_all(self, claims: list[ClaimedRow]) -> None:
-        """Return claimed rows due at once, their attempt not counted."""
+        """Return claimed rows due at once, their attempt not counted. A sync row whose
+        caller no longer waits here (the node is stopping: InboxRegistry.stop_waiting)
+        is booked failed instead: no other node may run it, and given back it stayed
+        queued until one failed it at the end of the longest wait (minutes)."""
+        claims = await self._claims.fail_unanswerable(claims)
+        if not claims:
+            return
         try:
             async with transaction(self._engine) as conn:
                 for claim in claims:
