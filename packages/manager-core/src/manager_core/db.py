@@ -8,6 +8,11 @@ commit together.
 
 Commits and rollbacks run under ``CancelScope(shield=True)`` so a cancelled task
 never leaves a transaction half finished.
+
+Connections made here are of :class:`~manager_core.statement_wait.BoundedConnection`:
+inside :func:`~manager_core.statement_wait.statement_wait` (the node puts every HTTP
+request there) a PostgreSQL that stops answering costs a statement a bounded wait,
+shielded commits included.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.exc import TimeoutError as SaPoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from manager_core.statement_wait import BoundedConnection, StatementTimeout
 from picloud_shared.errors import Conflict, InvalidInput, PicloudError, Unavailable
 
 Bind: TypeAlias = AsyncEngine | AsyncConnection
@@ -82,7 +88,8 @@ def make_engine(
     **kwargs: object,
 ) -> AsyncEngine:
     """An async engine for ``postgresql+psycopg://`` URLs (plain ``postgresql://`` is
-    accepted); its connections get ``session_options`` (:data:`SESSION_OPTIONS`)."""
+    accepted); its connections are of :class:`BoundedConnection` and get
+    ``session_options`` (:data:`SESSION_OPTIONS`)."""
     if url.startswith(("postgresql://", "postgres://")):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     return create_async_engine(
@@ -91,7 +98,10 @@ def make_engine(
         max_overflow=max_overflow,
         pool_pre_ping=False,
         pool_timeout=CONNECTION_WAIT_SECONDS,
-        connect_args=_with_options(url, session_options),
+        connect_args={
+            "async_creator_fn": BoundedConnection.connect,
+            **_with_options(url, session_options),
+        },
         **kwargs,
     )
 
@@ -110,6 +120,7 @@ def make_pool(url: str, *, max_size: int, min_size: int = 1) -> AsyncConnectionP
         max_size=max_size,
         kwargs={"autocommit": True, "row_factory": namedtuple_row}
         | _with_options(url, SESSION_OPTIONS),
+        connection_class=BoundedConnection,
         timeout=CONNECTION_WAIT_SECONDS,
         open=False,
     )
@@ -244,6 +255,16 @@ def is_unavailable(exc: BaseException) -> bool:
     )
 
 
+def unavailable_message(exc: BaseException) -> str:
+    """What a client is told of an error :func:`is_unavailable` accepts: why a
+    statement was given up (:class:`~manager_core.statement_wait.StatementTimeout`),
+    else that the database is unavailable."""
+    orig = getattr(exc, "orig", exc)
+    if isinstance(orig, StatementTimeout):
+        return str(orig)
+    return "the database is unavailable"
+
+
 async def conflict_pause(attempt: int) -> None:
     """The random pause before re-running a transaction aborted for a conflict."""
     await anyio.sleep(random.uniform(0, 0.005 * 2**attempt))
@@ -282,7 +303,7 @@ def unavailable_as_error() -> Iterator[None]:
         yield
     except Exception as exc:
         if is_unavailable(exc):
-            raise Unavailable("the database is unavailable") from exc
+            raise Unavailable(unavailable_message(exc)) from exc
         raise
 
 

@@ -9,11 +9,14 @@ from contextlib import asynccontextmanager
 import anyio
 from sqlalchemy import text
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from manager_core.api import AdminDeps, admin_routes
+from manager_core.statement_wait import STATEMENT_WAIT_SECONDS, statement_wait
 from picloud import metrics
 from picloud.services import Services, running
 
@@ -37,8 +40,32 @@ def admin_deps(services: Services) -> AdminDeps:
     )
 
 
-def create_app(services: Services) -> Starlette:
-    """The whole HTTP surface of a node. Its lifespan runs the executor and dispatcher."""
+class BoundedStatements:
+    """Every HTTP request runs inside :func:`~manager_core.statement_wait.statement_wait`
+    (``seconds``): a PostgreSQL that stops answering costs the admin API and user
+    routes a 503 (``unavailable``, with ``Retry-After``), not a request that never
+    ends. The lifespan is left out: the dispatcher and the node's other tasks started
+    there keep their own ways of riding out an outage (an execution may wait on a row
+    lock as long as a script runs)."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self._app = app
+        self._seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        with statement_wait(self._seconds):
+            await self._app(scope, receive, send)
+
+
+def create_app(
+    services: Services, *, statement_wait_seconds: float = STATEMENT_WAIT_SECONDS
+) -> Starlette:
+    """The whole HTTP surface of a node. Its lifespan runs the executor and dispatcher.
+    ``statement_wait_seconds``: how long a request's statement goes without an answer
+    before PostgreSQL is asked whether it is working on it (:class:`BoundedStatements`)."""
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -85,4 +112,5 @@ def create_app(services: Services) -> Starlette:
             *services.orchestrator.routes(),
         ],
         lifespan=lifespan,
+        middleware=[Middleware(BoundedStatements, seconds=statement_wait_seconds)],
     )

@@ -29,7 +29,7 @@ from manager_core.api._http import (
     read_json,
     strict_utf8,
 )
-from manager_core.db import is_retryable_conflict, is_unavailable
+from manager_core.db import is_retryable_conflict, is_unavailable, unavailable_message
 from manager_core.postgres.users import User
 from picloud_shared.errors import (
     Busy,
@@ -136,10 +136,16 @@ class Resource(Route):
                 logger.warning("admin API: %s %s kept conflicting", request.method, self.path)
                 return error_response(Busy("concurrent work kept conflicting; try again"))
             if is_unavailable(exc):
-                logger.warning("admin API: %s %s: database unavailable", request.method, self.path)
-                return error_response(Unavailable("the database is unavailable; try again"))
+                return _unavailable(request, self.path, exc)
             logger.exception("admin API: unexpected error on %s %s", request.method, self.path)
             return internal_error_response()
+
+
+def _unavailable(request: Request, path: str, exc: Exception) -> Response:
+    """503 (``Retry-After``): the database is out of reach or did not answer in time."""
+    message = unavailable_message(exc)
+    logger.warning("admin API: %s %s: %s", request.method, path, message)
+    return error_response(Unavailable(f"{message}; try again"))
 
 
 async def _authorise(request: Request, deps: AdminDeps, access: Capability | Access) -> Call:
@@ -163,6 +169,10 @@ def not_found_route(deps: AdminDeps) -> Route:
             await deps.auth.user(request.headers.get("authorization"))
         except PicloudError as exc:
             return error_response(exc)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            return _unavailable(request, "/{rest:path}", exc)
         return error_response(NotFound("no such admin endpoint"))
 
     route = Route("/{rest:path}", not_found, name="not_found")
