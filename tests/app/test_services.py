@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import socket
 from datetime import timedelta
 
 import anyio
@@ -13,7 +15,7 @@ from manager_core.postgres.outbox import PostgresOutboxRepo
 from orchestrator_core.route_cache import CachedRouteTable
 from picloud import metrics
 from picloud.app import create_app
-from picloud.services import build_services, running
+from picloud.services import build_services, default_node_id, running
 from picloud.settings import Settings
 from tests.app.server import free_port
 from tests.manager import factories
@@ -217,3 +219,11 @@ async def test_metrics_count_the_storage_compactions(db_url: str) -> None:
         await services.compactor.compact_once()
         assert await figures() == (1.0, 2.0)
     await services.engine.dispose()
+
+
+def test_two_nodes_never_share_a_default_node_id() -> None:
+    """Nodes whose host name and pid coincide (containers, each its own pid 1) still
+    get distinct ids: a node runs only the sync rows written with its own id."""
+    first, second = default_node_id(), default_node_id()
+    assert first != second
+    assert first.startswith(f"{socket.gethostname()}-{os.getpid()}-")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import secrets
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -57,7 +58,11 @@ from picloud_shared.principals import Principal
 
 
 def default_node_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """``host-pid-random``: the random part keeps two nodes apart whose host name and
+    pid coincide (containers started with one host name, each its own pid 1). A node
+    runs only the sync rows written with its own id: with a shared one, a node could
+    take another's, and that one's caller would wait for an answer given elsewhere."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @attrs.define
