@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import anyio
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from manager_core import tables as t
 from manager_core.postgres.documents import PostgresDocumentRepo
 from manager_core.postgres.kv import PostgresKvRepo
 from picloud_shared import wire
@@ -299,3 +301,16 @@ async def test_docs_are_isolated_between_apps(engine: AsyncEngine) -> None:
     assert await docs.delete(b, "c", "d") is True
     assert await docs.get(a, "c", "d") is not None
     assert [d.id for d in await docs.list(b, "c")] == []
+
+
+async def test_writes_to_an_app_deleted_meanwhile_are_not_found(engine: AsyncEngine) -> None:
+    """A KV or document write whose app is gone by the time its row is inserted (a
+    delete racing the admin API) is NotFound (404), not a foreign-key error (500)."""
+    app = await factories.app(engine)
+    kv, docs = PostgresKvRepo(engine), PostgresDocumentRepo(engine)
+    async with engine.begin() as conn:
+        await conn.execute(sa.delete(t.apps).where(t.apps.c.id == app))
+    with pytest.raises(NotFound, match="app not found"):
+        await kv.set(app, "k", 1)
+    with pytest.raises(NotFound, match="app not found"):
+        await docs.insert(app, "c", {"a": 1})

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
-from manager_core.db import transaction
+from manager_core.db import FOREIGN_KEY_VIOLATION, sqlstate, transaction
 from manager_core.postgres._pages import Page, json_bytes, within_bytes
 from manager_core.postgres.kv import encode_json, is_bad_json, json_param, notify_committed
 from manager_core.postgres.storage import PostgresStorageRepo, doc_size, record_delta, sized, within
@@ -309,6 +309,8 @@ class PostgresDocumentRepo:
         except DBAPIError as exc:
             if is_bad_json(exc):
                 raise InvalidInput("the document cannot be stored (NUL character?)") from exc
+            if conn is None and sqlstate(exc) == FOREIGN_KEY_VIOLATION:
+                raise NotFound("app not found") from exc  # deleted while this was written
             raise
         if conn is None:
             notify_committed(self._emitter, c)

@@ -23,14 +23,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from manager_core import tables as t
-from manager_core.db import sqlstate, transaction
+from manager_core.db import FOREIGN_KEY_VIOLATION, sqlstate, transaction
 from manager_core.outbox_event_emitter import OutboxEventEmitter
 from manager_core.postgres._pages import Page, json_bytes, within_bytes
 from manager_core.postgres.storage import PostgresStorageRepo, kv_size, record_delta, sized, within
 from manager_core.postgres.triggers import check_limit
 from manager_core.storage import StorageGrowth, StorageQuota
 from picloud_shared import wire
-from picloud_shared.errors import InvalidInput, LimitExceeded, PayloadTooLarge
+from picloud_shared.errors import InvalidInput, LimitExceeded, NotFound, PayloadTooLarge
 from picloud_shared.events import KvEvent, TriggerEvent
 from picloud_shared.ids import AppId
 from picloud_shared.limits import MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES
@@ -218,6 +218,8 @@ class PostgresKvRepo:
         except DBAPIError as exc:
             if is_bad_json(exc):
                 raise InvalidInput("the value cannot be stored (NUL character?)") from exc
+            if conn is None and sqlstate(exc) == FOREIGN_KEY_VIOLATION:
+                raise NotFound("app not found") from exc  # deleted while this was written
             raise
         self.quota.wrote(app_id, row.delta, growth, committed=conn is None)
         if conn is None:
