@@ -75,3 +75,48 @@ def test_a_request_answered_504_while_it_queued_keeps_nothing(db_url: str, tmp_p
             ran = c.get(f"{base}/kv?prefix=ran:").json()["items"]
             succeeded = [e for e in listed if e["status"] == "succeeded"]
             assert len(ran) == len(succeeded) == codes.count(200)
+
+
+SLOW_NOOP = """
+import time
+def handle(event, ctx):
+    time.sleep(1.5)
+    return "ok"
+"""
+
+
+def test_a_sync_request_whose_app_is_deleted_while_it_runs_is_answered_at_once(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Deleting the app deletes the running request's outbox row: the dispatcher loses
+    the row and no node can answer the caller any more. It is answered when the script
+    ends (500 internal). Before, it was never answered: its receiver, held for the
+    commit that then found no row, kept it waiting until it went away itself."""
+    with serving(db_url, tmp_path / "serve.log") as server:
+        with server.client(headers=server.auth) as c:
+            app = c.post("/api/v1/admin/apps", json={"name": "doomed"}).json()["id"]
+            base = f"/api/v1/admin/apps/{app}"
+            r = c.post(
+                f"{base}/scripts",
+                json={"name": "slow", "source": SLOW_NOOP, "timeout_seconds": 8},
+            )
+            assert r.status_code == 201, r.text
+            r = c.post(f"{base}/routes", json={"method": "GET", "path": "/s", "script": "slow"})
+            assert r.status_code == 201, r.text
+
+        def call() -> tuple[httpx.Response, float]:
+            with server.client() as c:
+                began = time.monotonic()
+                return c.get("/apps/doomed/s"), time.monotonic() - began
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            calling = pool.submit(call)
+            time.sleep(0.5)  # the script is sleeping
+            with server.client(headers=server.auth) as c:
+                assert c.delete(base).status_code == 204
+            answer, took = calling.result()
+        assert answer.status_code == 500, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "internal"
+        assert error["execution_id"]  # the rest is for the app's owners, deleted with it
+        assert took < 8, took  # the script's 1.5 s, not its 8 s timeout + 2 s

@@ -390,13 +390,25 @@ class ClaimRunner:
         """A sync row whose run broke off on a platform error (the database went away,
         say): answer its caller now rather than at the end of its wait. The row comes
         back after its lease and is booked failed then (a sync row is never re-run)."""
-        row = claim.row
-        if row.reply_to is None:
-            return
-        result = ExecResult.failed(
-            row.execution_id,
-            ExecError(ExecErrorKind.INTERNAL, "a platform error interrupted the execution"),
+        await self._answer_failed(claim, "a platform error interrupted the execution")
+
+    async def answer_lost(self, claim: ClaimedRow) -> None:
+        """A sync row this node lost while it ran: deleted with its app, or claimed by
+        another node after its lease ran out (that node books it failed, unrun). No
+        node will answer its caller then, and one held for the commit (a no-write
+        completion that found no row) would wait until it went away itself: answer
+        now (500 ``internal``)."""
+        await self._answer_failed(
+            claim,
+            "the execution's outbox row was taken while it ran (its app was deleted, or "
+            "its lease ran out); nothing of the request was kept",
         )
+
+    async def _answer_failed(self, claim: ClaimedRow, message: str) -> None:
+        row = claim.row
+        if row.reply_to is None or not self._inbox.waiting(row.reply_to):
+            return
+        result = ExecResult.failed(row.execution_id, ExecError(ExecErrorKind.INTERNAL, message))
         try:
             await self._inbox.deliver(
                 row.reply_to, InboxResult.from_exec_result(result), row.reply_node

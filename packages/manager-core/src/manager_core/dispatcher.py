@@ -366,6 +366,7 @@ class Dispatcher:
                 outcome = await self._claims.run(claim, slot)
             except Lost:
                 outcome = "lost"
+                await self._claims.answer_lost(claim)
             finally:
                 slot.release()
             self.metrics.executions[(kind, outcome)] += 1
