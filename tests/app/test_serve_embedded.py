@@ -150,7 +150,9 @@ def test_connections_past_the_limit_are_answered_503(db_url: str, tmp_path: Path
             idle.append(socket.create_connection((host, int(port))))
             time.sleep(0.2)
             refused = httpx.get(f"{server.base_url}/healthz")
-            assert (refused.status_code, refused.text) == (503, "Service Unavailable")
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["error"]["code"] == "unavailable"
+            assert refused.headers["retry-after"] == "1"
         finally:
             for s in idle:
                 s.close()

@@ -16,7 +16,11 @@ line and headers) as they arrive, and times it:
   after the previous response on it ended, is answered 408 ``request_timeout`` and
   the connection closed; when nothing of a request has come it is just closed.
 
-Both answers carry the usual error body and ``Connection: close``. A head that
+A request on a connection past ``PICLOUD_MAX_CONNECTIONS`` (uvicorn's
+``limit_concurrency``) gets picloud's error body too: 503 ``unavailable`` with
+``Retry-After``, not uvicorn's plain-text ``Service Unavailable``.
+
+All these answers carry the usual error body and ``Connection: close``. A head that
 starts in the same read as the end of the previous request (pipelining) is counted
 from the next read: it may run past the limit by at most one read (256 KB).
 
@@ -31,11 +35,41 @@ import asyncio
 import http
 import json
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from picloud_shared.limits import HEAD_READ_TIMEOUT_SECONDS, MAX_REQUEST_HEAD_BYTES
 
-__all__ = ["BoundedHttpToolsProtocol"]
+__all__ = ["BoundedHttpToolsProtocol", "too_many_connections"]
+
+TOO_MANY_CONNECTIONS_RETRY_AFTER = b"1"  # seconds
+
+
+async def too_many_connections(
+    scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+) -> None:
+    """The answer to a request on a connection past the limit (uvicorn closes it)."""
+    body = _error_body(
+        "unavailable", "this node has as many open connections as it serves; retry later"
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+                (b"retry-after", TOO_MANY_CONNECTIONS_RETRY_AFTER),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -100,6 +134,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self._start_head_timer()
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        if app is service_unavailable:  # past limit_concurrency
+            app = too_many_connections
+        super()._start_asgi_task(cycle, app)
+
     def _idle(self) -> bool:
         """No response is in progress or waiting its turn on this connection."""
         return self.cycle is None or self.cycle.response_complete
@@ -145,9 +184,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _answer_and_close(self, status: int, code: str, message: str) -> None:
-        body = json.dumps(
-            {"error": {"code": code, "message": message}}, separators=(",", ":")
-        ).encode()
+        body = _error_body(code, message)
         head = [b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode())]
         for name, value in self.server_state.default_headers:
             head.append(b"%s: %s\r\n" % (name, value))
