@@ -173,3 +173,13 @@ def test_serve_starts_its_killed_postgresql_again_then_stops_with_status_1(
     assert code == 1, text_
     assert "picloud serve: embedded PostgreSQL lost: it stopped again after 1 restarts" in text_
     assert not (pg_data_dir / "pg.lock").exists() or proc.returncode == 1
+
+
+def test_a_stopped_server_leaves_no_zombie_behind(pg_data_dir: Path) -> None:
+    """The reaper is the postmaster's parent: ``stop`` reaps it (before, it stayed a
+    zombie until the process that stopped it exited)."""
+    pg = EmbeddedPostgres(pg_data_dir / "pg", settings=TEST_SETTINGS).start()
+    postmaster = int((pg_data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+    assert Path(f"/proc/{postmaster}").exists()
+    pg.stop()
+    assert not Path(f"/proc/{postmaster}").exists()

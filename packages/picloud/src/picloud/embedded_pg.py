@@ -232,6 +232,9 @@ class EmbeddedPostgres:
             if self._owner and (self.data_dir / "postmaster.pid").exists():
                 if self.alive():  # not when it died: pg_ctl would wait for it in vain
                     self._pg_ctl("stop", "-w", "-m", "fast", "-t", str(int(self.start_timeout)))
+                # A reaper (become_subreaper) is the stopped server's parent: left
+                # unreaped, it stayed a zombie until this process exited.
+                reap_dead_children("postgres")
                 self._remove_socket_dir()
         finally:
             self._started = False
