@@ -90,8 +90,8 @@ def test_a_sync_request_whose_app_is_deleted_while_it_runs_is_answered_at_once(
 ) -> None:
     """Deleting the app deletes the running request's outbox row: the dispatcher loses
     the row and no node can answer the caller any more. It is answered when the script
-    ends (500 internal). Before, it was never answered: its receiver, held for the
-    commit that then found no row, kept it waiting until it went away itself."""
+    ends (500 internal). Before, its receiver, held for a commit that then found no
+    row, kept it waiting past its timeout for HELD_ANSWER_WAIT_SECONDS (60 s) more."""
     with serving(db_url, tmp_path / "serve.log") as server:
         with server.client(headers=server.auth) as c:
             app = c.post("/api/v1/admin/apps", json={"name": "doomed"}).json()["id"]

@@ -396,7 +396,7 @@ class ClaimRunner:
         """A sync row this node lost while it ran: deleted with its app, or claimed by
         another node after its lease ran out (that node books it failed, unrun). No
         node will answer its caller then, and one held for the commit (a no-write
-        completion that found no row) would wait until it went away itself: answer
+        completion that found no row) would wait a minute past its timeout: answer
         now (500 ``internal``)."""
         await self._answer_failed(
             claim,
