@@ -32,6 +32,7 @@ def test_defaults_when_environment_is_empty() -> None:
     assert settings.app_storage_quota_mb == 1024
     assert settings.app_storage_quota_bytes == 1024 * 1024 * 1024
     assert settings.embedded_pg_restarts == 5
+    assert settings.max_queued_executions_per_app == 10_000
     assert settings.access_log is False
 
 
@@ -58,6 +59,7 @@ def test_every_variable_is_read() -> None:
             "PICLOUD_EXECUTION_RETENTION_DAYS": "30",
             "PICLOUD_APP_STORAGE_QUOTA_MB": "64",
             "PICLOUD_EMBEDDED_PG_RESTARTS": "0",
+            "PICLOUD_MAX_QUEUED_EXECUTIONS_PER_APP": "0",
             "PICLOUD_ACCESS_LOG": "on",
             "UNRELATED": "ignored",
         }
@@ -82,6 +84,7 @@ def test_every_variable_is_read() -> None:
         execution_retention_days=30,
         app_storage_quota_mb=64,
         embedded_pg_restarts=0,
+        max_queued_executions_per_app=0,
         access_log=True,
     )
 
@@ -127,6 +130,8 @@ def test_empty_variables_keep_defaults() -> None:
         ("PICLOUD_PORT", "+80"),
         ("PICLOUD_MAX_TRIGGER_DEPTH", "\uff18"),  # a full-width 8
         ("PICLOUD_DB_POOL_SIZE", "\u0661\u0662"),  # Arabic-Indic 12
+        ("PICLOUD_MAX_QUEUED_EXECUTIONS_PER_APP", "-1"),
+        ("PICLOUD_MAX_QUEUED_EXECUTIONS_PER_APP", "10000001"),
         ("PICLOUD_ACCESS_LOG", "maybe"),
         ("PICLOUD_ACCESS_LOG", "2"),
     ],
@@ -196,6 +201,7 @@ BOUNDS = [
     ("PICLOUD_EXECUTOR_IDLE_TTL_SECONDS", "executor_idle_ttl_seconds", 86400),
     ("PICLOUD_EXECUTION_RETENTION_DAYS", "execution_retention_days", 36500),
     ("PICLOUD_APP_STORAGE_QUOTA_MB", "app_storage_quota_mb", 1024**3),
+    ("PICLOUD_MAX_QUEUED_EXECUTIONS_PER_APP", "max_queued_executions_per_app", 10_000_000),
     ("PICLOUD_EMBEDDED_PG_RESTARTS", "embedded_pg_restarts", 100),
     ("PICLOUD_DB_POOL_SIZE", "db_pool_size", 100),
     ("PICLOUD_DB_OUTBOX_POOL_SIZE", "db_outbox_pool_size", 100),

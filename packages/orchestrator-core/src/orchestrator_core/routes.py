@@ -3,7 +3,9 @@
 Matches the request against the app's routes, builds the HTTP event, and writes
 one outbox row through :class:`~picloud_shared.ports.OutboxWriter`:
 
-* ``async`` routes answer ``202 {"accepted_at", "execution_id"}`` at once;
+* ``async`` routes answer ``202 {"accepted_at", "execution_id"}`` at once, unless
+  the app has as many executions queued as its :class:`AsyncBacklog` admits (503
+  ``overloaded`` with ``Retry-After``, before the body is read);
 * ``sync`` routes wait up to ``admission_wait_seconds`` for a free slot of the
   execution gate (503 with ``Retry-After`` when none frees) before their body is
   read, register an inbox receiver, write the row with ``reply_to``, and wait up
@@ -65,8 +67,9 @@ from picloud_shared.limits import (
     MAX_REQUEST_HEADERS,
     SYNC_WAIT_BUFFER_SECONDS,
 )
+from picloud_shared.noop import UnboundedBacklog
 from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
-from picloud_shared.ports import OutboxWriter, RouteTable
+from picloud_shared.ports import AsyncBacklog, OutboxWriter, RouteTable
 from picloud_shared.responses import NO_CONTENT_STATUSES
 from picloud_shared.status import InboxFailureKind, http_status_for
 
@@ -170,6 +173,8 @@ class UserRouteOrchestrator:
     body_budget_wait_seconds: float = BODY_BUDGET_WAIT_SECONDS
     body_read_timeout_seconds: float = BODY_READ_TIMEOUT_SECONDS
     body_slot_hold_seconds: float = BODY_SLOT_HOLD_SECONDS
+    #: Bounds each app's queued executions for its async routes.
+    backlog: AsyncBacklog = attrs.field(factory=UnboundedBacklog)
 
     def routes(self) -> list[BaseRoute]:
         # Every method reaches ``handle`` (TRACE, PROPFIND, … included), which answers
@@ -294,6 +299,12 @@ class UserRouteOrchestrator:
     async def _serve_async(
         self, request: Request, target: RouteTarget, params: dict[str, str], path: str
     ) -> Response:
+        if not self.backlog.admit(target.app_id):  # before the body: refusing costs none
+            refused = self._overloaded(
+                "the app has too many executions queued; retry later "
+                "(PICLOUD_MAX_QUEUED_EXECUTIONS_PER_APP)"
+            )
+            return _closing(refused) if _has_body(request) else refused
         execution_id = new_execution_id()
         refused = await self._write(request, target, params, path, execution_id)
         if refused is not None:

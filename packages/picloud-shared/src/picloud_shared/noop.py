@@ -16,6 +16,13 @@ class NoopEventEmitter:
         return 0
 
 
+class UnboundedBacklog:
+    """An :class:`~picloud_shared.ports.AsyncBacklog` that admits every request."""
+
+    def admit(self, app_id: AppId) -> bool:
+        return True
+
+
 class NoopInboxResolver:
     """An :class:`~picloud_shared.ports.InboxResolver` with no receivers:
     every delivery comes back ``ABANDONED``."""

@@ -257,6 +257,17 @@ class RouteTable(Protocol):
 
 
 @runtime_checkable
+class AsyncBacklog(Protocol):
+    """How many executions an app may have queued before its async routes refuse
+    more: the orchestrator asks before it writes an async request's row."""
+
+    def admit(self, app_id: AppId) -> bool:
+        """Whether ``app_id`` may queue one more async request (counted if so).
+        Never blocks; raises nothing."""
+        ...
+
+
+@runtime_checkable
 class InboxResolver(Protocol):
     """Hands a sync execution's answer to the HTTP caller waiting for it."""
 

@@ -86,6 +86,12 @@ class _Snapshot(Collector):
                 self._s.gate.saturation_count,
             ),
             (
+                "picloud_backlog_refusals",
+                "Async user-route requests refused (503): their app had"
+                " PICLOUD_MAX_QUEUED_EXECUTIONS_PER_APP executions queued",
+                self._s.backlog.refusals,
+            ),
+            (
                 "picloud_body_budget_refusals",
                 "User-route requests refused (503): no room for their body in time",
                 self._s.orchestrator.body_budget.refusals,

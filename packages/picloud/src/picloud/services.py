@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from executor_core.executor import ProcessExecutor
+from manager_core.backlog import OutboxBacklog
 from manager_core.db import make_engine, make_pool
 from manager_core.dispatcher import Dispatcher, DispatcherSettings
 from manager_core.host_api import PostgresHostApi
@@ -95,6 +96,7 @@ class Services:
     retention: ExecutionRetention | None  # None: records are kept for ever
     quota: StorageQuota
     compactor: StorageCompactor
+    backlog: OutboxBacklog
 
 
 def build_services(
@@ -163,6 +165,7 @@ def build_services(
             max_trigger_depth=settings.max_trigger_depth,
         ),
     )
+    backlog = OutboxBacklog(engine, settings.max_queued_executions_per_app)
     orchestrator = UserRouteOrchestrator(
         route_table,
         outbox_writer,
@@ -170,6 +173,7 @@ def build_services(
         gate,
         node_id=node,
         admission_wait_seconds=settings.sync_admission_wait_ms / 1000,
+        backlog=backlog,
     )
     _ = trigger_repo
     return Services(
@@ -207,13 +211,15 @@ def build_services(
         ),
         quota=quota,
         compactor=StorageCompactor(storage),
+        backlog=backlog,
     )
 
 
 @asynccontextmanager
 async def running(services: Services) -> AsyncIterator[Services]:
-    """Open the outbox pool, start the executor, the dispatcher, the retention task and
-    the storage compactor; on exit drain and stop them, in order.
+    """Open the outbox pool, start the executor, the dispatcher, the retention task,
+    the storage compactor and the backlog counter; on exit drain and stop them, in
+    order.
 
     Once started, everything alive (modules, the schema, the pools, the caches) lives
     as long as the node: it is moved out of the cyclic garbage collector's sight
@@ -226,6 +232,7 @@ async def running(services: Services) -> AsyncIterator[Services]:
             if services.retention is not None:
                 await tg.start(services.retention.run)
             await tg.start(services.compactor.run)
+            await tg.start(services.backlog.run)
             gc.collect()
             gc.freeze()
             try:
@@ -236,6 +243,7 @@ async def running(services: Services) -> AsyncIterator[Services]:
                 if services.retention is not None:
                     services.retention.stop()
                 services.compactor.stop()
+                services.backlog.stop()
     finally:
         with anyio.CancelScope(shield=True):
             await services.pool.close()

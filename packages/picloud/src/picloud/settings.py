@@ -32,6 +32,7 @@ OTHER_PREFIXES = ("PICLOUD_TEST_",)
 
 MAX_RETENTION_DAYS = 36500  # PICLOUD_EXECUTION_RETENTION_DAYS, at most a century
 MAX_STORAGE_QUOTA_MB = 1024**3  # PICLOUD_APP_STORAGE_QUOTA_MB, at most a PiB
+MAX_QUEUED_EXECUTIONS_PER_APP = 10_000_000
 # The execution gate: the dispatcher runs two tasks per slot, and each execution in
 # flight may hold a database connection (the engine's overflow is capacity + 4).
 MAX_CONCURRENT_EXECUTIONS = 1024
@@ -173,6 +174,9 @@ class Settings:
     execution_retention_days: int = 14
     #: What one app may store (KV entries and documents), in MiB; ``0``: unlimited.
     app_storage_quota_mb: int = 1024
+    #: Executions one app may have in the outbox before its async routes answer 503
+    #: (``manager_core.backlog``); ``0``: unlimited.
+    max_queued_executions_per_app: int = 10_000
     #: How often the embedded PostgreSQL is started again after it died, within ten
     #: minutes, before the node gives up and stops; ``0``: the node stops at once.
     embedded_pg_restarts: int = 5
@@ -267,6 +271,10 @@ class Settings:
             ),
             "app_storage_quota_mb": get(
                 "APP_STORAGE_QUOTA_MB", _int_in(0, MAX_STORAGE_QUOTA_MB, " (0 is unlimited)")
+            ),
+            "max_queued_executions_per_app": get(
+                "MAX_QUEUED_EXECUTIONS_PER_APP",
+                _int_in(0, MAX_QUEUED_EXECUTIONS_PER_APP, " (0 is unlimited)"),
             ),
             "embedded_pg_restarts": get(
                 "EMBEDDED_PG_RESTARTS", _int_in(0, MAX_EMBEDDED_PG_RESTARTS)
