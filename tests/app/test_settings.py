@@ -33,6 +33,7 @@ def test_defaults_when_environment_is_empty() -> None:
     assert settings.app_storage_quota_bytes == 1024 * 1024 * 1024
     assert settings.embedded_pg_restarts == 5
     assert settings.max_queued_executions_per_app == 10_000
+    assert settings.lease_seconds == 60
     assert settings.access_log is False
 
 
@@ -60,6 +61,7 @@ def test_every_variable_is_read() -> None:
             "PICLOUD_APP_STORAGE_QUOTA_MB": "64",
             "PICLOUD_EMBEDDED_PG_RESTARTS": "0",
             "PICLOUD_MAX_QUEUED_EXECUTIONS_PER_APP": "0",
+            "PICLOUD_LEASE_SECONDS": "15",
             "PICLOUD_ACCESS_LOG": "on",
             "UNRELATED": "ignored",
         }
@@ -85,6 +87,7 @@ def test_every_variable_is_read() -> None:
         app_storage_quota_mb=64,
         embedded_pg_restarts=0,
         max_queued_executions_per_app=0,
+        lease_seconds=15,
         access_log=True,
     )
 
@@ -202,6 +205,7 @@ BOUNDS = [
     ("PICLOUD_EXECUTION_RETENTION_DAYS", "execution_retention_days", 36500),
     ("PICLOUD_APP_STORAGE_QUOTA_MB", "app_storage_quota_mb", 1024**3),
     ("PICLOUD_MAX_QUEUED_EXECUTIONS_PER_APP", "max_queued_executions_per_app", 10_000_000),
+    ("PICLOUD_LEASE_SECONDS", "lease_seconds", 3600),
     ("PICLOUD_EMBEDDED_PG_RESTARTS", "embedded_pg_restarts", 100),
     ("PICLOUD_DB_POOL_SIZE", "db_pool_size", 100),
     ("PICLOUD_DB_OUTBOX_POOL_SIZE", "db_outbox_pool_size", 100),
@@ -236,3 +240,10 @@ def test_each_bound_at_its_edge(variable: str, field: str, bound: int) -> None:
 def test_access_log_is_a_switch(raw: str, on: bool) -> None:
     """PICLOUD_ACCESS_LOG takes on/off, true/false or 1/0, in any case."""
     assert Settings.from_env({"PICLOUD_ACCESS_LOG": raw}).access_log is on
+
+
+def test_a_lease_is_at_least_three_seconds() -> None:
+    """Shorter, a node's pauses would hand rows it still runs to another node."""
+    assert Settings.from_env({"PICLOUD_LEASE_SECONDS": "3"}).lease_seconds == 3
+    with pytest.raises(ValueError, match=r"^PICLOUD_LEASE_SECONDS='2': must be at least 3$"):
+        Settings.from_env({"PICLOUD_LEASE_SECONDS": "2"})

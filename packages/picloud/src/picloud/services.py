@@ -162,6 +162,7 @@ def build_services(
             node_id=node,
             poll_interval=settings.dispatch_poll_interval_ms / 1000,
             batch_size=settings.dispatch_batch_size,
+            lease_seconds=settings.lease_seconds,
             max_trigger_depth=settings.max_trigger_depth,
         ),
     )

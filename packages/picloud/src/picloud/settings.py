@@ -33,6 +33,10 @@ OTHER_PREFIXES = ("PICLOUD_TEST_",)
 MAX_RETENTION_DAYS = 36500  # PICLOUD_EXECUTION_RETENTION_DAYS, at most a century
 MAX_STORAGE_QUOTA_MB = 1024**3  # PICLOUD_APP_STORAGE_QUOTA_MB, at most a PiB
 MAX_QUEUED_EXECUTIONS_PER_APP = 10_000_000
+# A claimed row's lease; renewed every third of it. Under 3 s a node's pauses (a long
+# collection, a slow disk) would let another node take rows it is still running.
+MIN_LEASE_SECONDS = 3
+MAX_LEASE_SECONDS = 3600
 # The execution gate: the dispatcher runs two tasks per slot, and each execution in
 # flight may hold a database connection (the engine's overflow is capacity + 4).
 MAX_CONCURRENT_EXECUTIONS = 1024
@@ -70,6 +74,8 @@ def _int_in(low: int, high: int, what: str = "") -> Callable[[str], int]:
     def parse(value: str) -> int:
         number = _decimal(value)
         if number < low:
+            if low > 1:
+                raise ValueError(f"must be at least {low}")
             raise ValueError(
                 "must be a positive integer" if low == 1 else "must be a non-negative integer"
             )
@@ -166,6 +172,9 @@ class Settings:
     max_trigger_depth: int = 8
     dispatch_poll_interval_ms: int = 100
     dispatch_batch_size: int = 64
+    #: How long a row this node claimed stays its own without a renewal: after a
+    #: crash, its executions run again (elsewhere or after a restart) this much later.
+    lease_seconds: int = 60
     executor_max_workers: int = 8
     executor_max_executions_per_worker: int = 1000
     executor_idle_ttl_seconds: int = 300
@@ -258,6 +267,7 @@ class Settings:
                 "DISPATCH_POLL_INTERVAL_MS", _int_in(1, MAX_DISPATCH_POLL_INTERVAL_MS)
             ),
             "dispatch_batch_size": get("DISPATCH_BATCH_SIZE", _int_in(1, MAX_DISPATCH_BATCH_SIZE)),
+            "lease_seconds": get("LEASE_SECONDS", _int_in(MIN_LEASE_SECONDS, MAX_LEASE_SECONDS)),
             "executor_max_workers": get("EXECUTOR_MAX_WORKERS", _int_in(1, MAX_EXECUTOR_WORKERS)),
             "executor_max_executions_per_worker": get(
                 "EXECUTOR_MAX_EXECUTIONS_PER_WORKER", _int_in(1, MAX_EXECUTIONS_PER_WORKER)
