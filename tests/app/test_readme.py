@@ -45,6 +45,15 @@ def test_walkthrough_runs_against_a_real_server(pg_server: PgServer, tmp_path: P
                 timeout=120,
             )
             assert done.returncode == 0, done.stdout + done.stderr + server.log()
+            again = subprocess.run(  # as README says: the name is taken, and it shows
+                ["bash", "-c", "set -euo pipefail\n" + walkthrough()],
+                env={**os.environ, "PICLOUD": server.base_url, "TOKEN": server.token},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert again.returncode != 0
+            assert "app name 'hello' is taken" in again.stdout + again.stderr, again
     finally:
         pg_server.drop_database(name)
     out = done.stdout
