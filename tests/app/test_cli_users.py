@@ -1,5 +1,6 @@
 """`picloud admin delete-user` and `rotate-token` as operators run them (a subprocess of
-the installed entry point), and what the next start does with the bootstrap `admin`."""
+the installed entry point), what the next start does with the bootstrap `admin`, and
+`picloud admin` refusing a data directory that holds no database."""
 
 from __future__ import annotations
 
@@ -27,6 +28,19 @@ def _admin(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(PICLOUD), "admin", *args],
         env={**clean, "PICLOUD_DATABASE_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _admin_on_data_dir(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``picloud admin ARGS --data-dir DATA_DIR``, no ``PICLOUD_DATABASE_URL``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PICLOUD_")}
+    return subprocess.run(
+        [str(PICLOUD), "admin", *args, "--data-dir", str(data_dir)],
+        env=clean,
         capture_output=True,
         text=True,
         timeout=120,
@@ -180,3 +194,29 @@ def test_an_admin_token_setting_it_cannot_apply_is_said_once(
     assert token_holder(db_url, ADMIN_TOKEN) is None
     bootstrap_admin(db_url, Settings(database_url=db_url))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["empty", "missing"])
+@pytest.mark.parametrize(
+    "args", [("create-user", "dave"), ("rotate-token", "dave"), ("delete-user", "dave")]
+)
+def test_admin_on_a_data_dir_with_no_database_is_exit_2_and_creates_nothing(
+    tmp_path: Path, args: tuple[str, str], exists: bool
+) -> None:
+    """No PICLOUD_DATABASE_URL and no cluster in the data directory: exit 2 in one line
+    saying which --data-dir to pass, no token; the directory stays as it was (no
+    database nobody serves is made)."""
+    data_dir = tmp_path / "x"
+    if exists:
+        data_dir.mkdir()
+    result = _admin_on_data_dir(data_dir, *args)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"picloud admin {args[0]}: no picloud database in {data_dir} (start `picloud serve"
+        f" --data-dir {data_dir}` once first, or pass the --data-dir or PICLOUD_DATABASE_URL"
+        " your serve uses)\n"
+    )
+    if exists:
+        assert list(data_dir.iterdir()) == []
+    else:
+        assert not data_dir.exists()

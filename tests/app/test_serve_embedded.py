@@ -89,9 +89,14 @@ def test_serve_embedded_first_start_prints_a_token_and_second_start_reuses_the_d
 
 
 def test_admin_create_user_prints_a_working_token(pg_data_dir: Path) -> None:
-    """`picloud admin create-user NAME` prints a token that authenticates."""
+    """`picloud admin create-user NAME`, on a data directory `picloud migrate` made,
+    prints a token that authenticates at the `serve` started there."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PICLOUD_")}
     env["PICLOUD_DATA_DIR"] = str(pg_data_dir)
+    migrated = subprocess.run(
+        [str(PICLOUD), "migrate"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert migrated.returncode == 0, migrated.stderr
     made = subprocess.run(
         [str(PICLOUD), "admin", "create-user", "ann"],
         env=env,

@@ -9,7 +9,9 @@ Exit statuses: 0 done (``serve``: stopped by SIGTERM or SIGINT, also while it wa
 still starting); 1 the command failed, in one line on stderr (``serve``: it could not
 start: data directory unusable or in use by another ``picloud serve``, database
 unreachable, address not available, bootstrap admin's name taken; or its embedded
-PostgreSQL was lost); 2 a bad command line or ``PICLOUD_*`` setting.
+PostgreSQL was lost); 2 a bad command line or ``PICLOUD_*`` setting (``admin``: also a
+data directory with no database in it, with no ``PICLOUD_DATABASE_URL``: ``admin``
+never creates one, which no ``serve`` would use).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -52,7 +55,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data_dir(migrate)
     migrate.set_defaults(handler=_cmd_migrate)
 
-    admin = commands.add_parser("admin", help="administration")
+    admin = commands.add_parser(
+        "admin",
+        help="administration, on the database of a picloud serve with the same --data-dir"
+        " or PICLOUD_DATABASE_URL",
+    )
     admin_commands = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
     create_user = admin_commands.add_parser("create-user", help="create a user and print its token")
     create_user.add_argument("name")
@@ -411,7 +418,28 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"picloud: {exc}", file=sys.stderr)
         return 2
+    if args.command == "admin" and (missing := _no_database(settings)) is not None:
+        print(f"picloud admin {args.admin_command}: {missing}", file=sys.stderr)
+        return 2
     return args.handler(args, settings)
+
+
+def _no_database(settings: Settings) -> str | None:
+    """Why ``picloud admin`` has no database to act on, or ``None`` when it has one:
+    with no ``PICLOUD_DATABASE_URL``, the data directory must hold the embedded
+    cluster a ``serve`` (or ``migrate``) made there. Looks only; creates nothing."""
+    from picloud.embedded_pg import EmbeddedPostgres
+
+    if settings.database_url is not None:
+        return None
+    if EmbeddedPostgres(settings.embedded_pg_dir).initialised:
+        return None
+    data_dir = shlex.quote(str(settings.data_dir))
+    return (
+        f"no picloud database in {settings.data_dir} (start `picloud serve --data-dir"
+        f" {data_dir}` once first, or pass the --data-dir or PICLOUD_DATABASE_URL your"
+        " serve uses)"
+    )
 
 
 if __name__ == "__main__":

@@ -112,6 +112,11 @@ class EmbeddedPostgres:
         """Whether ``stop()`` stops the server (False when attached as a guest)."""
         return self._owner
 
+    @property
+    def initialised(self) -> bool:
+        """Whether ``data_dir`` holds a cluster already (``initdb`` ran: its ``PG_VERSION``)."""
+        return (self.data_dir / "PG_VERSION").exists()
+
     def start(self) -> Self:
         """Initialise the cluster if needed and start the server; wait until it accepts.
 
@@ -138,7 +143,7 @@ class EmbeddedPostgres:
 
     def _start_server(self) -> None:
         self._fix_permissions()
-        if not (self.data_dir / "PG_VERSION").exists():
+        if not self.initialised:
             self._initdb()
         self.socket_dir = self._make_socket_dir()
         self._owns_socket_dir = True
