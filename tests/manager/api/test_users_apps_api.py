@@ -174,6 +174,21 @@ async def test_malformed_member_bodies_are_422(api: Api, body: dict) -> None:
     assert resp.status_code == 422
 
 
+async def test_an_unknown_capability_is_422_listing_the_known_ones(api: Api) -> None:
+    """The message names the unknown capability and every known one, in their order."""
+    user_id, _ = await api.user_id("erin")
+    resp = await api.call(
+        "PUT", f"/apps/{api.app_id}/members/{user_id}", body={"capabilities": ["read"]}
+    )
+    assert resp.status_code == 422
+    allowed = ", ".join(c.value for c in Capability)
+    assert resp.json()["error"] == {
+        "code": "invalid_input",
+        "message": f"unknown capability 'read'; expected one of: {allowed}",
+    }
+    assert allowed.startswith("app_read, app_delete, app_manage_members, ")
+
+
 @pytest.mark.parametrize("user_id", ["nope", "00000000-0000-4000-8000-000000000000"])
 async def test_put_member_for_an_unknown_user_is_404(api: Api, user_id: str) -> None:
     """The user must exist."""

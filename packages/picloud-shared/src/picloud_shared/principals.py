@@ -25,13 +25,17 @@ class Capability(enum.StrEnum):
 
     @classmethod
     def parse_all(cls, names: Iterable[object]) -> frozenset[Capability]:
-        """Decode wire names; raises ``ValueError`` naming the first unknown one."""
+        """Decode wire names; raises ``ValueError`` naming the first unknown one and
+        every known one."""
         out: set[Capability] = set()
         for name in names:
             try:
                 out.add(cls(name))
             except ValueError:
-                raise ValueError(f"unknown capability {name!r}") from None
+                allowed = ", ".join(c.value for c in cls)
+                raise ValueError(
+                    f"unknown capability {name!r}; expected one of: {allowed}"
+                ) from None
         return frozenset(out)
 
 
