@@ -187,7 +187,8 @@ async def test_script_used_by_a_route_cannot_be_deleted(engine: AsyncEngine) -> 
     scripts = PostgresScriptRepo(engine)
     await scripts.create(app.id, "s", SOURCE)
     await PostgresRouteRepo(engine).create(app.id, "GET", "/", "s")
-    with pytest.raises(Conflict):
+    await PostgresRouteRepo(engine).create(app.id, "POST", "/{id}", "s")
+    with pytest.raises(Conflict, match=r"still used by route GET /, route POST /\{id\};"):
         await scripts.delete(app.id, "s")
 
 
@@ -198,7 +199,12 @@ async def test_script_used_by_a_trigger_cannot_be_deleted(engine: AsyncEngine) -
     script = await scripts.create(app.id, "s", SOURCE)
     async with engine.begin() as conn:
         await conn.execute(insert(t.triggers).values(app_id=app.id, kind="kv", script_id=script.id))
-    with pytest.raises(Conflict):
+        for _ in range(5):
+            await conn.execute(
+                insert(t.triggers).values(app_id=app.id, kind="docs", script_id=script.id)
+            )
+    five_and_more = r"still used by (kv|docs) trigger [0-9a-f-]+, .* and 1 more;"
+    with pytest.raises(Conflict, match=five_and_more):
         await scripts.delete(app.id, "s")
 
 

@@ -49,6 +49,8 @@ from picloud_shared.limits import (
 )
 from picloud_shared.principals import DATA_CAPABILITIES, Capability
 
+_USERS_SHOWN = 5  # routes and triggers a delete's Conflict names
+
 # ON DELETE RESTRICT reports restrict_violation, not foreign_key_violation.
 RESTRICT_VIOLATION = "23001"
 
@@ -300,6 +302,23 @@ class PostgresScriptRepo:
             for r in rows
         ]
 
+    async def _users_of(self, app_id: AppId, name: str) -> str:
+        """The routes and triggers using the script, for a person: ``route GET /x,
+        kv trigger <id>`` (the first few, and how many more)."""
+        script = select(t.scripts.c.id).where(_by_name(app_id, name)).scalar_subquery()
+        routes = select(t.routes.c.method, t.routes.c.path).where(
+            t.routes.c.app_id == app_id, t.routes.c.script_id == script
+        )
+        triggers = select(t.triggers.c.kind, t.triggers.c.id).where(
+            t.triggers.c.app_id == app_id, t.triggers.c.script_id == script
+        )
+        async with self._engine.connect() as c:
+            found = [f"route {m} {p}" for m, p in await c.execute(routes.order_by("path"))]
+            found += [f"{k} trigger {i}" for k, i in await c.execute(triggers.order_by("id"))]
+        shown = ", ".join(found[:_USERS_SHOWN])
+        more = len(found) - _USERS_SHOWN
+        return shown + (f" and {more} more" if more > 0 else "")
+
     async def delete(
         self,
         app_id: AppId,
@@ -318,7 +337,12 @@ class PostgresScriptRepo:
             size = await in_transaction(conn or self._engine, body)
         except IntegrityError as exc:
             if sqlstate(exc) in (FOREIGN_KEY_VIOLATION, RESTRICT_VIOLATION):
-                raise Conflict(f"script {name!r} is still used by a route or trigger") from exc
+                # The failed transaction is gone; a caller's own one cannot be asked.
+                users = "" if conn is not None else await self._users_of(app_id, name)
+                raise Conflict(
+                    f"script {name!r} is still used by {users or 'a route or trigger'};"
+                    " delete them, or point them at another script, first"
+                ) from exc
             raise translate_integrity_error(exc, what="script") from exc
         if size is not None and self.quota is not None:
             self.quota.wrote(app_id, -size, None, committed=conn is None)
