@@ -88,6 +88,23 @@ def test_health_readiness_and_metrics(server: Server, user: httpx.Client) -> Non
     assert _counter(metrics.text, "picloud_dead_letters_pruned_total") == 0
 
 
+def test_paths_no_route_has_answer_the_error_shape(user: httpx.Client) -> None:
+    """A path outside every route is 404, a method a fixed route does not take 405,
+    both as JSON errors (starlette's own answers are plain text)."""
+    for path in ("/", "/hello/greet/world", "/api/v2", "/app/x"):
+        r = user.get(path)
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["error"]["code"] == "not_found", path
+        assert "/apps/{app_name}/" in r.json()["error"]["message"]
+    r = user.post("/healthz")
+    assert r.status_code == 405, r.text
+    assert r.json()["error"] == {
+        "code": "method_not_allowed",
+        "message": "POST is not allowed here",
+    }
+    assert "GET" in r.headers["allow"]
+
+
 def _counter(text: str, name: str) -> float:
     (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
     return float(line.split()[1])

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import anyio
 from sqlalchemy import text
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -58,6 +59,25 @@ class BoundedStatements:
             return
         with statement_wait(self._seconds):
             await self._app(scope, receive, send)
+
+
+async def unrouted(request: Request, exc: Exception) -> Response:
+    """A path no route has (404), or a method a fixed route does not take (405), in
+    the API's error shape rather than starlette's plain text."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        code, message = "method_not_allowed", f"{request.method} is not allowed here"
+    else:
+        code = "not_found"
+        message = (
+            "no such path: user routes are under /apps/{app_name}/..., "
+            f"the admin API under {ADMIN_PREFIX}/..."
+        )
+    return JSONResponse(
+        {"error": {"code": code, "message": message}},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
 
 
 def create_app(
@@ -113,4 +133,5 @@ def create_app(
         ],
         lifespan=lifespan,
         middleware=[Middleware(BoundedStatements, seconds=statement_wait_seconds)],
+        exception_handlers={404: unrouted, 405: unrouted},
     )
