@@ -28,6 +28,89 @@ async def test_unknown_admin_path_is_a_json_404(api: Api) -> None:
     assert resp.json() == {"error": {"code": "not_found", "message": "no such admin endpoint"}}
 
 
+LISTS = "/api/v1/admin/apps/{app}"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "message"),
+    [
+        (
+            "GET",
+            "/apps/shop",
+            "'shop' is not an app id: admin paths take the app's id"
+            " (GET /api/v1/admin/apps lists apps with their ids)",
+        ),
+        (
+            "DELETE",
+            "/users/owner",
+            "'owner' is not a user id: admin paths take the user's id"
+            " (GET /api/v1/admin/users lists users with their ids)",
+        ),
+        (
+            "PUT",
+            "/apps/{app}/members/owner",
+            "'owner' is not a user id: admin paths take the user's id"
+            " (GET /api/v1/admin/users lists users with their ids)",
+        ),
+        (
+            "DELETE",
+            "/apps/{app}/routes/r1",
+            "'r1' is not a route id: admin paths take the route's id"
+            f" (GET {LISTS}/routes lists routes with their ids)",
+        ),
+        (
+            "DELETE",
+            "/apps/{app}/triggers/t1",
+            "'t1' is not a trigger id: admin paths take the trigger's id"
+            f" (GET {LISTS}/triggers lists triggers with their ids)",
+        ),
+        (
+            "GET",
+            "/apps/{app}/executions/e1",
+            "'e1' is not an execution id: admin paths take the execution's id"
+            f" (GET {LISTS}/executions lists executions with their ids)",
+        ),
+        (
+            "POST",
+            "/apps/{app}/dead-letters/d1/replay",
+            "'d1' is not a dead letter id: admin paths take the dead letter's id"
+            f" (GET {LISTS}/dead-letters lists dead letters with their ids)",
+        ),
+    ],
+)
+async def test_a_name_where_a_path_takes_an_id_says_so(
+    api: Api, method: str, path: str, message: str
+) -> None:
+    """Still 404 not_found, but the message says the path takes the id (not the name
+    user routes take) and where those ids are listed."""
+    resp = await api.call(method, path.format(app=api.app_id), api.root, body={})
+    assert (resp.status_code, resp.json()) == (
+        404,
+        {"error": {"code": "not_found", "message": message.format(app=api.app_id)}},
+    )
+
+
+@pytest.mark.parametrize("token", ["root", "owner", "stranger"])
+async def test_what_a_name_given_as_an_app_id_answers_tells_nothing_of_which_apps_exist(
+    api: Api, token: str
+) -> None:
+    """The name of an existing app (``shop``) and of none get the same "not an app id"
+    answer, whoever asks."""
+    caller = {"root": api.root, "owner": api.owner}.get(token) or await api.user("stranger")
+    existing = await api.call("GET", "/apps/shop", caller)
+    missing = await api.call("GET", "/apps/shoq", caller)
+    assert existing.status_code == missing.status_code == 404
+    said = missing.json()["error"]["message"]
+    assert said.startswith("'shoq' is not an app id: ")
+    assert existing.json()["error"]["message"] == said.replace("shoq", "shop")
+
+
+async def test_a_long_non_id_is_shown_cut_short(api: Api) -> None:
+    """Past 64 characters the message shows the start of what was given, and "…"."""
+    resp = await api.call("GET", "/apps/" + "x" * 500)
+    assert resp.json()["error"]["message"].startswith("'" + "x" * 64 + "…' is not an app id")
+
+
 @pytest.mark.parametrize(
     ("method", "path"), [("GET", "/nope/nothing"), ("PATCH", "/apps/{app}"), ("DELETE", "/users")]
 )

@@ -97,12 +97,50 @@ async def read_json(
         raise InvalidInput(f"the request body is not valid JSON ({exc})") from None
 
 
+# Each kind of id a path takes: its article, and where the admin API lists them
+# (``{id}``: the app's id).
+ADMIN_PREFIX = "/api/v1/admin"
+_ID_KINDS: Mapping[str, tuple[str, str]] = {
+    "app": ("an", "/apps"),
+    "user": ("a", "/users"),
+    "route": ("a", "/apps/{id}/routes"),
+    "trigger": ("a", "/apps/{id}/triggers"),
+    "execution": ("an", "/apps/{id}/executions"),
+    "dead letter": ("a", "/apps/{id}/dead-letters"),
+}
+MAX_SHOWN_PATH_CHARS = 64
+
+
 def path_uuid(request: Request, name: str, what: str) -> uuid.UUID:
-    """A UUID path parameter; anything malformed is ``NotFound`` (it cannot exist)."""
+    """A UUID path parameter; anything malformed is ``NotFound`` (it cannot exist).
+
+    The message says the path takes the ``what``'s id, not its name (user routes take
+    an app's name, so people try it here), and where those ids are listed. It depends
+    on the text given alone, never on what exists.
+    """
     try:
-        return uuid.UUID(request.path_params[name])
-    except (KeyError, ValueError):
+        raw = request.path_params[name]
+    except KeyError:
         raise NotFound(f"no such {what}") from None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise NotFound(_not_an_id(request, raw, what)) from None
+
+
+def _not_an_id(request: Request, raw: str, what: str) -> str:
+    shown = raw if len(raw) <= MAX_SHOWN_PATH_CHARS else raw[:MAX_SHOWN_PATH_CHARS] + "…"
+    if what not in _ID_KINDS:
+        return f"{shown!r} is not a {what} id: admin paths take the {what}'s id"
+    article, listed = _ID_KINDS[what]
+    try:  # the app's id in a path under /apps/{id}/ (checked before the id after it)
+        app = "{id}" if what == "app" else str(uuid.UUID(request.path_params.get("id", "")))
+    except ValueError:
+        app = "{id}"
+    return (
+        f"{shown!r} is not {article} {what} id: admin paths take the {what}'s id"
+        f" (GET {ADMIN_PREFIX}{listed.format(id=app)} lists {what}s with their ids)"
+    )
 
 
 class Fields:
