@@ -61,3 +61,15 @@ def test_invalid_setting_exits_2_naming_the_variable() -> None:
     assert result.returncode == 2
     assert "PICLOUD_DB_POOL_SIZE" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_version_is_the_installed_package_version() -> None:
+    """`picloud --version` prints the version pyproject.toml declares, and touches no
+    database."""
+    import tomllib
+
+    declared = tomllib.loads(
+        (Path(__file__).parents[2] / "packages/picloud/pyproject.toml").read_text()
+    )["project"]["version"]
+    done = _run("--version", PICLOUD_DATABASE_URL="postgresql://nobody@nowhere.invalid/x")
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"picloud {declared}\n", "")

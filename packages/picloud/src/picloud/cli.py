@@ -37,7 +37,12 @@ T = TypeVar("T")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="picloud", description="Self-hosted serverless platform.")
+    parser = argparse.ArgumentParser(
+        prog="picloud",
+        description="Self-hosted serverless platform. Settings: the PICLOUD_* variables"
+        " (README.md, Settings).",
+    )
+    parser.add_argument("--version", action="version", version=f"picloud {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the picloud server")
@@ -84,6 +89,15 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_data_dir(rotate_token)
     rotate_token.set_defaults(handler=_cmd_rotate_token)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("picloud")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
