@@ -101,7 +101,7 @@ async def test_running_then_finished(engine: AsyncEngine) -> None:
     failed = ExecResult.failed(execution_id, ExecError(ExecErrorKind.TIMEOUT, "slow"), ("l1",))
     await repo.finish_with(execution_id, ExecutionStatus.FAILED, failed)
     wire = (await repo.get(app, execution_id)).to_wire()  # type: ignore[union-attr]
-    assert wire["error"] == {"kind": "timeout", "message": "slow"}
+    assert wire["error"] == {"kind": "timeout", "message": "slow", "traceback": None}
     assert (wire["status"], wire["logs"]) == ("failed", ["l1"])
     assert wire["finished_at"] is not None
 
@@ -162,7 +162,11 @@ async def test_create_get_list_resolve(engine: AsyncEngine) -> None:
     got = await repo.get(app, letter.id)
     assert got == letter
     assert (got.payload, got.attempts, got.trigger_depth) == (row.payload, 5, 2)
-    assert got.to_wire()["error"] == {"kind": "uncaught_exception", "message": "boom"}
+    assert got.to_wire()["error"] == {
+        "kind": "uncaught_exception",
+        "message": "boom",
+        "traceback": None,
+    }
     assert [d.id for d in await repo.list(app)] == [letter.id]
     assert await repo.get(await factories.app(engine), letter.id) is None
     resolved = await repo.resolve(app, letter.id)

@@ -14,7 +14,7 @@ from manager_core.tables import metadata
 from picloud import migrations
 from tests.pg import PgServer
 
-HEAD = "0006"
+HEAD = "0007"
 
 
 @pytest.fixture

@@ -335,6 +335,7 @@ class ClaimRunner:
             attempts=row.attempt_count,
             error_kind=error.kind,
             error_message=error.message,
+            error_traceback=error.traceback,
             conn=conn,
         )
         await self._outbox.delete(row.id, conn=conn)

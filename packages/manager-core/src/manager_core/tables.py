@@ -388,6 +388,8 @@ executions = Table(
     Column("trigger_depth", Integer, nullable=False, server_default=text("0")),
     Column("error_kind", Text),
     Column("error_message", Text),
+    # The script's own traceback (ExecError.traceback), for an uncaught exception only.
+    Column("error_traceback", Text),
     Column("logs", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
     Column("result", JSONB),
     _created_at(),
@@ -467,6 +469,8 @@ dead_letters = Table(
     Column("trigger_depth", Integer, nullable=False, server_default=text("0")),
     Column("error_kind", Text),
     Column("error_message", Text),
+    # The script's own traceback (ExecError.traceback), for an uncaught exception only.
+    Column("error_traceback", Text),
     Column("resolution", Text),
     Column("resolved_at", DateTime(timezone=True)),
     _created_at(),

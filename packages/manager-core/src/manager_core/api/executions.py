@@ -67,16 +67,19 @@ def _reads_data(call: Call) -> bool:
 
 
 def _withhold_message(error: Json) -> Json:
+    """The error without the script's text: its message reads :data:`WITHHELD` and
+    its traceback (which quotes the script's lines, and through them its values) is
+    ``null``."""
     if isinstance(error, dict):
-        return {**error, "message": WITHHELD}
+        return {**error, "message": WITHHELD, "traceback": None}
     return error
 
 
 def _execution_to_wire(call: Call, execution: Execution) -> JsonObject:
     """An execution as the caller may see it. What its script made of the app's data
-    (``result``, ``logs``, and the error's ``message``: a script's exception or
-    rejection text) is withheld from a caller without ``app_read_data``; its status,
-    timing and error ``kind`` are not."""
+    (``result``, ``logs``, and the error's ``message`` and ``traceback``: a script's
+    exception or rejection text) is withheld from a caller without ``app_read_data``;
+    its status, timing and error ``kind`` are not."""
     body = execution.to_wire()
     if not _reads_data(call):
         body["result"] = None
@@ -111,7 +114,7 @@ def _letter_to_wire(call: Call, letter: DeadLetter) -> JsonObject:
     """A dead letter as the caller may see it: its ``payload`` is the event the failed
     script received (for ``http``, the route event), which carries the app's data (a
     value, a document), so it is ``null`` for a caller without ``app_read_data``, and
-    its error's ``message`` is withheld as an execution's is."""
+    its error's ``message`` and ``traceback`` are withheld as an execution's are."""
     body = letter.to_wire()
     if not _reads_data(call):
         body["payload"] = None

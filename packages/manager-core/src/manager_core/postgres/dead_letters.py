@@ -62,6 +62,7 @@ class DeadLetter:
     trigger_depth: int
     error_kind: ExecErrorKind | None
     error_message: str | None
+    error_traceback: str | None
     resolution: str | None
     resolved_at: datetime | None
     created_at: datetime
@@ -81,6 +82,7 @@ class DeadLetter:
             trigger_depth=row.trigger_depth,
             error_kind=None if row.error_kind is None else ExecErrorKind(row.error_kind),
             error_message=row.error_message,
+            error_traceback=row.error_traceback,
             resolution=row.resolution,
             resolved_at=row.resolved_at,
             created_at=row.created_at,
@@ -88,6 +90,8 @@ class DeadLetter:
 
     @property
     def error(self) -> JsonObject:
+        """The error as dead-letter handlers receive it (the event's ``error``): its
+        kind and message; the admin API adds the ``traceback``."""
         return {
             "kind": None if self.error_kind is None else self.error_kind.value,
             "message": self.error_message,
@@ -117,7 +121,7 @@ class DeadLetter:
             "payload": self.event,
             "attempts": self.attempts,
             "trigger_depth": self.trigger_depth,
-            "error": self.error,
+            "error": {**self.error, "traceback": self.error_traceback},
             "resolution": self.resolution,
             "resolved_at": None if self.resolved_at is None else self.resolved_at.isoformat(),
             "created_at": self.created_at.isoformat(),
@@ -171,11 +175,13 @@ class PostgresDeadLetterRepo:
         attempts: int,
         error_kind: ExecErrorKind | None,
         error_message: str | None,
+        error_traceback: str | None = None,
         conn: AsyncConnection | None = None,
     ) -> DeadLetter:
         """Dead-letter the execution of outbox ``row`` (payload, source, trigger, route,
-        script, depth) after ``attempts``; fans out to dead-letter triggers with the
-        row's depth + 1 (never for a dead-letter handler's own row)."""
+        script, depth) after ``attempts``, with its last error (``error_traceback``: the
+        script's own, ``ExecError.traceback``); fans out to dead-letter triggers with
+        the row's depth + 1 (never for a dead-letter handler's own row)."""
         stmt = (
             sa.insert(_DL)
             .values(
@@ -190,6 +196,7 @@ class PostgresDeadLetterRepo:
                 trigger_depth=row.trigger_depth,
                 error_kind=None if error_kind is None else error_kind.value,
                 error_message=error_message,
+                error_traceback=error_traceback,
             )
             .returning(_DL)
         )
@@ -235,7 +242,7 @@ class PostgresDeadLetterRepo:
             )
         stmt = within_bytes(
             stmt,
-            json_bytes(_DL.c.payload, _DL.c.error_message),
+            json_bytes(_DL.c.payload, _DL.c.error_message, _DL.c.error_traceback),
             (_DL.c.created_at.desc(), _DL.c.id.desc()),
         )
         async with transaction(conn or self._engine) as c:

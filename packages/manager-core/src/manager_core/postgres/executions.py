@@ -75,6 +75,7 @@ class Execution:
     trigger_depth: int
     error_kind: ExecErrorKind | None
     error_message: str | None
+    error_traceback: str | None
     logs: tuple[str, ...]
     result: Json
     trigger_id: TriggerId | None
@@ -95,6 +96,7 @@ class Execution:
             trigger_depth=row.trigger_depth,
             error_kind=None if row.error_kind is None else ExecErrorKind(row.error_kind),
             error_message=row.error_message,
+            error_traceback=row.error_traceback,
             logs=tuple(row.logs or ()),
             result=row.result,
             trigger_id=None if row.trigger_id is None else TriggerId(row.trigger_id),
@@ -109,7 +111,11 @@ class Execution:
         """The admin API's execution object (API.md)."""
         error: Json = None
         if self.error_kind is not None:
-            error = {"kind": self.error_kind.value, "message": self.error_message or ""}
+            error = {
+                "kind": self.error_kind.value,
+                "message": self.error_message or "",
+                "traceback": self.error_traceback,
+            }
         return {
             "id": str(self.id),
             "status": self.status.value,
@@ -173,7 +179,7 @@ class PostgresExecutionRepo:
             )
         stmt = within_bytes(
             stmt,
-            json_bytes(_E.c.result, _E.c.logs, _E.c.error_message),
+            json_bytes(_E.c.result, _E.c.logs, _E.c.error_message, _E.c.error_traceback),
             (_E.c.created_at.desc(), _E.c.id.desc()),
         )
         async with transaction(conn or self._engine) as c:
@@ -203,13 +209,15 @@ class PostgresExecutionRepo:
         *,
         error_kind: ExecErrorKind | None = None,
         error_message: str | None = None,
+        error_traceback: str | None = None,
         logs: Sequence[str] = (),
         result: Json = None,
         final: bool | None = None,
         conn: AsyncConnection | None = None,
     ) -> None:
-        """Record an outcome. ``finished_at`` is set for final statuses (or when
-        ``final`` says so); ``retrying`` keeps the record open."""
+        """Record an outcome (replacing the error of an earlier attempt: columns not
+        given are cleared). ``finished_at`` is set for final statuses (or when ``final``
+        says so); ``retrying`` keeps the record open."""
         is_final = status.is_final if final is None else final
         stmt = (
             sa.update(_E)
@@ -218,6 +226,7 @@ class PostgresExecutionRepo:
                 status=status.value,
                 error_kind=None if error_kind is None else error_kind.value,
                 error_message=error_message,
+                error_traceback=error_traceback,
                 logs=list(logs),
                 result=sa.null() if result is None else result,
                 finished_at=sa.func.now() if is_final else None,
@@ -234,12 +243,15 @@ class PostgresExecutionRepo:
         *,
         conn: AsyncConnection | None = None,
     ) -> None:
-        """``finish`` from an :class:`ExecResult`: its error, logs and response."""
+        """``finish`` from an :class:`ExecResult`: its error (kind, message and the
+        script's traceback, if it has one), logs and response."""
+        error = outcome.error
         await self.finish(
             execution_id,
             status,
-            error_kind=None if outcome.error is None else outcome.error.kind,
-            error_message=None if outcome.error is None else outcome.error.message,
+            error_kind=None if error is None else error.kind,
+            error_message=None if error is None else error.message,
+            error_traceback=None if error is None else error.traceback,
             logs=outcome.logs,
             result=None if outcome.response is None else outcome.response.to_wire(),
             conn=conn,

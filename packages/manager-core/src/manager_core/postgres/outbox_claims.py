@@ -457,7 +457,8 @@ _COMPLETE_BATCH = """
     ), finished AS (
         UPDATE executions e
         SET status = 'succeeded', attempts = f.attempts, logs = f.logs, result = f.result,
-            error_kind = NULL, error_message = NULL, finished_at = now()
+            error_kind = NULL, error_message = NULL, error_traceback = NULL,
+            finished_at = now()
         FROM f
         WHERE e.id = ANY(ARRAY(SELECT execution_id FROM done)) AND e.id = f.execution_id
     ), handled AS (
