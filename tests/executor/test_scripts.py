@@ -484,6 +484,26 @@ async def test_uncaught_traceback_is_the_scripts_own(
     assert "worker.py" not in tb
 
 
+async def test_library_frames_are_named_from_the_librarys_root(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A frame of the standard library the script called into keeps its file, line
+    and code, but named from the library's root: no path of the host shows."""
+    source = src("""
+    import json
+    def handle(e, ctx):
+        json.loads("{nope")
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.error is not None
+    tb = result.error.traceback or ""
+    assert 'File "<python>/json/decoder.py", line' in tb, tb
+    assert 'json.loads("{nope")' in tb
+    assert "obj, end = self.scan_once(s, idx)" in tb  # the library's line is still read
+    for host_path in ("/usr/", "/root/", "/proc/", "lib/python3"):
+        assert host_path not in tb, tb
+
+
 async def test_worker_survives_uncaught_exception(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

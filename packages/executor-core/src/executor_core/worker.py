@@ -61,11 +61,59 @@ def _cpu_used() -> float:
 
 
 def _strip_host_frames(te: traceback.TracebackException | None, seen: set[int]) -> None:
+    """Drop the executor's frames; name the library frames left from their library's
+    root (``<python>/json/decoder.py``), not by the host's paths."""
     while te is not None and id(te) not in seen:
         seen.add(id(te))
         te.stack[:] = [f for f in te.stack if not f.filename.startswith(_HOST_DIR)]
+        for frame in te.stack:
+            _ = frame.line  # read from the real file before it is renamed
+            frame.filename = _public_filename(frame.filename)
         _strip_host_frames(te.__cause__, seen)
         te = te.__context__
+
+
+def _public_filename(filename: str) -> str:
+    if filename.startswith("<"):  # a script (<script …>) or <string>, <frozen …>
+        return filename
+    for root, label in _library_roots():
+        if filename.startswith(root):
+            return label + "/" + filename[len(root) :]
+    return "<file>/" + os.path.basename(filename)
+
+
+_ROOTS: list[tuple[str, str]] = []
+_REROOTED: dict[str, str] = {}  # /proc/self/fd/N → the directory (reroot_sys_path)
+
+
+def _library_roots() -> list[tuple[str, str]]:
+    """(directory with a trailing separator, label), most specific first: the
+    installation's library directories, by their paths and by the descriptors
+    ``reroot_sys_path`` named them with."""
+    if not _ROOTS:
+        import sysconfig
+
+        paths = sysconfig.get_paths()
+        found = {paths[k]: "<site-packages>" for k in ("purelib", "platlib") if k in paths}
+        found |= {paths[k]: "<python>" for k in ("stdlib", "platstdlib") if k in paths}
+        roots = sorted(
+            ((os.path.join(root, ""), label) for root, label in found.items()),
+            key=lambda pair: -len(pair[0]),
+        )
+
+        def label_of(directory: str) -> str | None:
+            directory = os.path.join(directory, "")
+            for root, label in roots:
+                if directory.startswith(root):
+                    return (label + "/" + directory[len(root) :]).rstrip("/")
+            return None
+
+        for new, old in _REROOTED.items():
+            label = label_of(old)
+            if label is not None:
+                roots.append((os.path.join(new, ""), label))
+        _ROOTS.extend(sorted(roots, key=lambda pair: -len(pair[0])))
+    return _ROOTS
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -295,6 +343,7 @@ def reroot_sys_path() -> list[int]:
             fd = os.open(entry, sandbox.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             fds.append(fd)
             mapping[entry] = f"/proc/self/fd/{fd}"
+            _REROOTED[mapping[entry]] = entry
 
     def moved(path: str) -> str:
         for old, new in mapping.items():
