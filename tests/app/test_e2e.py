@@ -310,10 +310,15 @@ def test_a_sync_request_is_not_queued_behind_an_async_backlog(
     for _ in range(backlog):
         assert user.post(f"/apps/{admin.app_name}/backlog").status_code == 202
     admin.wait(lambda: admin.executions(status="running"))
+    # Counted from here: on a loaded machine many may run while the backlog is posted.
+    before = len(admin.executions(status="succeeded", source_kind="http"))
     r = user.get(f"/apps/{admin.app_name}/fast", timeout=30)
     assert (r.status_code, r.text) == (200, "fast")
-    done = len(admin.executions(status="succeeded", source_kind="http"))
-    assert done < backlog // 2, f"the sync request waited for {done} queued executions"
+    waited = len(admin.executions(status="succeeded", source_kind="http")) - before
+    left = backlog - before
+    # Taking the next free slot, it waits for about one run per slot (4), not for
+    # the backlog left (up to 40).
+    assert waited < max(left // 2, 9), f"the sync request waited for {waited} of {left} queued"
 
 
 def _raw_post(server: Server, path: str, length: int, *extra: str, sent: int = 0) -> socket.socket:
