@@ -104,3 +104,29 @@ async def test_an_http_dead_letters_payload_is_the_route_event(api: Api) -> None
     assert (letter["id"], letter["source_kind"]) == (str(dl_id), "http")
     assert letter["payload"] == EVENT.to_script()
     assert (await api.call("POST", _url(api, f"/{dl_id}/replay"))).status_code == 202
+
+
+async def test_the_list_filters_by_resolution_and_source_kind(api: Api) -> None:
+    """``?resolution=`` (``unresolved``: none yet) and ``?source_kind=`` narrow the
+    list, also together; a value outside them is 422 naming the allowed ones."""
+    kv_open = await insert_dead_letter(api, await enqueue_execution(api))
+    kv_done = await insert_dead_letter(api, await enqueue_execution(api))
+    assert (await api.call("POST", _url(api, f"/{kv_done}/resolve"))).status_code in (200, 204)
+    http_open, _ = await _http_letter(api)
+
+    async def ids(query: str) -> set[str]:
+        resp = await api.call("GET", _url(api, query))
+        assert resp.status_code == 200, resp.text
+        return {item["id"] for item in resp.json()["items"]}
+
+    assert await ids("") == {str(kv_open), str(kv_done), str(http_open)}
+    assert await ids("?resolution=unresolved") == {str(kv_open), str(http_open)}
+    assert await ids("?resolution=resolved") == {str(kv_done)}
+    assert await ids("?resolution=handled") == set()
+    assert await ids("?source_kind=http") == {str(http_open)}
+    assert await ids("?source_kind=kv&resolution=unresolved") == {str(kv_open)}
+    for bad in ("?resolution=open", "?source_kind=cron"):
+        resp = await api.call("GET", _url(api, bad))
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"]["code"] == "invalid_input"
+        assert "must be one of:" in resp.json()["error"]["message"]

@@ -123,11 +123,16 @@ def _letter_to_wire(call: Call, letter: DeadLetter) -> JsonObject:
 
 
 async def list_dead_letters(call: Call) -> Response:
-    """Newest first."""
+    """Newest first; ``?resolution=&source_kind=`` filter (``resolution=unresolved``:
+    the ones nobody settled yet)."""
     page = PageRequest.from_request(call.request, key_size=2)
+    resolution = call.request.query_params.get("resolution") or None
+    source_kind = _filter(call, "source_kind", OutboxSourceKind)
     position = _position(page)
     after = None if position is None else (position[0], DeadLetterId(position[1]))
-    rows = await call.deps.dead_letters.list(call.app_id, page.fetch, after)
+    rows = await call.deps.dead_letters.list(
+        call.app_id, page.fetch, after, resolution=resolution, source_kind=source_kind
+    )
     return page.respond(rows, _key, lambda d: _letter_to_wire(call, d))
 
 

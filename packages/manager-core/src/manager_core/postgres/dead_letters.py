@@ -134,6 +134,8 @@ _NOT_REPLAYED = _DL.c.resolution.is_distinct_from("replayed")
 # Settled: nothing is left to do about them. ``handler_failed`` and unresolved ones
 # wait for their owner and are never pruned.
 SETTLED = ("handled", "resolved", "replayed")
+UNRESOLVED = "unresolved"  # no resolution yet (``null``), for the list's filter
+RESOLUTIONS = (UNRESOLVED, "handled", "handler_failed", "resolved", "replayed")
 
 # One batch of one app's dead letters settled before the cutoff (the database's now()
 # less ``:older_than``), found through (app_id, created_at): settled before it implies
@@ -222,16 +224,30 @@ class PostgresDeadLetterRepo:
         limit: int = 100,
         after: tuple[datetime, DeadLetterId] | None = None,
         *,
+        resolution: str | None = None,
+        source_kind: OutboxSourceKind | None = None,
         conn: AsyncConnection | None = None,
     ) -> Sequence[DeadLetter]:
         """Newest first, starting after ``after`` (the previous page's last
-        ``(created_at, id)``: it need not exist any more)."""
+        ``(created_at, id)``: it need not exist any more); only those with
+        ``resolution`` (one of :data:`RESOLUTIONS`; ``unresolved`` is none yet) and of
+        ``source_kind``, when given."""
         stmt = (
             sa.select(_DL)
             .where(_DL.c.app_id == app_id)
             .order_by(_DL.c.created_at.desc(), _DL.c.id.desc())
             .limit(check_limit(limit))
         )
+        if resolution is not None:
+            if resolution not in RESOLUTIONS:
+                raise InvalidInput(f"resolution must be one of: {', '.join(RESOLUTIONS)}")
+            stmt = stmt.where(
+                _DL.c.resolution.is_(None)
+                if resolution == UNRESOLVED
+                else _DL.c.resolution == resolution
+            )
+        if source_kind is not None:
+            stmt = stmt.where(_DL.c.source_kind == OutboxSourceKind(source_kind).value)
         if after is not None:  # (created_at, id) strictly after the cursor, newest first
             created, last = after
             stmt = stmt.where(
