@@ -20,6 +20,7 @@ from manager_core.api import AdminDeps, admin_routes
 from manager_core.statement_wait import STATEMENT_WAIT_SECONDS, statement_wait
 from picloud import metrics
 from picloud.services import Services, running
+from picloud_shared.errors import MethodNotAllowed, NotFound, PicloudError
 
 log = logging.getLogger("picloud")
 
@@ -65,19 +66,15 @@ async def unrouted(request: Request, exc: Exception) -> Response:
     """A path no route has (404), or a method a fixed route does not take (405), in
     the API's error shape rather than starlette's plain text."""
     assert isinstance(exc, HTTPException)
+    error: PicloudError
     if exc.status_code == 405:
-        code, message = "method_not_allowed", f"{request.method} is not allowed here"
+        error = MethodNotAllowed(f"{request.method} is not allowed here")
     else:
-        code = "not_found"
-        message = (
+        error = NotFound(
             "no such path: user routes are under /apps/{app_name}/..., "
             f"the admin API under {ADMIN_PREFIX}/..."
         )
-    return JSONResponse(
-        {"error": {"code": code, "message": message}},
-        status_code=exc.status_code,
-        headers=exc.headers,
-    )
+    return JSONResponse({"error": error.to_wire()}, error.http_status, headers=exc.headers)
 
 
 def create_app(
