@@ -135,7 +135,7 @@ _NOT_REPLAYED = _DL.c.resolution.is_distinct_from("replayed")
 # wait for their owner and are never pruned.
 SETTLED = ("handled", "resolved", "replayed")
 UNRESOLVED = "unresolved"  # no resolution yet (``null``), for the list's filter
-RESOLUTIONS = (UNRESOLVED, "handled", "handler_failed", "resolved", "replayed")
+RESOLUTIONS = (UNRESOLVED, *t.DEAD_LETTER_RESOLUTIONS)
 
 # One batch of one app's dead letters settled before the cutoff (the database's now()
 # less ``:older_than``), found through (app_id, created_at): settled before it implies
