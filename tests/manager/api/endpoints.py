@@ -3,7 +3,8 @@
 The capability matrix (``test_capability_matrix.py``) runs over this table, and a
 completeness test checks it against ``admin_routes``: a new endpoint must be
 appended here. Path templates are filled from the world ``seed_world`` builds:
-``{id}`` (the app), ``{user_id}`` (a user to manage: "target"), ``{name}`` (a script),
+``{id}`` (the app), ``{user_id}`` (a user to manage: "target", a member of the app
+holding ``app_manage_members`` alone), ``{name}`` (a script),
 ``{route_id}`` (a route), ``{trigger_id}``, ``{key}``, ``{collection}``/``{doc_id}``,
 ``{execution_id}`` and ``{dl_id}``.
 """
@@ -64,12 +65,15 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", "/apps", Access.ANY_USER),
     Endpoint("GET", "/apps/{id}", C.APP_READ),
     Endpoint("DELETE", "/apps/{id}", C.APP_DELETE),
+    Endpoint("GET", "/apps/{id}/members", C.APP_READ),
+    Endpoint("GET", "/apps/{id}/members/{user_id}", C.APP_READ),
     Endpoint(
         "PUT",
         "/apps/{id}/members/{user_id}",
         C.APP_MANAGE_MEMBERS,
         {"capabilities": ["app_manage_members"]},
     ),
+    Endpoint("DELETE", "/apps/{id}/members/{user_id}", C.APP_MANAGE_MEMBERS),
     Endpoint("POST", "/apps/{id}/scripts", C.APP_MANAGE_SCRIPTS, {"name": "new", "source": SOURCE}),
     Endpoint("GET", "/apps/{id}/scripts", C.APP_READ),
     Endpoint("PUT", "/apps/{id}/scripts/{name}", C.APP_MANAGE_SCRIPTS, {"source": SOURCE}),
@@ -128,6 +132,8 @@ APP_ENDPOINTS = [e for e in ENDPOINTS if e.app_scoped]
 async def seed_world(api: Api) -> dict[str, str]:
     """The objects the path templates refer to, in the app ``shop``."""
     user_id, _ = await api.user_id("target")
+    member = {"capabilities": ["app_manage_members"]}
+    await api.call("PUT", f"/apps/{api.app_id}/members/{user_id}", api.root, member)
     await api.script("s")
     await api.script("unused")
     route = await api.route("GET", "/", "s")

@@ -1,4 +1,4 @@
-"""POST /users, the app endpoints and PUT /apps/{id}/members/{user_id}."""
+"""POST /users, the app endpoints and the member endpoints (/apps/{id}/members)."""
 
 from __future__ import annotations
 
@@ -270,6 +270,77 @@ async def test_the_last_member_manager_cannot_lose_the_capability(api: Api) -> N
     assert resp.status_code == 200
     assert (await api.call("PUT", url, api.owner, {"capabilities": []})).status_code == 200
     assert (await api.call("GET", f"/apps/{api.app_id}", heir)).status_code == 200
+
+
+async def test_members_are_listed_by_name_with_their_capabilities(api: Api) -> None:
+    """GET /members pages through every member, by user name, each with their sorted
+    capabilities; an instance admin who is not a member is not listed."""
+    owner_id = await _me(api, api.owner)
+    zed_id, _ = await api.user_id("zed")
+    amy_id, _ = await api.user_id("amy")
+    url = f"/apps/{api.app_id}/members"
+    await api.call("PUT", f"{url}/{zed_id}", body={"capabilities": ["app_write_data", "app_read"]})
+    await api.call("PUT", f"{url}/{amy_id}", body={"capabilities": ["app_read"]})
+    first = (await api.call("GET", f"{url}?limit=2", api.owner)).json()
+    assert first["items"] == [
+        {"user_id": amy_id, "name": "amy", "capabilities": ["app_read"]},
+        {
+            "user_id": str(owner_id),
+            "name": "owner",
+            "capabilities": sorted(str(c) for c in ALL_CAPABILITIES),
+        },
+    ]
+    rest = (await api.call("GET", f"{url}?limit=2&cursor={first['next_cursor']}")).json()
+    assert rest == {
+        "items": [
+            {"user_id": zed_id, "name": "zed", "capabilities": ["app_read", "app_write_data"]}
+        ],
+        "next_cursor": None,
+    }
+
+
+async def test_a_reader_sees_one_member_and_a_non_member_is_404(api: Api) -> None:
+    """GET /members/{user_id} needs only app_read; a user who is not a member (or no
+    user at all) is 404."""
+    reader_id, reader = await api.user_id("reader")
+    url = f"/apps/{api.app_id}/members"
+    await api.call("PUT", f"{url}/{reader_id}", body={"capabilities": ["app_read"]})
+    owner_id = await _me(api, api.owner)
+    resp = await api.call("GET", f"{url}/{owner_id}", reader)
+    assert resp.status_code == 200
+    assert resp.json()["name"] == "owner"
+    stranger_id, _ = await api.user_id("stranger")
+    for user_id in (stranger_id, "00000000-0000-4000-8000-000000000000", "nope"):
+        resp = await api.call("GET", f"{url}/{user_id}", reader)
+        assert resp.status_code == 404, resp.text
+        assert resp.json()["error"]["code"] == "not_found"
+
+
+async def test_delete_member_removes_them(api: Api) -> None:
+    """DELETE /members/{user_id} is 204; the app is then invisible to them, and a
+    second DELETE is 404."""
+    user_id, token = await api.user_id("erin")
+    url = f"/apps/{api.app_id}/members/{user_id}"
+    await api.call("PUT", url, body={"capabilities": ["app_read"]})
+    assert (await api.call("GET", f"/apps/{api.app_id}", token)).status_code == 200
+    assert (await api.call("DELETE", url)).status_code == 204
+    assert (await api.call("GET", f"/apps/{api.app_id}", token)).status_code == 404
+    assert (await api.call("DELETE", url)).status_code == 404
+
+
+async def test_delete_member_follows_the_rules_of_put(api: Api) -> None:
+    """A manager cannot remove a member holding capabilities the manager lacks (403),
+    nor the app's last member manager (409); both change nothing."""
+    manager = await api.user("mgr", Capability.APP_MANAGE_MEMBERS)
+    owner_id = await _me(api, api.owner)
+    url = f"/apps/{api.app_id}/members/{owner_id}"
+    assert (await api.call("DELETE", url, manager)).status_code == 403
+    mgr_id = await _me(api, manager)
+    await api.call("DELETE", f"/apps/{api.app_id}/members/{mgr_id}")  # the owner removes mgr
+    resp = await api.call("DELETE", url, api.root)
+    assert resp.status_code == 409, resp.text
+    app_id = AppId(uuid.UUID(api.app_id))
+    assert await api.deps.apps.capabilities_of(app_id, owner_id) == ALL_CAPABILITIES
 
 
 async def test_two_managers_demoting_each_other_at_once_leave_one(api: Api) -> None:

@@ -4,8 +4,10 @@
 ``MAX_APPS_PER_USER`` apps they created at a time (422 ``limit_exceeded``; instance
 admins have no cap); ``GET /apps`` lists the apps where the caller holds
 ``app_read`` (all of them for an instance admin). ``PUT /apps/{id}/members/{user_id}``
-replaces a member's capabilities; a caller who is not an instance admin may only
-grant or revoke capabilities they hold themselves, so nobody escalates through it.
+replaces a member's capabilities and ``DELETE`` removes the member; a caller who is
+not an instance admin may only grant or revoke capabilities they hold themselves, so
+nobody escalates through either. ``GET /apps/{id}/members[/{user_id}]`` shows who
+holds what, to anyone who may read the app.
 
 An app answers (created, read or listed) with ``storage_bytes`` (what it stores
 now, its scripts' sources included: the usage its storage quota is checked against)
@@ -22,6 +24,7 @@ from starlette.responses import Response
 from manager_core.api._endpoint import Access, Call, Operation, Resource
 from manager_core.api._http import json_response, no_content, path_uuid
 from manager_core.api._pagination import PageRequest
+from manager_core.postgres.apps import Member
 from picloud_shared.domain import App
 from picloud_shared.errors import Forbidden, InvalidInput, NotFound
 from picloud_shared.ids import AppId, UserId
@@ -84,15 +87,43 @@ async def delete_app(call: Call) -> Response:
     return no_content()
 
 
-async def set_member(call: Call) -> Response:
-    """``{"capabilities": [...]}`` → 200 ``{"app_id", "user_id", "capabilities"}``;
-    an empty list removes the member."""
-    user_id = UserId(path_uuid(call.request, "user_id", "user"))
-    fields = await call.fields()
-    try:
-        wanted = Capability.parse_all(fields.text_list("capabilities"))
-    except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
+def member_to_wire(member: Member) -> JsonObject:
+    """A member as the API answers them."""
+    return {
+        "user_id": str(member.user_id),
+        "name": member.name,
+        "capabilities": sorted(str(c) for c in member.capabilities),
+    }
+
+
+def _member_id(call: Call) -> UserId:
+    """The ``{user_id}`` of the path; malformed is 404 (no such user can exist)."""
+    return UserId(path_uuid(call.request, "user_id", "user"))
+
+
+async def list_members(call: Call) -> Response:
+    """The app's members, by user name: ``{"items": [{"user_id", "name",
+    "capabilities"}], "next_cursor"}``."""
+    page = PageRequest.from_request(call.request)
+    rows = await call.deps.apps.list_members(
+        call.app_id, limit=page.fetch, after=None if page.after is None else page.after[0]
+    )
+    return page.respond(rows, lambda m: (m.name,), member_to_wire)
+
+
+async def get_member(call: Call) -> Response:
+    """One member; 404 when the user is not a member of the app."""
+    member = await call.deps.apps.get_member(call.app_id, _member_id(call))
+    if member is None:
+        raise NotFound("no such member of this app")
+    return json_response(member_to_wire(member))
+
+
+async def _change_member(
+    call: Call, user_id: UserId, wanted: frozenset[Capability]
+) -> frozenset[Capability]:
+    """Give ``user_id`` exactly ``wanted`` in the app (none: not a member), within
+    what the caller may grant or revoke."""
     principal = call.principal
     assert principal is not None
     if not principal.is_instance_admin:
@@ -101,13 +132,35 @@ async def set_member(call: Call) -> Response:
         if beyond:
             names = ", ".join(sorted(beyond))
             raise Forbidden(f"you can only grant or revoke capabilities you hold ({names})")
-    stored = await call.deps.apps.set_capabilities(call.app_id, user_id, wanted)
+    return await call.deps.apps.set_capabilities(call.app_id, user_id, wanted)
+
+
+async def set_member(call: Call) -> Response:
+    """``{"capabilities": [...]}`` → 200 ``{"app_id", "user_id", "capabilities"}``;
+    an empty list removes the member."""
+    user_id = _member_id(call)
+    fields = await call.fields()
+    try:
+        wanted = Capability.parse_all(fields.text_list("capabilities"))
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+    stored = await _change_member(call, user_id, wanted)
     body = {
         "app_id": str(call.app_id),
         "user_id": str(user_id),
         "capabilities": sorted(str(c) for c in stored),
     }
     return json_response(body)
+
+
+async def remove_member(call: Call) -> Response:
+    """Remove the member; 204. 404 when the user is not a member, 403 when the
+    caller lacks one of their capabilities, 409 for the app's last member manager."""
+    user_id = _member_id(call)
+    if await call.deps.apps.capabilities_of(call.app_id, user_id) is None:
+        raise NotFound("no such member of this app")
+    await _change_member(call, user_id, frozenset())
+    return no_content()
 
 
 def resources(deps: AdminDeps) -> list[Resource]:
@@ -129,9 +182,14 @@ def resources(deps: AdminDeps) -> list[Resource]:
                 "DELETE": Operation(Capability.APP_DELETE, delete_app),
             },
         ),
+        Resource("/apps/{id}/members", deps, {"GET": Operation(Capability.APP_READ, list_members)}),
         Resource(
             "/apps/{id}/members/{user_id}",
             deps,
-            {"PUT": Operation(Capability.APP_MANAGE_MEMBERS, set_member)},
+            {
+                "GET": Operation(Capability.APP_READ, get_member),
+                "PUT": Operation(Capability.APP_MANAGE_MEMBERS, set_member),
+                "DELETE": Operation(Capability.APP_MANAGE_MEMBERS, remove_member),
+            },
         ),
     ]

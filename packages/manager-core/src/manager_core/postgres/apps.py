@@ -17,8 +17,10 @@ storage quota, and without a cap one token would multiply it at will.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from sqlalchemy import any_, delete, exists, insert, literal, select
+import attrs
+from sqlalchemy import Row, Select, any_, delete, exists, insert, literal, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -41,11 +43,20 @@ from manager_core.postgres._rows import (
 from picloud_shared.domain import App, check_app_name
 from picloud_shared.errors import Conflict, NotFound
 from picloud_shared.ids import AppId, UserId
-from picloud_shared.limits import MAX_APPS_PER_USER
+from picloud_shared.limits import MAX_APPS_PER_USER, MAX_LIST_LIMIT
 from picloud_shared.principals import ALL_CAPABILITIES, Capability, Principal
 
 # An admin delete can wait: it runs again more often than other transactions do.
 DELETE_ATTEMPTS = 10
+
+
+@attrs.frozen
+class Member:
+    """A user's membership of an app: what they may do in it."""
+
+    user_id: UserId
+    name: str
+    capabilities: frozenset[Capability]
 
 
 class PostgresAppRepo:
@@ -218,6 +229,43 @@ class PostgresAppRepo:
             raise translate_integrity_error(exc, what="member") from exc
         return caps
 
+    async def list_members(
+        self,
+        app_id: AppId,
+        *,
+        limit: int = 100,
+        after: str | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> Sequence[Member]:
+        """The app's members in user-name order, starting after the name ``after``
+        (at most ``MAX_LIST_LIMIT``). Instance admins who are not members are not
+        listed."""
+        stmt = (
+            self._members(app_id).order_by(t.users.c.name).limit(max(0, min(limit, MAX_LIST_LIMIT)))
+        )
+        if after is not None:
+            stmt = stmt.where(t.users.c.name > after)
+        async with transaction(conn or self._engine) as c:
+            rows = (await c.execute(stmt)).all()
+        return [_member(r) for r in rows]
+
+    async def get_member(
+        self, app_id: AppId, user_id: UserId, *, conn: AsyncConnection | None = None
+    ) -> Member | None:
+        """One member of the app, or ``None`` when the user is not one."""
+        stmt = self._members(app_id).where(t.app_members.c.user_id == user_id)
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        return None if row is None else _member(row)
+
+    @staticmethod
+    def _members(app_id: AppId) -> Select[Any]:
+        return (
+            select(t.app_members.c.user_id, t.users.c.name, t.app_members.c.capabilities)
+            .select_from(t.app_members.join(t.users, t.users.c.id == t.app_members.c.user_id))
+            .where(t.app_members.c.app_id == app_id)
+        )
+
     async def capabilities_of(
         self, app_id: AppId, user_id: UserId, *, conn: AsyncConnection | None = None
     ) -> frozenset[Capability] | None:
@@ -283,4 +331,8 @@ class PostgresAppRepo:
         return bool(await c.scalar(stmt))
 
 
-__all__ = ["PostgresAppRepo"]
+def _member(row: Row[Any]) -> Member:
+    return Member(UserId(row.user_id), row.name, capabilities_from_column(row.capabilities))
+
+
+__all__ = ["Member", "PostgresAppRepo"]
