@@ -158,3 +158,24 @@ def test_the_server_listens_where_it_did_at_every_start(pg_data_dir: Path) -> No
             assert pg.socket_dir != socket_dir
     finally:
         socket_dir.rmdir()
+
+
+def test_the_server_gets_none_of_piclouds_secrets(
+    pg_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's processes inherit neither ``PICLOUD_*`` settings (the admin token)
+    nor any other variable of picloud's environment but PATH-like ones."""
+    monkeypatch.setenv("PICLOUD_ADMIN_TOKEN", "pc_secret-token-of-the-admin")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "cloud-secret")
+    monkeypatch.setenv("PGPASSWORD", "libpq-secret")
+    with EmbeddedPostgres(pg_data_dir / "pg", settings=TEST_SETTINGS) as pg:
+        engine = create_engine(pg.url("postgres"), poolclass=pool.NullPool)
+        with engine.connect() as conn:  # the backend lives while the connection does
+            backend = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+            postmaster = int((pg_data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+            environs = [Path(f"/proc/{pid}/environ").read_bytes() for pid in (postmaster, backend)]
+        engine.dispose()
+        for environ in environs:
+            names = {entry.split(b"=", 1)[0].decode() for entry in environ.split(b"\0") if entry}
+            assert not any(word in environ for word in (b"pc_secret", b"cloud-secret", b"libpq"))
+            assert not {n for n in names if n.startswith("PICLOUD")}, names

@@ -78,6 +78,21 @@ def _bin_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)), "pginstall", "bin")
 
 
+# What PostgreSQL's programs get of picloud's environment: nothing else. Every backend
+# inherits the postmaster's environment (a superuser reads it with
+# ``pg_read_file('/proc/self/environ')``), so no secret of picloud's may reach it:
+# not ``PICLOUD_ADMIN_TOKEN``, not a cloud credential, not a ``PG*`` connection setting.
+SERVER_ENVIRONMENT = ("PATH", "TMPDIR", "TZ", "LD_LIBRARY_PATH")
+
+
+def server_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment PostgreSQL's programs run in: ``SERVER_ENVIRONMENT`` from
+    ``environ``, and the C locale."""
+    env = {k: environ[k] for k in SERVER_ENVIRONMENT if k in environ}
+    env["LC_ALL"] = "C"
+    return env
+
+
 class EmbeddedPostgres:
     """One PostgreSQL cluster in ``data_dir``; ``start()``/``stop()`` or ``with``."""
 
@@ -388,8 +403,7 @@ class EmbeddedPostgres:
         if self._run_as is not None:
             uid, gid = self._run_as
             kwargs = {"user": uid, "group": gid, "extra_groups": []}
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["LC_ALL"] = "C"
+        env = server_environment(os.environ)
         # pg_ctl hands its stdout to the server: files, never pipes, or it can hang.
         with tempfile.TemporaryFile("w+") as out:
             try:
