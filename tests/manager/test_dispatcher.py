@@ -123,6 +123,29 @@ async def test_reject_dead_letters_at_once(world: World) -> None:
     assert (dl.attempts, dl.error_kind) == (1, "rejected")
 
 
+async def test_a_dead_letter_is_logged_without_the_scripts_text(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator's log names the dead letter and its error kind, never the script's
+    message: it may quote the app's data, or forge a log line with a newline."""
+    forged = "x\n2026-01-01 CRITICAL picloud: forged"
+    await kv_trigger(
+        world,
+        f"def handle(event, ctx):\n    ctx.reject({forged!r})\n",
+        "job:*",
+        retry=RetryPolicy(Backoff.CONSTANT, 10, 10, 5, 0.0),
+    )
+    await world.kv.set(world.app_id, "job:1", 1)
+    with caplog.at_level("INFO", logger="picloud.dispatcher"):
+        async with world.running():
+            await world.wait_count(t.dead_letters)
+    (dl,) = await world.rows(t.dead_letters)
+    assert dl.error_message == forged
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(str(dl.id) in m and "(rejected)" in m for m in logged), logged
+    assert not any("forged" in m for m in logged), logged
+
+
 async def test_dead_letter_trigger_fires_and_marks_handled(world: World) -> None:
     """A dead letter fans out to the dead-letter trigger, whose success marks it handled."""
     await kv_trigger(world, REJECT, "job:*")

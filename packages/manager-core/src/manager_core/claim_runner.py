@@ -342,7 +342,9 @@ class ClaimRunner:
         await self._executions.finish_with(
             row.execution_id, ExecutionStatus.DEAD_LETTERED, result, conn=conn
         )
-        log.info("execution %s dead-lettered as %s: %s", row.execution_id, dead.id, error.message)
+        # The kind only: the message is the script's text (an exception's, a rejection's),
+        # which may quote the app's data or forge log lines; its record has it.
+        log.info("execution %s dead-lettered as %s (%s)", row.execution_id, dead.id, error.kind)
 
     async def _skip(self, claim: ClaimedRow) -> str:
         row = claim.row
