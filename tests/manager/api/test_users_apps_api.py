@@ -223,6 +223,28 @@ async def test_members_cannot_revoke_what_they_do_not_hold(api: Api) -> None:
     assert resp.status_code == 403
 
 
+async def test_a_delegated_manager_cannot_demote_a_member_above_them(api: Api) -> None:
+    """A manager holding app_manage_members alone cannot take it (or anything) from the
+    owner, who holds more than they do: 403, nothing changed. They still manage members
+    who hold no more than they do."""
+    manager = await api.user("mgr", Capability.APP_MANAGE_MEMBERS)
+    owner_id = await _me(api, api.owner)
+    demoted = sorted(str(c) for c in ALL_CAPABILITIES - {Capability.APP_MANAGE_MEMBERS})
+    resp = await api.call(
+        "PUT", f"/apps/{api.app_id}/members/{owner_id}", manager, {"capabilities": demoted}
+    )
+    assert resp.status_code == 403, resp.text
+    assert "app_read" in resp.json()["error"]["message"]
+    app_id = AppId(uuid.UUID(api.app_id))
+    assert await api.deps.apps.capabilities_of(app_id, owner_id) == ALL_CAPABILITIES
+    peer_id, _ = await api.user_id("peer")
+    url = f"/apps/{api.app_id}/members/{peer_id}"
+    assert (
+        await api.call("PUT", url, manager, {"capabilities": ["app_manage_members"]})
+    ).is_success
+    assert (await api.call("DELETE", url, manager)).status_code == 204
+
+
 async def test_instance_admins_grant_anything(api: Api) -> None:
     """Instance admins are not bound by the no-escalation rule."""
     user_id, _ = await api.user_id("erin")

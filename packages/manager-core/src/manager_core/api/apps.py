@@ -5,8 +5,9 @@
 admins have no cap); ``GET /apps`` lists the apps where the caller holds
 ``app_read`` (all of them for an instance admin). ``PUT /apps/{id}/members/{user_id}``
 replaces a member's capabilities and ``DELETE`` removes the member; a caller who is
-not an instance admin may only grant or revoke capabilities they hold themselves, so
-nobody escalates through either. ``GET /apps/{id}/members[/{user_id}]`` shows who
+not an instance admin may only grant capabilities they hold themselves, and change
+only members who hold nothing they lack, so nobody escalates through either, and a
+delegated manager cannot demote the app's owner. ``GET /apps/{id}/members[/{user_id}]`` shows who
 holds what, to anyone who may read the app.
 
 An app answers (created, read or listed) with ``storage_bytes`` (what it stores
@@ -128,10 +129,16 @@ async def _change_member(
     assert principal is not None
     if not principal.is_instance_admin:
         current = await call.deps.apps.capabilities_of(call.app_id, user_id) or frozenset()
-        beyond = (wanted ^ current) - principal.capabilities
+        above = current - principal.capabilities
+        if above:
+            names = ", ".join(sorted(above))
+            raise Forbidden(
+                f"you can only change members who hold nothing you lack; they hold {names}"
+            )
+        beyond = wanted - principal.capabilities
         if beyond:
             names = ", ".join(sorted(beyond))
-            raise Forbidden(f"you can only grant or revoke capabilities you hold ({names})")
+            raise Forbidden(f"you can only grant capabilities you hold ({names})")
     return await call.deps.apps.set_capabilities(call.app_id, user_id, wanted)
 
 
