@@ -260,7 +260,7 @@ def test_a_script_rewritten_by_a_member_gets_only_that_members_data_rights(
 ) -> None:
     """The owner's route runs as the owner. A member who may manage scripts but not
     read data rewrites its script to return a secret: the read is refused inside the
-    script (502 ``script_error``, no secret in it). The same code saved by the owner
+    script (502 ``script_error``, no secret in it; the record says which right). The same code saved by the owner
     reads it. A trigger needs app_read_data from its registrant (403 without)."""
     admin.ok("PUT", "/kv/secret", {"pw": "hunter2"})
     admin.script("hello", "def handle(event, ctx):\n    return {'hi': 1}\n")
@@ -275,9 +275,10 @@ def test_a_script_rewritten_by_a_member_gets_only_that_members_data_rights(
     url = f"/apps/{admin.app_name}/hello"
     wait_for(lambda: user.get(url).status_code != 200, 10, "the new version served")
     refused = user.get(url)
-    assert_route_error(refused, 502, "script_error")
+    execution_id = assert_route_error(refused, 502, "script_error")["execution_id"]
     assert "hunter2" not in refused.text
-    assert "app_read_data" in refused.text
+    record = admin.ok("GET", f"/executions/{execution_id}")
+    assert "app_read_data" in record["error"]["message"]
 
     saved = admin.ok("PUT", "/scripts/hello", {"source": steal})
     assert saved["data_capabilities"] == ["app_read_data", "app_write_data"]

@@ -260,6 +260,11 @@ def test_failure_table(
     error = r.json()["error"]
     assert error["code"] == code
     assert set(error) == {"code", "message", "execution_id"}
+    if code == "rejected":  # the script's answer to its caller
+        assert error["message"] == "nope"
+    if code == "script_error":  # how it failed, never the text of the script's error
+        assert "boom" not in error["message"]
+        assert error["message"].startswith("the script ")
     execution = admin.get(f"/executions/{error['execution_id']}")
     assert execution["status"] == "failed"
 

@@ -10,8 +10,19 @@ import attrs
 from picloud_shared import wire
 from picloud_shared.execution import ExecResult, ScriptResponse
 from picloud_shared.ids import ExecutionId
-from picloud_shared.status import InboxFailureKind, http_status_for
+from picloud_shared.status import ExecErrorKind, InboxFailureKind, http_status_for
 from picloud_shared.wire import JsonObject, WireError
+
+# What a route's caller (anyone on the network) learns of a script's own failure: which
+# way it failed, not the text of its exception, which may quote the app's data. The
+# execution record has the message and traceback for the app's members who may read
+# data. A rejection's message is the script's answer to its caller and goes out as is.
+CALLER_MESSAGES = {
+    ExecErrorKind.SYNTAX_ERROR: "the script does not compile",
+    ExecErrorKind.MISSING_HANDLER: "the script has no callable handle(event, ctx)",
+    ExecErrorKind.UNCAUGHT_EXCEPTION: "the script raised an exception",
+    ExecErrorKind.INVALID_RETURN: "the script returned a value a route cannot answer with",
+}
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -39,8 +50,12 @@ class InboxResult:
         if result.error is None:
             assert result.response is not None
             return cls(result.execution_id, response=result.response)
+        error = result.error
+        message = CALLER_MESSAGES.get(error.kind)
+        if message is not None:
+            message += "; its execution record has the details"
         return cls(
-            result.execution_id, failure=result.error.failure_kind, message=result.error.message
+            result.execution_id, failure=error.failure_kind, message=message or error.message
         )
 
     @classmethod
