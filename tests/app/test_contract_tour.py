@@ -260,8 +260,8 @@ def test_a_script_rewritten_by_a_member_gets_only_that_members_data_rights(
 ) -> None:
     """The owner's route runs as the owner. A member who may manage scripts but not
     read data rewrites its script to return a secret: the read is refused inside the
-    script (502 ``script_error``, no secret in it; the record says which right). The same code saved by the owner
-    reads it. A trigger needs app_read_data from its registrant (403 without)."""
+    script (502 ``script_error``, no secret in it; the record says which right). The
+    same code saved by the owner reads it. A trigger needs app_read_data from its registrant (403 without)."""
     admin.ok("PUT", "/kv/secret", {"pw": "hunter2"})
     admin.script("hello", "def handle(event, ctx):\n    return {'hi': 1}\n")
     admin.route("GET", "/hello", "hello")
