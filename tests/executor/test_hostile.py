@@ -615,6 +615,33 @@ async def test_forged_frame_claiming_another_app_is_protocol_violation(
     assert other.kv == {}
 
 
+async def test_forged_call_with_an_integer_too_long_for_json_is_the_scripts_error(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A worker that skips the worker-side checks and writes a call frame holding an
+    int of 5000 digits itself gets ``invalid_input`` back (the host neither converts
+    the digits nor trusts the worker to refuse them), and the worker is kept."""
+    source = FORGE + textwrap.dedent("""
+    def handle(e, ctx):
+        ch = next(o for o in gc.get_objects() if type(o).__name__ == "Channel" and o.nonce)
+        sys.set_int_max_str_digits(0)
+        out = []
+        for i, args in enumerate((["k", 10**5000], ["c", {"a": -10**5000}, 10]), 1000):
+            send({"t": "call", "n": ch.nonce, "id": i, "op": "kv_set" if i == 1000 else
+                  "docs_query", "a": args, "sp": False, "ts": 0.0})
+            reply = ch.read_frame()
+            out.append([reply["id"], reply["t"], reply.get("code")])
+        ctx.kv.set("after", 1)
+        return [out, os.getpid()]
+    """)
+    result = await executor.execute(make_request(source), host)
+    out, pid = body(result)  # type: ignore[misc]
+    assert out == [[1000, "err", "invalid_input"], [1001, "err", "invalid_input"]]
+    assert host.kv == {"after": 1}
+    again = await executor.execute(make_request(source), host)
+    assert body(again)[1] == pid  # type: ignore[index]
+
+
 async def test_forged_frame_of_another_execution_is_protocol_violation(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

@@ -515,3 +515,147 @@ async def test_worker_survives_uncaught_exception(
     assert a.response is not None
     assert b.response is not None
     assert a.response.body == b.response.body
+
+
+# An integer of more digits than Python converts to or from text by default (4300):
+# no JSON picloud carries, whatever limit the script sets for itself.
+LIFT_INT_LIMIT = "import sys\nsys.set_int_max_str_digits(0)\n"
+
+
+@pytest.mark.parametrize("lifted", [False, True], ids=["default", "limit-lifted"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        "ctx.kv.set('h', 10**5000)",
+        "ctx.kv.set('h', {'a': [-10**4300]})",
+        "ctx.docs.insert('c', {'a': 10**5000})",
+        "ctx.docs.update('c', 'd', {'a': 10**5000})",
+        "ctx.docs.query('c', where={'a': 10**5000})",
+        "ctx.kv.list('', 10**5000)",
+    ],
+)
+async def test_an_integer_too_long_for_json_is_invalid_input_to_the_script(
+    executor: ProcessExecutor,
+    host: MemoryHostApi,
+    make_request: MakeRequest,
+    call: str,
+    lifted: bool,
+) -> None:
+    """A host call carrying an int of more than 4300 digits raises a catchable
+    InvalidInput in the script, also after ``sys.set_int_max_str_digits(0)``; the
+    worker survives it and the host stores nothing."""
+    source = (LIFT_INT_LIMIT if lifted else "import sys\n") + src(f"""
+    import os
+    def handle(e, ctx):
+        try:
+            {call}
+        except ctx.Error as exc:
+            caught = [type(exc).__name__, exc.code, "4300" in exc.message]
+        else:
+            caught = None
+        ctx.kv.set("after", 1)  # the channel still works
+        return [caught, os.getpid()]
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.error is None, result.error
+    assert result.response is not None
+    caught, pid = json.loads(result.response.body)
+    assert caught == ["InvalidInput", "invalid_input", True]
+    assert host.kv == {"after": 1}
+    assert host.docs == {}
+    again = await executor.execute(make_request(source), host)
+    assert again.response is not None, again.error
+    assert json.loads(again.response.body)[1] == pid  # the same worker
+
+
+@pytest.mark.parametrize(
+    "value", ["10**5000", "-10**4300", "{'a': [1, 10**5000]}", "ctx.response({'a': 10**5000})"]
+)
+async def test_returning_an_integer_too_long_for_json_is_invalid_return(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, value: str
+) -> None:
+    """After ``sys.set_int_max_str_digits(0)`` a huge int is still no JSON to return:
+    invalid_return (``ctx.response`` raises ValueError in the script), never a body
+    no client can parse; the worker is kept."""
+    source = LIFT_INT_LIMIT + f"def handle(e, ctx):\n    return {value}\n"
+    result = await executor.execute(make_request(source), host)
+    assert result.error is not None, result.response
+    if value.startswith("ctx.response"):
+        assert result.error.kind is ExecErrorKind.UNCAUGHT_EXCEPTION
+        assert result.error.message.startswith("ValueError:")
+    else:
+        assert result.error.kind is ExecErrorKind.INVALID_RETURN
+    assert "4300" in result.error.message
+    at_limit = LIFT_INT_LIMIT + "def handle(e, ctx):\n    return [10**4300 - 1, -10**4300 + 1]\n"
+    ok = await executor.execute(make_request(at_limit), host)
+    assert ok.response is not None, ok.error
+    assert ok.response.body == f"[{'9' * 4300},-{'9' * 4300}]".encode()
+
+
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        ("ctx.kv.get('k' * 10**7)", "limit_exceeded"),
+        ("ctx.kv.delete('k' * 10**7)", "limit_exceeded"),
+        ("ctx.kv.list('k' * 10**7)", "limit_exceeded"),
+        ("ctx.kv.set('k', 'x' * 10**7)", "payload_too_large"),
+        ("ctx.kv.set('k' * 10**7, 'x' * 10**7)", "limit_exceeded"),  # the key is checked first
+        ("ctx.docs.insert('c', {'a': 'x' * 10**7})", "payload_too_large"),
+        ("ctx.docs.update('c', 'd', {'a': ['x' * 10**6] * 10})", "payload_too_large"),
+        ("ctx.docs.get('c', 'd' * 10**7)", "limit_exceeded"),
+        ("ctx.docs.query('c', where={'a': 'x' * 10**7})", "limit_exceeded"),
+    ],
+)
+async def test_a_host_call_too_big_for_a_frame_is_refused_in_the_script(
+    executor: ProcessExecutor,
+    host: MemoryHostApi,
+    make_request: MakeRequest,
+    call: str,
+    code: str,
+) -> None:
+    """Arguments bigger than a frame may be (8 MiB) raise, in the script, the error the
+    host gives a smaller argument over its limit: the call never leaves the worker,
+    which survives it."""
+    source = src(f"""
+    import os
+    def handle(e, ctx):
+        try:
+            {call}
+        except ctx.Error as exc:
+            caught = [exc.code, bool(exc.message)]
+        else:
+            caught = None
+        ctx.kv.set("after", 1)
+        return [caught, os.getpid()]
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.error is None, result.error
+    assert result.response is not None
+    caught, pid = json.loads(result.response.body)
+    assert caught == [code, True]
+    assert host.kv == {"after": 1}
+    assert host.calls == 1
+    again = await executor.execute(make_request(source), host)
+    assert again.response is not None, again.error
+    assert json.loads(again.response.body)[1] == pid
+
+
+async def test_a_script_may_start_with_a_byte_order_mark(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A UTF-8 BOM (as Windows editors write) is dropped before compiling; tracebacks
+    keep the script's line numbers and lines."""
+    ok = await executor.execute(make_request("\ufeffdef handle(e, ctx):\n    return 1\n"), host)
+    assert ok.response is not None, ok.error
+    assert ok.response.body == b"1"
+    source = "\ufeff# saved on Windows\ndef handle(e, ctx):\n    x = 1\n    raise KeyError('3')\n"
+    failed = await executor.execute(make_request(source), host)
+    assert failed.error is not None
+    assert failed.error.kind is ExecErrorKind.UNCAUGHT_EXCEPTION
+    assert failed.error.traceback is not None
+    assert "line 4, in handle\n    raise KeyError('3')" in failed.error.traceback
+    bad = await executor.execute(make_request("\ufeffdef handle(e, ctx):\n    return (\n"), host)
+    assert bad.error is not None
+    assert bad.error.kind is ExecErrorKind.SYNTAX_ERROR
+    assert "line 2" in bad.error.message
+    assert "U+FEFF" not in bad.error.message

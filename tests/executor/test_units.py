@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 import uuid
 
 import pytest
@@ -42,6 +43,43 @@ def test_oversized_frame_header_is_refused() -> None:
     """A length over the cap fails before any body is buffered."""
     with pytest.raises(frames.FrameError):
         frames.FrameReader(max_frame=100).feed(struct.pack(">I", 101))
+
+
+def test_an_integer_too_long_for_json_decodes_to_a_marker() -> None:
+    """An int of more than MAX_INT_DIGITS digits is never converted (that is quadratic)
+    nor a frame error: it becomes a LongInt, which is no JSON (and no int) to anyone
+    who checks. Up to the limit, and floats of any length, decode as usual."""
+    assert frames.MAX_INT_DIGITS == 4300
+    at_limit = "9" * 4300
+    body = f'{{"a":[{at_limit},-{at_limit},1{at_limit},-1{at_limit},{"1" * 5000}.5]}}'
+    a = frames.decode(body.encode())["a"]
+    assert a[:2] == [10**4300 - 1, -(10**4300) + 1]
+    assert isinstance(a[2], frames.LongInt)
+    assert isinstance(a[3], frames.LongInt)
+    assert not isinstance(a[2], int)
+    assert a[2].digits == a[3].digits == 4301
+    assert isinstance(a[4], float)
+    with pytest.raises(TypeError, match="4300"):
+        frames.dumps({"v": a[2]})
+    huge = frames.decode(b'{"a":' + b"7" * (frames.MAX_FRAME_BYTES - 10) + b"}")["a"]
+    assert huge.digits == frames.MAX_FRAME_BYTES - 10
+
+
+def test_encoding_refuses_an_integer_too_long_for_json_whatever_the_limit() -> None:
+    """``dumps`` refuses an int of more than 4300 digits even where the process lets
+    Python convert it (a script may call ``sys.set_int_max_str_digits(0)``); a string
+    of digits is no integer."""
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    try:
+        with pytest.raises(ValueError, match="4300 digits"):
+            frames.dumps({"v": [1, -(10**4300)]})
+        with pytest.raises(ValueError, match="4300 digits"):
+            frames.encode({"v": 10**5000})
+        assert frames.dumps([10**4300 - 1]) == f"[{'9' * 4300}]"
+        assert frames.dumps({"s": "1" * 5000}) == f'{{"s":"{"1" * 5000}"}}'
+    finally:
+        sys.set_int_max_str_digits(before)
 
 
 def test_encoding_refuses_non_json() -> None:
@@ -138,6 +176,31 @@ async def test_bridge_bounds_nesting_and_where_fields() -> None:
     where["one-more"] = []
     assert (await bridge.serve(5, "docs_query", ["c", where, 10]))["code"] == "limit_exceeded"
     assert host.calls == 2
+
+
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        ("kv_set", ["k", "LONG"]),
+        ("kv_set", ["k", {"a": ["LONG"]}]),
+        ("kv_get", ["LONG"]),
+        ("kv_list", ["", "LONG"]),
+        ("docs_insert", ["c", {"a": "LONG"}, None]),
+        ("docs_insert", ["c", {}, "LONG"]),
+        ("docs_update", ["c", "d", {"a": "LONG"}]),
+        ("docs_query", ["c", {"a": "LONG"}, 10]),
+    ],
+)
+async def test_bridge_refuses_an_integer_too_long_for_json(op: str, args: list[object]) -> None:
+    """However a worker got a huge int into its frame, the host refuses it as the
+    caller's invalid input (the script's catchable error), not as a broken frame."""
+    body = frames.dumps({"a": args}).replace('"LONG"', "1" * 5000).encode()
+    decoded = frames.decode(body)["a"]
+    host = MemoryHostApi()
+    reply = await HostBridge(host).serve(1, op, decoded)
+    assert reply["t"] == "err"
+    assert reply["code"] == "invalid_input"
+    assert host.calls == 0
 
 
 async def test_bridge_caps_calls_per_execution() -> None:

@@ -11,6 +11,14 @@ Frames that expect an answer carry hints for busy-polling (see
 either the worker's polling window (``s``, µs, from the host) or whether the
 worker polls for the answer (``sp``).
 
+Integers: JSON has no bound on their length, Python converts at most
+:data:`MAX_INT_DIGITS` digits to or from text by default (``sys.int_info``), and
+the cost of a conversion grows with the square of its length. Neither side of a
+frame depends on that process-wide setting, which a script can change
+(``sys.set_int_max_str_digits(0)``): :func:`decode` never converts a longer integer
+but makes it a :class:`LongInt` (no ``int``, no JSON: every check of the host
+refuses it as the sender's error), and :func:`dumps` refuses to write one.
+
 Standard library only: the worker bootstrap imports this module.
 """
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 import _json
 import os
 import struct
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,8 +39,41 @@ HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 
 
+# Python's default limit (sys.int_info.default_max_str_digits), fixed here.
+MAX_INT_DIGITS = 4300
+_LONG_INT_MESSAGE = f"an integer of more than {MAX_INT_DIGITS} digits is not JSON picloud carries"
+# Bound now, before any script runs: a script may replace ``sys``'s attributes.
+_int_max_str_digits = sys.get_int_max_str_digits
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+
+
 class FrameError(ValueError):
     """A frame could not be decoded or broke the size limit."""
+
+
+class LongInt:
+    """What :func:`decode` makes of an integer of more than :data:`MAX_INT_DIGITS`
+    digits, instead of converting it: not an ``int`` and not JSON, so every argument
+    check refuses it as invalid input (the frame itself is fine)."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
+
+
+def _parse_int(text: str) -> int | LongInt:
+    # The scanner hands over ``-?(0|[1-9][0-9]*)``: only a sign is not a digit.
+    digits = len(text) - (text[0] == "-")
+    if digits <= MAX_INT_DIGITS:
+        try:
+            return int(text)
+        except ValueError:  # the process's limit is lower (a script's, or -X's)
+            pass
+    return LongInt(digits)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -39,6 +81,8 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _not_json(value: object) -> Any:
+    if isinstance(value, LongInt):
+        raise TypeError(_LONG_INT_MESSAGE)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -58,15 +102,57 @@ class _ScanContext:
     memo: dict[str, str] = {}
 
 
+class _LongIntScanContext(_ScanContext):
+    parse_int = staticmethod(_parse_int)
+
+
+# ``int`` converts in C; ``_parse_int`` costs a Python call per integer (twice the
+# time of a frame of numbers), so it only runs where ``int`` would not refuse a
+# longer integer (the process's limit is lifted) or just did.
 _scan = _json.make_scanner(_ScanContext())
+_scan_long_ints = _json.make_scanner(_LongIntScanContext())
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON text; ``TypeError``/``ValueError`` on non-JSON (NaN included)."""
+    """Compact JSON text; ``TypeError``/``ValueError`` on non-JSON (NaN included, and
+    an integer of more than :data:`MAX_INT_DIGITS` digits)."""
     encoder = _json.make_encoder(
         {}, _not_json, _json.encode_basestring, None, ":", ",", False, False, False
     )
-    return "".join(encoder(value, 0))
+    try:
+        text = "".join(encoder(value, 0))
+    except ValueError as exc:
+        if _int_max_str_digits() == MAX_INT_DIGITS and str(exc).startswith("Exceeds the limit"):
+            raise ValueError(_LONG_INT_MESSAGE) from None  # not "lift the limit"
+        raise
+    # Within the default limit the encoder itself refuses a longer int (ValueError);
+    # past it (a script lifted it), such an int leaves a run of digits in the text.
+    if len(text) > MAX_INT_DIGITS and not 0 < _int_max_str_digits() <= MAX_INT_DIGITS:
+        raw = text.encode("utf-8", "surrogatepass").translate(_DIGITS_AS_ZERO)
+        if b"0" * (MAX_INT_DIGITS + 1) in raw and _holds_long_int(value):
+            raise ValueError(_LONG_INT_MESSAGE)
+    return text
+
+
+def _holds_long_int(value: Any) -> bool:
+    """Whether an int of ``value`` (JSON-encodable) has more than MAX_INT_DIGITS digits
+    (a run of digits in the text may be a string's)."""
+    bound = 10**MAX_INT_DIGITS
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, int):  # bool too: no harm
+            if int.__abs__(item) >= bound:  # int's own: a subclass may override abs()
+                return True
+        # What the encoder reads, not what a subclass's methods would say.
+        elif isinstance(item, dict):
+            todo.extend(dict.keys(item))  # an int key is written as a string of it
+            todo.extend(dict.values(item))
+        elif isinstance(item, list):
+            todo.extend(list.__iter__(item))
+        elif isinstance(item, tuple):
+            todo.extend(tuple.__iter__(item))
+    return False
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -79,7 +165,13 @@ def decode(body: bytes | bytearray | memoryview) -> dict[str, Any]:
     """Parse one frame body into an object; raises :class:`FrameError` otherwise."""
     try:
         text = bytes(body).decode("utf-8")
-        value, end = _scan(text, 0)
+        if 0 < _int_max_str_digits() <= MAX_INT_DIGITS:
+            try:
+                value, end = _scan(text, 0)
+            except ValueError:  # an integer past the limit, or no JSON (fails again)
+                value, end = _scan_long_ints(text, 0)
+        else:
+            value, end = _scan_long_ints(text, 0)
     except StopIteration:
         raise FrameError("undecodable frame") from None
     except (ValueError, RecursionError, SystemError) as exc:

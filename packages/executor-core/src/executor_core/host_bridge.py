@@ -42,6 +42,24 @@ _OPS: dict[str, tuple[tuple[Callable[[Any], Any], ...], str, int | None]] = {
 OPS = frozenset(_OPS)
 
 
+def _checked(op: str, args: object) -> list[Any]:
+    """The arguments as the host takes them; raises the caller's ``PicloudError``."""
+    checks = _OPS[op][0]
+    if not isinstance(args, list) or len(args) != len(checks):
+        raise InvalidInput(f"{op} takes {len(checks)} arguments")
+    return [check(arg) for check, arg in zip(checks, args, strict=True)]
+
+
+def argument_error(op: str, args: list[Any]) -> tuple[str, str] | None:
+    """(code, message) of the error the host answers these arguments with, if any
+    (for the worker, whose frame would be too big to ask)."""
+    try:
+        _checked(op, args)
+    except PicloudError as exc:
+        return exc.code, exc.message
+    return None
+
+
 class HostBridge:
     """One execution's host calls."""
 
@@ -63,10 +81,8 @@ class HostBridge:
         try:
             if self.calls > self._max_calls:
                 raise LimitExceeded(f"at most {self._max_calls} host calls per execution")
-            checks, method, written = _OPS[op]
-            if not isinstance(args, list) or len(args) != len(checks):
-                raise InvalidInput(f"{op} takes {len(checks)} arguments")
-            clean = [check(arg) for check, arg in zip(checks, args, strict=True)]
+            _, method, written = _OPS[op]
+            clean = _checked(op, args)
             size = 0
             if written is not None:
                 clean[written], size = clean[written]

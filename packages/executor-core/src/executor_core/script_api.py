@@ -8,7 +8,8 @@ subclass (``.code``, ``.message``), so a script can catch it. Logs (``ctx.log``
 and ``print``) travel as one-way ``log`` frames, capped per execution.
 
 Standard library (plus the two tiny ``picloud_shared`` modules) only: the worker
-bootstrap imports this module.
+bootstrap imports this module. A call too big for a frame is the exception: it is
+answered in the worker by the host's own checks (``host_bridge``, imported then).
 """
 
 from __future__ import annotations
@@ -109,6 +110,22 @@ def describe(value: object) -> str:
             name = "object"
         return f"<unprintable {name if type(name) is str else 'object'}>"
     return text
+
+
+def oversized_call(op: str, args: tuple[Any, ...]) -> HostError:
+    """The error for a host call whose frame would be over ``frames.MAX_FRAME_BYTES``:
+    the one the host answers an argument over its limit with (the host's own checks,
+    run here: a key or id is ``limit_exceeded``, a value or document
+    ``payload_too_large``), else ``limit_exceeded``."""
+    from executor_core.host_bridge import argument_error  # rarely needed: not at start
+
+    found = argument_error(op, list(args))
+    if found is not None:
+        return error_class(found[0])(found[1])
+    return error_class("limit_exceeded")(
+        f"ctx.{op.replace('_', '.', 1)}: a host call's arguments are at most "
+        f"{frames.MAX_FRAME_BYTES} bytes as JSON"
+    )
 
 
 REPLY, NEXT_EXEC = 0, 1  # the two kinds of wait
@@ -251,8 +268,14 @@ class Channel:
                     f"ctx.{op.replace('_', '.', 1)}: the arguments must be JSON "
                     f"({safe_text(str(exc))})"
                 ) from None
-            frames.write_all(self.wfd, data)
-            reply = self.read_frame(REPLY)
+            # The host takes a bigger frame for a broken worker: it is not sent.
+            oversized = len(data) - frames.HEADER.size > frames.MAX_FRAME_BYTES
+            if not oversized:
+                frames.write_all(self.wfd, data)
+                reply = self.read_frame(REPLY)
+        if oversized:
+            del data
+            raise oversized_call(op, args)
         if reply is None or reply.get("id") != seq:
             raise SystemExit("host channel closed")
         self.set_spin(reply)

@@ -7,7 +7,8 @@ outside 1-1000, ``InvalidName`` for a bad collection name, ``LimitExceeded`` for
 key or id past its length,
 ``PayloadTooLarge`` for a value or document over its size. Text that is not
 valid Unicode (half a surrogate pair, which a ``\\ud800`` escape in a frame makes)
-is ``InvalidInput``: data is refused, never altered.
+is ``InvalidInput``: data is refused, never altered. So is an integer of more
+than ``frames.MAX_INT_DIGITS`` digits (a frame carries one as a ``LongInt``).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def prefix(value: object) -> str:
 def _size(value: object, what: str) -> int:
     try:
         text = frames.dumps(value)
-    except (TypeError, ValueError, RecursionError):
+    except TypeError as exc:  # not a JSON type, or an integer too long for JSON
+        raise InvalidInput(f"{what} must be JSON: {exc}") from None
+    except (ValueError, RecursionError):
         raise InvalidInput(f"{what} must be JSON (no NaN or Infinity)") from None
     size = len(_utf8(text, what))
     problem = wire.unstorable_json(value, text)
@@ -129,6 +132,8 @@ def doc_id(value: object) -> str:
 
 
 def limit(value: object) -> int:
+    if isinstance(value, frames.LongInt):
+        raise InvalidInput(f"limit must be between 1 and {MAX_LIST_LIMIT}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput("limit must be an integer")
     if not 1 <= value <= MAX_LIST_LIMIT:

@@ -206,6 +206,9 @@ class Worker:
         if source is None:
             raise _NoSource("host sent no source for an uncached script")
         filename = f"<script {key}>"
+        # A UTF-8 byte order mark (Windows editors write one) is no Python: drop it.
+        # It is on the first line, so every line keeps its number.
+        source = source.removeprefix("\ufeff")
         try:
             code = compile(source, filename, "exec", dont_inherit=True)
         except (SyntaxError, ValueError) as exc:
