@@ -261,7 +261,8 @@ def test_a_script_rewritten_by_a_member_gets_only_that_members_data_rights(
     """The owner's route runs as the owner. A member who may manage scripts but not
     read data rewrites its script to return a secret: the read is refused inside the
     script (502 ``script_error``, no secret in it; the record says which right). The
-    same code saved by the owner reads it. A trigger needs app_read_data from its registrant (403 without)."""
+    same code saved by the owner reads it. A trigger needs app_read_data from its
+    registrant (403 without)."""
     admin.ok("PUT", "/kv/secret", {"pw": "hunter2"})
     admin.script("hello", "def handle(event, ctx):\n    return {'hi': 1}\n")
     admin.route("GET", "/hello", "hello")
@@ -820,7 +821,7 @@ def test_user_route_errors_before_any_execution(admin: Admin, user: httpx.Client
     r = user.delete(f"/apps/{admin.app_name}/r/1")
     err = assert_route_error(r, 405, "method_not_allowed")
     assert err["execution_id"] is None
-    assert r.headers["allow"] == "GET, PUT"
+    assert r.headers["allow"] == "GET, HEAD, PUT"
     r = user.get(f"/apps/{admin.app_name}/up")
     assert_route_error(r, 405, "method_not_allowed")
     assert r.headers["allow"] == "POST"

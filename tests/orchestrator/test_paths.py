@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator_core.paths import match_template
+from orchestrator_core.paths import match_template, specificity
 from picloud_shared.errors import InvalidInput
 from picloud_shared.route_paths import check_route_path, parse_template, route_shape
 
@@ -53,3 +53,12 @@ def test_a_new_route_may_not_have_a_path_no_request_reaches(unreachable: str) ->
     with pytest.raises(InvalidInput):
         check_route_path(unreachable)
     assert check_route_path("/a.b/..c/{x}") == "/a.b/..c/{x}"
+
+
+def test_specificity_ranks_a_literal_before_a_param_at_the_first_difference() -> None:
+    """Of two templates matching one request, the smaller tuple is the more specific,
+    whatever their text's order (``é`` and ``~`` sort after ``{``)."""
+    assert specificity("/u/é") < specificity("/u/{id}")
+    assert specificity("/u/~x") < specificity("/u/{id}")
+    assert specificity("/a/é/{y}") < specificity("/a/{x}/z") < specificity("/a/{x}/{y}")
+    assert specificity("/u/{id}") == specificity("/u/{name}")

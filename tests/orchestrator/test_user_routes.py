@@ -192,7 +192,7 @@ async def test_unknown_app_and_route_are_404_other_method_405(env) -> None:  # t
     assert (await client.get("/apps/shop/nothing")).status_code == 404
     r = await client.delete("/apps/shop/hello")
     assert r.status_code == 405
-    assert r.headers["allow"] == "GET"
+    assert r.headers["allow"] == "GET, HEAD"
 
 
 async def test_async_route_answers_202_with_location(env) -> None:  # type: ignore[no-untyped-def]
@@ -471,7 +471,7 @@ async def test_any_other_method_gets_the_json_404_and_405(env, method: str) -> N
     client, outbox, _, _ = env
     r = await client.request(method, "/apps/shop/hello")
     assert r.status_code == 405
-    assert r.headers["allow"] == "GET"
+    assert r.headers["allow"] == "GET, HEAD"
     assert r.json()["error"]["code"] == "method_not_allowed"
     for path in ("/apps/nope/hello", "/apps/shop/nowhere"):
         r = await client.request(method, path)
@@ -546,3 +546,142 @@ async def test_a_database_out_of_reach_is_503_unavailable(  # type: ignore[no-un
     assert r.headers["retry-after"] == "1"
     assert r.json()["error"]["code"] == "unavailable"
     assert gate.free == gate.capacity
+
+
+def _served(outbox: FakeOutbox) -> tuple[RouteId, HttpEvent]:
+    """The route and the event of the one row written."""
+    (row,) = outbox.rows
+    assert row.route_id is not None
+    return row.route_id, HttpEvent.from_wire(HttpDispatchPayload.from_wire(row.payload).event)
+
+
+# (param route, literal route, a request path both match, one only the param route
+# matches): most literals here sort after "{" (a database's ORDER BY path gives them
+# after the param route).
+SPECIFIC = {
+    "é": ("/u/{id}", "/u/é", "/u/%C3%A9", "/u/e"),
+    "tilde": ("/u/{id}", "/u/~x", "/u/~x", "/u/x"),
+    "bar": ("/u/{id}", "/u/|x", "/u/%7Cx", "/u/x"),
+    "ascii": ("/u/{id}", "/u/me", "/u/me", "/u/you"),
+    "later segment": ("/a/{x}/z", "/a/é/{y}", "/a/%C3%A9/z", "/a/e/z"),
+    "deeper": ("/a/{x}/{y}", "/a/{x}/ü", "/a/1/%C3%BC", "/a/1/u"),
+}
+
+
+@pytest.mark.parametrize("literal_first", [False, True], ids=["param-first", "literal-first"])
+@pytest.mark.parametrize(
+    ("param", "literal", "path", "other"), SPECIFIC.values(), ids=SPECIFIC.keys()
+)
+async def test_a_literal_segment_wins_over_a_param_in_any_order(  # type: ignore[no-untyped-def]
+    env, param: str, literal: str, path: str, other: str, literal_first: bool
+) -> None:
+    """At the first segment where two matching routes differ, the literal one is
+    served, whatever order the route table gives them in; the param route still
+    serves every other request."""
+    client, outbox, routes, _ = env
+    p, lit = target("GET", param), target("GET", literal)
+    routes.targets = [lit, p] if literal_first else [p, lit]
+    r = await client.get("/apps/shop" + path)
+    assert r.status_code == 200
+    assert _served(outbox)[0] == lit.route_id
+    outbox.rows.clear()
+    r = await client.get("/apps/shop" + other)
+    assert r.status_code == 200
+    assert _served(outbox)[0] == p.route_id
+
+
+async def test_the_most_specific_of_several_routes_is_served(env) -> None:  # type: ignore[no-untyped-def]
+    """Compared segment by segment: ``/a/b/{y}`` beats ``/a/{x}/c`` (its literal
+    comes first), which beats ``/a/{x}/{y}``."""
+    client, outbox, routes, _ = env
+    both, first, second = (
+        target("GET", "/a/{x}/{y}"),
+        target("GET", "/a/b/{y}"),
+        target("GET", "/a/{x}/c"),
+    )
+    routes.targets = [both, second, first]
+    for path, served in (("/a/b/c", first), ("/a/z/c", second), ("/a/z/z", both)):
+        outbox.rows.clear()
+        assert (await client.get("/apps/shop" + path)).status_code == 200
+        assert _served(outbox)[0] == served.route_id, path
+
+
+async def test_a_head_route_is_served_beside_a_get_route(env) -> None:  # type: ignore[no-untyped-def]
+    """An exact method match wins: HEAD reaches the HEAD route, also when a GET route
+    of the path comes first or is more specific."""
+    client, outbox, routes, _ = env
+    get, head = target("GET", "/h/{id}"), target("HEAD", "/h/{id}")
+    get_me = target("GET", "/h/me")
+    routes.targets = [get_me, get, head]
+    for path in ("/h/1", "/h/me"):
+        outbox.rows.clear()
+        r = await client.head("/apps/shop" + path)
+        assert r.status_code == 200
+        route_id, event = _served(outbox)
+        assert (route_id, event.method) == (head.route_id, "HEAD")
+    outbox.rows.clear()
+    assert (await client.get("/apps/shop/h/1")).status_code == 200
+    assert _served(outbox)[0] == get.route_id
+
+
+async def test_head_falls_back_to_the_get_route_and_405_allows_it(env) -> None:  # type: ignore[no-untyped-def]
+    """Without a HEAD route, HEAD runs the path's GET route (the most specific one),
+    its event's method ``HEAD``; a path served by GET lists HEAD in its ``Allow``."""
+    client, outbox, routes, _ = env
+    get, get_me, post = target("GET", "/g/{id}"), target("GET", "/g/me"), target("POST", "/p")
+    routes.targets = [get, get_me, post]
+    r = await client.head("/apps/shop/g/me")
+    assert r.status_code == 200
+    route_id, event = _served(outbox)
+    assert (route_id, event.method) == (get_me.route_id, "HEAD")
+    r = await client.delete("/apps/shop/g/1")
+    assert (r.status_code, r.headers["allow"]) == (405, "GET, HEAD")
+    r = await client.head("/apps/shop/p")  # no GET there: HEAD is not allowed
+    assert (r.status_code, r.headers["allow"]) == (405, "POST")
+
+
+async def test_a_date_header_of_a_script_is_dropped(env) -> None:  # type: ignore[no-untyped-def]
+    """The server sends its own Date: a script's would be a second one."""
+    client, outbox, _, _ = env
+    outbox.answer = lambda row: InboxResult(
+        row.execution_id,
+        response=ScriptResponse(
+            200, (("Date", "Tue, 01 Jan 1980 00:00:00 GMT"), ("x-k", "v")), b"ok"
+        ),
+    )
+    r = await client.get("/apps/shop/hello")
+    assert (r.status_code, r.content, r.headers["x-k"]) == (200, b"ok", "v")
+    assert "date" not in r.headers
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/ld+json", "application/problem+json; charset=utf-8", "application/jsonx"],
+)
+async def test_only_application_json_is_parsed(env, content_type: str) -> None:  # type: ignore[no-untyped-def]
+    """API.md: ``json`` is the parsed body for ``application/json`` only; another
+    type (``+json`` ones too) reaches the script as text, even when not JSON."""
+    client, outbox, _, _ = env
+    for raw in (b'{"a": 1}', b"{nope"):
+        outbox.rows.clear()
+        r = await client.post(
+            "/apps/shop/orders/1", content=raw, headers={"content-type": content_type}
+        )
+        assert r.status_code == 200
+        event = _served(outbox)[1]
+        assert (event.body, event.json) == (raw.decode(), None)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/json", "Application/JSON; charset=utf-8", " application/json ;x=y"],
+)
+async def test_application_json_is_parsed_in_any_case_with_parameters(  # type: ignore[no-untyped-def]
+    env, content_type: str
+) -> None:
+    client, outbox, _, _ = env
+    r = await client.post(
+        "/apps/shop/orders/1", content=b'{"a": 1}', headers={"content-type": content_type}
+    )
+    assert r.status_code == 200
+    assert _served(outbox)[1].json == {"a": 1}

@@ -2,7 +2,8 @@
 :mod:`picloud_shared.route_paths`).
 
 A ``{name}`` segment matches one non-empty path segment and binds it as a path
-param; every other segment matches literally. A template is parsed once.
+param; every other segment matches literally. A template is parsed once. Of the
+templates a request matches, the most specific is served (:func:`specificity`).
 
 A request is matched segment by segment, each segment decoded on its own
 (:func:`request_segments`): an escaped ``%2F`` is part of a param's value (``a/b``),
@@ -39,6 +40,14 @@ def match_segments(template: str, segments: list[str]) -> dict[str, str] | None:
         else:
             params[name] = segment
     return params
+
+
+def specificity(template: str) -> tuple[bool, ...]:
+    """Which of ``template``'s segments are params: of two templates that match the
+    same request, the one whose tuple is smaller is the more specific (at the first
+    segment where they differ, a literal beats a param; ``/u/me`` beats ``/u/{id}``,
+    ``/a/b/{y}`` beats ``/a/{x}/c``)."""
+    return tuple(name is not None for name, _ in parse_template(template))
 
 
 def request_segments(scope: Mapping[str, Any], route_path: str) -> list[str]:

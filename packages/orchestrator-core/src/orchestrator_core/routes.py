@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orchestrator_core.body_budget import BodyBudget
 from orchestrator_core.inbox import InboxRegistry
-from orchestrator_core.paths import match_segments, request_segments
+from orchestrator_core.paths import match_segments, request_segments, specificity
 from orchestrator_core.request_body import (
     PARSE_IN_THREAD_BYTES,
     BodyOverBudget,
@@ -73,11 +73,13 @@ from picloud_shared.ports import AsyncBacklog, OutboxWriter, RouteTable
 from picloud_shared.responses import NO_CONTENT_STATUSES
 from picloud_shared.status import InboxFailureKind, http_status_for
 
-# Headers the server computes itself, and the hop-by-hop ones (RFC 9110 7.6.1): a
-# script cannot set them.
+# Headers the server computes itself (uvicorn sends its own ``date``: a script's
+# would be a second one, and RFC 9110 6.6.1 allows one), and the hop-by-hop ones
+# (RFC 9110 7.6.1): a script cannot set them.
 _HOP_HEADERS = frozenset(
     {
         "content-length",
+        "date",
         "transfer-encoding",
         "connection",
         "keep-alive",
@@ -188,16 +190,29 @@ class UserRouteOrchestrator:
     def _match(
         self, targets: Sequence[RouteTarget], method: str, segments: list[str]
     ) -> tuple[RouteTarget, dict[str, str]] | list[str]:
-        """The matching route and its params, or the methods the path allows."""
-        allowed: list[str] = []
-        for target in targets:
+        """The matching route and its params, or the methods the path allows.
+
+        Of the routes of ``method`` that match, the most specific wins
+        (:func:`~orchestrator_core.paths.specificity`: at the first segment where two
+        differ, a literal beats a param), whatever order ``targets`` come in; two
+        equally specific ones (the same path up to its params' names, which the admin
+        API refuses: 409) are told apart by their paths' text. A HEAD
+        request with no HEAD route for its path is served by the path's GET route
+        (the server sends its headers without the body), so a path with a GET route
+        also allows HEAD."""
+        best: dict[str, tuple[tuple[tuple[bool, ...], str], RouteTarget, dict[str, str]]] = {}
+        for target in targets:  # the most specific route of each method that matches
             params = match_segments(target.path, segments)
             if params is None:
                 continue
-            if target.method == method or (method == "HEAD" and target.method == "GET"):
-                return target, params
-            allowed.append(target.method)
-        return allowed
+            rank = (specificity(target.path), target.path)
+            kept = best.get(target.method)
+            if kept is None or rank < kept[0]:
+                best[target.method] = (rank, target, params)
+        chosen = best.get(method) or (best.get("GET") if method == "HEAD" else None)
+        if chosen is not None:
+            return chosen[1], chosen[2]
+        return sorted({*best, "HEAD"} if "GET" in best else set(best))
 
     async def handle(self, request: Request) -> Response:
         raw_headers = request.scope["headers"]
@@ -251,7 +266,7 @@ class UserRouteOrchestrator:
         except Unavailable as exc:
             return _unavailable(exc)
         except Exception:  # the failure table's JSON 500, never the server's plain text
-            log.exception("user route %s %s failed", request.method, request.url.path)
+            log.exception("user route %s %r failed", request.method, request.url.path)
             return _failure(InboxFailureKind.INTERNAL, "internal error", None)
 
     def _overloaded(self, message: str) -> Response:
