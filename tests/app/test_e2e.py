@@ -281,24 +281,55 @@ def test_unparsable_json_body_is_422_without_an_execution(admin: Admin, user: ht
 
 
 def test_saturated_gate_answers_503(server: Server, admin: Admin) -> None:
-    """With every gate slot busy, a sync request is refused with Retry-After."""
-    admin.script("slow", "import time\ndef handle(e, ctx):\n    time.sleep(3)\n")
+    """With every gate slot busy (the module's 4: 3 for one app, its share, and 1 for
+    another), a sync request is refused with Retry-After."""
+    slow = "import time\ndef handle(e, ctx):\n    time.sleep(3)\n"
+    other = Admin(server)
+    for a in (admin, other):
+        a.script("slow", slow)
+        a.route("GET", "/slow", "slow")
     admin.script("fast", "def handle(e, ctx):\n    return 1\n")
-    admin.route("GET", "/slow", "slow")
     admin.route("GET", "/fast", "fast")
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        slow = [
-            pool.submit(httpx.get, f"{server.base_url}/apps/{admin.app_name}/slow", timeout=30)
-            for _ in range(4)
+        slow_calls = [
+            pool.submit(httpx.get, f"{server.base_url}/apps/{a.app_name}/slow", timeout=30)
+            for a in (admin, admin, admin, other)
         ]
         time.sleep(1.0)
         r = httpx.get(f"{server.base_url}/apps/{admin.app_name}/fast", timeout=30)
         assert r.status_code == 503, r.text
         assert r.headers["retry-after"]
         assert r.json()["error"]["code"] == "overloaded"
-        assert [f.result().status_code for f in slow] == [204] * 4
+        assert [f.result().status_code for f in slow_calls] == [204] * 4
+    other.http.close()
+
+
+def test_one_apps_flood_of_sync_requests_leaves_slots_to_other_apps(
+    server: Server, admin: Admin
+) -> None:
+    """One app's sync requests hold at most its share of the gate (3 of the module's
+    4 slots): past it they are refused 503 after the admission wait, while another
+    app's request is served at once."""
+    admin.script("slow", "import time\ndef handle(e, ctx):\n    time.sleep(4)\n")
+    admin.route("GET", "/slow", "slow")
+    other = Admin(server)
+    other.script("fast", "def handle(e, ctx):\n    return 'other'\n")
+    other.route("GET", "/fast", "fast")
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        flood = [
+            pool.submit(httpx.get, f"{server.base_url}/apps/{admin.app_name}/slow", timeout=30)
+            for _ in range(6)
+        ]
+        time.sleep(1.5)  # past the admission wait (1 s): the three past the share refused
+        r = httpx.get(f"{server.base_url}/apps/{other.app_name}/fast", timeout=30)
+        assert (r.status_code, r.text) == (200, "other")
+        statuses = sorted(f.result().status_code for f in flood)
+    assert statuses == [204, 204, 204, 503, 503, 503], statuses
+    other.http.close()
 
 
 def test_a_sync_request_is_not_queued_behind_an_async_backlog(

@@ -340,7 +340,7 @@ class UserRouteOrchestrator:
         execution_id = new_execution_id()
         inbox_id, receiver = self.inbox.register()
         with receiver:
-            permit = await self.gate.admit(self.admission_wait_seconds)
+            permit = await self.gate.admit(self.admission_wait_seconds, owner=target.app_id)
             if permit is None:
                 refused = self._overloaded("too many executions in flight; retry later")
                 return _closing(refused) if _has_body(request) else refused
@@ -418,7 +418,7 @@ class UserRouteOrchestrator:
                 except ClientDisconnect:
                     return Response(status_code=499)
                 if reply_to is not None and permit is None:  # it gave its slot back
-                    permit = await self.gate.admit(self.admission_wait_seconds)
+                    permit = await self.gate.admit(self.admission_wait_seconds, owner=target.app_id)
                     if permit is None:
                         return self._overloaded("too many executions in flight; retry later")
                 parsed = parsed_share(request, raw, self.body_budget.capacity)

@@ -128,7 +128,10 @@ def build_services(
         idle_ttl=float(settings.executor_idle_ttl_seconds),
     )
     executor_port: Executor = executor
-    gate = ExecutionGate(settings.max_concurrent_executions)
+    # One app's sync requests hold at most the gate slots it could run on workers
+    # (all but one worker: the pool's share), and never the whole gate.
+    capacity = settings.max_concurrent_executions
+    gate = ExecutionGate(capacity, owner_share=min(capacity, settings.executor_max_workers) - 1)
     inbox = InboxRegistry()
     inbox_resolver: InboxResolver = inbox
     routes = PostgresRouteRepo(engine)
