@@ -417,33 +417,46 @@ def test_picloud_serve_bounds_request_heads(server: Server) -> None:
         assert time.monotonic() - opened >= HEAD_READ_TIMEOUT_SECONDS - 0.5
 
 
+GET = b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def _limited_config(limit: int, http: str = "picloud") -> uvicorn.Config:
+    """``picloud serve``'s uvicorn config with PICLOUD_MAX_CONNECTIONS=limit."""
+    config = uvicorn_config(_app(), Settings(host="127.0.0.1", port=0, max_connections=limit))
+    config.log_level = "error"  # not uvicorn's "Exceeded concurrency limit" warnings
+    if http == "h11":
+        config.http = "h11"
+    return config
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("http", ["picloud", "h11"])
 @pytest.mark.parametrize("limit", [1, 2])
-async def test_max_connections_connections_are_served_and_one_more_is_503(
+async def test_max_connections_busy_connections_are_served_and_one_more_is_503(
     limit: int, http: str
 ) -> None:
     """With ``picloud serve``'s uvicorn config (and with uvicorn's h11 protocol, whose
     check is the same), PICLOUD_MAX_CONNECTIONS=N serves N open connections, however
-    many requests each sends; a request on one connection more is answered 503 and
-    closed: picloud's error body with ``Retry-After`` (h11: uvicorn's plain one)."""
-    settings = Settings(host="127.0.0.1", port=0, max_connections=limit)
-    config = uvicorn_config(_app(), settings)
-    config.log_level = "error"  # not uvicorn's "Exceeded concurrency limit" warnings
-    if http == "h11":
-        config.http = "h11"
-    get = b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
-    async with uvicorn_server.serving_config(config) as port, contextlib.AsyncExitStack() as stack:
+    many requests each sends; while all N run a request, a request on one connection
+    more is answered 503 and closed: picloud's error body with ``Retry-After`` (h11:
+    uvicorn's plain one)."""
+    slow = b"GET /slow?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n"
+    async with (
+        uvicorn_server.serving_config(_limited_config(limit, http)) as port,
+        contextlib.AsyncExitStack() as stack,
+    ):
         streams = [
             await stack.enter_async_context(await anyio.connect_tcp("127.0.0.1", port))
             for _ in range(limit)
         ]
-        for _ in range(2):  # in the second round every connection is known to be open
-            for stream in streams:
-                await stream.send(get)
-                assert (await read_response(stream))[0] == 200
+        for stream in streams:  # every connection is known to be open and served
+            await stream.send(GET)
+            assert (await read_response(stream))[0] == 200
+        for stream in streams:
+            await stream.send(slow)
+        await anyio.sleep(0.3)  # every one is running its request
         async with await anyio.connect_tcp("127.0.0.1", port) as extra:
-            await extra.send(get)
+            await extra.send(GET)
             (status, headers, body), _ = parse(await read_until_closed(extra))
         assert (status, headers["connection"]) == (503, "close")
         if http == "h11":
@@ -453,3 +466,50 @@ async def test_max_connections_connections_are_served_and_one_more_is_503(
             assert json.loads(body)["error"]["code"] == "unavailable"
             assert headers["content-type"] == "application/json"
             assert headers["retry-after"] == "1"
+        for stream in streams:
+            assert (await read_response(stream))[0] == 200
+
+
+@pytest.mark.anyio
+async def test_a_connection_past_the_limit_closes_the_longest_idle_one() -> None:
+    """At PICLOUD_MAX_CONNECTIONS, a new connection is served: the connection that has
+    waited longest for its next request is closed to make room, the others stay."""
+    async with (
+        uvicorn_server.serving_config(_limited_config(2)) as port,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        streams = []
+        for _ in range(2):
+            stream = await stack.enter_async_context(await anyio.connect_tcp("127.0.0.1", port))
+            await stream.send(GET)
+            assert (await read_response(stream))[0] == 200
+            streams.append(stream)
+        async with await anyio.connect_tcp("127.0.0.1", port) as extra:
+            await extra.send(GET)
+            assert (await read_response(extra))[0] == 200
+        assert await read_until_closed(streams[0]) == b""  # the oldest idle: closed
+        await streams[1].send(GET)
+        assert (await read_response(streams[1]))[0] == 200
+
+
+@pytest.mark.anyio
+async def test_connections_trickling_their_heads_cannot_lock_others_out() -> None:
+    """Clients holding every connection with a head sent a byte at a time (slowloris)
+    do not keep a new client out: its connection closes the oldest of theirs."""
+    limit = 3
+    async with (
+        uvicorn_server.serving_config(_limited_config(limit)) as port,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        trickling = []
+        for _ in range(limit):
+            stream = await stack.enter_async_context(await anyio.connect_tcp("127.0.0.1", port))
+            await stream.send(b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Slow: a")
+            trickling.append(stream)
+            await anyio.sleep(0.05)
+        async with await anyio.connect_tcp("127.0.0.1", port) as client:
+            await client.send(GET)
+            assert (await read_response(client))[0] == 200
+        assert await read_until_closed(trickling[0]) == b""  # the oldest: closed
+        await trickling[1].send(b"\r\n\r\n")  # the others are still served
+        assert (await read_response(trickling[1]))[0] == 200

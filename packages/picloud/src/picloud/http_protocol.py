@@ -16,9 +16,14 @@ line and headers) as they arrive, and times it:
   after the previous response on it ended, is answered 408 ``request_timeout`` and
   the connection closed; when nothing of a request has come it is just closed.
 
-A request on a connection past ``PICLOUD_MAX_CONNECTIONS`` (uvicorn's
-``limit_concurrency``) gets picloud's error body too: 503 ``unavailable`` with
-``Retry-After``, not uvicorn's plain-text ``Service Unavailable``.
+``PICLOUD_MAX_CONNECTIONS`` (uvicorn's ``limit_concurrency``) bounds the open
+connections. A connection that would take the node past it first makes room: the
+connection that has waited longest for a request head (an idle keep-alive one, or
+one whose head trickles in) is closed. So clients that open connections and send
+nothing, or a byte at a time, cannot lock others out: each new connection closes the
+oldest of theirs. Only when every connection is busy with a request does a request
+past the limit get picloud's error body: 503 ``unavailable`` with ``Retry-After``,
+not uvicorn's plain-text ``Service Unavailable``.
 
 All these answers carry the usual error body and ``Connection: close``. A head that
 starts in the same read as the end of the previous request (pipelining) is counted
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import time
 
 from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.protocols.http.flow_control import service_unavailable
@@ -85,12 +91,45 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _awaiting_head = True  # from the end of a request (or the start) to its next head's end
     _head_bytes = 0  # of the head awaited, so far
     _head_timer: asyncio.TimerHandle | None = None
+    _awaiting_since = 0.0  # monotonic: when the head awaited began to be awaited
     _refused = False  # the head is past the limit: its 431 is sent or waits its turn
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._awaiting_head, self._head_bytes, self._refused = True, 0, False
         self._start_head_timer()
+        self._make_room()
+
+    def _make_room(self) -> None:
+        """Past the connection limit, close the connections that have waited longest
+        for a request head until this one fits (or none is left waiting)."""
+        limit = self.limit_concurrency
+        if limit is None or len(self.connections) < limit:
+            return
+        waiting = sorted(
+            (
+                c
+                for c in self.connections
+                if c is not self and isinstance(c, BoundedHttpToolsProtocol) and c._evictable()
+            ),
+            key=lambda c: c._awaiting_since,
+        )
+        for victim in waiting[: len(self.connections) - limit + 1]:
+            victim._evict()
+
+    def _evictable(self) -> bool:
+        """Waiting for a request head, with nothing in progress."""
+        return (
+            self._awaiting_head
+            and not self._refused
+            and self._idle()
+            and not self.transport.is_closing()
+        )
+
+    def _evict(self) -> None:
+        self._stop_head_timer()
+        self.connections.discard(self)  # at once: the limit is checked before it is lost
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
@@ -160,6 +199,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_head_timer(self) -> None:
         self._stop_head_timer()
+        self._awaiting_since = time.monotonic()
         self._head_timer = self.loop.call_later(
             self.head_read_timeout_seconds, self._head_timed_out
         )
