@@ -590,6 +590,15 @@ async def test_a_literal_segment_wins_over_a_param_in_any_order(  # type: ignore
     assert _served(outbox)[0] == p.route_id
 
 
+async def test_a_param_holding_a_line_break_reaches_its_route(env) -> None:  # type: ignore[no-untyped-def]
+    """``%0A`` in a path param decodes to a newline, which the route still matches."""
+    client, outbox, routes, _ = env
+    routes.targets = [target("GET", "/u/{id}")]
+    r = await client.get("/apps/shop/u/a%0Ab")
+    assert r.status_code == 200, r.text
+    assert _served(outbox)[1].params == {"id": "a\nb"}
+
+
 async def test_the_most_specific_of_several_routes_is_served(env) -> None:  # type: ignore[no-untyped-def]
     """Compared segment by segment: ``/a/b/{y}`` beats ``/a/{x}/c`` (its literal
     comes first), which beats ``/a/{x}/{y}``."""

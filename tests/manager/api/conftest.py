@@ -8,17 +8,16 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
-from starlette.routing import Mount
 
-from manager_core.api import AdminDeps, admin_routes
+from manager_core.api import ADMIN_PREFIX, AdminDeps, admin_mount
 from tests.manager.api.helpers import Api
 
-PREFIX = "/api/v1/admin"
+PREFIX = ADMIN_PREFIX
 
 
 def build_app(deps: AdminDeps) -> Starlette:
     """The admin routes mounted as the binary mounts them."""
-    return Starlette(routes=[Mount(PREFIX, routes=admin_routes(deps))])
+    return Starlette(routes=[admin_mount(deps)])
 
 
 @pytest.fixture

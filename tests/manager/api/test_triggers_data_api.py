@@ -133,6 +133,21 @@ async def test_kv_round_trip_with_slashes_in_the_key(api: Api) -> None:
     assert (await api.call("GET", url)).status_code == 404
 
 
+async def test_keys_and_ids_with_a_line_break_are_reachable(api: Api) -> None:
+    """A key or document id holding a newline (a script may write one) is read,
+    written and deleted through its escaped path (``%0A``) like any other."""
+    url = _url(api, "/kv/line%0Abreak")
+    assert (await api.call("PUT", url, body=1)).json()["key"] == "line\nbreak"
+    assert (await api.call("GET", url)).json()["value"] == 1
+    assert (await api.call("DELETE", url)).status_code == 204
+    doc = _url(api, "/docs/c/a%0Ab")
+    assert (await api.call("PUT", doc, body={"n": 1})).is_success
+    assert (await api.call("GET", doc)).json()["id"] == "a\nb"
+    assert (await api.call("DELETE", doc)).status_code == 204
+    unknown = await api.client.get("/no%0Asuch")  # below the prefix: still the admin API
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (401, "unauthenticated")
+
+
 @pytest.mark.parametrize("escape", ["%ff", "%fe", "%80", "%ED%A0%80"])
 async def test_an_escape_that_is_no_utf8_names_no_key_nor_document(api: Api, escape: str) -> None:
     """``kv/%ff`` and ``kv/%fe`` would both decode to U+FFFD, one key: each is 422

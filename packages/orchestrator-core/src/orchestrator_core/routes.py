@@ -26,6 +26,7 @@ It never imports manager-core: routes come from a ``RouteTable``, answers from t
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -182,10 +183,11 @@ class UserRouteOrchestrator:
         # Every method reaches ``handle`` (TRACE, PROPFIND, … included), which answers
         # 404 and 405 itself, as JSON: starlette's own 405 is plain text.
         endpoint = _AnyMethod(request_response(self.handle))
-        return [
-            Route("/apps/{app_name}", endpoint),
-            Route("/apps/{app_name}/{route_path:path}", endpoint),
-        ]
+        anywhere = Route("/apps/{app_name}/{route_path:path}", endpoint)
+        # starlette's ``.*`` stops at a line break: a path param holding one (``%0A``)
+        # must reach its route too.
+        anywhere.path_regex = re.compile(anywhere.path_regex.pattern, re.DOTALL)
+        return [Route("/apps/{app_name}", endpoint), anywhere]
 
     def _match(
         self, targets: Sequence[RouteTarget], method: str, segments: list[str]

@@ -13,10 +13,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from manager_core.api import AdminDeps, admin_routes
+from manager_core.api import AdminDeps, admin_mount
 from manager_core.statement_wait import STATEMENT_WAIT_SECONDS, statement_wait
 from picloud import metrics
 from picloud.services import Services, running
@@ -125,7 +125,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
-            Mount(ADMIN_PREFIX, routes=admin_routes(admin_deps(services))),
+            admin_mount(admin_deps(services), ADMIN_PREFIX),
             *services.orchestrator.routes(),
         ],
         lifespan=lifespan,

@@ -1,7 +1,6 @@
 """The admin API (starlette), mounted by the binary under ``/api/v1/admin``::
 
-    routes = admin_routes(AdminDeps.from_engine(engine))
-    app = Starlette(routes=[Mount("/api/v1/admin", routes=routes)])
+    app = Starlette(routes=[admin_mount(AdminDeps.from_engine(engine))])
 
 Every answer is JSON, errors included; unknown paths answer a JSON 404 and
 unknown methods on a known path a JSON 405.
@@ -9,10 +8,17 @@ unknown methods on a known path a JSON 405.
 
 from __future__ import annotations
 
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Mount
 
 from manager_core.api import apps, documents, executions, kv, routes, scripts, triggers, users
-from manager_core.api._endpoint import Access, Operation, Resource, not_found_route
+from manager_core.api._endpoint import (
+    Access,
+    Operation,
+    Resource,
+    match_any_text,
+    not_found_route,
+)
+from manager_core.api._http import ADMIN_PREFIX
 from manager_core.api.deps import AdminDeps
 
 
@@ -31,4 +37,18 @@ def admin_routes(deps: AdminDeps) -> list[BaseRoute]:
     return [*resources, not_found_route(deps)]
 
 
-__all__ = ["Access", "AdminDeps", "Operation", "Resource", "admin_routes"]
+def admin_mount(deps: AdminDeps, prefix: str = ADMIN_PREFIX) -> Mount:
+    """The admin API mounted under ``prefix``: every path below it, line breaks
+    included, reaches :func:`admin_routes`."""
+    return match_any_text(Mount(prefix, routes=admin_routes(deps)))
+
+
+__all__ = [
+    "ADMIN_PREFIX",
+    "Access",
+    "AdminDeps",
+    "Operation",
+    "Resource",
+    "admin_mount",
+    "admin_routes",
+]

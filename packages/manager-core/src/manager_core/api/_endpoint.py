@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from manager_core.api._http import (
     Fields,
@@ -104,6 +105,17 @@ class Operation:
     also: frozenset[Capability] = frozenset()
 
 
+R = TypeVar("R", Route, Mount)
+
+
+def match_any_text(route: R) -> R:
+    """Let the route's ``{…:path}`` parts (a mount's rest) match a line break too:
+    starlette's ``.*`` stops at one, so a key or an id holding a newline (``%0A`` in
+    the URL) would miss its endpoint and meet the host app's plain 404 instead."""
+    route.path_regex = re.compile(route.path_regex.pattern, re.DOTALL)
+    return route
+
+
 class Resource(Route):
     """One admin path and its operations by method (every method reaches us, so
     unknown ones answer a JSON 405 rather than the host app's plain text)."""
@@ -113,6 +125,7 @@ class Resource(Route):
         self.deps = deps
         super().__init__(path, self._dispatch, name=path)
         self.methods = None  # every method is ours to answer (405 included)
+        match_any_text(self)
 
     async def _dispatch(self, request: Request) -> Response:
         try:
@@ -177,4 +190,4 @@ def not_found_route(deps: AdminDeps) -> Route:
 
     route = Route("/{rest:path}", not_found, name="not_found")
     route.methods = None
-    return route
+    return match_any_text(route)
