@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import anyio
 import httpx
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
@@ -417,3 +419,20 @@ async def test_an_app_shows_its_storage_and_quota(engine: AsyncEngine) -> None:
         resp = await api.call("PUT", f"/apps/{api.app_id}/kv/big", api.owner, big)
         assert resp.status_code == 507
         assert resp.json()["error"]["code"] == "storage_quota_exceeded"
+
+
+async def test_timestamps_are_utc_with_microseconds_whatever_the_database_zone(
+    api: Api, engine: AsyncEngine
+) -> None:
+    """A database (or a node) in another time zone changes no timestamp the API
+    writes: UTC, always with six fractional digits."""
+    async with engine.begin() as conn:
+        name = await conn.scalar(sa.text("SELECT current_database()"))
+        await conn.execute(sa.text(f"ALTER DATABASE \"{name}\" SET timezone TO 'Asia/Kolkata'"))
+    await engine.dispose()  # new connections take the database's zone
+    async with engine.connect() as conn:
+        assert await conn.scalar(sa.text("SHOW timezone")) == "Asia/Kolkata"
+    created = (await api.call("POST", "/apps", body={"name": "zoned"})).json()["created_at"]
+    listed = (await api.call("GET", "/apps")).json()["items"]
+    for stamp in [created, *(a["created_at"] for a in listed)]:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00", stamp), stamp

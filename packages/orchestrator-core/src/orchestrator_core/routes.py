@@ -327,7 +327,10 @@ class UserRouteOrchestrator:
         if refused is not None:
             return refused
         return JSONResponse(
-            {"accepted_at": datetime.now(UTC).isoformat(), "execution_id": str(execution_id)},
+            {
+                "accepted_at": wire.timestamp_text(datetime.now(UTC)),
+                "execution_id": str(execution_id),
+            },
             status_code=202,
             headers={"Location": f"/api/v1/admin/apps/{target.app_id}/executions/{execution_id}"},
         )

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeAlias, TypeVar
 
 from picloud_shared.limits import MAX_JSON_DEPTH
@@ -185,6 +185,13 @@ def enum_value(cls: type[E], value: object) -> E:
     except ValueError as exc:
         allowed = ", ".join(str(m.value) for m in cls)
         raise WireError(f"{value!r} is not one of: {allowed}") from exc
+
+
+def timestamp_text(value: datetime) -> str:
+    """A timestamp as the API writes every one: ISO 8601 in UTC, with microseconds
+    always (``2026-11-28T22:23:01.000000+00:00``), whatever the database's or the
+    node's time zone, so that one instant always reads the same."""
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def timestamp(value: object) -> datetime:

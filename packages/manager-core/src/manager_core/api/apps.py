@@ -26,6 +26,7 @@ from manager_core.api._endpoint import Access, Call, Operation, Resource
 from manager_core.api._http import json_response, no_content, path_uuid
 from manager_core.api._pagination import PageRequest
 from manager_core.postgres.apps import Member
+from picloud_shared import wire
 from picloud_shared.domain import App
 from picloud_shared.errors import Forbidden, InvalidInput, NotFound
 from picloud_shared.ids import AppId, UserId
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
 def app_to_wire(app: App) -> JsonObject:
     """An app's own fields (see :func:`apps_to_wire` for the resource)."""
-    return {"id": str(app.id), "name": app.name, "created_at": app.created_at.isoformat()}
+    return {"id": str(app.id), "name": app.name, "created_at": wire.timestamp_text(app.created_at)}
 
 
 async def apps_to_wire(deps: AdminDeps, apps: Sequence[App]) -> dict[AppId, JsonObject]:

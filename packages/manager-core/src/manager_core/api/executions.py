@@ -14,6 +14,7 @@ from manager_core.api._pagination import PageRequest
 from manager_core.api.triggers import uuid_cursor
 from manager_core.postgres.dead_letters import DeadLetter
 from manager_core.postgres.executions import Execution
+from picloud_shared import wire
 from picloud_shared.errors import InvalidInput, NotFound
 from picloud_shared.ids import DeadLetterId, ExecutionId
 from picloud_shared.outbox import OutboxSourceKind
@@ -55,7 +56,7 @@ def _position(page: PageRequest) -> tuple[datetime, uuid.UUID] | None:
 
 
 def _key(item: Execution | DeadLetter) -> tuple[str, str]:
-    return (item.created_at.isoformat(), str(item.id))
+    return (wire.timestamp_text(item.created_at), str(item.id))
 
 
 WITHHELD = "withheld: reading it needs app_read_data"

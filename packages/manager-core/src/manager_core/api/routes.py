@@ -10,6 +10,7 @@ from manager_core.api._endpoint import Call, Operation, Resource
 from manager_core.api._http import json_response, no_content, path_uuid
 from manager_core.api._pagination import PageRequest
 from manager_core.postgres.routes import RouteEntry
+from picloud_shared import wire
 from picloud_shared.domain import DispatchMode
 from picloud_shared.errors import InvalidInput, NotFound
 from picloud_shared.ids import RouteId
@@ -30,7 +31,7 @@ def route_to_wire(entry: RouteEntry) -> JsonObject:
         "script": entry.script_name,
         "script_id": str(route.script_id),
         "dispatch_mode": str(route.dispatch_mode),
-        "created_at": entry.created_at.isoformat(),
+        "created_at": wire.timestamp_text(entry.created_at),
     }
 
 

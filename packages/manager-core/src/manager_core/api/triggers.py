@@ -16,6 +16,7 @@ from starlette.responses import Response
 from manager_core.api._endpoint import Call, Operation, Resource
 from manager_core.api._http import Fields, json_response, no_content, path_uuid
 from manager_core.api._pagination import PageRequest
+from picloud_shared import wire
 from picloud_shared.errors import InvalidInput, NotFound, UnknownScript
 from picloud_shared.ids import AppId, ScriptId, TriggerId
 from picloud_shared.outbox import OutboxSourceKind
@@ -122,7 +123,7 @@ def trigger_to_wire(trigger: Trigger, script_name: str) -> JsonObject:
             else str(trigger.registered_by_principal)
         ),
         "retry": trigger.retry.to_wire(),
-        "created_at": trigger.created_at.isoformat(),
+        "created_at": wire.timestamp_text(trigger.created_at),
     }
     details = trigger.details
     if isinstance(details, KvTriggerDetails):

@@ -21,6 +21,7 @@ from manager_core.api._endpoint import Access, Call, Operation, Resource
 from manager_core.api._http import json_response, no_content, path_uuid
 from manager_core.api._pagination import PageRequest
 from manager_core.postgres.users import User
+from picloud_shared import wire
 from picloud_shared.errors import Conflict, Forbidden
 from picloud_shared.ids import UserId
 from picloud_shared.wire import JsonObject
@@ -35,7 +36,7 @@ def user_to_wire(user: User) -> JsonObject:
         "id": str(user.id),
         "name": user.name,
         "instance_admin": user.is_instance_admin,
-        "created_at": user.created_at.isoformat(),
+        "created_at": wire.timestamp_text(user.created_at),
     }
 
 

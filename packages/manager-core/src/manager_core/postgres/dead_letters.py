@@ -26,6 +26,7 @@ from manager_core.postgres._prune import prune_by_app
 from manager_core.postgres.kv import notify_committed
 from manager_core.postgres.outbox import PostgresOutboxRepo
 from manager_core.postgres.triggers import check_limit, retry_from_row
+from picloud_shared import wire
 from picloud_shared.errors import Conflict, InvalidInput, NotFound
 from picloud_shared.events import DeadLetterEvent, received_event
 from picloud_shared.ids import (
@@ -123,8 +124,10 @@ class DeadLetter:
             "trigger_depth": self.trigger_depth,
             "error": {**self.error, "traceback": self.error_traceback},
             "resolution": self.resolution,
-            "resolved_at": None if self.resolved_at is None else self.resolved_at.isoformat(),
-            "created_at": self.created_at.isoformat(),
+            "resolved_at": None
+            if self.resolved_at is None
+            else wire.timestamp_text(self.resolved_at),
+            "created_at": wire.timestamp_text(self.created_at),
         }
 
 

@@ -21,6 +21,7 @@ from manager_core.db import transaction
 from manager_core.postgres._pages import Page, json_bytes, within_bytes
 from manager_core.postgres._prune import prune_by_app
 from manager_core.postgres.triggers import check_limit
+from picloud_shared import wire
 from picloud_shared.execution import ExecResult
 from picloud_shared.ids import AppId, ExecutionId, RouteId, ScriptId, TriggerId
 from picloud_shared.outbox import OutboxSourceKind
@@ -125,8 +126,10 @@ class Execution:
             "error": error,
             "logs": list(self.logs),
             "result": self.result,
-            "created_at": self.created_at.isoformat(),
-            "finished_at": None if self.finished_at is None else self.finished_at.isoformat(),
+            "created_at": wire.timestamp_text(self.created_at),
+            "finished_at": None
+            if self.finished_at is None
+            else wire.timestamp_text(self.finished_at),
         }
 
 
