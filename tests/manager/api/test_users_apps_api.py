@@ -436,3 +436,27 @@ async def test_timestamps_are_utc_with_microseconds_whatever_the_database_zone(
     listed = (await api.call("GET", "/apps")).json()["items"]
     for stamp in [created, *(a["created_at"] for a in listed)]:
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00", stamp), stamp
+
+
+async def test_a_full_last_page_at_the_largest_limit_has_no_next_cursor(
+    api: Api, engine: AsyncEngine
+) -> None:
+    """With exactly 1000 items, ``limit=1000`` answers them all and ``next_cursor``
+    null: the look-ahead row is fetched at the cap too, so no empty page follows."""
+    owner = await _me(api, api.owner)
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO apps (name, created_by) "
+                "SELECT 'bulk-' || lpad(g::text, 4, '0'), :owner FROM generate_series(1, 999) g"
+            ),
+            {"owner": owner},
+        )
+    page = (await api.call("GET", "/apps?limit=1000", api.root)).json()
+    assert (len(page["items"]), page["next_cursor"]) == (1000, None)
+    page = (await api.call("GET", "/apps?limit=999", api.root)).json()
+    assert len(page["items"]) == 999
+    rest_url = f"/apps?limit=999&cursor={page['next_cursor']}"
+    rest = (await api.call("GET", rest_url, api.root)).json()
+    assert [a["name"] for a in rest["items"]] == ["shop"]
+    assert rest["next_cursor"] is None

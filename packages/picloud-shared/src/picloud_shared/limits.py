@@ -54,6 +54,9 @@ MAX_SCRIPT_NAME_CHARS = 63
 MAX_COLLECTION_CHARS = 63
 MAX_DOCUMENT_ID_CHARS = 128
 MAX_LIST_LIMIT = 1000
+# What a repo lists at most: a page of the API and one row more, which tells whether
+# another page follows.
+MAX_LIST_FETCH = MAX_LIST_LIMIT + 1
 # What one app may hold: every request matches against its routes, every write
 # against its triggers.
 MAX_ROUTES_PER_APP = 500

@@ -74,20 +74,15 @@ class PageRequest:
     @property
     def fetch(self) -> int:
         """How many rows to ask the repo for: one extra tells whether more exist
-        (capped at ``MAX_LIST_LIMIT``, which repos refuse to exceed)."""
-        return min(self.limit + 1, MAX_LIST_LIMIT)
+        (repos list up to ``MAX_LIST_FETCH``: a full page and one)."""
+        return self.limit + 1
 
     def respond(
         self, rows: Sequence[T], key: Callable[[T], Key], to_wire: Callable[[T], Json]
     ) -> Response:
         """Answer a page from up to ``fetch`` rows."""
         page = list(rows[: self.limit])
-        # At the cap we cannot look ahead: a full page may be followed by an empty one.
         # A page cut by its size in bytes (postgres._pages) is followed by the rest.
-        more = (
-            len(rows) > self.limit
-            or len(rows) == self.limit == self.fetch
-            or getattr(rows, "cut", False)
-        )
+        more = len(rows) > self.limit or getattr(rows, "cut", False)
         next_cursor = encode_cursor(key(page[-1])) if more and page else None
         return json_response({"items": [to_wire(r) for r in page], "next_cursor": next_cursor})

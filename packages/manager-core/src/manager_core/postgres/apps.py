@@ -43,7 +43,7 @@ from manager_core.postgres._rows import (
 from picloud_shared.domain import App, check_app_name
 from picloud_shared.errors import Conflict, NotFound
 from picloud_shared.ids import AppId, UserId
-from picloud_shared.limits import MAX_APPS_PER_USER, MAX_LIST_LIMIT
+from picloud_shared.limits import MAX_APPS_PER_USER, MAX_LIST_FETCH
 from picloud_shared.principals import ALL_CAPABILITIES, Capability, Principal
 
 # An admin delete can wait: it runs again more often than other transactions do.
@@ -238,10 +238,10 @@ class PostgresAppRepo:
         conn: AsyncConnection | None = None,
     ) -> Sequence[Member]:
         """The app's members in user-name order, starting after the name ``after``
-        (at most ``MAX_LIST_LIMIT``). Instance admins who are not members are not
+        (at most ``MAX_LIST_FETCH``). Instance admins who are not members are not
         listed."""
         stmt = (
-            self._members(app_id).order_by(t.users.c.name).limit(max(0, min(limit, MAX_LIST_LIMIT)))
+            self._members(app_id).order_by(t.users.c.name).limit(max(0, min(limit, MAX_LIST_FETCH)))
         )
         if after is not None:
             stmt = stmt.where(t.users.c.name > after)

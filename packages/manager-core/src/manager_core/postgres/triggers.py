@@ -20,7 +20,7 @@ from manager_core.db import in_transaction, transaction, translate_integrity_err
 from manager_core.postgres._quota import check_quota
 from picloud_shared.errors import InvalidInput, NotFound, UnknownScript
 from picloud_shared.ids import AppId, ScriptId, TriggerId, UserId
-from picloud_shared.limits import MAX_LIST_LIMIT, MAX_TRIGGERS_PER_APP
+from picloud_shared.limits import MAX_LIST_FETCH, MAX_TRIGGERS_PER_APP
 from picloud_shared.outbox import OutboxSourceKind
 from picloud_shared.retry import Backoff, RetryPolicy
 from picloud_shared.triggers import (
@@ -76,11 +76,11 @@ def retry_from_row(row: Any) -> RetryPolicy:
 
 
 def check_limit(limit: object) -> int:
-    """A list limit: an int from 1 to ``MAX_LIST_LIMIT``, else :class:`InvalidInput`."""
+    """A list limit: an int from 1 to ``MAX_LIST_FETCH``, else :class:`InvalidInput`."""
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise InvalidInput("limit must be an integer")
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        raise InvalidInput(f"limit must be between 1 and {MAX_LIST_LIMIT}")
+    if not 1 <= limit <= MAX_LIST_FETCH:
+        raise InvalidInput(f"limit must be between 1 and {MAX_LIST_FETCH}")
     return limit
 
 

@@ -38,7 +38,7 @@ from manager_core.db import in_transaction, transaction, translate_integrity_err
 from manager_core.postgres._quota import lock_app
 from picloud_shared.errors import Conflict, InvalidInput, InvalidName, NotFound
 from picloud_shared.ids import AppId, UserId
-from picloud_shared.limits import MAX_LIST_LIMIT, MIN_TOKEN_CHARS
+from picloud_shared.limits import MAX_LIST_FETCH, MIN_TOKEN_CHARS
 from picloud_shared.principals import Capability
 
 TOKEN_PREFIX = "pc_"
@@ -165,8 +165,8 @@ class PostgresUserRepo:
         conn: AsyncConnection | None = None,
     ) -> Sequence[User]:
         """Users in name order, starting after the name ``after`` (at most
-        ``MAX_LIST_LIMIT``)."""
-        stmt = select(*_USER_COLUMNS).order_by(t.users.c.name).limit(min(limit, MAX_LIST_LIMIT))
+        ``MAX_LIST_FETCH``)."""
+        stmt = select(*_USER_COLUMNS).order_by(t.users.c.name).limit(min(limit, MAX_LIST_FETCH))
         if after is not None:
             stmt = stmt.where(t.users.c.name > after)
         async with transaction(conn or self._engine) as c:
