@@ -91,8 +91,8 @@ async def test_empty_keys_ids_and_limits_out_of_range_are_invalid_input(
     engine: AsyncEngine,
 ) -> None:
     """The same codes as a script's ctx gets: an empty key or document id, and a list
-    limit outside 1-1001 (a page of 1000 and its look-ahead row), are invalid_input; a document id past 128 characters is
-    limit_exceeded."""
+    limit outside 1-1001 (a page of 1000 and its look-ahead row), are invalid_input; a
+    document id past 128 characters is limit_exceeded."""
     app = await factories.app(engine)
     kv, docs = PostgresKvRepo(engine), PostgresDocumentRepo(engine)
     with pytest.raises(InvalidInput):
