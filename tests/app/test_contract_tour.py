@@ -226,6 +226,7 @@ def test_admin_auth_users_and_member_capabilities(
         assert granted == {
             "app_id": admin.app_id,
             "user_id": carol["id"],
+            "name": carol["name"],
             "capabilities": ["app_read", "app_read_data"],
         }
         got = c.get(admin.base)

@@ -31,8 +31,10 @@ async def test_admin_creates_a_user_whose_token_works(api: Api) -> None:
     resp = await api.call("POST", "/users", api.root, {"name": "carol"})
     assert resp.status_code == 201
     body = resp.json()
-    assert set(body) >= {"id", "name", "token"}
+    assert set(body) == {"id", "name", "token", "instance_admin", "created_at"}
     assert body["name"] == "carol"
+    listed = (await api.call("GET", "/users", api.root)).json()["items"]
+    assert {k: v for k, v in body.items() if k != "token"} in listed  # as GET shows it
     assert body["instance_admin"] is False
     assert (await api.call("GET", "/apps", body["token"])).status_code == 200
 
@@ -150,7 +152,15 @@ async def test_put_member_grants_capabilities(api: Api) -> None:
         "PUT", f"/apps/{api.app_id}/members/{user_id}", body={"capabilities": ["app_read"]}
     )
     assert resp.status_code == 200
-    assert resp.json() == {"app_id": api.app_id, "user_id": user_id, "capabilities": ["app_read"]}
+    member = {
+        "app_id": api.app_id,
+        "user_id": user_id,
+        "name": "erin",
+        "capabilities": ["app_read"],
+    }
+    assert resp.json() == member
+    listed = await api.call("GET", f"/apps/{api.app_id}/members/{user_id}")
+    assert listed.json() == member  # PUT answers what GET shows
     assert (await api.call("GET", f"/apps/{api.app_id}", token)).status_code == 200
     assert (await api.call("DELETE", f"/apps/{api.app_id}", token)).status_code == 403
 
@@ -307,8 +317,9 @@ async def test_members_are_listed_by_name_with_their_capabilities(api: Api) -> N
     await api.call("PUT", f"{url}/{amy_id}", body={"capabilities": ["app_read"]})
     first = (await api.call("GET", f"{url}?limit=2", api.owner)).json()
     assert first["items"] == [
-        {"user_id": amy_id, "name": "amy", "capabilities": ["app_read"]},
+        {"app_id": api.app_id, "user_id": amy_id, "name": "amy", "capabilities": ["app_read"]},
         {
+            "app_id": api.app_id,
             "user_id": str(owner_id),
             "name": "owner",
             "capabilities": sorted(str(c) for c in ALL_CAPABILITIES),
@@ -317,7 +328,12 @@ async def test_members_are_listed_by_name_with_their_capabilities(api: Api) -> N
     rest = (await api.call("GET", f"{url}?limit=2&cursor={first['next_cursor']}")).json()
     assert rest == {
         "items": [
-            {"user_id": zed_id, "name": "zed", "capabilities": ["app_read", "app_write_data"]}
+            {
+                "app_id": api.app_id,
+                "user_id": zed_id,
+                "name": "zed",
+                "capabilities": ["app_read", "app_write_data"],
+            }
         ],
         "next_cursor": None,
     }

@@ -89,9 +89,10 @@ async def delete_app(call: Call) -> Response:
     return no_content()
 
 
-def member_to_wire(member: Member) -> JsonObject:
-    """A member as the API answers them."""
+def member_to_wire(app_id: AppId, member: Member) -> JsonObject:
+    """A member as the API answers them (listed, read or set)."""
     return {
+        "app_id": str(app_id),
         "user_id": str(member.user_id),
         "name": member.name,
         "capabilities": sorted(str(c) for c in member.capabilities),
@@ -104,13 +105,13 @@ def _member_id(call: Call) -> UserId:
 
 
 async def list_members(call: Call) -> Response:
-    """The app's members, by user name: ``{"items": [{"user_id", "name",
+    """The app's members, by user name: ``{"items": [{"app_id", "user_id", "name",
     "capabilities"}], "next_cursor"}``."""
     page = PageRequest.from_request(call.request)
     rows = await call.deps.apps.list_members(
         call.app_id, limit=page.fetch, after=None if page.after is None else page.after[0]
     )
-    return page.respond(rows, lambda m: (m.name,), member_to_wire)
+    return page.respond(rows, lambda m: (m.name,), lambda m: member_to_wire(call.app_id, m))
 
 
 async def get_member(call: Call) -> Response:
@@ -118,7 +119,7 @@ async def get_member(call: Call) -> Response:
     member = await call.deps.apps.get_member(call.app_id, _member_id(call))
     if member is None:
         raise NotFound("no such member of this app")
-    return json_response(member_to_wire(member))
+    return json_response(member_to_wire(call.app_id, member))
 
 
 async def _change_member(
@@ -144,8 +145,9 @@ async def _change_member(
 
 
 async def set_member(call: Call) -> Response:
-    """``{"capabilities": [...]}`` → 200 ``{"app_id", "user_id", "capabilities"}``;
-    an empty list removes the member."""
+    """``{"capabilities": [...]}`` → 200 the member as ``GET`` shows them
+    (``{"app_id", "user_id", "name", "capabilities"}``); an empty list removes the
+    member (``capabilities`` ``[]``)."""
     user_id = _member_id(call)
     fields = await call.fields()
     try:
@@ -153,12 +155,10 @@ async def set_member(call: Call) -> Response:
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
     stored = await _change_member(call, user_id, wanted)
-    body = {
-        "app_id": str(call.app_id),
-        "user_id": str(user_id),
-        "capabilities": sorted(str(c) for c in stored),
-    }
-    return json_response(body)
+    user = await call.deps.users.get(user_id)
+    if user is None:  # deleted meanwhile
+        raise NotFound("no such user")
+    return json_response(member_to_wire(call.app_id, Member(user_id, user.name, stored)))
 
 
 async def remove_member(call: Call) -> Response:

@@ -46,18 +46,13 @@ def _user_id(call: Call) -> UserId:
 
 
 async def create_user(call: Call) -> Response:
-    """``{"name", "instance_admin"?}`` → 201 ``{"id", "name", "token", "instance_admin"}``."""
+    """``{"name", "instance_admin"?}`` → 201 the user (as ``GET /users`` lists them)
+    and its ``token``, shown this once."""
     fields = await call.fields()
     name = fields.text("name")
     instance_admin = fields.boolean("instance_admin", False)
     user, token = await call.deps.users.create_user(name, instance_admin)
-    body = {
-        "id": str(user.id),
-        "name": user.name,
-        "token": token,
-        "instance_admin": user.is_instance_admin,
-    }
-    return json_response(body, 201)
+    return json_response({**user_to_wire(user), "token": token}, 201)
 
 
 async def list_users(call: Call) -> Response:
