@@ -86,6 +86,7 @@ ENDPOINTS: list[Endpoint] = [
         {"method": "POST", "path": "/new", "script": "s"},
     ),
     Endpoint("GET", "/apps/{id}/routes", C.APP_READ),
+    Endpoint("GET", "/apps/{id}/routes/{route_id}", C.APP_READ),
     Endpoint("DELETE", "/apps/{id}/routes/{route_id}", C.APP_MANAGE_ROUTES),
     Endpoint(
         "POST",
@@ -109,6 +110,7 @@ ENDPOINTS: list[Endpoint] = [
         frozenset({C.APP_READ_DATA}),
     ),
     Endpoint("GET", "/apps/{id}/triggers", C.APP_READ),
+    Endpoint("GET", "/apps/{id}/triggers/{trigger_id}", C.APP_READ),
     Endpoint("DELETE", "/apps/{id}/triggers/{trigger_id}", C.APP_MANAGE_TRIGGERS),
     Endpoint("GET", "/apps/{id}/kv", C.APP_READ_DATA),
     Endpoint("PUT", "/apps/{id}/kv/{key:path}", C.APP_WRITE_DATA, {"v": 2}),
@@ -122,6 +124,7 @@ ENDPOINTS: list[Endpoint] = [
     Endpoint("GET", "/apps/{id}/executions", C.APP_READ),
     Endpoint("GET", "/apps/{id}/executions/{execution_id}", C.APP_READ),
     Endpoint("GET", "/apps/{id}/dead-letters", C.APP_READ),
+    Endpoint("GET", "/apps/{id}/dead-letters/{dl_id}", C.APP_READ),
     Endpoint("POST", "/apps/{id}/dead-letters/{dl_id}/replay", C.APP_MANAGE_DEAD_LETTERS),
     Endpoint("POST", "/apps/{id}/dead-letters/{dl_id}/resolve", C.APP_MANAGE_DEAD_LETTERS),
 ]

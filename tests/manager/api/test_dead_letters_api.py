@@ -57,6 +57,25 @@ async def _http_letter(api: Api) -> tuple[uuid.UUID, str]:
     return dl_id, route["id"]
 
 
+async def test_a_dead_letter_is_read_by_id_and_its_replay_says_where_to_look(api: Api) -> None:
+    """GET /dead-letters/{dl_id} answers the letter as listed (404 for another id); a
+    replay's 202 has a Location, as an async route's has: the new execution."""
+    dl_id, _ = await _http_letter(api)
+    (listed,) = (await api.call("GET", _url(api))).json()["items"]
+    assert (await api.call("GET", _url(api, f"/{dl_id}"))).json() == listed
+    missing = await api.call("GET", _url(api, f"/{uuid.uuid4()}"))
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
+    replayed = await api.call("POST", _url(api, f"/{dl_id}/replay"))
+    assert replayed.status_code == 202
+    execution_id = replayed.json()["execution_id"]
+    location = replayed.headers["location"]
+    assert location == f"/api/v1/admin/apps/{api.app_id}/executions/{execution_id}"
+    got = await api.client.get(
+        location.removeprefix("/api/v1/admin"), headers={"Authorization": f"Bearer {api.owner}"}
+    )
+    assert got.json()["id"] == execution_id
+
+
 async def test_a_replayed_dead_letter_cannot_be_resolved(api: Api) -> None:
     """replay → 202; resolve → 409 (it stays ``replayed``); replay again → still 409."""
     dl_id = await insert_dead_letter(api, await enqueue_execution(api))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import anyio
 import pytest
 
@@ -201,6 +203,23 @@ async def test_create_route_answers_its_wire_form(api: Api) -> None:
         "dispatch_mode": "sync",
     }
     assert (await api.call("GET", _routes(api))).json() == {"items": [body], "next_cursor": None}
+
+
+async def test_a_route_is_read_by_id_as_listed_with_its_registrant(api: Api) -> None:
+    """GET /routes/{route_id} answers the route as the list and the create do, with
+    ``registered_by`` (whose rights its script runs with); another id is 404."""
+    await api.script("s")
+    created = (
+        await api.call("POST", _routes(api), body={"method": "GET", "path": "/r", "script": "s"})
+    ).json()
+    owner = await api.deps.users.authenticate(api.owner)
+    assert owner is not None
+    assert created["registered_by"] == str(owner.id)
+    got = await api.call("GET", f"{_routes(api)}/{created['id']}")
+    assert got.json() == created
+    assert (await api.call("GET", _routes(api))).json()["items"] == [created]
+    missing = await api.call("GET", f"{_routes(api)}/{uuid.uuid4()}")
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
 
 
 async def test_create_async_route(api: Api) -> None:

@@ -114,6 +114,18 @@ async def test_delete_trigger_then_the_script_can_go(api: Api) -> None:
     assert (await api.call("DELETE", _url(api, "/scripts/s"))).status_code == 204
 
 
+async def test_a_trigger_is_read_by_id_as_listed(api: Api) -> None:
+    """GET /triggers/{trigger_id} answers the trigger as the list and the create do;
+    another id is 404."""
+    await api.script("s")
+    created = (await api.call("POST", _url(api, "/triggers/kv"), body=KINDS["kv"])).json()
+    got = await api.call("GET", _url(api, f"/triggers/{created['id']}"))
+    assert got.json() == created
+    assert (await api.call("GET", _url(api, "/triggers"))).json()["items"] == [created]
+    missing = await api.call("GET", _url(api, f"/triggers/{uuid.uuid4()}"))
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
+
+
 # -- KV and docs ----------------------------------------------------------------------
 
 

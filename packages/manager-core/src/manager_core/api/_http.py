@@ -30,9 +30,11 @@ from picloud_shared.wire import Json
 _MISSING: Any = object()
 
 
-def json_response(body: Json, status_code: int = 200) -> Response:
+def json_response(
+    body: Json, status_code: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
     """A JSON answer."""
-    return JSONResponse(body, status_code=status_code)
+    return JSONResponse(body, status_code=status_code, headers=headers)
 
 
 def no_content() -> Response:

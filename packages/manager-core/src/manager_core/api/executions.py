@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, TypeVar
 from starlette.responses import Response
 
 from manager_core.api._endpoint import Call, Operation, Resource
-from manager_core.api._http import json_response, path_uuid
+from manager_core.api._http import ADMIN_PREFIX, json_response, path_uuid
 from manager_core.api._pagination import PageRequest
 from manager_core.api.triggers import uuid_cursor
 from manager_core.postgres.dead_letters import DeadLetter
@@ -137,12 +137,23 @@ async def list_dead_letters(call: Call) -> Response:
     return page.respond(rows, _key, lambda d: _letter_to_wire(call, d))
 
 
+async def get_dead_letter(call: Call) -> Response:
+    """One dead letter, as listed."""
+    dl_id = DeadLetterId(path_uuid(call.request, "dl_id", "dead letter"))
+    letter = await call.deps.dead_letters.get(call.app_id, dl_id)
+    if letter is None:
+        raise NotFound("no such dead letter")
+    return json_response(_letter_to_wire(call, letter))
+
+
 async def replay_dead_letter(call: Call) -> Response:
-    """Re-enqueue the original event → 202 ``{"execution_id"}``; 409 if replayed, or if
-    its trigger (route), or script, no longer exists."""
+    """Re-enqueue the original event → 202 ``{"execution_id"}`` with ``Location`` (the
+    execution, as an async route's 202 has); 409 if replayed, or if its trigger
+    (route), or script, no longer exists."""
     dl_id = DeadLetterId(path_uuid(call.request, "dl_id", "dead letter"))
     execution_id = await call.deps.dead_letters.replay(call.app_id, dl_id)
-    return json_response({"execution_id": str(execution_id)}, 202)
+    location = f"{ADMIN_PREFIX}/apps/{call.app_id}/executions/{execution_id}"
+    return json_response({"execution_id": str(execution_id)}, 202, headers={"Location": location})
 
 
 async def resolve_dead_letter(call: Call) -> Response:
@@ -163,6 +174,11 @@ def resources(deps: AdminDeps) -> list[Resource]:
             {"GET": Operation(read, get_execution)},
         ),
         Resource("/apps/{id}/dead-letters", deps, {"GET": Operation(read, list_dead_letters)}),
+        Resource(
+            "/apps/{id}/dead-letters/{dl_id}",
+            deps,
+            {"GET": Operation(read, get_dead_letter)},
+        ),
         Resource(
             "/apps/{id}/dead-letters/{dl_id}/replay",
             deps,

@@ -1,4 +1,4 @@
-"""An app's user routes: create, list, delete."""
+"""An app's user routes: create, list, read, delete."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def route_to_wire(entry: RouteEntry) -> JsonObject:
         "script": entry.script_name,
         "script_id": str(route.script_id),
         "dispatch_mode": str(route.dispatch_mode),
+        "registered_by": None if route.registered_by is None else str(route.registered_by),
         "created_at": wire.timestamp_text(entry.created_at),
     }
 
@@ -66,6 +67,15 @@ async def list_routes(call: Call) -> Response:
     return page.respond(rows, lambda e: (e.route.path, e.route.method), route_to_wire)
 
 
+async def get_route(call: Call) -> Response:
+    """One route, as listed."""
+    route_id = RouteId(path_uuid(call.request, "route_id", "route"))
+    entry = await call.deps.routes.get(call.app_id, route_id)
+    if entry is None:
+        raise NotFound("no such route")
+    return json_response(route_to_wire(entry))
+
+
 async def delete_route(call: Call) -> Response:
     """Delete one route; 204."""
     route_id = RouteId(path_uuid(call.request, "route_id", "route"))
@@ -88,6 +98,9 @@ def resources(deps: AdminDeps) -> list[Resource]:
         Resource(
             "/apps/{id}/routes/{route_id}",
             deps,
-            {"DELETE": Operation(Capability.APP_MANAGE_ROUTES, delete_route)},
+            {
+                "GET": Operation(Capability.APP_READ, get_route),
+                "DELETE": Operation(Capability.APP_MANAGE_ROUTES, delete_route),
+            },
         ),
     ]

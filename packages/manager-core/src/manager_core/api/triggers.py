@@ -207,6 +207,15 @@ async def list_triggers(call: Call) -> Response:
     return page.respond(rows, lambda row: (str(row[0].id),), lambda row: trigger_to_wire(*row))
 
 
+async def get_trigger(call: Call) -> Response:
+    """One trigger, as listed."""
+    trigger_id = TriggerId(path_uuid(call.request, "trigger_id", "trigger"))
+    named = await call.deps.triggers.get_named(call.app_id, trigger_id)
+    if named is None:
+        raise NotFound("no such trigger")
+    return json_response(trigger_to_wire(*named))
+
+
 async def delete_trigger(call: Call) -> Response:
     """Delete one trigger; 204."""
     trigger_id = TriggerId(path_uuid(call.request, "trigger_id", "trigger"))
@@ -241,6 +250,9 @@ def resources(deps: AdminDeps) -> list[Resource]:
         Resource(
             "/apps/{id}/triggers/{trigger_id}",
             deps,
-            {"DELETE": Operation(manage, delete_trigger)},
+            {
+                "GET": Operation(Capability.APP_READ, get_trigger),
+                "DELETE": Operation(manage, delete_trigger),
+            },
         ),
     ]

@@ -75,6 +75,13 @@ def retry_from_row(row: Any) -> RetryPolicy:
     )
 
 
+def _named() -> sa.Select[Any]:
+    """Triggers with their script's name (``script_name``)."""
+    return _FULL.add_columns(t.scripts.c.name.label("script_name")).join(
+        t.scripts, t.scripts.c.id == _T.c.script_id
+    )
+
+
 def check_limit(limit: object) -> int:
     """A list limit: an int from 1 to ``MAX_LIST_FETCH``, else :class:`InvalidInput`."""
     if isinstance(limit, bool) or not isinstance(limit, int):
@@ -288,18 +295,21 @@ class PostgresTriggerRepo:
         conn: AsyncConnection | None = None,
     ) -> Sequence[tuple[Trigger, str]]:
         """Like :meth:`list`, each trigger with its script's name (the admin API's)."""
-        stmt = (
-            _FULL.add_columns(t.scripts.c.name.label("script_name"))
-            .join(t.scripts, t.scripts.c.id == _T.c.script_id)
-            .where(_T.c.app_id == app_id)
-            .order_by(_T.c.id)
-            .limit(check_limit(limit))
-        )
+        stmt = _named().where(_T.c.app_id == app_id).order_by(_T.c.id).limit(check_limit(limit))
         if after is not None:
             stmt = stmt.where(_T.c.id > after)
         async with transaction(conn or self._engine) as c:
             rows = (await c.execute(stmt)).all()
         return [(_trigger_from_row(r), r.script_name) for r in rows]
+
+    async def get_named(
+        self, app_id: AppId, trigger_id: TriggerId, *, conn: AsyncConnection | None = None
+    ) -> tuple[Trigger, str] | None:
+        """Like :meth:`get`, with the trigger's script's name."""
+        stmt = _named().where(_T.c.app_id == app_id, _T.c.id == trigger_id)
+        async with transaction(conn or self._engine) as c:
+            row = (await c.execute(stmt)).one_or_none()
+        return None if row is None else (_trigger_from_row(row), row.script_name)
 
     async def delete(
         self, app_id: AppId, trigger_id: TriggerId, *, conn: AsyncConnection | None = None
