@@ -373,16 +373,18 @@ def test_a_sync_request_the_gate_refuses_is_answered_before_its_body(
     """With every gate slot busy, a sync request is refused before its body is read:
     a client that asked ``Expect: 100-continue`` gets the 503 instead of the go-ahead
     to send its 1 MiB, and the connection is closed rather than drained."""
-    admin.script("slow", "import time\ndef handle(e, ctx):\n    time.sleep(3)\n")
+    other = Admin(server)  # the module's 4 slots: 3 (an app's share) and 1 of another app
+    for a in (admin, other):
+        a.script("slow", "import time\ndef handle(e, ctx):\n    time.sleep(3)\n")
+        a.route("GET", "/slow", "slow")
     admin.script("echo", "def handle(e, ctx):\n    return e['json']\n")
-    admin.route("GET", "/slow", "slow")
     admin.route("POST", "/echo", "echo")
     import concurrent.futures
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         slow = [
-            pool.submit(httpx.get, f"{server.base_url}/apps/{admin.app_name}/slow", timeout=30)
-            for _ in range(4)
+            pool.submit(httpx.get, f"{server.base_url}/apps/{a.app_name}/slow", timeout=30)
+            for a in (admin, admin, admin, other)
         ]
         time.sleep(1.0)
         with _raw_post(
@@ -400,6 +402,7 @@ def test_a_sync_request_the_gate_refuses_is_answered_before_its_body(
         assert b"\r\nconnection: close\r\n" in answer.lower()
         assert b'"code":"overloaded"' in answer.replace(b" ", b"")
         assert [f.result().status_code for f in slow] == [204] * 4
+    other.http.close()
 
 
 def test_request_bodies_in_flight_on_a_node_are_bounded(server: Server, admin: Admin) -> None:
