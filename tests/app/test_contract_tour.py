@@ -264,7 +264,7 @@ def test_a_script_rewritten_by_a_member_gets_only_that_members_data_rights(
     script (502 ``script_error``, no secret in it; the record says which right). The
     same code saved by the owner reads it. A trigger needs app_read_data from its
     registrant (403 without)."""
-    admin.ok("PUT", "/kv/secret", {"pw": "hunter2"})
+    admin.ok("PUT", "/kv/secret", {"pw": "hunter2"}, expect=201)
     admin.script("hello", "def handle(event, ctx):\n    return {'hi': 1}\n")
     admin.route("GET", "/hello", "hello")
     mallory = new_user(server)
@@ -530,15 +530,19 @@ def test_triggers_of_each_kind(admin: Admin) -> None:
 
 def test_kv_put_get_delete_list_and_paginate(admin: Admin) -> None:
     """PUT/GET/DELETE a key, ``?prefix=`` listing, ``?limit=&cursor=`` pages."""
-    first = admin.ok("PUT", "/kv/users/42", {"n": 1})
+    first = admin.ok("PUT", "/kv/users/42", {"n": 1}, expect=201)
     assert first == {"key": "users/42", "value": {"n": 1}, "version": 1}
     second = admin.ok("PUT", "/kv/users/42", [1, "two", None])
     assert second == {"key": "users/42", "value": [1, "two", None], "version": 2}
     assert admin.get("/kv/users/42") == second
-    assert admin.ok("PUT", "/kv/flag", False) == {"key": "flag", "value": False, "version": 1}
+    assert admin.ok("PUT", "/kv/flag", False, expect=201) == {
+        "key": "flag",
+        "value": False,
+        "version": 1,
+    }
 
     for i in range(5):
-        admin.ok("PUT", f"/kv/p/{i}", i * 10)
+        admin.ok("PUT", f"/kv/p/{i}", i * 10, expect=201)
     listed = admin.get("/kv", prefix="p/")
     assert listed["next_cursor"] is None
     assert [(e["key"], e["value"]) for e in listed["items"]] == [
@@ -556,7 +560,7 @@ def test_kv_put_get_delete_list_and_paginate(admin: Admin) -> None:
     assert_error(admin.call("DELETE", "/kv/users/42"), 404, "not_found")
     assert_error(admin.call("PUT", "/kv/big", "x" * (256 * 1024)), 413, "payload_too_large")
     assert_error(admin.call("PUT", "/kv/" + "k" * 513, 1), 422, "limit_exceeded")
-    assert admin.ok("PUT", "/kv/" + "k" * 512, 1)["version"] == 1
+    assert admin.ok("PUT", "/kv/" + "k" * 512, 1, expect=201)["version"] == 1
     assert_error(admin.call("GET", "/kv/big"), 404, "not_found")
 
 
@@ -626,7 +630,7 @@ def test_executions_filters_fields_pagination_and_retrying(
         assert (r.status_code, r.json()) == (200, {"n": str(n)})
     failed = user.get(f"/apps/{admin.app_name}/bad")
     failed_id = assert_route_error(failed, 502, "script_error")["execution_id"]
-    admin.ok("PUT", "/kv/retry/1", {"v": 1})
+    admin.ok("PUT", "/kv/retry/1", {"v": 1}, expect=201)
 
     retrying = wait_for(lambda: admin.executions(status="retrying"), 30, "a retrying execution")
     assert len(retrying) == 1
@@ -702,9 +706,9 @@ def test_dead_letters_list_replay_resolve(admin: Admin) -> None:
     admin.post(
         "/triggers/kv", {"script": "bad", "key_glob": "once/*", "retry": {"max_attempts": 1}}
     )
-    admin.ok("PUT", "/kv/job/1", {"n": 1})
-    admin.ok("PUT", "/kv/job/2", {"n": 2})
-    admin.ok("PUT", "/kv/once/1", 1)
+    admin.ok("PUT", "/kv/job/1", {"n": 1}, expect=201)
+    admin.ok("PUT", "/kv/job/2", {"n": 2}, expect=201)
+    admin.ok("PUT", "/kv/once/1", 1, expect=201)
 
     letters = wait_for(
         lambda: count(admin.get("/dead-letters")["items"], 3),
@@ -737,7 +741,7 @@ def test_dead_letters_list_replay_resolve(admin: Admin) -> None:
     assert ([d["id"] for d in items], pages) == ([d["id"] for d in letters], 2)
 
     # Replay: 202 {"execution_id"}, readable at once; now allowed, it succeeds.
-    admin.ok("PUT", "/kv/allow", True)
+    admin.ok("PUT", "/kv/allow", True, expect=201)
     replay = admin.post(f"/dead-letters/{by_key['job/1']['id']}/replay", expect=202)
     assert set(replay) == {"execution_id"}
     first = admin.execution(replay["execution_id"])
@@ -1008,7 +1012,7 @@ def test_trigger_events_have_the_documented_shape(admin: Admin) -> None:
     admin.post("/triggers/docs", {"script": "reject", "collection_glob": "bad"})
     admin.post("/triggers/dead-letter", {"script": "record", "source_kinds": ["docs"]})
 
-    admin.ok("PUT", "/kv/data/1", {"a": 1})
+    admin.ok("PUT", "/kv/data/1", {"a": 1}, expect=201)
     admin.ok("PUT", "/kv/data/1", 2)
     admin.ok("DELETE", "/kv/data/1", expect=204)
     order = admin.post("/docs/orders", {"t": 1})["id"]

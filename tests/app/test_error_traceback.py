@@ -82,7 +82,7 @@ def test_an_exhausted_triggers_dead_letter_carries_the_traceback(admin: Admin) -
         "/triggers/kv",
         {"script": "nested", "key_glob": "job/*", "retry": {**FAST_RETRY, "max_attempts": 2}},
     )
-    admin.ok("PUT", "/kv/job/1", 1)
+    admin.ok("PUT", "/kv/job/1", 1, expect=201)
     (letter,) = wait_for(lambda: admin.get("/dead-letters")["items"], 30, "a dead letter")
     assert letter["attempts"] == 2
     assert_nested_traceback(letter["error"])
@@ -103,7 +103,7 @@ def test_an_app_read_member_sees_no_traceback(
         "/triggers/kv", {"script": "nested", "key_glob": "once/*", "retry": {"max_attempts": 1}}
     )
     assert_route_error(user.get(f"/apps/{admin.app_name}/nested"), 502, "script_error")
-    admin.ok("PUT", "/kv/once/1", 1)
+    admin.ok("PUT", "/kv/once/1", 1, expect=201)
     wait_for(lambda: admin.get("/dead-letters")["items"], 30, "a dead letter")
     wait_for(
         lambda: count(admin.executions(status="dead_lettered"), 1), 30, "a dead-lettered record"
@@ -162,7 +162,7 @@ def test_a_timeout_after_an_exception_leaves_no_stale_traceback(admin: Admin) ->
         "/triggers/kv",
         {"script": "flaky", "key_glob": "job/*", "retry": {**FAST_RETRY, "max_attempts": 2}},
     )
-    admin.ok("PUT", "/kv/job/1", 1)
+    admin.ok("PUT", "/kv/job/1", 1, expect=201)
     (letter,) = wait_for(lambda: admin.get("/dead-letters")["items"], 30, "a dead letter")
     execution = admin.finished(letter["execution_id"])
     assert (execution["status"], execution["attempts"]) == ("dead_lettered", 2)

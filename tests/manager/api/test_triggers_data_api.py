@@ -130,19 +130,19 @@ async def test_a_trigger_is_read_by_id_as_listed(api: Api) -> None:
 
 
 async def test_kv_round_trip_with_slashes_in_the_key(api: Api) -> None:
-    """PUT then GET a key holding '/'; versions count writes; DELETE then 404."""
+    """PUT then GET a key holding '/'; versions count writes; DELETE then 404. A PUT
+    that creates the key is 201, one that replaces it 200 (as for documents)."""
     url = _url(api, "/kv/users/42")
-    assert (await api.call("PUT", url, body={"n": 1})).json() == {
-        "key": "users/42",
-        "value": {"n": 1},
-        "version": 1,
-    }
-    await api.call("PUT", url, body=[1, 2])
+    created = await api.call("PUT", url, body={"n": 1})
+    assert created.status_code == 201
+    assert created.json() == {"key": "users/42", "value": {"n": 1}, "version": 1}
+    assert (await api.call("PUT", url, body=[1, 2])).status_code == 200
     assert (await api.call("GET", url)).json()["version"] == 2
     listed = await api.client.get(_url(api, "/kv"), params={"prefix": "users/"}, headers=_h(api))
     assert [i["key"] for i in listed.json()["items"]] == ["users/42"]
     assert (await api.call("DELETE", url)).status_code == 204
     assert (await api.call("GET", url)).status_code == 404
+    assert (await api.call("PUT", url, body=3)).status_code == 201  # created again
 
 
 async def test_keys_and_ids_with_a_line_break_are_reachable(api: Api) -> None:

@@ -23,12 +23,14 @@ ADMIN_WRITE_DEPTH = 1
 
 
 async def put_value(call: Call) -> Response:
-    """The body is the JSON value → 200 ``{"key", "value", "version"}``."""
+    """The body is the JSON value → ``{"key", "value", "version"}``: 201 when the key
+    did not exist (``version`` 1, also after a delete), 200 when it was replaced, as
+    ``PUT`` of a document answers."""
     value = await read_json(call.request)
     entry = await call.deps.kv.set(
         call.app_id, call.path("key"), value, trigger_depth=ADMIN_WRITE_DEPTH
     )
-    return json_response(entry.to_wire())
+    return json_response(entry.to_wire(), 201 if entry.version == 1 else 200)
 
 
 async def get_value(call: Call) -> Response:
