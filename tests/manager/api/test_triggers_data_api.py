@@ -47,13 +47,15 @@ async def test_create_trigger_happy_path(api: Api, kind: str) -> None:
     body = resp.json()
     assert body["kind"] == kind.replace("-", "_")
     assert (body["script"], body["script_id"]) == ("s", script["id"])
-    assert body["retry"] == {
+    default_retry = {
         "backoff": "exponential",
         "base_delay_ms": 1000,
         "max_delay_ms": 300000,
         "max_attempts": 5,
         "jitter": 0.2,
     }
+    # A dead-letter handler is never retried: no policy.
+    assert body["retry"] == (None if kind == "dead-letter" else default_retry)
     listed = (await api.call("GET", _url(api, "/triggers"))).json()
     assert listed == {"items": [body], "next_cursor": None}
 
@@ -67,13 +69,32 @@ async def test_create_trigger_rejects_an_empty_glob(api: Api, kind: str, glob: s
     assert resp.json()["error"]["code"] == "invalid_glob"
 
 
-async def test_create_dead_letter_trigger_rejects_an_unknown_source_kind(api: Api) -> None:
-    """Dead-letter triggers have no glob; an unknown source kind is their 422."""
+@pytest.mark.parametrize("kinds", [["x"], ["kv", "dead_letter"]])
+async def test_create_dead_letter_trigger_rejects_an_unknown_source_kind(
+    api: Api, kinds: list[str]
+) -> None:
+    """Dead-letter triggers have no glob; an unknown source kind is their 422, and so
+    is ``dead_letter``: a handler's execution is never dead-lettered, so it would
+    match nothing."""
     await api.script("s")
     resp = await api.call(
-        "POST", _url(api, "/triggers/dead-letter"), body={"script": "s", "source_kinds": ["x"]}
+        "POST", _url(api, "/triggers/dead-letter"), body={"script": "s", "source_kinds": kinds}
     )
     assert resp.status_code == 422
+    assert "expected one of: kv, docs, http" in resp.json()["error"]["message"]
+
+
+async def test_a_dead_letter_trigger_takes_no_retry_policy(api: Api) -> None:
+    """A retry policy on a dead-letter trigger would never be used (handlers are never
+    retried): 422 ``invalid_retry_policy`` rather than silently unused."""
+    await api.script("s")
+    resp = await api.call(
+        "POST",
+        _url(api, "/triggers/dead-letter"),
+        body={"script": "s", "retry": {"max_attempts": 10}},
+    )
+    assert (resp.status_code, resp.json()["error"]["code"]) == (422, "invalid_retry_policy")
+    assert (await api.call("GET", _url(api, "/triggers"))).json()["items"] == []
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -17,7 +17,7 @@ from manager_core.api._endpoint import Call, Operation, Resource
 from manager_core.api._http import Fields, json_response, no_content, path_uuid
 from manager_core.api._pagination import PageRequest
 from picloud_shared import wire
-from picloud_shared.errors import InvalidInput, NotFound, UnknownScript
+from picloud_shared.errors import InvalidInput, InvalidRetryPolicy, NotFound, UnknownScript
 from picloud_shared.ids import AppId, ScriptId, TriggerId
 from picloud_shared.outbox import OutboxSourceKind
 from picloud_shared.principals import Capability
@@ -32,6 +32,7 @@ from picloud_shared.triggers import (
     KvOp,
     KvTriggerDetails,
     Trigger,
+    TriggerKind,
     check_glob,
     parse_ops,
 )
@@ -84,30 +85,42 @@ class CreateDocsTriggerRequest:
         )
 
 
+# What a dead letter can come from: never a dead-letter handler's execution, which is
+# never dead-lettered (DESIGN.md), so ``dead_letter`` would match nothing.
+DEAD_LETTER_SOURCES = tuple(k for k in OutboxSourceKind if k is not OutboxSourceKind.DEAD_LETTER)
+
+
 @attrs.frozen
 class CreateDeadLetterTriggerRequest:
-    """``{"script", "source_kinds"?: [], "retry"?}``"""
+    """``{"script", "source_kinds"?: []}``: no ``retry``, as a dead-letter handler is
+    never retried (a policy given is 422, not silently unused)."""
 
     script: str
     source_kinds: tuple[OutboxSourceKind, ...]
-    retry: RetryPolicy
+    retry: RetryPolicy = DEFAULT_RETRY_POLICY
 
     @classmethod
     def from_fields(cls, fields: Fields) -> CreateDeadLetterTriggerRequest:
+        if fields.obj("retry", None) is not None:
+            raise InvalidRetryPolicy(
+                "a dead-letter trigger takes no retry policy: its script runs once per "
+                "dead letter and is never retried"
+            )
         kinds: set[OutboxSourceKind] = set()
         for name in fields.text_list("source_kinds", []):
             try:
-                kinds.add(OutboxSourceKind(name))
+                kind = OutboxSourceKind(name)
             except ValueError:
-                allowed = ", ".join(k.value for k in OutboxSourceKind)
+                kind = None
+            if kind not in DEAD_LETTER_SOURCES:
+                allowed = ", ".join(k.value for k in DEAD_LETTER_SOURCES)
                 raise InvalidInput(
                     f"unknown source kind {name!r}; expected one of: {allowed}"
-                ) from None
-        return cls(
-            script=fields.text("script"),
-            source_kinds=tuple(sorted(kinds)),
-            retry=_retry(fields),
-        )
+                    " (a dead-letter handler's execution is never dead-lettered)"
+                )
+            assert kind is not None
+            kinds.add(kind)
+        return cls(script=fields.text("script"), source_kinds=tuple(sorted(kinds)))
 
 
 def trigger_to_wire(trigger: Trigger, script_name: str) -> JsonObject:
@@ -122,7 +135,8 @@ def trigger_to_wire(trigger: Trigger, script_name: str) -> JsonObject:
             if trigger.registered_by_principal is None
             else str(trigger.registered_by_principal)
         ),
-        "retry": trigger.retry.to_wire(),
+        # A dead-letter handler is never retried: it has no policy to show.
+        "retry": None if trigger.kind is TriggerKind.DEAD_LETTER else trigger.retry.to_wire(),
         "created_at": wire.timestamp_text(trigger.created_at),
     }
     details = trigger.details
