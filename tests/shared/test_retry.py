@@ -45,6 +45,20 @@ def test_constant_is_constant(policy: RetryPolicy, a: int, b: int) -> None:
     assert policy.base_for(a) == policy.base_for(b) == policy.base_delay_ms
 
 
+def test_jitter_spreads_retries_that_reached_the_cap_below_it() -> None:
+    """At the cap the band is cut, and delays spread evenly over what is left of it,
+    not clamped: not half of the retries there at exactly the cap."""
+    policy = RetryPolicy(Backoff.CONSTANT, 1000, 1000, 5, 0.5)
+    delays = [policy.delay_ms(1, r / 100) for r in range(101)]
+    assert policy.jitter_band(1) == (500.0, 1000.0)
+    assert sum(d == 1000 for d in delays) == 1
+    assert delays == sorted(set(delays))
+    below = RetryPolicy(Backoff.EXPONENTIAL, 100, 300_000, 5, 0.2)
+    assert below.jitter_band(1) == (80.0, 120.0)  # far from the cap: base ± jitter
+    capped = RetryPolicy(Backoff.EXPONENTIAL, 1000, 2000, 5, 0.2)
+    assert capped.jitter_band(4) == (1600.0, 2000.0)  # 8000 capped to 2000, then ± 20 %
+
+
 def test_exponential_doubles_until_the_cap() -> None:
     """1000, 2000, 4000 … then the cap."""
     p = RetryPolicy(Backoff.EXPONENTIAL, 1000, 5000, 5, 0.0)

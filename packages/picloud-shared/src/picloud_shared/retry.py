@@ -65,18 +65,20 @@ class RetryPolicy:
         return min(raw, float(self.max_delay_ms))
 
     def delay_ms(self, attempt: int, rand: float) -> float:
-        """Delay before retry ``attempt`` with jitter: ``base * (1 + jitter*(2*rand-1))``,
-        clamped to ``[0, max_delay_ms]``."""
-        base = self.base_for(attempt)
-        jittered = base * (1.0 + self.jitter * (2.0 * rand - 1.0))
-        return min(max(jittered, 0.0), float(self.max_delay_ms))
+        """Delay before retry ``attempt``: ``rand`` (in [0, 1]) placed in
+        :meth:`jitter_band` (``base * (1 + jitter*(2*rand-1))`` where no cap cuts it)."""
+        low, high = self.jitter_band(attempt)
+        return low + (high - low) * rand
 
     def jitter_band(self, attempt: int) -> tuple[float, float]:
-        """The closed interval every ``delay_ms(attempt, ·)`` falls in."""
+        """The closed interval every ``delay_ms(attempt, ·)`` falls in: ``base`` ±
+        ``jitter``, its top cut at ``max_delay_ms``. Delays are spread evenly over what
+        is left: clamping them instead would put half the retries that reached the cap
+        at exactly the cap, together, which is what jitter is there to prevent."""
         base = self.base_for(attempt)
         return (
             max(base * (1.0 - self.jitter), 0.0),
-            min(base * (1.0 + self.jitter), self.max_delay_ms),
+            min(base * (1.0 + self.jitter), float(self.max_delay_ms)),
         )
 
     def to_wire(self) -> JsonObject:
