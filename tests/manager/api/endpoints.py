@@ -87,6 +87,12 @@ ENDPOINTS: list[Endpoint] = [
     ),
     Endpoint("GET", "/apps/{id}/routes", C.APP_READ),
     Endpoint("GET", "/apps/{id}/routes/{route_id}", C.APP_READ),
+    Endpoint(
+        "PATCH",
+        "/apps/{id}/routes/{route_id}",
+        C.APP_MANAGE_ROUTES,
+        {"script": "s", "dispatch_mode": "async"},
+    ),
     Endpoint("DELETE", "/apps/{id}/routes/{route_id}", C.APP_MANAGE_ROUTES),
     Endpoint(
         "POST",
@@ -111,6 +117,13 @@ ENDPOINTS: list[Endpoint] = [
     ),
     Endpoint("GET", "/apps/{id}/triggers", C.APP_READ),
     Endpoint("GET", "/apps/{id}/triggers/{trigger_id}", C.APP_READ),
+    Endpoint(
+        "PATCH",
+        "/apps/{id}/triggers/{trigger_id}",
+        C.APP_MANAGE_TRIGGERS,
+        {"script": "s", "key_glob": "y/*", "ops": ["set"], "retry": {"max_attempts": 2}},
+        frozenset({C.APP_READ_DATA}),
+    ),
     Endpoint("DELETE", "/apps/{id}/triggers/{trigger_id}", C.APP_MANAGE_TRIGGERS),
     Endpoint("GET", "/apps/{id}/kv", C.APP_READ_DATA),
     Endpoint("PUT", "/apps/{id}/kv/{key:path}", C.APP_WRITE_DATA, {"v": 2}),

@@ -1,4 +1,4 @@
-"""An app's user routes: create, list, read, delete."""
+"""An app's user routes: create, list, read, change, delete."""
 
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ def route_to_wire(entry: RouteEntry) -> JsonObject:
     }
 
 
+def _dispatch_mode(mode: str) -> DispatchMode:
+    try:
+        return DispatchMode(mode)
+    except ValueError:
+        raise InvalidInput("field 'dispatch_mode' must be 'sync' or 'async'") from None
+
+
 async def create_route(call: Call) -> Response:
     """``{"method", "path", "script", "dispatch_mode"?: "sync"}`` → 201; 409 on the
     same method and path."""
@@ -43,11 +50,7 @@ async def create_route(call: Call) -> Response:
     method = fields.text("method")
     path = fields.text("path")
     script = fields.text("script")
-    mode = fields.text("dispatch_mode", DispatchMode.SYNC.value)
-    try:
-        dispatch_mode = DispatchMode(mode)
-    except ValueError:
-        raise InvalidInput("field 'dispatch_mode' must be 'sync' or 'async'") from None
+    dispatch_mode = _dispatch_mode(fields.text("dispatch_mode", DispatchMode.SYNC.value))
     entry = await call.deps.routes.create(
         call.app_id,
         method,
@@ -76,6 +79,40 @@ async def get_route(call: Call) -> Response:
     return json_response(route_to_wire(entry))
 
 
+async def patch_route(call: Call) -> Response:
+    """Any of ``{"script", "dispatch_mode"}`` → 200 the route, now registered by the
+    caller. ``method`` and ``path`` may be given only as they are (422 otherwise):
+    another method or path is another route."""
+    route_id = RouteId(path_uuid(call.request, "route_id", "route"))
+    fields = await call.fields()
+    script = fields.text("script", None)
+    mode = fields.text("dispatch_mode", None)
+    dispatch_mode = None if mode is None else _dispatch_mode(mode)
+    method = fields.text("method", None)
+    path = fields.text("path", None)
+    entry = await call.deps.routes.get(call.app_id, route_id)
+    if entry is None:
+        raise NotFound("no such route")
+    for name, given, current in (
+        ("method", None if method is None else method.upper(), entry.route.method),
+        ("path", path, entry.route.path),
+    ):
+        if given is not None and given != current:
+            raise InvalidInput(
+                f"field {name!r}: a route's method and path cannot change; create another route"
+            )
+    updated = await call.deps.routes.update(
+        call.app_id,
+        route_id,
+        registered_by=call.user.id,
+        script_name=script,
+        dispatch_mode=dispatch_mode,
+    )
+    if updated is None:
+        raise NotFound("no such route")
+    return json_response(route_to_wire(updated))
+
+
 async def delete_route(call: Call) -> Response:
     """Delete one route; 204."""
     route_id = RouteId(path_uuid(call.request, "route_id", "route"))
@@ -100,6 +137,7 @@ def resources(deps: AdminDeps) -> list[Resource]:
             deps,
             {
                 "GET": Operation(Capability.APP_READ, get_route),
+                "PATCH": Operation(Capability.APP_MANAGE_ROUTES, patch_route),
                 "DELETE": Operation(Capability.APP_MANAGE_ROUTES, delete_route),
             },
         ),

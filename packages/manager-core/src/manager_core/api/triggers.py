@@ -1,4 +1,4 @@
-"""An app's triggers: KV, docs and dead-letter (Layout E), list and delete.
+"""An app's triggers: KV, docs and dead-letter (Layout E), list, change and delete.
 
 Each create endpoint decodes its body into a ``Create*TriggerRequest`` (the
 script by name, globs, ops, retry policy) and registers the trigger as the
@@ -16,6 +16,7 @@ from starlette.responses import Response
 from manager_core.api._endpoint import Call, Operation, Resource
 from manager_core.api._http import Fields, json_response, no_content, path_uuid
 from manager_core.api._pagination import PageRequest
+from manager_core.postgres.triggers import TriggerChanges
 from picloud_shared import wire
 from picloud_shared.errors import InvalidInput, InvalidRetryPolicy, NotFound, UnknownScript
 from picloud_shared.ids import AppId, ScriptId, TriggerId
@@ -101,26 +102,39 @@ class CreateDeadLetterTriggerRequest:
 
     @classmethod
     def from_fields(cls, fields: Fields) -> CreateDeadLetterTriggerRequest:
-        if fields.obj("retry", None) is not None:
-            raise InvalidRetryPolicy(
-                "a dead-letter trigger takes no retry policy: its script runs once per "
-                "dead letter and is never retried"
+        _refuse_retry(fields)
+        return cls(
+            script=fields.text("script"),
+            source_kinds=_source_kinds(fields.text_list("source_kinds", [])),
+        )
+
+
+def _refuse_retry(fields: Fields) -> None:
+    """A dead-letter trigger's 422 for a ``retry`` given."""
+    if fields.obj("retry", None) is not None:
+        raise InvalidRetryPolicy(
+            "a dead-letter trigger takes no retry policy: its script runs once per "
+            "dead letter and is never retried"
+        )
+
+
+def _source_kinds(names: list[str]) -> tuple[OutboxSourceKind, ...]:
+    """A dead-letter trigger's ``source_kinds`` (deduplicated, sorted)."""
+    kinds: set[OutboxSourceKind] = set()
+    for name in names:
+        try:
+            kind = OutboxSourceKind(name)
+        except ValueError:
+            kind = None
+        if kind not in DEAD_LETTER_SOURCES:
+            allowed = ", ".join(k.value for k in DEAD_LETTER_SOURCES)
+            raise InvalidInput(
+                f"unknown source kind {name!r}; expected one of: {allowed}"
+                " (a dead-letter handler's execution is never dead-lettered)"
             )
-        kinds: set[OutboxSourceKind] = set()
-        for name in fields.text_list("source_kinds", []):
-            try:
-                kind = OutboxSourceKind(name)
-            except ValueError:
-                kind = None
-            if kind not in DEAD_LETTER_SOURCES:
-                allowed = ", ".join(k.value for k in DEAD_LETTER_SOURCES)
-                raise InvalidInput(
-                    f"unknown source kind {name!r}; expected one of: {allowed}"
-                    " (a dead-letter handler's execution is never dead-lettered)"
-                )
-            assert kind is not None
-            kinds.add(kind)
-        return cls(script=fields.text("script"), source_kinds=tuple(sorted(kinds)))
+        assert kind is not None
+        kinds.add(kind)
+    return tuple(sorted(kinds))
 
 
 def trigger_to_wire(trigger: Trigger, script_name: str) -> JsonObject:
@@ -205,6 +219,61 @@ async def create_dead_letter_trigger(call: Call) -> Response:
     return json_response(trigger_to_wire(trigger, req.script), 201)
 
 
+# The fields a PATCH takes for each kind, besides ``script``. One of another kind's is
+# 422, not ignored: a PATCH's path does not name the kind, so it is easily mistaken.
+_GLOB_FIELD = {TriggerKind.KV: "key_glob", TriggerKind.DOCS: "collection_glob"}
+_KIND_FIELDS = {
+    TriggerKind.KV: {"key_glob", "ops", "retry"},
+    TriggerKind.DOCS: {"collection_glob", "ops", "retry"},
+    TriggerKind.DEAD_LETTER: {"source_kinds"},
+}
+_ALL_KIND_FIELDS = set().union(*_KIND_FIELDS.values())
+
+
+def _changes(fields: Fields, kind: TriggerKind) -> TriggerChanges:
+    """A PATCH body's changes to a trigger of ``kind``, checked as its create checks
+    them (``invalid_glob``, ``unknown_op``, ``invalid_retry_policy``, …)."""
+    if kind is TriggerKind.DEAD_LETTER:
+        _refuse_retry(fields)  # before the rest, as create does: its own code
+    given = fields.text("kind", None)
+    if given is not None and given.replace("-", "_") != kind.value:
+        raise InvalidInput("field 'kind': a trigger's kind cannot change; create another trigger")
+    for name in sorted(_ALL_KIND_FIELDS - _KIND_FIELDS[kind]):
+        if name in fields:
+            raise InvalidInput(f"field {name!r}: a {kind.value} trigger has no {name}")
+    if kind is TriggerKind.DEAD_LETTER:
+        names = fields.text_list("source_kinds", None)
+        return TriggerChanges(source_kinds=None if names is None else _source_kinds(names))
+    glob = fields.text(_GLOB_FIELD[kind], None)
+    ops = fields.text_list("ops", None)
+    return TriggerChanges(
+        retry=None if "retry" not in fields else RetryPolicy.from_wire(fields.obj("retry")),
+        glob=None if glob is None else check_glob(glob),
+        ops=None if ops is None else parse_ops(KvOp if kind is TriggerKind.KV else DocsOp, ops),
+    )
+
+
+async def patch_trigger(call: Call) -> Response:
+    """Any of ``{"script", "retry"}`` and the kind's own fields (``key_glob``/``ops``,
+    ``collection_glob``/``ops``, ``source_kinds``) → 200 the trigger, now registered
+    by the caller. Events already fired keep what they were fired with."""
+    trigger_id = TriggerId(path_uuid(call.request, "trigger_id", "trigger"))
+    fields = await call.fields()
+    script = fields.text("script", None)
+    current = await call.deps.triggers.get(call.app_id, trigger_id)
+    if current is None:
+        raise NotFound("no such trigger")
+    changes = _changes(fields, current.kind)
+    if script is not None:
+        changes = attrs.evolve(changes, script_id=await _script_id(call, script))
+    named = await call.deps.triggers.update(
+        call.app_id, trigger_id, changes, registered_by_principal=call.user.id
+    )
+    if named is None:
+        raise NotFound("no such trigger")
+    return json_response(trigger_to_wire(*named))
+
+
 def uuid_cursor(value: str) -> uuid.UUID:
     """A cursor key that must be a UUID; ``InvalidInput`` otherwise."""
     try:
@@ -266,6 +335,7 @@ def resources(deps: AdminDeps) -> list[Resource]:
             deps,
             {
                 "GET": Operation(Capability.APP_READ, get_trigger),
+                "PATCH": Operation(manage, patch_trigger, reads),
                 "DELETE": Operation(manage, delete_trigger),
             },
         ),

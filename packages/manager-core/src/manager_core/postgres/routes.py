@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import attrs
-from sqlalchemy import Select, delete, insert, literal, select, tuple_
+from sqlalchemy import Select, delete, insert, literal, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -55,7 +55,7 @@ class PostgresRouteRepo:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        # Called after a route is created or deleted: a cache of routes on this node
+        # Called after a route is created, changed or deleted: a cache of routes on this node
         # (the orchestrator's) forgets them at once instead of at the end of its ttl.
         self.changed: list[Callable[[], None]] = []
 
@@ -113,6 +113,61 @@ class PostgresRouteRepo:
         for callback in self.changed:
             callback()
         return RouteEntry(route_from_row(row), script_name, row.created_at)
+
+    async def update(
+        self,
+        app_id: AppId,
+        route_id: RouteId,
+        *,
+        registered_by: UserId | None,
+        script_name: str | None = None,
+        dispatch_mode: DispatchMode | None = None,
+        conn: AsyncConnection | None = None,
+    ) -> RouteEntry | None:
+        """Point one of the app's routes at the app's script ``script_name`` and/or
+        change its ``dispatch_mode`` (``None``: keep). Its method and path never
+        change (another method or path is another route).
+
+        ``registered_by`` always becomes the route's registrant, even when nothing
+        else changes: whoever decides what a route runs is whom it runs as (as at
+        create). ``None`` when the app has no such route; raises ``UnknownScript``,
+        or ``NotFound`` for a user that no longer exists. What is already waiting
+        in the outbox keeps the script it was written with.
+        """
+        values: dict[str, object] = {"registered_by": registered_by}
+        if dispatch_mode is not None:
+            values["dispatch_mode"] = DispatchMode(dispatch_mode).value
+        this_route = (t.routes.c.app_id == app_id) & (t.routes.c.id == route_id)
+
+        async def body(c: AsyncConnection) -> RouteEntry | None:
+            locked = select(t.routes.c.id).where(this_route).with_for_update()
+            if (await c.execute(locked)).one_or_none() is None:
+                return None
+            if script_name is not None:
+                # KEY SHARE: a concurrent delete of the script waits for this commit
+                # (then meets the route's reference) instead of racing it.
+                script_id = await c.scalar(
+                    select(t.scripts.c.id)
+                    .where((t.scripts.c.app_id == app_id) & (t.scripts.c.name == script_name))
+                    .with_for_update(key_share=True)
+                )
+                if script_id is None:
+                    raise UnknownScript(f"no script named {script_name!r} in this app")
+                values["script_id"] = script_id
+            await c.execute(update(t.routes).where(this_route).values(**values))
+            row = (await c.execute(self._entries().where(this_route))).one()
+            return RouteEntry(route_from_row(row), row.name, row.created_at)
+
+        try:
+            entry = await in_transaction(conn or self._engine, body)
+        except IntegrityError as exc:
+            if sqlstate(exc) == FOREIGN_KEY_VIOLATION:
+                raise NotFound("no such app or user") from exc
+            raise translate_integrity_error(exc, what="route") from exc
+        if entry is not None:
+            for callback in self.changed:
+                callback()
+        return entry
 
     async def get(
         self, app_id: AppId, route_id: RouteId, *, conn: AsyncConnection | None = None

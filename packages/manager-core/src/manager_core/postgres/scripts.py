@@ -341,7 +341,7 @@ class PostgresScriptRepo:
                 users = "" if conn is not None else await self._users_of(app_id, name)
                 raise Conflict(
                     f"script {name!r} is still used by {users or 'a route or trigger'};"
-                    " delete them, or point them at another script, first"
+                    " delete them, or PATCH them to another script, first"
                 ) from exc
             raise translate_integrity_error(exc, what="script") from exc
         if size is not None and self.quota is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -18,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from manager_core import tables as t
 from manager_core.db import in_transaction, transaction, translate_integrity_error
 from manager_core.postgres._quota import check_quota
-from picloud_shared.errors import InvalidInput, NotFound, UnknownScript
+from picloud_shared.errors import InvalidInput, InvalidRetryPolicy, NotFound, UnknownScript
 from picloud_shared.ids import AppId, ScriptId, TriggerId, UserId
 from picloud_shared.limits import MAX_LIST_FETCH, MAX_TRIGGERS_PER_APP
 from picloud_shared.outbox import OutboxSourceKind
@@ -39,11 +40,18 @@ from picloud_shared.triggers import (
     TriggerDetails,
     TriggerKind,
     TriggerMatch,
+    check_glob,
     glob_literal_prefix,
     kind_of,
 )
 
-__all__ = ["PostgresTriggerRepo", "check_limit", "retry_from_row", "retry_values"]
+__all__ = [
+    "PostgresTriggerRepo",
+    "TriggerChanges",
+    "check_limit",
+    "retry_from_row",
+    "retry_values",
+]
 
 _T, _KV, _DOCS, _DL = (
     t.triggers,
@@ -158,6 +166,39 @@ def _match_from_row(row: Any) -> TriggerMatch:
     )
 
 
+@attrs.frozen
+class TriggerChanges:
+    """What a PATCH of a trigger changes (``None``: keep). ``glob`` is a kv trigger's
+    ``key_glob`` or a docs trigger's ``collection_glob``; ``ops`` are of the trigger's
+    kind; ``source_kinds`` are a dead-letter trigger's; a dead-letter trigger takes
+    no ``retry``."""
+
+    script_id: ScriptId | None = None
+    retry: RetryPolicy | None = None
+    glob: str | None = None
+    ops: tuple[KvOp, ...] | tuple[DocsOp, ...] | None = None
+    source_kinds: tuple[OutboxSourceKind, ...] | None = None
+
+    def check(self, kind: TriggerKind) -> None:
+        """Raise unless every change fits a trigger of ``kind``."""
+        if kind is TriggerKind.DEAD_LETTER:
+            if self.retry is not None:
+                raise InvalidRetryPolicy(
+                    "a dead-letter trigger takes no retry policy: its script runs once per "
+                    "dead letter and is never retried"
+                )
+            if self.glob is not None or self.ops is not None:
+                raise InvalidInput("a dead-letter trigger has no glob and no ops")
+            return
+        if self.source_kinds is not None:
+            raise InvalidInput(f"a {kind.value} trigger has no source_kinds")
+        if self.glob is not None:
+            check_glob(self.glob)
+        op_kind = KvOp if kind is TriggerKind.KV else DocsOp
+        if self.ops is not None and not all(isinstance(o, op_kind) for o in self.ops):
+            raise InvalidInput(f"ops of a {kind.value} trigger must be {op_kind.__name__}s")
+
+
 class PostgresTriggerRepo:
     """:class:`~picloud_shared.ports.TriggerRepo` on PostgreSQL.
 
@@ -260,6 +301,82 @@ class PostgresTriggerRepo:
             details=details,
             created_at=row.created_at,
         )
+
+    # -- update ------------------------------------------------------------------------
+
+    async def update(
+        self,
+        app_id: AppId,
+        trigger_id: TriggerId,
+        changes: TriggerChanges,
+        *,
+        registered_by_principal: UserId | None,
+        conn: AsyncConnection | None = None,
+    ) -> tuple[Trigger, str] | None:
+        """Change one of the app's triggers (its kind never changes) and make
+        ``registered_by_principal`` its registrant, even when nothing else changes:
+        whoever decides what a trigger runs is whom it runs as (as at create).
+
+        Returns the trigger with its script's name, or ``None`` when the app has no
+        such trigger. Raises ``UnknownScript`` (``changes.script_id`` is no script of
+        the app), ``InvalidRetryPolicy`` / ``InvalidInput`` / ``InvalidGlob`` (a change
+        that does not fit the trigger's kind), ``NotFound`` (the user is gone).
+
+        Only events fired from now on see the change: rows already in the outbox keep
+        the script and retry policy they were written with.
+        """
+        this = sa.and_(_T.c.app_id == app_id, _T.c.id == trigger_id)
+
+        async def body(c: AsyncConnection) -> tuple[Trigger, str] | None:
+            locked = sa.select(_T.c.kind).where(this).with_for_update()
+            kind_name = await c.scalar(locked)
+            if kind_name is None:
+                return None
+            kind = TriggerKind(kind_name)
+            changes.check(kind)
+            values: dict[str, Any] = {"registered_by_principal": registered_by_principal}
+            if changes.script_id is not None:
+                s = t.scripts
+                # KEY SHARE: a concurrent delete of the script waits for this commit
+                # (then meets the trigger's reference) instead of racing it.
+                found = await c.scalar(
+                    sa.select(s.c.id)
+                    .where(s.c.id == changes.script_id, s.c.app_id == app_id)
+                    .with_for_update(key_share=True)
+                )
+                if found is None:
+                    raise UnknownScript()
+                values["script_id"] = changes.script_id
+            if changes.retry is not None:
+                values.update(retry_values(changes.retry))
+            if changes.glob is not None:
+                values["match_prefix"] = glob_literal_prefix(changes.glob)
+            await c.execute(sa.update(_T).where(this).values(**values))
+            details: dict[str, Any] = {}
+            if changes.ops is not None:
+                details["ops"] = [o.value for o in changes.ops]
+            if kind is TriggerKind.KV:
+                table, glob_column = _KV, "key_glob"
+            elif kind is TriggerKind.DOCS:
+                table, glob_column = _DOCS, "collection_glob"
+            else:
+                table, glob_column = _DL, ""
+                if changes.source_kinds is not None:
+                    details["source_kinds"] = sorted({k.value for k in changes.source_kinds})
+            if changes.glob is not None:
+                details[glob_column] = changes.glob
+            if details:
+                stmt = sa.update(table).where(table.c.trigger_id == trigger_id).values(**details)
+                await c.execute(stmt)
+            row = (await c.execute(_named().where(this))).one()
+            return _trigger_from_row(row), row.script_name
+
+        try:
+            return await in_transaction(conn or self._engine, body)
+        except IntegrityError as exc:
+            raise translate_integrity_error(
+                exc, what="trigger", foreign_key=NotFound("no such app, script or user")
+            ) from exc
 
     # -- read / delete ---------------------------------------------------------------
 
