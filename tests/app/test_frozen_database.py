@@ -181,7 +181,7 @@ async def test_admin_reads_and_writes_answer_503_within_the_bound(db_url: str) -
         await node.ok("POST", "/scripts", expect=201, json={"name": "noop", "source": NOOP})
         trigger = {"script": "noop", "key_glob": "k-*"}
         await node.ok("POST", "/triggers/kv", expect=201, json=trigger)
-        await node.ok("PUT", "/kv/k-before", json={"v": 1})
+        await node.ok("PUT", "/kv/k-before", json={"v": 1}, expect=201)
 
         node.relay.freeze()
         (read, read_s), (write, write_s) = await during_the_hang(
@@ -197,7 +197,7 @@ async def test_admin_reads_and_writes_answer_503_within_the_bound(db_url: str) -
         got = await eventually(lambda: node.admin("GET", f"{node.base}/kv/k-before"), 200)
         assert got.json()["value"] == {"v": 1}
         await assert_whole(node)
-        await node.ok("PUT", "/kv/k-during", json={"v": 3})
+        await node.ok("PUT", "/kv/k-during", json={"v": 3}, expect=201)
         assert (await node.ok("GET", "/kv/k-during"))["value"] == {"v": 3}
         await assert_whole(node)
         many = [lambda: node.admin("GET", f"{node.base}/kv/k-before") for _ in range(12)]
@@ -215,7 +215,7 @@ async def test_a_commit_postgres_does_not_answer_is_bounded_too(db_url: str) -> 
         await node.ok("POST", "/scripts", expect=201, json={"name": "noop", "source": NOOP})
         trigger = {"script": "noop", "key_glob": "k-*"}
         await node.ok("POST", "/triggers/kv", expect=201, json=trigger)
-        await node.ok("PUT", "/kv/k-before", json={"v": 1})
+        await node.ok("PUT", "/kv/k-before", json={"v": 1}, expect=201)
 
         node.relay.freeze_at_commit(b"k-at-commit")
         write, seconds = await timed(node.admin("PUT", f"{node.base}/kv/k-at-commit", json=7))
@@ -274,7 +274,7 @@ async def test_a_write_waiting_on_a_lock_is_not_cut_short(db_url: str, engine: A
     the server answer a new connection, keeps waiting, and the write succeeds once
     the lock is released."""
     async with frozen_node(db_url) as node:
-        await node.ok("PUT", "/kv/k-locked", json=1)
+        await node.ok("PUT", "/kv/k-locked", json=1, expect=201)
         answers: list[Any] = []
 
         async def write() -> None:
