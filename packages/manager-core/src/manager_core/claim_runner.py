@@ -26,7 +26,8 @@ Outcomes (DESIGN.md, "The execution pipeline"):
   ``max_attempts`` (or at once for ``rejected`` / ``principal_revoked``, and when
   its trigger, route or script no longer exists) dead-lettered and fanned out to
   dead-letter triggers;
-* ``trigger_depth > max_trigger_depth`` — not run, recorded ``skipped``.
+* ``trigger_depth > max_trigger_depth`` — not run, recorded ``skipped`` (no attempt);
+  never a dead-letter handler's row, which runs one past its execution's depth.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from manager_core.execution_txn import (
     Unrunnable,
 )
 from manager_core.postgres.outbox import ClaimedRow
+from manager_core.postgres.outbox_claims import record_skipped
 from manager_core.principals import AdminPrincipalResolver
 from picloud_shared.errors import PrincipalRevoked
 from picloud_shared.events import HttpEvent, event_from_wire, script_event
@@ -104,7 +106,11 @@ class ClaimRunner:
     async def run(self, claim: ClaimedRow, slot: Slot) -> str:
         """Run one claimed row to its outcome; returns the outcome's metric label."""
         row = claim.row
-        if row.trigger_depth > self.settings.max_trigger_depth:
+        # A dead letter's handler runs whatever its depth (one past its execution's, at
+        # most the limit + 1): the owner's alerting must not stop at deep chains. Its
+        # writes fan out one deeper and are checked here; it is never retried nor
+        # dead-lettered, so no loop can come of it.
+        if row.trigger_depth > self.settings.max_trigger_depth and not row.is_dead_letter_handler:
             return await self._skip(claim)
         if row.is_sync_http and (row.attempt_count > 1 or row.reply_node != self.settings.node_id):
             # The node whose caller waited for this died (before or while running it);
@@ -347,25 +353,17 @@ class ClaimRunner:
         log.info("execution %s dead-lettered as %s (%s)", row.execution_id, dead.id, error.kind)
 
     async def _skip(self, claim: ClaimedRow) -> str:
+        """Past the depth limit: not run, so recorded ``skipped`` with no attempt and an
+        ``internal`` error saying why (no other kind fits a row that never ran)."""
         row = claim.row
-        log.warning(
-            "execution %s skipped: trigger depth %d exceeds the limit %d",
-            row.execution_id,
-            row.trigger_depth,
-            self.settings.max_trigger_depth,
-        )
+        limit = self.settings.max_trigger_depth
+        why = f"trigger depth {row.trigger_depth} exceeds the limit {limit}"
+        log.warning("execution %s skipped: %s", row.execution_id, why)
         async with transaction(self._engine) as conn:
             if not await self._outbox.take(row.id, claim.token, conn=conn):
                 raise Lost
             await self._outbox.delete(row.id, conn=conn)
-            await self._executions.finish(
-                row.execution_id,
-                ExecutionStatus.SKIPPED,
-                error_kind=ExecErrorKind.INTERNAL,
-                error_message=f"trigger depth {row.trigger_depth} exceeds max_trigger_depth "
-                f"{self.settings.max_trigger_depth}",
-                conn=conn,
-            )
+            await record_skipped(conn, row.execution_id, f"not run: {why}")
         self.metrics.skipped_for_depth += 1
         return "skipped"
 

@@ -8,6 +8,12 @@ ones settled long ago (``retention.ExecutionRetention``).
 ``replayed`` is final: a replayed letter is never replayed again, and neither a
 human's ``resolve`` (``Conflict``) nor a handler's late outcome (``mark``) overwrites
 it. Every other resolution may be followed by a replay or a resolve.
+
+A handler's outcome never hides what is known already (:func:`may_become`): its
+success makes a letter ``handled`` only while it has no resolution; its failure makes
+it ``handler_failed`` over none or ``handled`` (with several handlers, one failure
+wins whatever order they finish in); neither overwrites a human's ``resolved`` or a
+``replayed``.
 """
 
 from __future__ import annotations
@@ -133,6 +139,21 @@ class DeadLetter:
 
 _REPLAYED = "this dead letter was already replayed"
 _NOT_REPLAYED = _DL.c.resolution.is_distinct_from("replayed")
+
+
+def may_become(resolution: str) -> sa.ColumnElement[bool]:
+    """Whether a letter's current resolution may be replaced by ``resolution``: a
+    handler's ``handled`` only over none, its ``handler_failed`` over none or
+    ``handled``; a human's ``resolved`` and a ``replayed`` over anything but
+    ``replayed``. (``outbox_claims._COMPLETE_BATCH`` spells the ``handled`` rule in
+    its SQL.)"""
+    current = _DL.c.resolution
+    if resolution == "handled":
+        return current.is_(None)
+    if resolution == "handler_failed":
+        return sa.or_(current.is_(None), current == "handled")
+    return _NOT_REPLAYED
+
 
 # Settled: nothing is left to do about them. ``handler_failed`` and unresolved ones
 # wait for their owner and are never pruned.
@@ -276,13 +297,15 @@ class PostgresDeadLetterRepo:
         *,
         conn: AsyncConnection | None = None,
     ) -> bool:
-        """Set the resolution; ``False`` when the app has no such dead letter or it was
-        replayed (which is final: a handler finishing after the replay changes nothing)."""
+        """Set the resolution where it may replace the current one (:func:`may_become`);
+        ``False`` when the app has no such dead letter or it keeps its resolution: a
+        handler's success after a failure, a resolve or a replay, a handler's failure
+        after a resolve or a replay (``replayed`` is final)."""
         if resolution not in t.DEAD_LETTER_RESOLUTIONS:
             raise InvalidInput(f"unknown resolution {resolution!r}")
         stmt = (
             sa.update(_DL)
-            .where(_DL.c.app_id == app_id, _DL.c.id == dead_letter_id, _NOT_REPLAYED)
+            .where(_DL.c.app_id == app_id, _DL.c.id == dead_letter_id, may_become(resolution))
             .values(resolution=resolution, resolved_at=sa.func.now())
         )
         async with transaction(conn or self._engine) as c:

@@ -1,5 +1,5 @@
 """The outbox's dispatcher-side SQL (``PostgresOutboxRepo`` serves it): claim with
-context, take a claimed row, finish, give back.
+context, take a claimed row, finish (or record it skipped), give back.
 
 Ownership of a claimed row has two layers:
 
@@ -45,7 +45,7 @@ from picloud_shared.ids import (
 from picloud_shared.limits import MAX_TIMEOUT_SECONDS, SYNC_WAIT_BUFFER_SECONDS
 from picloud_shared.outbox import OutboxRow, OutboxSourceKind
 from picloud_shared.principals import Capability
-from picloud_shared.status import ExecutionStatus
+from picloud_shared.status import ExecErrorKind, ExecutionStatus
 
 # What a claimed row needs to run, joined to the claimed rows ``c`` (a CTE named
 # ``claimed``): its app, script version and limits, whether its trigger or route still
@@ -464,7 +464,9 @@ _COMPLETE_BATCH = """
     ), handled AS (
         UPDATE dead_letters SET resolution = 'handled', resolved_at = now()
         WHERE id = ANY(ARRAY(SELECT dead_letter_id FROM done WHERE is_dead_letter_handler))
-          AND resolution IS DISTINCT FROM 'replayed'  -- final: a late handler leaves it
+          -- only an unsettled letter (dead_letters.may_become): a success never hides
+          -- another handler's failure, a human's resolve or a replay
+          AND resolution IS NULL
     )
     SELECT id FROM done CROSS JOIN commit_mode
 """
@@ -549,3 +551,24 @@ async def give_back(
             .where(t.executions.c.id == row.execution_id)
             .values(status=status.value, attempts=row.attempt_count)
         )
+
+
+async def record_skipped(conn: AsyncConnection, execution_id: ExecutionId, message: str) -> None:
+    """Record an execution ``skipped`` (past the trigger depth limit): it never ran, so
+    it has no attempt (the claim counted one) and no start, only a finish and an error
+    (kind ``internal``, ``message`` saying why it was not run)."""
+    await conn.execute(
+        update(t.executions)
+        .where(t.executions.c.id == execution_id)
+        .values(
+            status=ExecutionStatus.SKIPPED.value,
+            attempts=0,
+            started_at=None,
+            error_kind=ExecErrorKind.INTERNAL.value,
+            error_message=message,
+            error_traceback=None,
+            logs=[],
+            result=sa.null(),
+            finished_at=sa.func.now(),
+        )
+    )
