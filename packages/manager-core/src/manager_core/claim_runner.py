@@ -42,9 +42,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager_core.completer import BatchCompleter
 from manager_core.conflict_lanes import ConflictLanes
-from manager_core.db import is_retryable_conflict, transaction
+from manager_core.db import is_connection_lost, is_retryable_conflict, transaction
 from manager_core.dispatch_settings import DispatcherMetrics, DispatcherSettings
 from manager_core.execution_txn import (
+    LOST_CONNECTION_RERUNS,
+    ConnectionLost,
     ExecutionTransaction,
     Lost,
     Rerun,
@@ -239,9 +241,40 @@ class ClaimRunner:
     async def _attempt(
         self, claim: ClaimedRow, request: ExecRequest, principal: Principal, slot: Slot
     ) -> ExecResult | None:
+        """One run of the script (:meth:`_run_once`), run again at once (at most
+        ``LOST_CONNECTION_RERUNS`` times) when a host call found its transaction's
+        connection lost: nothing of it committed (a stale pooled connection after a
+        PostgreSQL restart). A database still away fails the last run as any platform
+        error does. A run again holds no gate slot (its first released it), as a
+        conflict's does not: waiting for one could wait on rows queued to the runners."""
+        for reruns_left in range(LOST_CONNECTION_RERUNS, -1, -1):
+            try:
+                return await self._run_once(
+                    claim, request, principal, slot, rerun_if_lost=reruns_left > 0
+                )
+            except ConnectionLost as exc:
+                log.info(
+                    "execution %s runs again: its connection was lost before anything of it "
+                    "committed (%s)",
+                    claim.row.execution_id,
+                    exc,
+                )
+        raise AssertionError("unreachable")
+
+    async def _run_once(
+        self,
+        claim: ClaimedRow,
+        request: ExecRequest,
+        principal: Principal,
+        slot: Slot,
+        *,
+        rerun_if_lost: bool,
+    ) -> ExecResult | None:
         """One run of the script. ``None`` when its success is committed; the failed
         result (nothing of it committed) otherwise. Raises ``Rerun`` on a
-        serialization conflict and ``Lost`` when another claim owns the row."""
+        serialization conflict, ``Lost`` when another claim owns the row, and
+        ``ConnectionLost`` (if ``rerun_if_lost``) when a host call lost its
+        connection."""
         row = claim.row
         txn = ExecutionTransaction(self._txn_deps, claim, principal)
         try:
@@ -255,6 +288,8 @@ class ClaimRunner:
                     raise Lost from None
                 if is_retryable_conflict(error):
                     raise Rerun from None
+                if rerun_if_lost and is_connection_lost(error):
+                    raise ConnectionLost(_first_line(error)) from None
                 log.error("host call failed in execution %s: %r", row.execution_id, error)
                 return ExecResult.failed(
                     row.execution_id,
@@ -427,6 +462,12 @@ class ClaimRunner:
             return
         self.metrics.abandoned += 1
         await self._outbox.record_abandoned(row.execution_id, row.reply_to, "receiver gone", result)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of what a database error says (its original's, if wrapped)."""
+    orig = getattr(error, "orig", None) or error
+    return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:200]
 
 
 def _caller_gone(execution_id: ExecutionId, ran: ExecResult | None = None) -> ExecResult:

@@ -43,6 +43,9 @@ CHECK_VIOLATION = "23514"
 NOT_NULL_VIOLATION = "23502"
 SERIALIZATION_FAILURE = "40001"
 DEADLOCK_DETECTED = "40P01"
+# The server ended the session: a shutdown or crash (57P01-57P03), an idle transaction
+# past idle_in_transaction_session_timeout (25P03). Class 08 is a connection exception.
+SESSION_ENDED = frozenset({"57P01", "57P02", "57P03", "25P03"})
 log = logging.getLogger("picloud.db")
 CONFLICT_ATTEMPTS = 5  # runs of a transaction PostgreSQL aborts for a conflict
 T = TypeVar("T")
@@ -66,6 +69,15 @@ SESSION_OPTIONS = "-c enable_seqscan=off"
 # side). The libraries' default (30 s) held requests for 30-60 s while PostgreSQL was
 # away, and a stop on SIGTERM as long.
 CONNECTION_WAIT_SECONDS = 5
+
+# How long the outbox pool (``make_pool``) keeps at one attempt to open a connection.
+# psycopg_pool tries again after 1 s, then 2, 4 … s, for ``reconnect_timeout`` (300 s
+# by default), and while an attempt waits out its pause no request can start another:
+# after an outage of a minute or two, the pool served again 20-100 s after PostgreSQL
+# did. With this bound an attempt fails after two tries a second apart, and the next
+# request for a connection starts a new one (so does a request still waiting then:
+# ``_reconnect_failed``): once PostgreSQL answers, the pool serves within about a second.
+RECONNECT_SECONDS = 1.0
 
 
 def _with_options(url: str, options: str | None) -> dict[str, str | int]:
@@ -122,8 +134,18 @@ def make_pool(url: str, *, max_size: int, min_size: int = 1) -> AsyncConnectionP
         | _with_options(url, SESSION_OPTIONS),
         connection_class=BoundedConnection,
         timeout=CONNECTION_WAIT_SECONDS,
+        reconnect_timeout=RECONNECT_SECONDS,
+        reconnect_failed=_reconnect_failed,
         open=False,
     )
+
+
+async def _reconnect_failed(pool: AsyncConnectionPool) -> None:
+    """An attempt of ``pool`` to open a connection gave up (``RECONNECT_SECONDS``):
+    while requests still wait for one, start a new attempt at once rather than at the
+    next request (``check`` grows a pool that has no connection)."""
+    if not pool.closed and pool.get_stats().get("requests_waiting", 0):
+        await pool.check()
 
 
 INTEGRITY_ERRORS = (IntegrityError, psycopg.IntegrityError)
@@ -253,6 +275,22 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(orig, (psycopg.OperationalError, PoolTimeout)) and not isinstance(
         orig, psycopg.errors.QueryCanceled
     )
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """The connection a statement ran on is gone (PostgreSQL restarted or ended the
+    session, the socket broke): SQLAlchemy found it so and invalidated it, or a plain
+    psycopg connection failed without a server error (or with one that ends the
+    session). Nothing of its transaction committed. Not a statement PostgreSQL
+    refused, a conflict, or a cancelled or given-up statement."""
+    if isinstance(exc, DBAPIError):
+        return bool(exc.connection_invalidated)
+    if not isinstance(exc, psycopg.Error) or isinstance(exc, StatementTimeout):
+        return False
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith("08") or state in SESSION_ENDED
 
 
 def unavailable_message(exc: BaseException) -> str:

@@ -12,14 +12,21 @@ the script again), :class:`Lost` (another claim owns the row), :class:`Unrunnabl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import attrs
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from manager_core.db import is_retryable_conflict, shielded_commit, shielded_rollback
+from manager_core import tables as t
+from manager_core.db import (
+    is_connection_lost,
+    is_retryable_conflict,
+    shielded_commit,
+    shielded_rollback,
+)
 from manager_core.guarded_host import GuardedHost
 from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from manager_core.postgres.executions import PostgresExecutionRepo
@@ -40,6 +47,23 @@ from picloud_shared.status import ExecutionStatus
 # made executions writing *different* keys abort each other (1.5 re-runs per
 # execution in bench), so only real contention costs a re-run here.
 EXECUTION_ISOLATION = "REPEATABLE READ"
+
+# An execution's transaction may sit idle (between statements) as long as its script
+# may run, from its first host call to its timeout, and then while its outcome
+# commits. Past its script's ``timeout_seconds`` plus this margin, PostgreSQL ends it
+# (``idle_in_transaction_session_timeout``, set for that transaction only): its node
+# is stalled (SIGSTOP, a frozen VM), and its row and key locks would otherwise hold up
+# every execution needing them, the one re-running it after its lease ran out
+# included. The margin covers the commit's few statements on a busy event loop.
+IDLE_IN_TRANSACTION_MARGIN_SECONDS = 10.0
+
+# How many times an execution runs again at once when its transaction's connection
+# turned out to be lost at a host call (``db.is_connection_lost``: a stale pooled
+# connection after a PostgreSQL restart). Nothing of it committed, and a script has no
+# outside effects. The failed connection made SQLAlchemy discard every connection
+# pooled before it, so a second run meets a fresh one; a database still away fails
+# that run too, and the execution then fails as any platform error does.
+LOST_CONNECTION_RERUNS = 1
 
 HostFactory = Callable[[AsyncConnection, AppId, Principal, int], HostApi]
 """Builds the ``HostApi`` of one execution: (transaction, app, principal, trigger depth)."""
@@ -63,6 +87,11 @@ class TransactionDeps:
 
 class Rerun(Exception):
     """The transaction hit a serialization conflict; run the script again."""
+
+
+class ConnectionLost(Exception):
+    """A host call found the transaction's connection lost before anything of it
+    committed; run the script again on a new one (``LOST_CONNECTION_RERUNS``)."""
 
 
 class Slot:
@@ -109,9 +138,28 @@ class _Opener:
         self.conn = conn
         await conn.execution_options(isolation_level=EXECUTION_ISOLATION)
         await conn.begin()
-        if not await d.outbox.take(row.id, self.claim.token, conn=conn):
+        script = self.claim.script
+        assert script is not None  # a row whose script is gone is never run
+        took = await conn.execute(_take(row.id, self.claim.token, script.timeout_seconds))
+        if took.first() is None:
             raise Lost
         return d.host_factory(conn, row.app_id, self.principal, row.trigger_depth)
+
+
+def _take(row_id: int, token: str, timeout_seconds: float) -> Select[Any]:
+    """``outbox_claims.take`` (lock the claimed row; no row when another claim owns
+    it) that also bounds how long the transaction may sit idle: its script's timeout
+    plus ``IDLE_IN_TRANSACTION_MARGIN_SECONDS``, for this transaction only
+    (``set_config(…, true)``), in the same round trip."""
+    idle_ms = int((timeout_seconds + IDLE_IN_TRANSACTION_MARGIN_SECONDS) * 1000)
+    return (
+        select(
+            t.outbox.c.id,
+            func.set_config("idle_in_transaction_session_timeout", str(idle_ms), True),
+        )
+        .where(t.outbox.c.id == row_id, t.outbox.c.claimed_by == token)
+        .with_for_update()
+    )
 
 
 class ExecutionTransaction:
@@ -153,7 +201,13 @@ class ExecutionTransaction:
 
     async def rollback(self) -> None:
         if self.conn is not None and self.conn.in_transaction():
-            await shielded_rollback(self.conn)
+            try:
+                await shielded_rollback(self.conn)
+            except DBAPIError as exc:
+                # The session is gone (PostgreSQL ended it, say for sitting idle past
+                # IDLE_IN_TRANSACTION_MARGIN_SECONDS), and its transaction with it.
+                if not is_connection_lost(exc):
+                    raise
 
     async def close(self) -> None:
         conn = self._opener.conn

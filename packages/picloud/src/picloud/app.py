@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+from psycopg_pool import PoolTimeout
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -87,18 +88,38 @@ def create_app(
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def engine_answers() -> None:
+        async with services.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def pool_answers() -> None:
+        async with services.pool.connection(timeout=READY_CHECK_SECONDS) as conn:
+            await conn.execute("SELECT 1")
+
     async def readyz(request: Request) -> Response:
-        problems: list[str] = []
-        try:
-            # Bounded as /metrics' depth read is: a PostgreSQL that hangs without
-            # closing its connections answers no statement, nor refuses one.
-            with anyio.fail_after(READY_CHECK_SECONDS):
-                async with services.engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
-        except TimeoutError:
-            problems.append(f"database: no answer within {READY_CHECK_SECONDS:g} s")
-        except Exception as exc:
-            problems.append(f"database: {type(exc).__name__}")
+        # Both pools the node serves with: the engine's (admin API, executions) and the
+        # outbox pool (every user-route request, claims, completions), which reconnects
+        # on its own schedule. Each is bounded as /metrics' depth read is: a PostgreSQL
+        # that hangs without closing its connections answers no statement, nor refuses
+        # one. The outbox pool opens with the node: before, the dispatcher says it all.
+        probes = {"database": engine_answers}
+        if not services.pool.closed:
+            probes["outbox pool"] = pool_answers
+        found: dict[str, str] = {}
+
+        async def probe(name: str) -> None:
+            try:
+                with anyio.fail_after(READY_CHECK_SECONDS):
+                    await probes[name]()
+            except (TimeoutError, PoolTimeout):
+                found[name] = f"{name}: no answer within {READY_CHECK_SECONDS:g} s"
+            except Exception as exc:
+                found[name] = f"{name}: {type(exc).__name__}"
+
+        async with anyio.create_task_group() as tg:
+            for name in probes:
+                tg.start_soon(probe, name)
+        problems = [found[name] for name in probes if name in found]
         if not services.dispatcher.ready:
             problems.append("dispatcher: not running")
         if problems:

@@ -262,6 +262,10 @@ def _serve(settings: Settings, signals: Any, stack: contextlib.ExitStack) -> int
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # While PostgreSQL is away the outbox pool tries to reconnect every second or so,
+    # each failure a WARNING of its own; the node says it once (readyz, the refused
+    # requests' line every 10 s, the dispatcher's claims).
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     server: Any = None
     lost: list[str] = []
 
