@@ -30,6 +30,7 @@ from manager_core.dispatcher import Dispatcher, DispatcherSettings
 from manager_core.execution_txn import ExecutionTransaction, TransactionDeps
 from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from manager_core.postgres.executions import PostgresExecutionRepo
+from manager_core.postgres.outbox import ClaimedRow
 from picloud_shared.events import HttpEvent
 from picloud_shared.ids import AppId
 from picloud_shared.ports import HostApi
@@ -94,6 +95,19 @@ async def select_one(pool: Any, timeout: float) -> None:
         await conn.execute("SELECT 1")
 
 
+def _transaction(world: World, claim: ClaimedRow) -> ExecutionTransaction:
+    """The execution transaction the dispatcher would open for ``claim``."""
+    deps = TransactionDeps(
+        world.engine,
+        world.outbox,
+        PostgresExecutionRepo(world.engine),
+        PostgresDeadLetterRepo(world.engine, world.outbox, world.emitter),
+        world.host_factory,
+        world.signal,
+    )
+    return ExecutionTransaction(deps, claim, factories.principal(world.app_id))
+
+
 async def test_the_outbox_pool_serves_within_a_second_once_postgresql_is_back(
     db_url: str,
 ) -> None:
@@ -150,15 +164,7 @@ async def test_an_execution_transaction_left_idle_is_ended_with_its_locks(
     (claim,) = await world.outbox.claim_due("node-a", 1, 60)
     assert claim.script is not None
     assert claim.script.timeout_seconds == 1
-    deps = TransactionDeps(
-        world.engine,
-        world.outbox,
-        PostgresExecutionRepo(world.engine),
-        PostgresDeadLetterRepo(world.engine, world.outbox, world.emitter),
-        world.host_factory,
-        world.signal,
-    )
-    txn = ExecutionTransaction(deps, claim, factories.principal(world.app_id))
+    txn = _transaction(world, claim)
     try:
         await txn.host.kv_set("held", 1)  # opens the transaction: the row and the key locked
         conn = txn.conn
@@ -190,15 +196,7 @@ async def test_the_idle_bound_leaves_a_pooled_connection_as_it_was(world: World)
     route = await world.route(script, "/bound")
     await world.outbox.enqueue(http_row(world, script, route, HttpEvent("GET", "/")))
     (claim,) = await world.outbox.claim_due("node-a", 1, 60)
-    deps = TransactionDeps(
-        world.engine,
-        world.outbox,
-        PostgresExecutionRepo(world.engine),
-        PostgresDeadLetterRepo(world.engine, world.outbox, world.emitter),
-        world.host_factory,
-        world.signal,
-    )
-    txn = ExecutionTransaction(deps, claim, factories.principal(world.app_id))
+    txn = _transaction(world, claim)
     try:
         await txn.host.kv_set("k", 1)
         conn = txn.conn
