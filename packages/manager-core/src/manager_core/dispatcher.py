@@ -38,6 +38,7 @@ from manager_core.completer import BatchCompleter
 from manager_core.db import conflict_pause, is_retryable_conflict, sqlstate, transaction
 from manager_core.dispatch_settings import DispatcherMetrics, DispatcherSettings, WorkSignal
 from manager_core.execution_txn import HostFactory, Lost, Slot, TransactionDeps
+from manager_core.outage_log import OutageLog
 from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from manager_core.postgres.executions import PostgresExecutionRepo
 from manager_core.postgres.outbox import ClaimedRow, PostgresOutboxRepo
@@ -78,6 +79,7 @@ class Dispatcher:
         self.settings = settings
         self.metrics = DispatcherMetrics()
         self._stopping = anyio.Event()
+        self._claim_outage = OutageLog(log, "claiming outbox rows")
         self._running = False
         self._in_flight = 0
         self._idle = anyio.Event()
@@ -280,9 +282,10 @@ class Dispatcher:
                     log.info("a claim met a conflict (%s); claiming again", sqlstate(exc))
                     await conflict_pause(0)
                     continue
-                log.exception("claiming outbox rows failed; retrying after the poll interval")
+                self._claim_outage.failed(exc)
                 await anyio.sleep(self.settings.poll_interval)
                 continue
+            self._claim_outage.succeeded()
             saturated: list[ClaimedRow] = []
             for claim in claims:
                 permit = self._gate.try_acquire()
