@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
+from manager_core.claim_runner import CUT_OFF
 from manager_core.postgres import outbox_claims, outbox_enqueue
 from manager_core.postgres.outbox_claims import ScriptSources
 from picloud_shared.errors import NotFound
@@ -173,6 +174,7 @@ async def test_a_sync_row_whose_node_died_after_writing_it_is_failed_not_run(
         await world.wait_count(t.executions, t.executions.c.status == "failed")
     (execution,) = await world.rows(t.executions)
     assert execution.error_kind == "worker_crash"
+    assert execution.error_message == CUT_OFF
     assert await world.kv_value("ran") is None
 
 

@@ -115,14 +115,12 @@ class ClaimRunner:
         if row.trigger_depth > self.settings.max_trigger_depth and not row.is_dead_letter_handler:
             return await self._skip(claim)
         if row.is_sync_http and (row.attempt_count > 1 or row.reply_node != self.settings.node_id):
-            # The node whose caller waited for this died (before or while running it);
-            # the caller is gone with it, so the request is failed, not run.
+            # The node whose caller waited for this died (before or while running it),
+            # or lost the database while running it past its lease: the caller is gone
+            # or was answered, so the request is failed, not run.
             return await self._book_failure(
                 claim,
-                ExecResult.failed(
-                    row.execution_id,
-                    ExecError(ExecErrorKind.WORKER_CRASH, "the node serving this request stopped"),
-                ),
+                ExecResult.failed(row.execution_id, ExecError(ExecErrorKind.WORKER_CRASH, CUT_OFF)),
             )
         if row.reply_to is not None and not self._inbox.waiting(row.reply_to):
             return await self._book_failure(claim, _caller_gone(row.execution_id))
@@ -462,6 +460,13 @@ class ClaimRunner:
             return
         self.metrics.abandoned += 1
         await self._outbox.record_abandoned(row.execution_id, row.reply_to, "receiver gone", result)
+
+
+# The record of a sync request whose run was cut off and whose caller no longer waits.
+CUT_OFF = (
+    "the node serving this request stopped, or lost the database, while it ran; "
+    "its caller no longer waits and nothing of it was kept"
+)
 
 
 def _first_line(error: BaseException) -> str:
