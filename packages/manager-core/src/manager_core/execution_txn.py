@@ -12,15 +12,13 @@ the script again), :class:`Lost` (another claim owns the row), :class:`Unrunnabl
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import anyio
 import attrs
-from sqlalchemy import Select, func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from manager_core import tables as t
 from manager_core.db import (
     is_connection_lost,
     is_retryable_conflict,
@@ -140,26 +138,10 @@ class _Opener:
         await conn.begin()
         script = self.claim.script
         assert script is not None  # a row whose script is gone is never run
-        took = await conn.execute(_take(row.id, self.claim.token, script.timeout_seconds))
-        if took.first() is None:
+        idle = script.timeout_seconds + IDLE_IN_TRANSACTION_MARGIN_SECONDS
+        if not await d.outbox.take(row.id, self.claim.token, conn=conn, idle_seconds=idle):
             raise Lost
         return d.host_factory(conn, row.app_id, self.principal, row.trigger_depth)
-
-
-def _take(row_id: int, token: str, timeout_seconds: float) -> Select[Any]:
-    """``outbox_claims.take`` (lock the claimed row; no row when another claim owns
-    it) that also bounds how long the transaction may sit idle: its script's timeout
-    plus ``IDLE_IN_TRANSACTION_MARGIN_SECONDS``, for this transaction only
-    (``set_config(…, true)``), in the same round trip."""
-    idle_ms = int((timeout_seconds + IDLE_IN_TRANSACTION_MARGIN_SECONDS) * 1000)
-    return (
-        select(
-            t.outbox.c.id,
-            func.set_config("idle_in_transaction_session_timeout", str(idle_ms), True),
-        )
-        .where(t.outbox.c.id == row_id, t.outbox.c.claimed_by == token)
-        .with_for_update()
-    )
 
 
 class ExecutionTransaction:

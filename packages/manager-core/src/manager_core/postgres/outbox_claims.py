@@ -395,14 +395,23 @@ async def recover_expired(conn: SqlConn) -> int:
     return await execute(conn, _RECOVER, {}, prepare=False)
 
 
-async def take(conn: AsyncConnection, row_id: int, token: str) -> bool:
+async def take(
+    conn: AsyncConnection, row_id: int, token: str, *, idle_seconds: float | None = None
+) -> bool:
     """Lock a claimed row for this transaction (``SELECT … FOR UPDATE``: no new tuple,
     so no index churn for concurrent serializable transactions to trip over).
 
-    ``False`` when the row is gone or another claim owns it now.
+    ``idle_seconds``: how long the transaction may then sit idle between statements
+    before PostgreSQL ends it (``idle_in_transaction_session_timeout``, for this
+    transaction only), set in the same round trip. ``False`` when the row is gone or
+    another claim owns it now.
     """
+    columns: list[Any] = [t.outbox.c.id]
+    if idle_seconds is not None:
+        idle_ms = str(int(idle_seconds * 1000))
+        columns.append(sa.func.set_config("idle_in_transaction_session_timeout", idle_ms, True))
     result = await conn.execute(
-        select(t.outbox.c.id)
+        select(*columns)
         .where(t.outbox.c.id == row_id, t.outbox.c.claimed_by == token)
         .with_for_update()
     )
