@@ -123,14 +123,19 @@ async def get_member(call: Call) -> Response:
 
 
 async def _change_member(
-    call: Call, user_id: UserId, wanted: frozenset[Capability]
+    call: Call,
+    user_id: UserId,
+    wanted: frozenset[Capability],
+    current: frozenset[Capability] | None = None,
 ) -> frozenset[Capability]:
     """Give ``user_id`` exactly ``wanted`` in the app (none: not a member), within
-    what the caller may grant or revoke."""
+    what the caller may grant or revoke; ``current``: what they hold now, when the
+    caller read it already."""
     principal = call.principal
     assert principal is not None
     if not principal.is_instance_admin:
-        current = await call.deps.apps.capabilities_of(call.app_id, user_id) or frozenset()
+        if current is None:
+            current = await call.deps.apps.capabilities_of(call.app_id, user_id) or frozenset()
         above = current - principal.capabilities
         if above:
             names = ", ".join(sorted(above))
@@ -165,9 +170,10 @@ async def remove_member(call: Call) -> Response:
     """Remove the member; 204. 404 when the user is not a member, 403 when the
     caller lacks one of their capabilities, 409 for the app's last member manager."""
     user_id = _member_id(call)
-    if await call.deps.apps.capabilities_of(call.app_id, user_id) is None:
+    current = await call.deps.apps.capabilities_of(call.app_id, user_id)
+    if current is None:
         raise NotFound("no such member of this app")
-    await _change_member(call, user_id, frozenset())
+    await _change_member(call, user_id, frozenset(), current)
     return no_content()
 
 
