@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from tests.app.server import Server, serving
@@ -24,3 +25,10 @@ def server(
             yield s
     finally:
         pg_server.drop_database(name)
+
+
+@pytest.fixture
+def user(server: Server) -> Iterator[httpx.Client]:
+    """An anonymous client of the module's server (a route's caller)."""
+    with server.client() as c:
+        yield c

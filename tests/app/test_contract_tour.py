@@ -175,12 +175,6 @@ def admin(server: Server) -> Iterator[Admin]:
     a.close()
 
 
-@pytest.fixture
-def user(server: Server) -> Iterator[httpx.Client]:
-    with server.client() as c:
-        yield c
-
-
 def new_user(server: Server, name: str | None = None) -> dict[str, Any]:
     """POST /users as the instance admin; the answer."""
     name = name or unique("user")

@@ -70,12 +70,6 @@ def admin(server: Server) -> Iterator[Admin]:
     a.http.close()
 
 
-@pytest.fixture
-def user(server: Server) -> Iterator[httpx.Client]:
-    with server.client() as c:
-        yield c
-
-
 def test_health_readiness_and_metrics(server: Server, user: httpx.Client) -> None:
     """/healthz, /readyz and /metrics answer without a token."""
     assert user.get("/healthz").status_code == 200

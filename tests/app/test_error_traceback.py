@@ -36,12 +36,6 @@ def admin(server: Server) -> Iterator[Admin]:
     a.close()
 
 
-@pytest.fixture
-def user(server: Server) -> Iterator[httpx.Client]:
-    with server.client() as c:
-        yield c
-
-
 def assert_nested_traceback(error: dict[str, Any]) -> None:
     """``error`` is NESTED's: kind, message, and a traceback naming its three frames,
     innermost last, and nothing of the host."""

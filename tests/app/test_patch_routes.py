@@ -26,12 +26,6 @@ def admin(server: Server) -> Iterator[Admin]:
         a.close()
 
 
-@pytest.fixture
-def user(server: Server) -> Iterator[httpx.Client]:
-    with server.client() as c:
-        yield c
-
-
 def test_a_patched_route_is_served_at_once(admin: Admin, user: httpx.Client) -> None:
     """The request right after the PATCH (the route just read into the cache) runs the
     new script, then in the new dispatch mode; the 409 for deleting the old script

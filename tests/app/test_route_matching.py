@@ -30,12 +30,6 @@ def admin(server: Server) -> Iterator[Admin]:
         a.close()
 
 
-@pytest.fixture
-def user(server: Server) -> Iterator[httpx.Client]:
-    with server.client() as c:
-        yield c
-
-
 @pytest.mark.parametrize(
     ("param", "literal", "path", "other"),
     [
