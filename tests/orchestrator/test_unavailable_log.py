@@ -21,15 +21,13 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    clock = Clock()
-    monkeypatch.setattr(routes, "_refusals", routes.Refusals(clock))
-    return clock
+def clock() -> Clock:
+    return Clock()
 
 
-def refuse(n: int) -> None:
+def refuse(refusals: routes.Refusals, n: int) -> None:
     for _ in range(n):
-        answer = routes._unavailable(Unavailable("the database is unavailable"))
+        answer = refusals.refused(Unavailable("the database is unavailable"))
         assert answer.status_code == 503
         assert answer.headers["retry-after"] == "1"
 
@@ -38,19 +36,20 @@ def test_refusals_are_logged_at_most_once_per_interval(
     clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "picloud.routes")
-    refuse(1000)
+    refusals = routes.Refusals(clock)
+    refuse(refusals, 1000)
     assert [r.getMessage() for r in caplog.records] == ["user route: the database is unavailable"]
     clock.now += routes.UNAVAILABLE_LOG_SECONDS - 0.1
-    refuse(500)
+    refuse(refusals, 500)
     assert len(caplog.records) == 1
     clock.now += 0.1
-    refuse(1)
+    refuse(refusals, 1)
     assert len(caplog.records) == 2
     assert caplog.records[1].getMessage() == (
         "user route: the database is unavailable (1500 requests refused since the"
         " previous line; logged at most once per 10 s)"
     )
     clock.now += 3600  # a quiet hour: the next refusal is logged, with none before it
-    refuse(1)
+    refuse(refusals, 1)
     assert caplog.records[2].getMessage() == "user route: the database is unavailable"
     assert all(r.levelno == logging.WARNING for r in caplog.records)

@@ -127,11 +127,16 @@ class Refusals:
         self._logged_at: float | None = None
         self._refused = 0  # since the last line, this one included
 
-    def refused(self, exc: Unavailable) -> None:
+    def refused(self, exc: Unavailable) -> JSONResponse:
+        """The 503 for a request refused while the database cannot be reached (nothing
+        was written: try again), logged as the interval allows."""
         self._refused += 1
         now = self._clock()
-        if self._logged_at is not None and now - self._logged_at < UNAVAILABLE_LOG_SECONDS:
-            return
+        if self._logged_at is None or now - self._logged_at >= UNAVAILABLE_LOG_SECONDS:
+            self._log(exc, now)
+        return _error(503, exc.code, f"{exc}; retry later", headers={"Retry-After": "1"})
+
+    def _log(self, exc: Unavailable, now: float) -> None:
         if self._refused > 1:
             log.warning(
                 "user route: %s (%d requests refused since the previous line; logged at most"
@@ -144,15 +149,6 @@ class Refusals:
             log.warning("user route: %s", exc)
         self._logged_at = now
         self._refused = 0
-
-
-_refusals = Refusals()
-
-
-def _unavailable(exc: Unavailable) -> JSONResponse:
-    """503 while the database cannot be reached: nothing was written, try again."""
-    _refusals.refused(exc)
-    return _error(503, exc.code, f"{exc}; retry later", headers={"Retry-After": "1"})
 
 
 def _error(
@@ -215,6 +211,8 @@ class UserRouteOrchestrator:
     body_slot_hold_seconds: float = BODY_SLOT_HOLD_SECONDS
     #: Bounds each app's queued executions for its async routes.
     backlog: AsyncBacklog = attrs.field(factory=UnboundedBacklog)
+    #: Requests refused while the database is away, and their rate-limited log line.
+    refusals: Refusals = attrs.field(factory=Refusals)
 
     def routes(self) -> list[BaseRoute]:
         # Every method reaches ``handle`` (TRACE, PROPFIND, … included), which answers
@@ -281,7 +279,7 @@ class UserRouteOrchestrator:
                 targets = await cache.refresh(app_name)
                 found = [] if targets is None else self._match(targets, request.method, segments)
         except Unavailable as exc:
-            return _unavailable(exc)
+            return self.refusals.refused(exc)
         if targets is None:
             return _error(404, "not_found", f"no app named {app_name!r}")
         if isinstance(found, list):
@@ -303,7 +301,7 @@ class UserRouteOrchestrator:
                 cache.invalidate(app_name)
             return _error(404, "not_found", f"no app named {app_name!r}")
         except Unavailable as exc:
-            return _unavailable(exc)
+            return self.refusals.refused(exc)
         except Exception:  # the failure table's JSON 500, never the server's plain text
             log.exception("user route %s %r failed", request.method, request.url.path)
             return _failure(InboxFailureKind.INTERNAL, "internal error", None)
