@@ -551,6 +551,35 @@ async def test_a_row_whose_trigger_was_deleted_is_dead_lettered_at_once(world: W
     assert await world.kv_value("mirror:k") is None
 
 
+async def test_a_retrying_row_whose_trigger_was_deleted_keeps_its_last_error(
+    world: World,
+) -> None:
+    """The trigger was deleted while its row waited for a retry: the dead letter says
+    why it is dead and keeps what the attempt that ran failed with (message, traceback,
+    logs); the attempt that found the trigger gone is counted, as on a first attempt."""
+    source = "def handle(event, ctx):\n    ctx.log('tried')\n    raise ValueError('boom')\n"
+    slow = RetryPolicy(Backoff.CONSTANT, 60_000, 60_000, 5, 0.0)
+    await kv_trigger(world, source, "k", retry=slow)
+    (trigger,) = await world.rows(t.triggers)
+    await world.kv.set(world.app_id, "k", 1)
+    async with world.running():
+        await world.wait_count(t.executions, t.executions.c.status == "retrying")
+    async with world.engine.begin() as conn:
+        await conn.execute(sa.delete(t.triggers).where(t.triggers.c.id == trigger.id))
+        await conn.execute(sa.update(t.outbox).values(run_at=sa.func.now()))
+    async with world.running():
+        await world.wait_count(t.dead_letters)
+    (dl,) = await world.rows(t.dead_letters)
+    assert dl.attempts == 2
+    assert dl.error_message == (
+        "the trigger no longer exists (attempt 1 had failed: uncaught_exception: ValueError: boom)"
+    )
+    assert "raise ValueError('boom')" in dl.error_traceback
+    (record,) = await world.rows(t.executions)
+    assert (record.status, record.error_message) == ("dead_lettered", dl.error_message)
+    assert record.logs == ["tried"]
+
+
 async def test_a_registrant_who_no_longer_exists_is_principal_revoked(world: World) -> None:
     """The trigger's registrant was deleted: dead-lettered as principal_revoked, not run."""
     await kv_trigger(world, COPY_TO_MIRROR, "k")

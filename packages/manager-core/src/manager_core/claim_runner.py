@@ -339,6 +339,8 @@ class ClaimRunner:
                                 row.app_id, row.dead_letter_id, "handler_failed", conn=conn
                             )
                     elif final or error.kind in NON_RETRYABLE or attempts >= row.retry.max_attempts:
+                        if final and attempts > 1:
+                            result = await self._with_last_error(conn, claim, result)
                         await self._dead_letter(conn, claim, result)
                         outcome = "dead_lettered"
                     else:
@@ -361,6 +363,24 @@ class ClaimRunner:
         if row.reply_to is not None:
             await self._deliver(claim, result)
         return outcome
+
+    async def _with_last_error(
+        self, conn: AsyncConnection, claim: ClaimedRow, result: ExecResult
+    ) -> ExecResult:
+        """A retrying row that cannot run again (its trigger, route or script is gone,
+        its registrant lost the right): its dead letter says so, and keeps what the
+        last attempt that ran failed with (message, the script's traceback and its
+        logs), which the record held until now."""
+        row, error = claim.row, result.error
+        assert error is not None
+        record = await self._executions.get(row.app_id, row.execution_id, conn=conn)
+        if record is None or record.error_kind is None:
+            return result
+        earlier = f"attempt {row.attempt_count - 1} had failed: {record.error_kind.value}"
+        if record.error_message:
+            earlier += f": {record.error_message}"
+        last = ExecError(error.kind, f"{error.message} ({earlier})", record.error_traceback)
+        return ExecResult.failed(row.execution_id, last, record.logs)
 
     async def _dead_letter(
         self, conn: AsyncConnection, claim: ClaimedRow, result: ExecResult
