@@ -1,5 +1,6 @@
-"""Executor benchmark: warm no-op execution, host-call round trip, cold start, steady
-traffic, throughput with more executions in flight than CPUs.
+"""Executor benchmark: warm no-op execution (beside the machine's own floor, a bare
+pipe round trip), host-call round trip, cold start, steady traffic, throughput with
+more executions in flight than CPUs.
 
     .venv/bin/python bench/executor_bench.py [--quick]
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,6 +93,50 @@ async def warm_noop(n: int) -> dict[str, float]:
         "host_cpu_us": host_cpu / n * 1e6,
         "worker_cpu_us": worker_cpu / n * 1e6,
     }
+
+
+PING_CHILD = """
+import os
+r, w = int(os.environ["R"]), int(os.environ["W"])
+os.sched_setaffinity(0, {int(os.environ["CPU"])})
+while b := os.read(r, 1):
+    os.write(w, b)
+"""
+
+
+def pipe_floor(n: int) -> dict[str, float]:
+    """The machine's floor under a warm no-op, measured in the same run: a one-byte
+    round trip between this process and a bare child over two pipes, both sides
+    blocking in ``read`` on different CPUs (two cross-CPU wake-ups, as a no-op has
+    when neither side polls), no other work on either side: what the machine charges
+    for the exchange itself at the time of the run, apart from the executor's work."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return {}
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[0]})
+    down_r, down_w = os.pipe()
+    up_r, up_w = os.pipe()
+    env = {"R": str(down_r), "W": str(up_w), "CPU": str(cpus[1])}
+    child = subprocess.Popen(
+        [sys.executable, "-I", "-c", PING_CHILD], pass_fds=(down_r, up_w), env=env
+    )
+    os.close(down_r)
+    os.close(up_w)
+    try:
+        times = []
+        for i in range(n + 200):
+            t = time.perf_counter()
+            os.write(down_w, b"x")
+            os.read(up_r, 1)
+            if i >= 200:  # the child's start-up and first wake-ups are not the floor
+                times.append(time.perf_counter() - t)
+    finally:
+        os.close(down_w)
+        child.wait()
+        os.close(up_r)
+        os.sched_setaffinity(0, mine)
+    return {"median_us": statistics.median(times) * 1e6, "p10_us": pct(times, 0.1) * 1e6}
 
 
 async def host_call(n: int) -> dict[str, float]:
@@ -186,6 +232,7 @@ async def main(quick: bool) -> None:
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, "
         f"load {os.getloadavg()[0]:.2f}, uid {os.geteuid()}"
     )
+    print("pipe round trip floor:", pipe_floor(5000 // k))
     print("warm no-op execution :", await warm_noop(5000 // k))
     print("host call round trip :", await host_call(5000 // k))
     print("cold worker start    :", await cold_start(30 // k))

@@ -367,7 +367,11 @@ def main() -> int:
         if args.keep:
             for name, url in targets.items():
                 print(f"{name}: {url}")
-            print("--keep: Ctrl-C to stop", flush=True)
+            # Started in the background by a shell, this process ignores SIGINT: take it
+            # (and SIGTERM) back, so either one stops the servers and PostgreSQL.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            print("--keep: Ctrl-C or SIGTERM to stop", flush=True)
             try:
                 while True:
                     time.sleep(3600)
