@@ -659,3 +659,35 @@ async def test_a_script_may_start_with_a_byte_order_mark(
     assert bad.error.kind is ExecErrorKind.SYNTAX_ERROR
     assert "line 2" in bad.error.message
     assert "U+FEFF" not in bad.error.message
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "ctx.kv.set('k', {1: 2, '1': 3})",
+        "ctx.kv.set('k', [{'a': {True: 1}}])",
+        "ctx.docs.insert('c', {'a': {None: 1}})",
+        "ctx.docs.update('c', 'd', {'a': [{2.5: 1}]})",
+        "ctx.docs.query('c', where={'a': {1: 1}})",
+    ],
+)
+async def test_a_dict_key_that_is_not_a_string_is_invalid_input_to_the_script(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest, call: str
+) -> None:
+    """JSON would make ``1``, ``True`` or ``None`` a string key (and ``{1: 2, "1": 3}``
+    one key, silently dropping a value): the call raises a catchable InvalidInput
+    naming the key instead, and stores nothing."""
+    source = src(f"""
+    def handle(e, ctx):
+        try:
+            {call}
+        except ctx.Error as exc:
+            return [exc.code, exc.message]
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.response is not None, result.error
+    code, message = json.loads(result.response.body)
+    assert code == "invalid_input"
+    assert "a dict key must be a string, not" in message
+    assert host.kv == {}
+    assert host.docs == {}

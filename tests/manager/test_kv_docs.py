@@ -124,6 +124,40 @@ async def test_kv_value_over_limit_is_payload_too_large(engine: AsyncEngine) -> 
     assert await kv.get(app, "big") is None
 
 
+def _exponent_value(stored_size: int) -> list[object]:
+    """A list of ``1e300`` (6 bytes as JSON text, 301 as PostgreSQL keeps it) padded
+    with one string to ``stored_size`` bytes as kept."""
+    count = (stored_size - 8) // 302  # "[" + count * ("1000…0" + ",") + '"…"]'
+    pad = stored_size - 1 - 302 * count - 3
+    return [1e300] * count + ["x" * pad]
+
+
+async def test_kv_value_size_counts_numbers_as_postgres_keeps_them(engine: AsyncEngine) -> None:
+    """``1e300`` is 6 bytes of JSON text but 301 digits in jsonb: the 256 KiB limit
+    counts the digits, so a value kept at exactly the limit is stored (and reads back
+    that size) and one a byte larger is refused, storing nothing."""
+    app = await factories.app(engine)
+    kv = PostgresKvRepo(engine)
+    at_limit = _exponent_value(MAX_KV_VALUE_BYTES)
+    assert len(wire.dumps(at_limit)) < MAX_KV_VALUE_BYTES // 40  # far under, as text
+    entry = await kv.set(app, "amp", at_limit)
+    assert len(wire.dumps(entry.value).encode()) == MAX_KV_VALUE_BYTES  # as it came back
+    with pytest.raises(PayloadTooLarge, match="1e300 takes 301 bytes"):
+        await kv.set(app, "amp2", _exponent_value(MAX_KV_VALUE_BYTES + 1))
+    assert await kv.get(app, "amp2") is None
+
+
+async def test_document_size_counts_numbers_as_postgres_keeps_them(engine: AsyncEngine) -> None:
+    app = await factories.app(engine)
+    docs = PostgresDocumentRepo(engine)
+    overhead = len('{"v":}')
+    at_limit = {"v": _exponent_value(MAX_DOCUMENT_BYTES - overhead)}
+    doc = await docs.insert(app, "c", at_limit, "d")
+    assert len(wire.dumps(doc.data).encode()) == MAX_DOCUMENT_BYTES
+    with pytest.raises(PayloadTooLarge):
+        await docs.insert(app, "c", {"v": _exponent_value(MAX_DOCUMENT_BYTES - overhead + 1)})
+
+
 @pytest.mark.parametrize("value", [float("nan"), {1, 2}, "nul\x00char"])
 async def test_kv_value_that_is_not_storable_json_is_invalid(
     engine: AsyncEngine, value: object
@@ -314,3 +348,18 @@ async def test_writes_to_an_app_deleted_meanwhile_are_not_found(engine: AsyncEng
         await kv.set(app, "k", 1)
     with pytest.raises(NotFound, match="app not found"):
         await docs.insert(app, "c", {"a": 1})
+
+
+async def test_a_where_is_bounded_by_a_documents_size(engine: AsyncEngine) -> None:
+    """A ``where`` value no larger than a document can match one; past a document's
+    size (1 MiB as JSON) the query is ``payload_too_large``, as the README's limits
+    table says."""
+    app = await factories.app(engine)
+    docs = PostgresDocumentRepo(engine)
+    overhead = len('{"a":""}')
+    fits = "x" * (MAX_DOCUMENT_BYTES - overhead)
+    await docs.insert(app, "c", {"a": fits}, "d")
+    (found,) = await docs.query(app, "c", where={"a": fits})
+    assert found.id == "d"
+    with pytest.raises(PayloadTooLarge):
+        await docs.query(app, "c", where={"a": fits + "x"})

@@ -158,6 +158,27 @@ async def test_body_over_the_cap_is_413_and_at_the_cap_is_accepted(env) -> None:
     assert len(outbox.rows) == 1
 
 
+@pytest.mark.parametrize("path", ["/apps/shop/orders/1", "/apps/shop/jobs"], ids=["sync", "async"])
+async def test_a_json_body_is_bounded_as_postgres_keeps_it(env, path: str) -> None:  # type: ignore[no-untyped-def]
+    """``1e300`` is 6 bytes of body but 301 digits as stored: a JSON body whose numbers,
+    written out, pass the 1 MiB limit is 413 before anything is written; the same body
+    sent as text (stored as a string, not parsed) is taken."""
+    client, outbox, _, _ = env
+    count = MAX_REQUEST_BODY_BYTES // 302  # "1000…0," each, as kept
+    fits = b"[" + b",".join([b"1e300"] * count) + b"]"  # 1 + 302 * count bytes kept
+    over = b"[" + b",".join([b"1e300"] * (count + 1)) + b"]"
+    json_type = {"content-type": "application/json"}
+    assert (await client.post(path, content=fits, headers=json_type)).status_code in (200, 202)
+    r = await client.post(path, content=over, headers=json_type)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "payload_too_large"
+    assert "1e300 takes 301 bytes" in r.json()["error"]["message"]
+    assert len(outbox.rows) == 1
+    as_text = await client.post(path, content=over, headers={"content-type": "text/plain"})
+    assert as_text.status_code in (200, 202)
+    assert len(outbox.rows) == 2
+
+
 async def test_request_headers_are_bounded_in_number_and_size(env) -> None:  # type: ignore[no-untyped-def]
     """Headers are stored with the execution: at most MAX_REQUEST_HEADERS of
     MAX_REQUEST_HEADER_BYTES in all, exactly at either edge accepted, one past it 431,

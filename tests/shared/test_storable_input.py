@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from decimal import Decimal
 
 import pytest
 from hypothesis import given
@@ -25,6 +26,8 @@ REFUSED = {
     "-Infinity": b"-Infinity",
     "overflowing number": b'{"n": 1e400}',
     "overflowing negative number": b"-1e400",
+    "underflowing number": b'{"n": 1e-400}',
+    "underflowing negative number": b"[-2.5E-400]",
     "nesting past the parser": b"[" * 100_000,
     "nesting one level past MAX_JSON_DEPTH": b"[" * (MAX_JSON_DEPTH + 1)
     + b"]" * (MAX_JSON_DEPTH + 1),
@@ -43,6 +46,9 @@ ACCEPTED = {
     b'"\\\\u0000"': "\\u0000",  # an escaped backslash, then text
     b'"\\u00e9"': "é",
     b"1.5e300": 1.5e300,
+    b"5e-324": 5e-324,  # the smallest float there is
+    b"0e-400": 0.0,  # zero, however written
+    b"-0.000e-999": -0.0,
     b"12345678901234567890": 12345678901234567890,
     b'{"a": [null, true, "x"]}': {"a": [None, True, "x"]},
     b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH: wire.loads(
@@ -176,3 +182,21 @@ def test_brackets_in_strings_do_not_count_as_nesting(inside: str) -> None:
     assert json.loads(text)  # valid JSON
     assert not wire.text_too_deep(text)
     assert wire.text_too_deep("[" + text + "]")
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_exponent_growth_is_what_numeric_keeps_of_a_float(number: float) -> None:
+    """PostgreSQL keeps a JSON number as ``numeric``, written out in positional notation
+    (what ``Decimal``'s ``f`` format writes): ``exponent_growth`` is the difference, read
+    off the text (a negative zero is kept as ``0``, one byte shorter)."""
+    text = wire.dumps([number, "1e300 in a string is text"])
+    kept = format(Decimal(repr(number)), "f").removeprefix("-" if number == 0 else "")
+    assert wire.exponent_growth(text) == max(len(kept) - len(repr(number)), 0)
+    assert wire.exponent_growth(text.encode()) == wire.exponent_growth(text)
+
+
+def test_exponent_growth_of_literals_as_a_client_writes_them() -> None:
+    assert wire.exponent_growth(b"1E3") == 1  # 1000
+    assert wire.exponent_growth(b'{"a": 1.0000000000000001e300}') == 301 - 22
+    assert wire.exponent_growth(b"[1.5e-5, -2e+2]") == (8 - 6) + (4 - 5)
+    assert wire.exponent_growth(b'["1e300", {"1e300": 1}]') == 0

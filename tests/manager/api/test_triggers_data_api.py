@@ -205,6 +205,17 @@ async def test_an_escape_that_is_no_utf8_names_no_key_nor_document(api: Api, esc
     ] == "\ufffd"
 
 
+async def test_a_kv_prefix_is_bounded_as_a_key_is(api: Api) -> None:
+    """A prefix of 512 bytes (a key's most) lists; one of 513 is 422 ``limit_exceeded``,
+    as ``ctx.kv.list`` raises, not an empty page."""
+    key = "é" * 256  # 512 bytes
+    assert (await api.call("PUT", _url(api, f"/kv/{key}"), body=1)).status_code == 201
+    listed = await api.call("GET", _url(api, f"/kv?prefix={key}"))
+    assert [item["key"] for item in listed.json()["items"]] == [key]
+    over = await api.call("GET", _url(api, f"/kv?prefix={key}x"))
+    assert (over.status_code, over.json()["error"]["code"]) == (422, "limit_exceeded")
+
+
 async def test_admin_kv_writes_fire_kv_triggers(api: Api) -> None:
     """A PUT through the admin API writes one outbox row per matching trigger."""
     await api.script("s")

@@ -258,6 +258,9 @@ class Channel:
             call["ts"] = perf_counter()
             try:
                 data = frames.encode(call)
+                bad_key = _non_string_key(args)  # walked once encoding found no cycle
+                if bad_key is not None:
+                    raise TypeError(bad_key)
             except UnicodeEncodeError:
                 raise error_class("invalid_input")(
                     f"ctx.{op.replace('_', '.', 1)}: a string holds half a surrogate pair, "
@@ -564,3 +567,20 @@ class Context:
 
     def response(self, body: Any = None, status: int = 200, headers: Any = None) -> Response:
         return build_response(body, status, headers)
+
+
+def _non_string_key(value: Any) -> str | None:
+    """Why ``value`` holds a dict key that is not a string, or ``None``. JSON would
+    turn ``1``, ``True`` or ``None`` into a string key (``{1: 2, "1": 3}`` into
+    ``{"1": 3}``): a host call refuses it instead of storing something else."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key in item:
+                if not isinstance(key, str):
+                    return f"a dict key must be a string, not {type(key).__name__} {key!r:.40}"
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return None

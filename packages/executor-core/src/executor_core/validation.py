@@ -61,7 +61,11 @@ def prefix(value: object) -> str:
     return value
 
 
+_AS_KEPT = " (a number with an exponent counts the digits it stands for: 1e300 is 301)"
+
+
 def _size(value: object, what: str) -> int:
+    """``value``'s size as compact JSON, as PostgreSQL keeps it (UTF-8 bytes)."""
     try:
         text = frames.dumps(value)
     except TypeError as exc:  # not a JSON type, or an integer too long for JSON
@@ -72,7 +76,7 @@ def _size(value: object, what: str) -> int:
     problem = wire.unstorable_json(value, text)
     if problem is not None:
         raise InvalidInput(f"{what}: {problem}")
-    return size
+    return size + wire.exponent_growth(text)  # as PostgreSQL keeps it
 
 
 def json_value(value: object) -> Any:
@@ -83,7 +87,7 @@ def sized_json_value(value: object) -> tuple[Any, int]:
     """The value and its size as JSON (UTF-8 bytes)."""
     size = _size(value, "a value")
     if size > MAX_KV_VALUE_BYTES:
-        raise PayloadTooLarge(f"a value is at most {MAX_KV_VALUE_BYTES} bytes as JSON")
+        raise PayloadTooLarge(f"a value is at most {MAX_KV_VALUE_BYTES} bytes as JSON{_AS_KEPT}")
     return value, size
 
 
@@ -97,7 +101,7 @@ def sized_document(value: object) -> tuple[dict[str, Any], int]:
         raise InvalidInput("a document must be a JSON object")
     size = _size(value, "a document")
     if size > MAX_DOCUMENT_BYTES:
-        raise PayloadTooLarge(f"a document is at most {MAX_DOCUMENT_BYTES} bytes as JSON")
+        raise PayloadTooLarge(f"a document is at most {MAX_DOCUMENT_BYTES} bytes as JSON{_AS_KEPT}")
     return value, size
 
 

@@ -44,6 +44,11 @@ class BodyTooLarge(Exception):
     """The request body is larger than the limit."""
 
 
+class JsonTooLarge(Exception):
+    """The request body's JSON is larger than the limit as PostgreSQL keeps it (its
+    numbers' exponents written out as digits: ``wire.exponent_growth``)."""
+
+
 class BodyOverBudget(Exception):
     """The node's body budget had no room for the request body in time."""
 
@@ -122,11 +127,21 @@ def parsed_share(request: Request, raw: bytes, capacity: int) -> int:
     return len(raw)
 
 
-def http_event(request: Request, path: str, params: dict[str, str], raw: bytes) -> HttpEvent:
+def http_event(
+    request: Request, path: str, params: dict[str, str], raw: bytes, max_json_bytes: int
+) -> HttpEvent:
     """The route event of a request whose body is ``raw``; ``WireError`` when a JSON
-    body does not parse (or could not be stored)."""
+    body does not parse (or could not be stored), ``JsonTooLarge`` when it would be
+    kept as more than ``max_json_bytes``."""
     parsed = None
     if raw and is_json_content_type(request.headers.get("content-type", "")):
+        kept = len(raw) + wire.exponent_growth(raw)
+        if kept > max_json_bytes:
+            raise JsonTooLarge(
+                f"request body is {kept} bytes as stored (a number's exponent is kept as "
+                f"the digits it stands for: 1e300 takes 301 bytes); the limit is "
+                f"{max_json_bytes} bytes"
+            )
         parsed = wire.loads_untrusted(raw)
     # Event text is stored (jsonb): undecodable bytes are already U+FFFD, and so
     # becomes a NUL (from a %00 or the body), which no PostgreSQL string holds.

@@ -47,6 +47,7 @@ from orchestrator_core.request_body import (
     BodyOverBudget,
     BodyTimedOut,
     BodyTooLarge,
+    JsonTooLarge,
     http_event,
     parsed_share,
     read_body,
@@ -467,12 +468,14 @@ class UserRouteOrchestrator:
                 try:
                     if len(raw) > PARSE_IN_THREAD_BYTES:
                         event = await anyio.to_thread.run_sync(
-                            http_event, request, path, params, raw
+                            http_event, request, path, params, raw, self.max_body_bytes
                         )
                     else:
-                        event = http_event(request, path, params, raw)
+                        event = http_event(request, path, params, raw, self.max_body_bytes)
                 except wire.WireError as exc:
                     return _failure(InboxFailureKind.REJECTED, f"request body: {exc}", None)
+                except JsonTooLarge as exc:
+                    return _error(413, "payload_too_large", str(exc))
                 row = self._row(target, event, execution_id, reply_to)
                 if permit is None:
                     await self.outbox.enqueue(row)

@@ -55,7 +55,13 @@ def _finite(text: str) -> float:
     value = float(text)
     if value in (math.inf, -math.inf):
         raise ValueError(f"{text[:40]} is out of range")
+    if value == 0.0 and _NONZERO_DIGIT.search(text.partition("e")[0].partition("E")[0]):
+        # below the smallest float (1e-400): it would be stored as 0, silently
+        raise ValueError(f"{text[:40]} is out of range (too small for a float)")
     return value
+
+
+_NONZERO_DIGIT = re.compile(r"[1-9]")
 
 
 def unstorable(value: Json) -> str | None:
@@ -103,6 +109,43 @@ def text_too_deep(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> bool:
             return False
         brackets = _EMPTY_CONTAINERS.sub(b"", brackets)
     return bool(brackets)
+
+
+# A JSON number with an exponent: sign, integer digits, fraction digits, exponent.
+_EXPONENT_NUMBER_TEXT = re.compile(r"(-?)(\d+)(?:\.(\d+))?[eE]([-+]?\d+)")
+_EXPONENT_NUMBER_BYTES = re.compile(rb"(-?)(\d+)(?:\.(\d+))?[eE]([-+]?\d+)")
+_MAYBE_EXPONENT_TEXT = re.compile(r"\d[eE]")
+_MAYBE_EXPONENT_BYTES = re.compile(rb"\d[eE]")
+
+
+def exponent_growth(text: str | bytes) -> int:
+    """How many bytes more than the JSON ``text`` PostgreSQL's ``jsonb`` keeps of it:
+    a number is stored as ``numeric``, in positional notation, so an exponent stands
+    for its digits (``1e300`` is kept as 301 bytes, ``1.5e-5`` as ``0.000015``). Size
+    limits count a value as it is kept. Read off the text in C (strings dropped, then
+    the numbers with an exponent found); only those numbers cost Python work."""
+    if isinstance(text, str):
+        if _MAYBE_EXPONENT_TEXT.search(text) is None:
+            return 0
+        numbers = _EXPONENT_NUMBER_TEXT.findall(_STRING_TEXT.sub("", text))
+    else:
+        if _MAYBE_EXPONENT_BYTES.search(text) is None:
+            return 0
+        numbers = _EXPONENT_NUMBER_BYTES.findall(_STRING_BYTES.sub(b"", text))
+    growth = 0
+    for sign, whole, fraction, exponent in numbers:
+        digits = len(whole) + len(fraction)
+        scale = int(exponent) - len(fraction)  # the value is digits * 10**scale
+        if scale >= 0:
+            kept = digits + scale
+        elif digits > -scale:
+            kept = digits + 1  # a point among the digits
+        else:
+            kept = 2 - scale  # "0." and -scale digits after the point
+        # the text held sign, digits, point (if any), "e" and the exponent
+        written = len(sign) + digits + (1 if fraction else 0) + 1 + len(exponent)
+        growth += len(sign) + kept - written
+    return max(growth, 0)
 
 
 def depth_problem(value: object, text: str | bytes, limit: int = MAX_JSON_DEPTH) -> str | None:

@@ -88,10 +88,13 @@ def check_key(key: object) -> str:
 
 
 def encode_json(value: object, max_bytes: int, what: str) -> str:
-    """``value`` as compact JSON text of at most ``max_bytes`` UTF-8 bytes.
+    """``value`` as compact JSON text of at most ``max_bytes`` UTF-8 bytes, counted as
+    PostgreSQL keeps it (a number's exponent as the digits it stands for:
+    ``wire.exponent_growth``).
 
-    Raises :class:`InvalidInput` for anything that is not JSON (NaN, sets, non-string
-    keys …) and :class:`PayloadTooLarge` past the limit.
+    Raises :class:`InvalidInput` for anything that is not JSON (NaN, sets …) and
+    :class:`PayloadTooLarge` past the limit. (A script's dict keys that are not
+    strings are refused in its worker; JSON bodies have none.)
     """
     try:
         text = wire.dumps(value)  # type: ignore[arg-type]
@@ -105,6 +108,12 @@ def encode_json(value: object, max_bytes: int, what: str) -> str:
         raise InvalidInput(f"{what}: {problem}")
     if size > max_bytes:
         raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {max_bytes}")
+    growth = wire.exponent_growth(text)
+    if size + growth > max_bytes:
+        raise PayloadTooLarge(
+            f"{what} is {size + growth} bytes as stored (a number's exponent is kept as "
+            f"the digits it stands for: 1e300 takes 301 bytes); the limit is {max_bytes}"
+        )
     return text
 
 
@@ -270,6 +279,8 @@ class PostgresKvRepo:
         starting after the key ``after`` (keyset pagination)."""
         if not isinstance(prefix, str) or "\x00" in prefix:
             raise InvalidInput("a prefix must be a string without NUL characters")
+        if len(prefix.encode("utf-8", "surrogatepass")) > MAX_KV_KEY_BYTES:
+            raise LimitExceeded(f"a prefix is at most {MAX_KV_KEY_BYTES} bytes")
         stmt = (
             sa.select(_KV.c.key, _KV.c.value, _KV.c.version, _KV.c.updated_at)
             .where(_KV.c.app_id == app_id)
