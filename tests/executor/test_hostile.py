@@ -626,7 +626,7 @@ async def test_forged_call_with_an_integer_too_long_for_json_is_the_scripts_erro
         ch = next(o for o in gc.get_objects() if type(o).__name__ == "Channel" and o.nonce)
         sys.set_int_max_str_digits(0)
         out = []
-        for i, args in enumerate((["k", 10**5000], ["c", {"a": -10**5000}, 10]), 1000):
+        for i, args in enumerate((["k", 10**5000], ["c", {"a": -10**5000}, 10, None]), 1000):
             send({"t": "call", "n": ch.nonce, "id": i, "op": "kv_set" if i == 1000 else
                   "docs_query", "a": args, "sp": False, "ts": 0.0})
             reply = ch.read_frame()

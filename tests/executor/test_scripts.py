@@ -338,6 +338,136 @@ async def test_host_error_is_catchable_with_code(
     assert host.kv == {}
 
 
+# Walks every key under "p:" and every document of "c" with k == 1 in pages of two,
+# each page asked for after the last key or id of the one before (keyword and
+# positional), then asks past the last of each. Shared with the PostgreSQL suite.
+PAGING = src("""
+def handle(e, ctx):
+    out = {"keys": [], "pages": [], "docs": [], "doc_pages": []}
+    after = None
+    while len(out["pages"]) < 20:
+        page = ctx.kv.list("p:", 2, after=after)
+        out["pages"].append(len(page))
+        if not page:
+            break
+        out["keys"] += [entry["key"] for entry in page]
+        after = page[-1]["key"]
+    after = None
+    while len(out["doc_pages"]) < 20:
+        page = ctx.docs.query("c", {"k": 1}, 2, after)
+        out["doc_pages"].append(len(page))
+        if not page:
+            break
+        out["docs"] += [doc["id"] for doc in page]
+        after = page[-1]["id"]
+    out["past"] = [
+        ctx.kv.list(prefix="p:", after=out["keys"][-1]),
+        ctx.kv.list("p:", after="p:~"),
+        ctx.docs.query("c", where={"k": 1}, after=out["docs"][-1]),
+        ctx.docs.query("c", after="zzz"),
+    ]
+    out["first"] = ctx.kv.list("p:", 1, None) + ctx.docs.query("c", None, 1, None)
+    return out
+""")
+PAGED_KEYS = ["p:0", "p:1", "p:2", "p:3", "p:4", "p:5", "p:6"]
+OTHER_KEYS = ["o:9", "p", "q:0", "p;"]  # ";" sorts right after ":"
+PAGED_DOCS = ["a", "b", "d1", "d2", "d3"]
+OTHER_DOCS = ["c", "d0", "e"]  # k == 2
+DOCS_INSERTED = ["d3", "e", "a", "d0", "d2", "c", "b", "d1"]  # out of order
+
+
+def paging_expected() -> dict[str, object]:
+    """What ``PAGING`` answers over PAGED_*/OTHER_* (whatever their insertion order)."""
+    return {
+        "keys": PAGED_KEYS,
+        "pages": [2, 2, 2, 1, 0],
+        "docs": PAGED_DOCS,
+        "doc_pages": [2, 2, 1, 0],
+        "past": [[], [], [], []],
+        "first": [{"key": "p:0", "value": 0}, {"id": "a", "data": {"k": 1}}],
+    }
+
+
+async def test_a_script_pages_through_kv_list_and_docs_query_with_after(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """``after`` gives the next page: every key of a prefix, and every document a
+    where matches, comes exactly once and in order; after the last one, nothing."""
+    for key in reversed(PAGED_KEYS + OTHER_KEYS):
+        host.kv[key] = int(key[2:]) if key[2:].isdigit() else key
+    assert sorted(DOCS_INSERTED) == sorted(PAGED_DOCS + OTHER_DOCS)
+    for doc_id in DOCS_INSERTED:
+        await host.docs_insert("c", {"k": 1 if doc_id in PAGED_DOCS else 2}, id=doc_id)
+    result = await executor.execute(make_request(PAGING), host)
+    assert result.error is None, result.error
+    assert result.response is not None
+    assert json.loads(result.response.body) == paging_expected()
+
+
+async def test_after_pages_in_code_point_order(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """Keys and ids sort as their UTF-8 bytes do (code points): "Z" < "a" < "é" < "😀"."""
+    keys = ["k:Z", "k:a", "k:z", "k:é", "k:😀"]
+    for key in reversed(keys):
+        host.kv[key] = 1
+        await host.docs_insert("c", {}, id=key)
+    source = src("""
+    def handle(e, ctx):
+        out = [[], []]
+        after = None
+        while page := ctx.kv.list("k:", limit=1, after=after):
+            out[0].append(page[0]["key"])
+            after = page[0]["key"]
+            if len(out[0]) > 10:
+                break
+        after = None
+        while page := ctx.docs.query("c", limit=1, after=after):
+            out[1].append(page[0]["id"])
+            after = page[0]["id"]
+            if len(out[1]) > 10:
+                break
+        return out
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.response is not None, result.error
+    assert json.loads(result.response.body) == [keys, keys]
+
+
+async def test_a_bad_after_is_a_catchable_error_that_reaches_no_host(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """``after`` is checked as a key (kv) or a document id (docs) is, with the same
+    codes; a wrong type is ``invalid_input``. None of them reaches the host."""
+    source = src("""
+    def handle(e, ctx):
+        out = []
+        for call in (lambda: ctx.kv.list(after="k" * 513),
+                     lambda: ctx.kv.list("", 10, "é" * 257),
+                     lambda: ctx.kv.list(after="a\\x00b"),
+                     lambda: ctx.kv.list(after=""),
+                     lambda: ctx.kv.list(after=5),
+                     lambda: ctx.docs.query("c", after="d" * 129),
+                     lambda: ctx.docs.query("c", None, 10, "a\\x00"),
+                     lambda: ctx.docs.query("c", after=""),
+                     lambda: ctx.docs.query("c", after=["d"])):
+            try:
+                call()
+                out.append(None)
+            except ctx.Error as exc:
+                out.append([type(exc).__name__, exc.code, "after" in exc.message])
+        return out
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.response is not None, result.error
+    limit = ["LimitExceeded", "limit_exceeded", True]
+    invalid = ["InvalidInput", "invalid_input", True]
+    kv = [limit, limit, invalid, invalid, invalid]
+    docs = [limit, invalid, invalid, invalid]
+    assert json.loads(result.response.body) == kv + docs
+    assert host.calls == 0
+
+
 async def test_logs_and_print_are_captured(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

@@ -122,10 +122,53 @@ async def test_bridge_validates_before_the_host() -> None:
     assert (await bridge.serve(3, "kv_set", ["k" * 513, 1]))["code"] == "limit_exceeded"
     assert (await bridge.serve(4, "kv_set", ["k", "x" * 300_000]))["code"] == "payload_too_large"
     assert (await bridge.serve(5, "docs_insert", ["c", [], None]))["code"] == "invalid_input"
-    assert (await bridge.serve(6, "kv_list", ["", True]))["code"] == "invalid_input"
+    assert (await bridge.serve(6, "kv_list", ["", True, None]))["code"] == "invalid_input"
     assert host.calls == 0
     assert await bridge.serve(7, "kv_set", ["k", {"a": 1}]) == {"t": "ret", "id": 7, "v": None}
     assert host.kv == {"k": {"a": 1}}
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "code", "says"),
+    [
+        # A worker always sends after, None or not.
+        ("kv_list", ["", 10], "invalid_input", "kv_list takes 3 arguments"),
+        ("kv_list", ["", 10, "k" * 513], "limit_exceeded", "after (a key) is at most 512"),
+        ("kv_list", ["", 10, ""], "invalid_input", "after (a key) must not be empty"),
+        ("kv_list", ["", 10, 1], "invalid_input", "after must be a key"),
+        ("kv_list", ["", 10, "\ud800"], "invalid_input", "after (a key) holds half"),
+        ("docs_query", ["c", None, 10], "invalid_input", "docs_query takes 4 arguments"),
+        ("docs_query", ["c", None, 10, "d" * 129], "limit_exceeded", "after (a document id)"),
+        ("docs_query", ["c", None, 10, ""], "invalid_input", "after (a document id) must"),
+        ("docs_query", ["c", None, 10, {}], "invalid_input", "after must be a document id"),
+    ],
+)
+async def test_bridge_checks_a_lists_after(
+    op: str, args: list[object], code: str, says: str
+) -> None:
+    """``after`` is the last argument of kv_list and docs_query (arity is exact),
+    checked as a key or a document id is before the host sees it."""
+    host = MemoryHostApi()
+    reply = await HostBridge(host).serve(1, op, args)
+    assert (reply["t"], reply["code"]) == ("err", code)
+    assert says in reply["msg"]
+    assert host.calls == 0
+
+
+async def test_bridge_passes_after_to_the_host() -> None:
+    host = MemoryHostApi()
+    host.kv.update({"a": 1, "b": 2, "c": 3})
+    host.docs["c"] = {"x": {}, "y": {}}
+    bridge = HostBridge(host)
+    assert (await bridge.serve(1, "kv_list", ["", 10, "a"]))["v"] == [
+        {"key": "b", "value": 2},
+        {"key": "c", "value": 3},
+    ]
+    assert (await bridge.serve(2, "kv_list", ["", 1, None]))["v"] == [{"key": "a", "value": 1}]
+    assert (await bridge.serve(3, "docs_query", ["c", None, 10, "x"]))["v"] == [
+        {"id": "y", "data": {}}
+    ]
+    assert (await bridge.serve(4, "docs_query", ["c", {}, 10, "y"]))["v"] == []
 
 
 @pytest.mark.parametrize(
@@ -134,11 +177,13 @@ async def test_bridge_validates_before_the_host() -> None:
         ("kv_get", ["a\x00"]),
         ("kv_set", ["a\x00", 1]),
         ("kv_set", ["k", {"v": ["x\x00"]}]),
-        ("kv_list", ["\x00", 10]),
+        ("kv_list", ["\x00", 10, None]),
+        ("kv_list", ["", 10, "a\x00"]),
         ("docs_insert", ["c", {"a\x00": 1}, None]),
         ("docs_insert", ["c", {"a": 1}, "id\x00"]),
         ("docs_update", ["c", "d", {"a": "\x00"}]),
-        ("docs_query", ["c", {"a": "\x00"}, 10]),
+        ("docs_query", ["c", {"a": "\x00"}, 10, None]),
+        ("docs_query", ["c", None, 10, "id\x00"]),
     ],
 )
 async def test_bridge_refuses_a_nul_no_store_can_hold(op: str, args: list[object]) -> None:
@@ -172,9 +217,9 @@ async def test_bridge_bounds_nesting_and_where_fields() -> None:
     doc = await bridge.serve(3, "docs_insert", ["c", {"a": _nested(MAX_JSON_DEPTH)}, None])
     assert doc["code"] == "invalid_input"
     where = {f"f{i}": [] for i in range(MAX_WHERE_FIELDS)}
-    assert (await bridge.serve(4, "docs_query", ["c", where, 10]))["t"] == "ret"
+    assert (await bridge.serve(4, "docs_query", ["c", where, 10, None]))["t"] == "ret"
     where["one-more"] = []
-    assert (await bridge.serve(5, "docs_query", ["c", where, 10]))["code"] == "limit_exceeded"
+    assert (await bridge.serve(5, "docs_query", ["c", where, 10, None]))["code"] == "limit_exceeded"
     assert host.calls == 2
 
 
@@ -184,11 +229,13 @@ async def test_bridge_bounds_nesting_and_where_fields() -> None:
         ("kv_set", ["k", "LONG"]),
         ("kv_set", ["k", {"a": ["LONG"]}]),
         ("kv_get", ["LONG"]),
-        ("kv_list", ["", "LONG"]),
+        ("kv_list", ["", "LONG", None]),
+        ("kv_list", ["", 10, "LONG"]),
         ("docs_insert", ["c", {"a": "LONG"}, None]),
         ("docs_insert", ["c", {}, "LONG"]),
         ("docs_update", ["c", "d", {"a": "LONG"}]),
-        ("docs_query", ["c", {"a": "LONG"}, 10]),
+        ("docs_query", ["c", {"a": "LONG"}, 10, None]),
+        ("docs_query", ["c", None, 10, "LONG"]),
     ],
 )
 async def test_bridge_refuses_an_integer_too_long_for_json(op: str, args: list[object]) -> None:
@@ -200,6 +247,7 @@ async def test_bridge_refuses_an_integer_too_long_for_json(op: str, args: list[o
     reply = await HostBridge(host).serve(1, op, decoded)
     assert reply["t"] == "err"
     assert reply["code"] == "invalid_input"
+    assert "arguments" not in reply["msg"]  # refused for the integer, not the arity
     assert host.calls == 0
 
 

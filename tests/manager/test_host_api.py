@@ -3,6 +3,8 @@ all inside the execution's transaction."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -21,12 +23,23 @@ from picloud_shared.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from picloud_shared.events import HttpEvent
 from picloud_shared.ids import AppId
 from picloud_shared.limits import MAX_KV_VALUE_BYTES
 from picloud_shared.ports import HostApi
 from picloud_shared.principals import Capability
 from picloud_shared.triggers import CreateDocsTrigger, CreateKvTrigger
+from tests.executor.test_scripts import (
+    DOCS_INSERTED,
+    OTHER_KEYS,
+    PAGED_DOCS,
+    PAGED_KEYS,
+    PAGING,
+    paging_expected,
+)
 from tests.manager import factories
+from tests.manager.dispatch_world import make_world
+from tests.manager.test_dispatcher import http_row
 
 pytestmark = pytest.mark.anyio
 
@@ -227,3 +240,94 @@ async def test_a_nul_the_store_cannot_hold_is_refused_and_the_transaction_goes_o
         assert await host.docs_get("c", "d1") == {"a": 1}
 
     await _run(engine, app, {READ}, check)
+
+
+async def test_after_pages_through_kv_list_and_docs_query(engine: AsyncEngine) -> None:
+    """``after`` gives the next page, in key (id) order: pages of two give every key
+    of a prefix, and every document a where matches, exactly once; after the last
+    one the page is empty."""
+    app = await factories.app(engine)
+    keys = [f"p:{i}" for i in range(7)]
+    ids = ["a", "b", "d1", "d2", "d3"]
+
+    async def body(host: PostgresHostApi) -> None:
+        for key in reversed([*keys, "o:9", "p", "p;", "q:0"]):
+            await host.kv_set(key, key)
+        for doc_id in ("d3", "e", "a", "d0", "d2", "c", "b", "d1"):
+            await host.docs_insert("c", {"k": 1 if doc_id in ids else 2}, id=doc_id)
+
+        seen: list[str] = []
+        after = None
+        for _ in range(10):
+            page = await host.kv_list("p:", 2, after=after)
+            if not page:
+                break
+            assert len(page) <= 2
+            seen += [str(entry["key"]) for entry in page]
+            after = seen[-1]
+        assert seen == keys
+        assert await host.kv_list("p:", 2, after=keys[-1]) == []
+        assert await host.kv_list("p:", 100, "p:~") == []
+
+        found: list[str] = []
+        after = None
+        for _ in range(10):
+            docs = await host.docs_query("c", {"k": 1}, 2, after)
+            if not docs:
+                break
+            found += [str(doc["id"]) for doc in docs]
+            after = found[-1]
+        assert found == ids
+        assert await host.docs_query("c", {"k": 1}, after=ids[-1]) == []
+        assert await host.docs_query("c", after="zzz") == []
+
+    await _run(engine, app, {READ, WRITE}, body)
+
+
+async def test_a_bad_after_is_refused_before_postgresql(engine: AsyncEngine) -> None:
+    """``after`` is checked as a key (an id) is, with the same codes, before any
+    statement: the transaction goes on."""
+    app = await factories.app(engine)
+
+    async def body(host: PostgresHostApi) -> None:
+        await host.kv_set("k", 1)
+        await host.docs_insert("c", {}, id="d")
+        for call, error in (
+            (host.kv_list(after="k" * 513), LimitExceeded),
+            (host.kv_list(after="a\x00"), InvalidInput),
+            (host.kv_list(after=""), InvalidInput),
+            (host.kv_list(after=5), InvalidInput),  # type: ignore[arg-type]
+            (host.docs_query("c", after="d" * 129), LimitExceeded),
+            (host.docs_query("c", after="a\x00"), InvalidInput),
+            (host.docs_query("c", after=["d"]), InvalidInput),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(error):
+                await call
+        assert await host.kv_list(after="j") == [{"key": "k", "value": 1}]
+        assert await host.docs_query("c", after="c") == [{"id": "d", "data": {}}]
+
+    await _run(engine, app, {READ, WRITE}, body)
+
+
+async def test_a_script_pages_with_after_through_the_dispatcher(engine: AsyncEngine) -> None:
+    """The script the executor suite runs on its in-memory host, run by a dispatcher
+    on PostgreSQL (worker, bridge, guard, PostgresHostApi): the same pages."""
+    async with make_world(engine, max_workers=2) as world:
+        for key in reversed(PAGED_KEYS + OTHER_KEYS):
+            await world.kv.set(world.app_id, key, int(key[2:]) if key[2:].isdigit() else key)
+        for doc_id in DOCS_INSERTED:
+            data = {"k": 1 if doc_id in PAGED_DOCS else 2}
+            await world.docs.insert(world.app_id, "c", data, doc_id)
+        script = await world.script(PAGING)
+        route = await world.route(script, "/pages")
+        inbox_id, receiver = world.inbox.register()
+        row = http_row(
+            world, script, route, HttpEvent("GET", "/pages"), reply_to=inbox_id, reply_node="node-a"
+        )
+        with receiver:
+            await world.outbox.enqueue(row)
+            async with world.running():
+                result = await receiver.receive(timeout=30)
+    assert result is not None
+    assert result.response is not None, (result.failure, result.message)
+    assert json.loads(result.response.body) == paging_expected()

@@ -1,6 +1,7 @@
 """Lists are bounded in bytes as well as in count: a page stops once it holds
 PAGE_BYTES of JSON (its first row always comes), and its cursor leads to the rest.
-A script's list or query, which has no cursor, fails instead of answering part."""
+A script's list or query fails instead of answering part (a page shorter than its
+limit would tell a script paging with ``after`` that there is no more)."""
 
 from __future__ import annotations
 
@@ -62,3 +63,8 @@ async def test_a_scripts_list_past_the_bytes_fails_rather_than_answering_part(
         with pytest.raises(LimitExceeded, match="ask for fewer"):
             await host.kv_list("", 1000)
         assert len(await host.kv_list("", 10)) == 10
+        # A page asked for with ``after`` is bounded the same way, never answered cut.
+        with pytest.raises(LimitExceeded, match="ask for fewer"):
+            await host.kv_list("", 1000, after="k000")
+        page = await host.kv_list("", 10, after="k009")
+        assert [entry["key"] for entry in page] == [f"k{i:03d}" for i in range(10, 20)]

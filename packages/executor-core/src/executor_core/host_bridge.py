@@ -32,12 +32,12 @@ _OPS: dict[str, tuple[tuple[Callable[[Any], Any], ...], str, int | None]] = {
     "kv_get": ((v.key,), "kv_get", None),
     "kv_set": ((v.key, v.sized_json_value), "kv_set", 1),
     "kv_delete": ((v.key,), "kv_delete", None),
-    "kv_list": ((v.prefix, v.limit), "kv_list", None),
+    "kv_list": ((v.prefix, v.limit, v.after_key), "kv_list", None),
     "docs_insert": ((v.collection, v.sized_document, _opt_doc_id), "docs_insert", 1),
     "docs_get": ((v.collection, v.doc_id), "docs_get", None),
     "docs_update": ((v.collection, v.doc_id, v.sized_document), "docs_update", 2),
     "docs_delete": ((v.collection, v.doc_id), "docs_delete", None),
-    "docs_query": ((v.collection, v.where, v.limit), "docs_query", None),
+    "docs_query": ((v.collection, v.where, v.limit, v.after_doc_id), "docs_query", None),
 }
 OPS = frozenset(_OPS)
 

@@ -46,10 +46,15 @@ class MemoryHostApi:
         self._need(Capability.APP_WRITE_DATA)
         return self.kv.pop(validation.key(key), _MISSING) is not _MISSING
 
-    async def kv_list(self, prefix: str = "", limit: int = 100) -> list[dict[str, Any]]:
+    async def kv_list(
+        self, prefix: str = "", limit: int = 100, after: str | None = None
+    ) -> list[dict[str, Any]]:
         self._need(Capability.APP_READ_DATA)
         prefix, limit = validation.prefix(prefix), validation.limit(limit)
-        keys = sorted(k for k in self.kv if k.startswith(prefix))[:limit]
+        after = validation.after_key(after)
+        # Code point order is UTF-8's byte order, PostgreSQL's under the C collation.
+        found = (k for k in self.kv if k.startswith(prefix) and (after is None or k > after))
+        keys = sorted(found)[:limit]
         return [{"key": k, "value": copy.deepcopy(self.kv[k])} for k in keys]
 
     async def docs_insert(
@@ -83,13 +88,18 @@ class MemoryHostApi:
         return coll.pop(validation.doc_id(id), _MISSING) is not _MISSING
 
     async def docs_query(
-        self, collection: str, where: dict[str, Any] | None = None, limit: int = 100
+        self,
+        collection: str,
+        where: dict[str, Any] | None = None,
+        limit: int = 100,
+        after: str | None = None,
     ) -> list[dict[str, Any]]:
         self._need(Capability.APP_READ_DATA)
         coll = self.docs.get(validation.collection(collection), {})
         where, limit = validation.where(where) or {}, validation.limit(limit)
+        after = validation.after_doc_id(after)
         out = []
-        for doc_id in sorted(coll):
+        for doc_id in sorted(i for i in coll if after is None or i > after):
             data = coll[doc_id]
             if all(k in data and data[k] == v for k, v in where.items()):
                 out.append({"id": doc_id, "data": copy.deepcopy(data)})

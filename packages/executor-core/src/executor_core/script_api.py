@@ -503,8 +503,13 @@ class KV:
     def delete(self, key: str) -> bool:
         return bool(self._ch.call(self._n, "kv_delete", key))
 
-    def list(self, prefix: str = "", limit: int = 100) -> list[dict[str, Any]]:
-        return self._ch.call(self._n, "kv_list", prefix, limit)  # type: ignore[no-any-return]
+    def list(
+        self, prefix: str = "", limit: int = 100, after: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` entries whose key starts with ``prefix``, in key order;
+        with ``after``, only keys sorting after it (the next page: the last key of
+        this one)."""
+        return self._ch.call(self._n, "kv_list", prefix, limit, after)  # type: ignore[no-any-return]
 
 
 class Docs:
@@ -529,9 +534,15 @@ class Docs:
         return bool(self._ch.call(self._n, "docs_delete", collection, id))
 
     def query(
-        self, collection: str, where: dict[str, Any] | None = None, limit: int = 100
+        self,
+        collection: str,
+        where: dict[str, Any] | None = None,
+        limit: int = 100,
+        after: str | None = None,
     ) -> list[dict[str, Any]]:
-        return self._ch.call(self._n, "docs_query", collection, where, limit)  # type: ignore[no-any-return]
+        """Up to ``limit`` matching documents, in id order; with ``after``, only ids
+        sorting after it (the next page: the last id of this one)."""
+        return self._ch.call(self._n, "docs_query", collection, where, limit, after)  # type: ignore[no-any-return]
 
 
 class Context:

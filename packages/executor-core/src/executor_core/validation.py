@@ -5,10 +5,12 @@ Each check returns the value it accepted or raises the ``PicloudError`` a script
 sees: ``InvalidInput`` for a wrong type, an empty key or id, or a ``limit``
 outside 1-1000, ``InvalidName`` for a bad collection name, ``LimitExceeded`` for a
 key or id past its length,
-``PayloadTooLarge`` for a value or document over its size. Text that is not
-valid Unicode (half a surrogate pair, which a ``\\ud800`` escape in a frame makes)
-is ``InvalidInput``: data is refused, never altered. So is an integer of more
-than ``frames.MAX_INT_DIGITS`` digits (a frame carries one as a ``LongInt``).
+``PayloadTooLarge`` for a value or document over its size. A list's or query's
+``after`` is ``None`` or checked as a key or document id is (the same codes).
+Text that is not valid Unicode (half a surrogate pair, which a ``\\ud800`` escape
+in a frame makes) is ``InvalidInput``: data is refused, never altered. So is an
+integer of more than ``frames.MAX_INT_DIGITS`` digits (a frame carries one as a
+``LongInt``).
 """
 
 from __future__ import annotations
@@ -41,16 +43,25 @@ def _utf8(value: str, what: str) -> bytes:
         ) from None
 
 
-def key(value: object) -> str:
+def key(value: object, what: str = "a key") -> str:
     if not isinstance(value, str):
-        raise InvalidInput("a key must be a string")
+        raise InvalidInput(f"{what} must be a string")
     if not value:
-        raise InvalidInput("a key must not be empty")
+        raise InvalidInput(f"{what} must not be empty")
     if "\x00" in value:
-        raise InvalidInput("a key must not contain NUL characters")
-    if len(_utf8(value, "a key")) > MAX_KV_KEY_BYTES:
-        raise LimitExceeded(f"a key is at most {MAX_KV_KEY_BYTES} bytes")
+        raise InvalidInput(f"{what} must not contain NUL characters")
+    if len(_utf8(value, what)) > MAX_KV_KEY_BYTES:
+        raise LimitExceeded(f"{what} is at most {MAX_KV_KEY_BYTES} bytes")
     return value
+
+
+def after_key(value: object) -> str | None:
+    """``ctx.kv.list``'s ``after``: ``None``, or checked as a key is (same codes)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput("after must be a key (a string) or None")
+    return key(value, "after (a key)")
 
 
 def prefix(value: object) -> str:
@@ -122,17 +133,26 @@ def collection(value: object) -> str:
     return value
 
 
-def doc_id(value: object) -> str:
+def doc_id(value: object, what: str = "a document id") -> str:
     if not isinstance(value, str):
-        raise InvalidInput("a document id must be a string")
+        raise InvalidInput(f"{what} must be a string")
     if "\x00" in value:
-        raise InvalidInput("a document id must not contain NUL characters")
-    _utf8(value, "a document id")
+        raise InvalidInput(f"{what} must not contain NUL characters")
+    _utf8(value, what)
     if not value:
-        raise InvalidInput("a document id must not be empty")
+        raise InvalidInput(f"{what} must not be empty")
     if len(value) > MAX_DOCUMENT_ID_CHARS:
-        raise LimitExceeded(f"a document id is 1-{MAX_DOCUMENT_ID_CHARS} characters")
+        raise LimitExceeded(f"{what} is 1-{MAX_DOCUMENT_ID_CHARS} characters")
     return value
+
+
+def after_doc_id(value: object) -> str | None:
+    """``ctx.docs.query``'s ``after``: ``None``, or checked as a document id is."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput("after must be a document id (a string) or None")
+    return doc_id(value, "after (a document id)")
 
 
 def limit(value: object) -> int:

@@ -81,8 +81,10 @@ class GuardedHost:
     async def kv_delete(self, key: str) -> bool:
         return await self._call(lambda h: h.kv_delete(key))
 
-    async def kv_list(self, prefix: str = "", limit: int = 100) -> list[JsonObject]:
-        return await self._call(lambda h: h.kv_list(prefix, limit))
+    async def kv_list(
+        self, prefix: str = "", limit: int = 100, after: str | None = None
+    ) -> list[JsonObject]:
+        return await self._call(lambda h: h.kv_list(prefix, limit, after))
 
     async def docs_insert(self, collection: str, data: JsonObject, id: str | None = None) -> str:
         return await self._call(lambda h: h.docs_insert(collection, data, id))
@@ -97,9 +99,13 @@ class GuardedHost:
         return await self._call(lambda h: h.docs_delete(collection, id))
 
     async def docs_query(
-        self, collection: str, where: JsonObject | None = None, limit: int = 100
+        self,
+        collection: str,
+        where: JsonObject | None = None,
+        limit: int = 100,
+        after: str | None = None,
     ) -> list[JsonObject]:
-        return await self._call(lambda h: h.docs_query(collection, where, limit))
+        return await self._call(lambda h: h.docs_query(collection, where, limit, after))
 
     async def log(self, line: str) -> None:
         if self._inner is not None:

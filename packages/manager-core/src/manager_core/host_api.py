@@ -15,8 +15,8 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager_core.postgres._pages import PAGE_BYTES
-from manager_core.postgres.documents import PostgresDocumentRepo
-from manager_core.postgres.kv import PostgresKvRepo
+from manager_core.postgres.documents import PostgresDocumentRepo, check_document_id
+from manager_core.postgres.kv import PostgresKvRepo, check_key
 from manager_core.storage import StorageGrowth
 from picloud_shared.errors import Forbidden, LimitExceeded
 from picloud_shared.ids import AppId
@@ -83,9 +83,13 @@ class PostgresHostApi:
             self._app_id, key, trigger_depth=self._depth + 1, growth=self.growth, conn=self._conn
         )
 
-    async def kv_list(self, prefix: str = "", limit: int = 100) -> list[JsonObject]:
+    async def kv_list(
+        self, prefix: str = "", limit: int = 100, after: str | None = None
+    ) -> list[JsonObject]:
         self._require(Capability.APP_READ_DATA)
-        entries = await self._kv.list(self._app_id, prefix, limit, conn=self._conn)
+        if after is not None:
+            check_key(after)  # as a key is: PostgreSQL could not even compare a NUL
+        entries = await self._kv.list(self._app_id, prefix, limit, after, conn=self._conn)
         _whole(entries)
         return [{"key": e.key, "value": e.value} for e in entries]
 
@@ -133,10 +137,18 @@ class PostgresHostApi:
         )
 
     async def docs_query(
-        self, collection: str, where: JsonObject | None = None, limit: int = 100
+        self,
+        collection: str,
+        where: JsonObject | None = None,
+        limit: int = 100,
+        after: str | None = None,
     ) -> list[JsonObject]:
         self._require(Capability.APP_READ_DATA)
-        docs = await self._docs.query(self._app_id, collection, where, limit, conn=self._conn)
+        if after is not None:
+            check_document_id(after)
+        docs = await self._docs.query(
+            self._app_id, collection, where, limit, after, conn=self._conn
+        )
         _whole(docs)
         return [{"id": d.id, "data": d.data} for d in docs]
 
@@ -147,9 +159,11 @@ class PostgresHostApi:
 
 
 def _whole(rows: object) -> None:
-    """A script's list or query has no cursor: one that would answer more than
-    ``PAGE_BYTES`` fails instead of answering part of what was asked."""
+    """A script's list or query that would answer more than ``PAGE_BYTES`` fails
+    instead of answering part of what was asked: a page shorter than its ``limit``
+    tells a script paging with ``after`` that it has seen the last one."""
     if getattr(rows, "cut", False):
         raise LimitExceeded(
-            f"the answer holds more than {PAGE_BYTES} bytes; ask for fewer (a smaller limit)"
+            f"the answer holds more than {PAGE_BYTES} bytes; ask for fewer (a smaller "
+            "limit, then the next page with after=)"
         )

@@ -57,9 +57,14 @@ class HostApi(Protocol):
         """Remove ``key``; ``True`` if it existed (only then ``delete`` triggers fire)."""
         ...
 
-    async def kv_list(self, prefix: str = "", limit: int = 100) -> list[JsonObject]:
+    async def kv_list(
+        self, prefix: str = "", limit: int = 100, after: str | None = None
+    ) -> list[JsonObject]:
         """Up to ``limit`` entries ``{"key", "value"}`` whose key starts with ``prefix``,
-        ordered by key."""
+        ordered by key; with ``after`` (checked as a key is), only keys that sort
+        after it, so the last key of a page asks for the next. A host that bounds an
+        answer's bytes (PostgreSQL's: 8 MiB) raises ``LimitExceeded`` past them
+        rather than answer part of the page."""
         ...
 
     async def docs_insert(self, collection: str, data: JsonObject, id: str | None = None) -> str:
@@ -80,10 +85,16 @@ class HostApi(Protocol):
         ...
 
     async def docs_query(
-        self, collection: str, where: JsonObject | None = None, limit: int = 100
+        self,
+        collection: str,
+        where: JsonObject | None = None,
+        limit: int = 100,
+        after: str | None = None,
     ) -> list[JsonObject]:
         """Up to ``limit`` documents ``{"id", "data"}`` whose top-level fields equal
-        every pair of ``where``, ordered by id."""
+        every pair of ``where``, ordered by id; with ``after`` (checked as an id is),
+        only ids that sort after it, so the last id of a page asks for the next. As
+        ``kv_list``, never answers part of a page."""
         ...
 
     async def log(self, line: str) -> None:
