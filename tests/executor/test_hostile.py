@@ -463,6 +463,24 @@ async def test_allocating_past_memory_limit_is_memory_limit(
     assert before != after
 
 
+async def test_an_event_that_outgrows_the_memory_limit_is_memory_limit(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """An event of 1.5 million empty objects is a 3 MiB frame but about 110 MB of
+    Python objects, past a 16 MB script's address space: the execution is
+    ``memory_limit`` (507), the script's limit being too small for what it is given,
+    not a worker crash (500); the worker is replaced, and the next execution runs."""
+    pid_src = "import os\ndef handle(e, ctx):\n    return os.getpid()\n"
+    before = body(await executor.execute(make_request(pid_src, memory_limit_mb=16), host))
+    event = {"items": [{} for _ in range(1_500_000)]}
+    result = await executor.execute(make_request(pid_src, event, memory_limit_mb=16), host)
+    assert kind(result) is ExecErrorKind.MEMORY_LIMIT, result.error
+    assert result.error is not None
+    assert "does not fit in the script's memory limit" in result.error.message
+    after = body(await executor.execute(make_request(pid_src, memory_limit_mb=16), host))
+    assert before != after
+
+
 async def test_busy_loop_is_timeout(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

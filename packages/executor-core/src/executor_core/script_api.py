@@ -18,6 +18,7 @@ import _thread
 import binascii
 import io
 import os
+import re
 import sys
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -131,6 +132,26 @@ def oversized_call(op: str, args: tuple[Any, ...]) -> HostError:
 REPLY, NEXT_EXEC = 0, 1  # the two kinds of wait
 
 
+class FrameTooBig(Exception):
+    """A frame from the host does not fit in the memory limit once decoded (an event
+    whose objects outgrow ``memory_limit_mb``); ``nonce`` is its execution's."""
+
+    def __init__(self, nonce: str) -> None:
+        super().__init__(nonce)
+        self.nonce = nonce
+
+
+_NONCE = re.compile(rb'"n":"([0-9a-f]{1,64})"')
+
+
+def _too_big(raw: bytes | bytearray) -> BaseException:
+    """What a frame that ran out of memory while decoded raises: ``FrameTooBig`` with
+    its nonce (in the frame's first bytes, where the host writes it), else the
+    ``MemoryError`` itself."""
+    found = _NONCE.search(raw, 0, 200)
+    return MemoryError() if found is None else FrameTooBig(found.group(1).decode("ascii"))
+
+
 class Channel:
     """The worker's end of the pipes, for one execution at a time.
 
@@ -175,9 +196,14 @@ class Channel:
         while True:
             need = 4 + int.from_bytes(buf[:4], "big") if len(buf) >= 4 else 5
             if len(buf) >= need:
-                body = bytes(buf[4:need])
-                del buf[:need]
-                frame = frames.decode(body)
+                try:
+                    body = bytes(buf[4:need])
+                    del buf[:need]
+                    frame = frames.decode(body)
+                except MemoryError:
+                    if kind != NEXT_EXEC:  # a reply: the script's call raises it
+                        raise
+                    raise _too_big(buf if len(buf) >= need else body) from None
                 if started:
                     sent = frame.get("ts")
                     self.waits[kind] = (sent if type(sent) is float else perf_counter()) - started

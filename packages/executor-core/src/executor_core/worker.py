@@ -194,10 +194,35 @@ class Worker:
 
     def serve(self) -> None:
         while True:
-            frame = self.channel.read_frame(script_api.NEXT_EXEC)
+            try:
+                frame = self.channel.read_frame(script_api.NEXT_EXEC)
+            except script_api.FrameTooBig as exc:
+                self.refuse(exc.nonce)
+                continue
             if frame is None or frame.get("t") != "exec":
                 return
             self.run(frame)
+
+    def refuse(self, nonce: str) -> None:
+        """Answer an ``exec`` whose event did not fit in the memory limit once decoded:
+        the script's limit is too small for what it is given (``memory_limit``; the
+        host retires this worker), not a crash of the platform's."""
+        self.channel.start(nonce)
+        self.channel.finish(
+            {
+                "t": "done",
+                "n": nonce,
+                "ok": False,
+                "kind": "memory_limit",
+                "msg": "the event does not fit in the script's memory limit "
+                "(memory_limit_mb) once decoded",
+                "cached": False,
+                "has": False,
+                "cpu": _cpu_used(),
+                "sp": False,
+                "ts": time.perf_counter(),
+            }
+        )
 
     def _load(self, key: str, source: str | None) -> tuple[Any, bool]:
         handle = self.cache.get(key)
