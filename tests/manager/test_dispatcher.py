@@ -234,7 +234,7 @@ async def test_revoked_principal_dead_letters_with_principal_revoked(world: Worl
     async with world.running():
         await world.wait_count(t.dead_letters)
     (dl,) = await world.rows(t.dead_letters)
-    assert (dl.error_kind, dl.attempts) == ("principal_revoked", 1)
+    assert (dl.error_kind, dl.attempts) == ("principal_revoked", 0)  # never ran
     assert await world.kv_value("mirror:k") is None
 
 
@@ -348,7 +348,8 @@ async def test_a_row_that_keeps_crashing_its_worker_ends_dead_lettered(world: Wo
 async def test_a_row_whose_node_died_on_its_last_attempt_is_dead_lettered_not_run(
     world: World,
 ) -> None:
-    """Attempts counted at claim time survive a node's death: past max_attempts, no run."""
+    """Attempts counted at claim time survive a node's death: past max_attempts, no run;
+    the claim that finds the runs used up is no attempt (3 of 3, not 4)."""
     await kv_trigger(world, COPY_TO_MIRROR, "k")
     await world.kv.set(world.app_id, "k", 1)
     async with world.engine.begin() as conn:  # three claims whose node died mid-run
@@ -356,7 +357,9 @@ async def test_a_row_whose_node_died_on_its_last_attempt_is_dead_lettered_not_ru
     async with world.running():
         await world.wait_count(t.dead_letters)
     (dl,) = await world.rows(t.dead_letters)
-    assert (dl.attempts, dl.error_kind) == (4, "worker_crash")
+    assert (dl.attempts, dl.error_kind) == (3, "worker_crash")
+    (record,) = await world.rows(t.executions)
+    assert record.attempts == 3
     assert await world.kv_value("mirror:k") is None
 
 
@@ -537,7 +540,7 @@ async def _has(items: list[object]) -> bool:
 
 async def test_a_row_whose_trigger_was_deleted_is_dead_lettered_at_once(world: World) -> None:
     """The trigger was deleted while its row waited: no attempt could ever run it, so it
-    is dead-lettered on the first (not retried up to max_attempts), and not run."""
+    is dead-lettered at once (not retried up to max_attempts), not run, after 0 runs."""
     await kv_trigger(world, COPY_TO_MIRROR, "k")  # FAST_RETRY: 3 attempts
     (trigger,) = await world.rows(t.triggers)
     await world.kv.set(world.app_id, "k", 1)
@@ -546,7 +549,9 @@ async def test_a_row_whose_trigger_was_deleted_is_dead_lettered_at_once(world: W
     async with world.running():
         await world.wait_count(t.dead_letters)
     (dl,) = await world.rows(t.dead_letters)
-    assert (dl.attempts, dl.error_message) == (1, "the trigger no longer exists")
+    assert (dl.attempts, dl.error_message) == (0, "the trigger no longer exists")
+    (record,) = await world.rows(t.executions)
+    assert record.attempts == 0
     assert await world.executions_by_status() == {"dead_lettered": 1}
     assert await world.kv_value("mirror:k") is None
 
@@ -556,7 +561,7 @@ async def test_a_retrying_row_whose_trigger_was_deleted_keeps_its_last_error(
 ) -> None:
     """The trigger was deleted while its row waited for a retry: the dead letter says
     why it is dead and keeps what the attempt that ran failed with (message, traceback,
-    logs); the attempt that found the trigger gone is counted, as on a first attempt."""
+    logs); the claim that found the trigger gone ran nothing and is no attempt."""
     source = "def handle(event, ctx):\n    ctx.log('tried')\n    raise ValueError('boom')\n"
     slow = RetryPolicy(Backoff.CONSTANT, 60_000, 60_000, 5, 0.0)
     await kv_trigger(world, source, "k", retry=slow)
@@ -570,7 +575,7 @@ async def test_a_retrying_row_whose_trigger_was_deleted_keeps_its_last_error(
     async with world.running():
         await world.wait_count(t.dead_letters)
     (dl,) = await world.rows(t.dead_letters)
-    assert dl.attempts == 2
+    assert dl.attempts == 1
     assert dl.error_message == (
         "the trigger no longer exists (attempt 1 had failed: uncaught_exception: ValueError: boom)"
     )
@@ -589,5 +594,5 @@ async def test_a_registrant_who_no_longer_exists_is_principal_revoked(world: Wor
     async with world.running():
         await world.wait_count(t.dead_letters)
     (dl,) = await world.rows(t.dead_letters)
-    assert (dl.error_kind, dl.attempts) == ("principal_revoked", 1)
+    assert (dl.error_kind, dl.attempts) == ("principal_revoked", 0)
     assert "no longer exists" in dl.error_message

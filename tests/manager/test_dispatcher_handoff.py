@@ -175,6 +175,7 @@ async def test_a_sync_row_whose_node_died_after_writing_it_is_failed_not_run(
     (execution,) = await world.rows(t.executions)
     assert execution.error_kind == "worker_crash"
     assert execution.error_message == CUT_OFF
+    assert execution.attempts == 1  # the run its node died in; failing it ran nothing
     assert await world.kv_value("ran") is None
 
 

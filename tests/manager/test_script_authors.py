@@ -159,7 +159,7 @@ async def test_a_data_trigger_whose_script_was_saved_without_read_data_is_revoke
     async with world.running():
         await world.wait_count(t.dead_letters)
     (dl,) = await world.rows(t.dead_letters)
-    assert (dl.error_kind, dl.attempts) == ("principal_revoked", 1)
+    assert (dl.error_kind, dl.attempts) == ("principal_revoked", 0)
     assert "save it again" in dl.error_message
     (execution,) = await world.rows(t.executions, t.executions.c.source_kind == "kv")
     assert execution.logs == []

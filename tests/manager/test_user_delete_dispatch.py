@@ -44,7 +44,7 @@ async def test_a_deleted_users_kv_trigger_ends_principal_revoked(world: World) -
     async with world.running():
         await world.wait_count(t.dead_letters)
     (dl,) = await world.rows(t.dead_letters)
-    assert (dl.error_kind, dl.attempts) == ("principal_revoked", 1)
+    assert (dl.error_kind, dl.attempts) == ("principal_revoked", 0)
     assert "no longer exists" in dl.error_message
     assert await world.kv_value("ran") is None
 

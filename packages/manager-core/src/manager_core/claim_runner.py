@@ -121,9 +121,10 @@ class ClaimRunner:
             return await self._book_failure(
                 claim,
                 ExecResult.failed(row.execution_id, ExecError(ExecErrorKind.WORKER_CRASH, CUT_OFF)),
+                ran=False,
             )
         if row.reply_to is not None and not self._inbox.waiting(row.reply_to):
-            return await self._book_failure(claim, _caller_gone(row.execution_id))
+            return await self._book_failure(claim, _caller_gone(row.execution_id), ran=False)
         if row.attempt_count > row.retry.max_attempts:
             return await self._book_failure(
                 claim,
@@ -134,13 +135,14 @@ class ClaimRunner:
                         "the execution never finished (its node stopped)",
                     ),
                 ),
+                ran=False,
             )
         try:
             principal = self._resolve_trigger(claim)
             request = self._build_exec_request(claim, principal)
         except Unrunnable as exc:  # no later attempt could run it either
             failed = ExecResult.failed(row.execution_id, exc.error)
-            return await self._book_failure(claim, failed, final=True)
+            return await self._book_failure(claim, failed, final=True, ran=False)
         result = await self._run_in_transaction(claim, request, principal, slot)
         if result is None:
             return "succeeded"
@@ -314,15 +316,17 @@ class ClaimRunner:
         return None
 
     async def _book_failure(
-        self, claim: ClaimedRow, result: ExecResult, *, final: bool = False
+        self, claim: ClaimedRow, result: ExecResult, *, final: bool = False, ran: bool = True
     ) -> str:
         """Record a failed execution: reply, mark, reschedule, or dead-letter (at once
         when ``final``: its trigger, route or script is gone, or its payload is
-        unreadable)."""
+        unreadable). ``ran=False``: this claim did not run the script, so it is no
+        attempt: the record and any dead letter count the runs before it."""
         row = claim.row
         error = result.error
         assert error is not None
         attempts = row.attempt_count
+        runs = None if ran else attempts - 1  # the record's count, when not the claim's
         outcome = "failed"
         for _ in range(self.settings.max_conflict_reruns):
             try:
@@ -332,7 +336,11 @@ class ClaimRunner:
                     if row.is_sync_http or row.is_dead_letter_handler:
                         await self._outbox.delete(row.id, conn=conn)
                         await self._executions.finish_with(
-                            row.execution_id, ExecutionStatus.FAILED, result, conn=conn
+                            row.execution_id,
+                            ExecutionStatus.FAILED,
+                            result,
+                            attempts=runs,
+                            conn=conn,
                         )
                         if row.dead_letter_id is not None:
                             await self._dead_letters.mark(
@@ -341,7 +349,7 @@ class ClaimRunner:
                     elif final or error.kind in NON_RETRYABLE or attempts >= row.retry.max_attempts:
                         if final and attempts > 1:
                             result = await self._with_last_error(conn, claim, result)
-                        await self._dead_letter(conn, claim, result)
+                        await self._dead_letter(conn, claim, result, attempts=runs)
                         outcome = "dead_lettered"
                     else:
                         delay = row.retry.delay_ms(attempts, self._rand())
@@ -383,15 +391,22 @@ class ClaimRunner:
         return ExecResult.failed(row.execution_id, last, record.logs)
 
     async def _dead_letter(
-        self, conn: AsyncConnection, claim: ClaimedRow, result: ExecResult
+        self,
+        conn: AsyncConnection,
+        claim: ClaimedRow,
+        result: ExecResult,
+        *,
+        attempts: int | None = None,
     ) -> None:
-        """Dead-letter the row (the repo fans it out to dead-letter triggers)."""
+        """Dead-letter the row (the repo fans it out to dead-letter triggers) after
+        ``attempts`` runs (default: the claim's count, this one included)."""
         row = claim.row
         error = result.error
         assert error is not None
+        runs = row.attempt_count if attempts is None else attempts
         dead = await self._dead_letters.create(
             row,
-            attempts=row.attempt_count,
+            attempts=runs,
             error_kind=error.kind,
             error_message=error.message,
             error_traceback=error.traceback,
@@ -399,7 +414,7 @@ class ClaimRunner:
         )
         await self._outbox.delete(row.id, conn=conn)
         await self._executions.finish_with(
-            row.execution_id, ExecutionStatus.DEAD_LETTERED, result, conn=conn
+            row.execution_id, ExecutionStatus.DEAD_LETTERED, result, attempts=attempts, conn=conn
         )
         # The kind only: the message is the script's text (an exception's, a rejection's),
         # which may quote the app's data or forge log lines; its record has it.

@@ -216,11 +216,13 @@ class PostgresExecutionRepo:
         logs: Sequence[str] = (),
         result: Json = None,
         final: bool | None = None,
+        attempts: int | None = None,
         conn: AsyncConnection | None = None,
     ) -> None:
         """Record an outcome (replacing the error of an earlier attempt: columns not
         given are cleared). ``finished_at`` is set for final statuses (or when ``final``
-        says so); ``retrying`` keeps the record open."""
+        says so); ``retrying`` keeps the record open. ``attempts`` replaces the count
+        the claim set (for a claim that did not run the script)."""
         is_final = status.is_final if final is None else final
         stmt = (
             sa.update(_E)
@@ -235,6 +237,8 @@ class PostgresExecutionRepo:
                 finished_at=sa.func.now() if is_final else None,
             )
         )
+        if attempts is not None:
+            stmt = stmt.values(attempts=attempts)
         async with transaction(conn or self._engine) as c:
             await c.execute(stmt)
 
@@ -244,6 +248,7 @@ class PostgresExecutionRepo:
         status: ExecutionStatus,
         outcome: ExecResult,
         *,
+        attempts: int | None = None,
         conn: AsyncConnection | None = None,
     ) -> None:
         """``finish`` from an :class:`ExecResult`: its error (kind, message and the
@@ -257,6 +262,7 @@ class PostgresExecutionRepo:
             error_traceback=None if error is None else error.traceback,
             logs=outcome.logs,
             result=None if outcome.response is None else outcome.response.to_wire(),
+            attempts=attempts,
             conn=conn,
         )
 
