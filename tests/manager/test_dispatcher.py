@@ -335,6 +335,22 @@ async def _route(world: World, script_id: ScriptId) -> uuid.UUID:
     return await world.route(script_id, f"/r{uuid.uuid4().hex[:6]}")
 
 
+async def test_a_records_finish_is_when_the_execution_finished(world: World) -> None:
+    """``finished_at`` is when the execution committed, not when its transaction began
+    (at its first host call): a script that reads, then works for 0.5 s, has a record
+    that spans the 0.5 s."""
+    source = (
+        "import time\ndef handle(event, ctx):\n    ctx.kv.get('x')\n"
+        "    time.sleep(0.5)\n    ctx.kv.set('done', 1)\n"
+    )
+    await kv_trigger(world, source, "k")
+    await world.kv.set(world.app_id, "k", 1)
+    async with world.running():
+        await world.wait_count(t.executions, t.executions.c.status == "succeeded")
+    (record,) = await world.rows(t.executions)
+    assert (record.finished_at - record.started_at).total_seconds() >= 0.5
+
+
 async def test_a_row_that_keeps_crashing_its_worker_ends_dead_lettered(world: World) -> None:
     """A worker crash counts as an attempt; at max_attempts the row is dead-lettered."""
     await kv_trigger(world, "import os\ndef handle(event, ctx):\n    os._exit(3)\n", "boom")

@@ -86,3 +86,49 @@ async def test_the_heartbeat_keeps_a_long_execution_its_lease(engine: AsyncEngin
         (execution,) = await world.rows(t.executions)
     assert execution.attempts == 1
     assert dispatcher.metrics.claimed + dispatcher.metrics.handed_off == 1
+
+
+async def test_a_renewal_skips_a_row_a_running_execution_holds_and_blocks_nobody(
+    engine: AsyncEngine,
+) -> None:
+    """An execution locks its row from its first host call to its commit. The
+    heartbeat renews the node's other rows at once instead of waiting for that
+    commit, and holds none of them locked meanwhile: another execution's first host
+    call on one of them is not queued behind a long script (an audit saw 504s and
+    false dead letters from exactly that)."""
+    app = await factories.app(engine)
+    repo = PostgresOutboxRepo(engine)
+    for _ in range(3):
+        await repo.enqueue(factories.http_row(app))
+    long, other, third = await repo.claim_due("n", 3, 30)
+    leases = {c.row.id: c.token for c in (long, other, third)}
+    async with engine.connect() as holder, holder.begin():
+        assert await repo.take(long.row.id, long.token, long.row.attempt_count, conn=holder)
+        with anyio.fail_after(5):
+            assert await repo.renew_leases(leases, 3600) == 2  # the held one skipped
+            async with engine.connect() as runner, runner.begin():
+                assert await repo.take(
+                    other.row.id, other.token, other.row.attempt_count, conn=runner
+                )
+    rows = {r.id: r for r in await factories.rows(engine, t.outbox)}
+    assert rows[long.row.id].claimed_until < rows[other.row.id].claimed_until
+
+
+async def test_a_row_recovery_released_under_a_running_execution_is_still_its_runners(
+    engine: AsyncEngine,
+) -> None:
+    """Its lease ran out while its execution held it (the heartbeat skipped it), and
+    recovery released it once the execution rolled back: its runner takes it again to
+    book the outcome, as long as no other claim took it since."""
+    app = await factories.app(engine)
+    repo = PostgresOutboxRepo(engine)
+    await repo.enqueue(factories.http_row(app))
+    (mine,) = await repo.claim_due("n", 1, 0.05)
+    await anyio.sleep(0.2)
+    assert await repo.recover_expired() == 1
+    async with engine.connect() as conn, conn.begin():
+        assert await repo.take(mine.row.id, mine.token, mine.row.attempt_count, conn=conn)
+    (theirs,) = await repo.claim_due("other", 1, 30)
+    async with engine.connect() as conn, conn.begin():
+        assert not await repo.take(mine.row.id, mine.token, mine.row.attempt_count, conn=conn)
+        assert await repo.take(theirs.row.id, theirs.token, theirs.row.attempt_count, conn=conn)

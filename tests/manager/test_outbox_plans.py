@@ -222,12 +222,12 @@ async def test_taking_a_row_reads_only_that_row_of_an_outbox_that_grew(
             await conn.commit()
             for _ in range(WARM_CALLS + 1):
                 async with conn.begin():
-                    assert not await outbox_claims.take(conn, 1, "n/none")
+                    assert not await outbox_claims.take(conn, 1, "n/none", 1)
             await _fill(engine, leased=True)
             (row_id,) = (await conn.exec_driver_sql("SELECT min(id) FROM outbox")).one()
             await conn.commit()
             async with conn.begin():
-                assert await outbox_claims.take(conn, row_id, "gone/1")
+                assert await outbox_claims.take(conn, row_id, "gone/1", 1)
             reads = plans.outbox_reads()
     finally:
         await own.dispose()

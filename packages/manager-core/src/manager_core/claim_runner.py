@@ -331,7 +331,9 @@ class ClaimRunner:
         for _ in range(self.settings.max_conflict_reruns):
             try:
                 async with transaction(self._engine) as conn:
-                    if not await self._outbox.take(row.id, claim.token, conn=conn):
+                    if not await self._outbox.take(
+                        row.id, claim.token, row.attempt_count, conn=conn
+                    ):
                         raise Lost
                     if row.is_sync_http or row.is_dead_letter_handler:
                         await self._outbox.delete(row.id, conn=conn)
@@ -428,7 +430,7 @@ class ClaimRunner:
         why = f"trigger depth {row.trigger_depth} exceeds the limit {limit}"
         log.warning("execution %s skipped: %s", row.execution_id, why)
         async with transaction(self._engine) as conn:
-            if not await self._outbox.take(row.id, claim.token, conn=conn):
+            if not await self._outbox.take(row.id, claim.token, row.attempt_count, conn=conn):
                 raise Lost
             await self._outbox.delete(row.id, conn=conn)
             await record_skipped(conn, row.execution_id, f"not run: {why}")

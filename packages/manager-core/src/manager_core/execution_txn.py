@@ -139,7 +139,9 @@ class _Opener:
         script = self.claim.script
         assert script is not None  # a row whose script is gone is never run
         idle = script.timeout_seconds + IDLE_IN_TRANSACTION_MARGIN_SECONDS
-        if not await d.outbox.take(row.id, self.claim.token, conn=conn, idle_seconds=idle):
+        if not await d.outbox.take(
+            row.id, self.claim.token, row.attempt_count, conn=conn, idle_seconds=idle
+        ):
             raise Lost
         return d.host_factory(conn, row.app_id, self.principal, row.trigger_depth)
 

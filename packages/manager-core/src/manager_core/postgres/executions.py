@@ -234,7 +234,9 @@ class PostgresExecutionRepo:
                 error_traceback=error_traceback,
                 logs=list(logs),
                 result=sa.null() if result is None else result,
-                finished_at=sa.func.now() if is_final else None,
+                # clock_timestamp(), not now(): an execution's transaction opens at its
+                # first host call, and now() is that moment, not the finish
+                finished_at=sa.func.clock_timestamp() if is_final else None,
             )
         )
         if attempts is not None:

@@ -292,11 +292,18 @@ class PostgresOutboxRepo:
             return await claims.renew_leases(c, leases, lease_seconds)
 
     async def take(
-        self, row_id: int, token: str, *, conn: AsyncConnection, idle_seconds: float | None = None
+        self,
+        row_id: int,
+        token: str,
+        attempt_count: int,
+        *,
+        conn: AsyncConnection,
+        idle_seconds: float | None = None,
     ) -> bool:
         """Lock a claimed row for ``conn``'s transaction (which may then sit idle at
-        most ``idle_seconds``, when given); ``False`` if another claim owns it now."""
-        return await claims.take(conn, row_id, token, idle_seconds=idle_seconds)
+        most ``idle_seconds``, when given); ``False`` if another claim owns it now
+        (``attempt_count``: the claim's, see ``outbox_claims.take``)."""
+        return await claims.take(conn, row_id, token, attempt_count, idle_seconds=idle_seconds)
 
     async def reschedule(
         self, row_id: int, *, delay_ms: float, conn: AsyncConnection | None = None

@@ -396,35 +396,58 @@ async def recover_expired(conn: SqlConn) -> int:
 
 
 async def take(
-    conn: AsyncConnection, row_id: int, token: str, *, idle_seconds: float | None = None
+    conn: AsyncConnection,
+    row_id: int,
+    token: str,
+    attempt_count: int,
+    *,
+    idle_seconds: float | None = None,
 ) -> bool:
     """Lock a claimed row for this transaction (``SELECT … FOR UPDATE``: no new tuple,
     so no index churn for concurrent serializable transactions to trip over).
+
+    The row is this runner's while it is claimed under ``token``, and also when lease
+    recovery released it (its lease ran out while an execution of it held it locked:
+    the heartbeat skips locked rows) and no other claim took it since:
+    ``attempt_count`` is still the claim's.
 
     ``idle_seconds``: how long the transaction may then sit idle between statements
     before PostgreSQL ends it (``idle_in_transaction_session_timeout``, for this
     transaction only), set in the same round trip. ``False`` when the row is gone or
     another claim owns it now.
     """
-    columns: list[Any] = [t.outbox.c.id]
+    o = t.outbox.c
+    columns: list[Any] = [o.id]
     if idle_seconds is not None:
         idle_ms = str(int(idle_seconds * 1000))
         columns.append(sa.func.set_config("idle_in_transaction_session_timeout", idle_ms, True))
+    released = sa.and_(o.claimed_by.is_(None), o.attempt_count == attempt_count)
     result = await conn.execute(
         select(*columns)
-        .where(t.outbox.c.id == row_id, t.outbox.c.claimed_by == token)
+        .where(o.id == row_id, sa.or_(o.claimed_by == token, released))
         .with_for_update()
     )
     return result.first() is not None
 
 
 # Only a row still claimed under the token its runner holds: a row whose lease ran out
-# and that another claim took meanwhile has a new owner, whose lease is its own.
+# and that another claim took meanwhile has a new owner, whose lease is its own. A row
+# an execution holds locked (from its first host call to its commit) is skipped, not
+# waited for: the heartbeat must not queue behind a long script, nor hold the rows it
+# already updated (and so every other execution's first host call) while it waits.
+# Lease recovery skips locked rows too, so a running execution keeps its row; one that
+# rolls back finds it again with ``take``.
 _RENEW = """
+    WITH mine AS MATERIALIZED (
+        SELECT o.id FROM outbox o
+        JOIN unnest(CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS text[])) AS l(id, token)
+          ON o.id = l.id AND o.claimed_by = l.token
+        WHERE o.id = ANY(%(ids)s)
+        FOR UPDATE OF o SKIP LOCKED
+    )
     UPDATE outbox o
     SET claimed_until = now() + make_interval(secs => CAST(%(lease)s AS float8))
-    FROM unnest(CAST(%(ids)s AS bigint[]), CAST(%(tokens)s AS text[])) AS l(id, token)
-    WHERE o.id = ANY(%(ids)s) AND o.id = l.id AND o.claimed_by = l.token
+    WHERE o.id = ANY(ARRAY(SELECT id FROM mine))
 """
 
 
