@@ -614,6 +614,27 @@ async def test_uncaught_traceback_is_the_scripts_own(
     assert "worker.py" not in tb
 
 
+async def test_a_huge_message_leaves_the_traceback_its_frames_and_type(
+    executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
+) -> None:
+    """A 30 000-character message is cut in the traceback too, so the traceback
+    (kept by its end, 16 000 characters) still has the script's frames, the
+    exception's type and the message's start."""
+    source = src("""
+    def helper():
+        raise ValueError("v" * 30000)
+    def handle(e, ctx):
+        helper()
+    """)
+    result = await executor.execute(make_request(source), host)
+    assert result.error is not None
+    tb = result.error.traceback or ""
+    assert 'raise ValueError("v" * 30000)' in tb
+    assert "helper()" in tb
+    assert "ValueError: vvvv" in tb
+    assert "[28000 more characters]" in tb
+
+
 async def test_library_frames_are_named_from_the_librarys_root(
     executor: ProcessExecutor, host: MemoryHostApi, make_request: MakeRequest
 ) -> None:

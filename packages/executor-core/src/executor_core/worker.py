@@ -66,6 +66,13 @@ def _strip_host_frames(te: traceback.TracebackException | None, seen: set[int]) 
     while te is not None and id(te) not in seen:
         seen.add(id(te))
         te.stack[:] = [f for f in te.stack if not f.filename.startswith(_HOST_DIR)]
+        # A huge message is cut here, so that the traceback (kept by its end) still
+        # shows its frames and the exception's type, not only the message's tail.
+        text = getattr(te, "_str", None)
+        if isinstance(text, str) and len(text) > MAX_MESSAGE_CHARS:
+            te._str = (
+                text[:MAX_MESSAGE_CHARS] + f" … [{len(text) - MAX_MESSAGE_CHARS} more characters]"
+            )
         for frame in te.stack:
             _ = frame.line  # read from the real file before it is renamed
             frame.filename = _public_filename(frame.filename)
