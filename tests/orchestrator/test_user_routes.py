@@ -409,6 +409,7 @@ async def test_a_client_gone_before_the_watch_starts_is_still_noticed() -> None:
         with anyio.fail_after(outbox.delay):  # long before the 30 s wait would end
             await Starlette(routes=orch.routes())(scope, receive, send)  # type: ignore[arg-type]
         assert len(inbox) == 0
+        assert sent == []  # no 504 for a caller who is gone (the access log shows "-")
     assert outbox.delivery_statuses == ["abandoned"]
 
 

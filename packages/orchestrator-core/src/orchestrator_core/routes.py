@@ -30,6 +30,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -391,7 +392,9 @@ class UserRouteOrchestrator:
             if refused is not None:
                 return refused
             wait = target.timeout_seconds + self.wait_buffer_seconds
-            result = await self._wait(request, receiver.receive, wait)
+            result, gone = await self._wait(request, receiver.receive, wait)
+            if gone:  # the receiver closes: a late answer is abandoned, as it should be
+                return _ClientGone()
             if result is None and receiver.held:  # committing as the wait ended
                 result = await receiver.receive(HELD_ANSWER_WAIT_SECONDS)
                 if result is None:
@@ -457,7 +460,7 @@ class UserRouteOrchestrator:
                 except (BodyTooLarge, BodyOverBudget, BodyTimedOut) as exc:
                     return self._body_refused(exc)
                 except ClientDisconnect:
-                    return Response(status_code=499)
+                    return _ClientGone()
                 if reply_to is not None and permit is None:  # it gave its slot back
                     permit = await self.gate.admit(self.admission_wait_seconds, owner=target.app_id)
                     if permit is None:
@@ -488,8 +491,11 @@ class UserRouteOrchestrator:
             if permit is not None:
                 permit.release()
 
-    async def _wait(self, request: Request, receive: object, timeout: float) -> InboxResult | None:
-        """Wait for the answer; give up on timeout or when the client disconnects.
+    async def _wait(
+        self, request: Request, receive: object, timeout: float
+    ) -> tuple[InboxResult | None, bool]:
+        """Wait for the answer; give up on timeout or when the client disconnects
+        (then the second item is true).
 
         The disconnect watcher (a task reading ``http.disconnect``) starts only after
         ``DISCONNECT_WATCH_AFTER``: most answers come well before it, and a task
@@ -499,12 +505,15 @@ class UserRouteOrchestrator:
         first = min(timeout, DISCONNECT_WATCH_AFTER)
         result: InboxResult | None = await receive(first)  # type: ignore[operator]
         if result is not None or timeout <= first:
-            return result
+            return result, False
+        gone = False
 
         async def watch_disconnect(scope: anyio.CancelScope) -> None:
+            nonlocal gone
             while True:
                 message = await request.receive()
                 if message["type"] == "http.disconnect":
+                    gone = True
                     scope.cancel()
                     return
 
@@ -512,7 +521,18 @@ class UserRouteOrchestrator:
             tg.start_soon(watch_disconnect, tg.cancel_scope)
             result = await receive(timeout - first)  # type: ignore[operator]
             tg.cancel_scope.cancel()
-        return result
+        return result, gone and result is None
+
+
+class _ClientGone(Response):
+    """The answer for a client that went away before it: nothing is sent (there is no
+    one to send it to), so the access log shows ``-`` and not a status nobody got."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        return None
 
 
 def to_response(result: InboxResult) -> Response:
