@@ -11,7 +11,9 @@ from pathlib import Path
 
 import anyio
 import pytest
+import sqlalchemy as sa
 
+from manager_core import tables as t
 from manager_core.db import make_engine
 from manager_core.postgres.users import PostgresUserRepo
 from picloud.runtime import ADMIN_NAME, StartupError, bootstrap_admin
@@ -147,13 +149,20 @@ def test_create_user_admin_needs_instance_admin(db_url: str) -> None:
 
 def test_a_plain_user_named_admin_stops_the_first_start_with_one_line(db_url: str) -> None:
     """No instance admin, and a user who is not one holds the name `admin` (made
-    before the command line refused it): `picloud serve` exits 1 with one line saying
-    what to do, no traceback; after `delete-user admin` the start creates `admin`."""
+    before the command line and the API refused it, or demoted in the database):
+    `picloud serve` exits 1 with one line saying what to do, no traceback; after
+    `delete-user admin` the start creates `admin`."""
 
     async def plain_admin() -> None:
         engine = make_engine(db_url, pool_size=1, max_overflow=0)
         try:
-            await PostgresUserRepo(engine).create_user(ADMIN_NAME, False)
+            user, _ = await PostgresUserRepo(engine).create_user(ADMIN_NAME, True)
+            async with engine.begin() as conn:
+                await conn.execute(
+                    sa.update(t.users)
+                    .where(t.users.c.id == user.id)
+                    .values(is_instance_admin=False)
+                )
         finally:
             await engine.dispose()
 

@@ -45,6 +45,21 @@ async def test_admin_lists_users_by_name_without_tokens(api: Api) -> None:
     assert [u["instance_admin"] for u in body["items"]] == [False, False, True]
 
 
+async def test_the_bootstrap_admins_name_is_only_an_instance_admins(api: Api) -> None:
+    """``admin`` who is no instance admin is the state a start refuses (exit 1): the API
+    refuses to create it, as ``picloud admin create-user admin`` does, and creates it
+    as an instance admin."""
+    refused = await api.call("POST", "/users", api.root, body={"name": "admin"})
+    assert (refused.status_code, refused.json()["error"]["code"]) == (422, "invalid_input")
+    assert "bootstrap instance admin" in refused.json()["error"]["message"]
+    names = [u["name"] for u in (await api.call("GET", "/users", api.root)).json()["items"]]
+    assert "admin" not in names
+    made = await api.call(
+        "POST", "/users", api.root, body={"name": "admin", "instance_admin": True}
+    )
+    assert (made.status_code, made.json()["instance_admin"]) == (201, True)
+
+
 async def test_the_user_list_pages_with_limit_and_cursor(api: Api) -> None:
     """``?limit=2`` then the cursor: every user once, in name order."""
     for name in ("b", "c", "d"):

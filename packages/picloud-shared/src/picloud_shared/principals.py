@@ -9,6 +9,11 @@ import attrs
 
 from picloud_shared.ids import AppId, UserId
 
+#: The bootstrap instance admin's name: the user a first start creates. Nobody else
+#: may take it (a user ``admin`` who is no instance admin stops a start that finds
+#: no instance admin).
+BOOTSTRAP_ADMIN_NAME = "admin"
+
 
 class Capability(enum.StrEnum):
     """What a member may do in one app (wire names of API.md)."""

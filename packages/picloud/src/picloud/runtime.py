@@ -26,9 +26,10 @@ from picloud import migrations
 from picloud.settings import Settings
 from picloud.startup_signals import StartupSignals
 from picloud_shared.errors import Conflict
+from picloud_shared.principals import BOOTSTRAP_ADMIN_NAME
 
 EMBEDDED_DATABASE = "picloud"
-ADMIN_NAME = "admin"
+ADMIN_NAME = BOOTSTRAP_ADMIN_NAME
 SERVE_LOCK = "serve.lock"
 CONNECT_TIMEOUT_SECONDS = 10
 

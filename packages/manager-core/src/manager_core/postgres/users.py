@@ -39,7 +39,7 @@ from manager_core.postgres._quota import lock_app
 from picloud_shared.errors import Conflict, InvalidInput, InvalidName, NotFound
 from picloud_shared.ids import AppId, UserId
 from picloud_shared.limits import MAX_LIST_FETCH, MIN_TOKEN_CHARS
-from picloud_shared.principals import Capability
+from picloud_shared.principals import BOOTSTRAP_ADMIN_NAME, Capability
 
 TOKEN_PREFIX = "pc_"
 USER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}")
@@ -110,10 +110,16 @@ class PostgresUserRepo:
     ) -> tuple[User, str]:
         """Create a user; returns it with its bearer token (shown once, never stored).
 
-        ``token`` defaults to a fresh random one. Raises ``InvalidName`` or
-        ``Conflict`` (name taken).
+        ``token`` defaults to a fresh random one. Raises ``InvalidName``,
+        ``InvalidInput`` (the bootstrap admin's name for a user who is no instance
+        admin) or ``Conflict`` (name taken).
         """
         check_user_name(name)
+        if name == BOOTSTRAP_ADMIN_NAME and not instance_admin:
+            raise InvalidInput(
+                f"the name {BOOTSTRAP_ADMIN_NAME!r} is the bootstrap instance admin's: "
+                "create it as an instance admin, or choose another name"
+            )
         token = new_token() if token is None else _check_token(token)
         stmt = (
             insert(t.users)
