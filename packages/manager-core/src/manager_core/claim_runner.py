@@ -37,6 +37,7 @@ import random
 from collections.abc import Callable
 
 import anyio
+import psycopg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -54,6 +55,7 @@ from manager_core.execution_txn import (
     TransactionDeps,
     Unrunnable,
 )
+from manager_core.outage_log import OutageLog
 from manager_core.postgres.outbox import ClaimedRow
 from manager_core.postgres.outbox_claims import record_skipped
 from manager_core.principals import AdminPrincipalResolver
@@ -70,6 +72,7 @@ from picloud_shared.status import NON_RETRYABLE, ExecErrorKind, ExecutionStatus
 from picloud_shared.wire import JsonObject, WireError
 
 log = logging.getLogger("picloud.dispatcher")
+_DB_ERRORS = (DBAPIError, psycopg.Error)  # an error PostgreSQL (or its driver) made
 
 
 class ClaimRunner:
@@ -104,6 +107,11 @@ class ClaimRunner:
         self.metrics = metrics
         self._rand = rand
         self._lanes = ConflictLanes()
+        # Host calls failing because the database is away (every execution running
+        # then): logged when that starts, once a minute while it lasts, when it ends.
+        self._host_outage = OutageLog(
+            log, "serving host calls", then="their executions fail with an internal error"
+        )
 
     async def run(self, claim: ClaimedRow, slot: Slot) -> str:
         """Run one claimed row to its outcome; returns the outcome's metric label."""
@@ -290,13 +298,23 @@ class ClaimRunner:
                     raise Rerun from None
                 if rerun_if_lost and is_connection_lost(error):
                     raise ConnectionLost(_first_line(error)) from None
-                log.error("host call failed in execution %s: %r", row.execution_id, error)
+                if not self._host_outage.counted(error):
+                    # A statement PostgreSQL refused is one line; anything else (a bug in
+                    # the host API) comes with its traceback.
+                    log.error(
+                        "host call failed in execution %s: %r",
+                        row.execution_id,
+                        error,
+                        exc_info=None if isinstance(error, _DB_ERRORS) else error,
+                    )
                 return ExecResult.failed(
                     row.execution_id,
                     ExecError(ExecErrorKind.INTERNAL, "a platform error interrupted the script"),
                     result.logs,
                     result.duration_ms,
                 )
+            if txn.host.opened:
+                self._host_outage.succeeded()
             if not result.ok:
                 await txn.rollback()
                 return result

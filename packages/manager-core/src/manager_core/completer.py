@@ -23,6 +23,7 @@ import attrs
 
 from manager_core.db import run_batch
 from manager_core.group_commit import GroupCommit
+from manager_core.outage_log import OutageLog
 from manager_core.postgres.outbox import ClaimedRow, PostgresOutboxRepo
 from picloud_shared.execution import ExecResult
 
@@ -62,6 +63,9 @@ class BatchCompleter:
         )
         self.batches = 0
         self.rows = 0
+        self._outage = OutageLog(
+            log, "completing executions", then="their rows come back when their lease expires"
+        )
 
     @property
     def lingered(self) -> int:
@@ -83,19 +87,20 @@ class BatchCompleter:
         return self._linger
 
     async def _flush(self, batch: list[_Item]) -> None:
-        await run_batch(batch, self._complete, _fail)
+        await run_batch(batch, self._complete, self._fail)
 
     async def _complete(self, batch: list[_Item]) -> None:
         owned = await self._outbox.complete_batch([(i.claim, i.result) for i in batch])
+        self._outage.succeeded()
         self.batches += 1
         self.rows += len(batch)
         for item in batch:
             item.owned = item.claim.row.id in owned
             item.done.set()
 
-
-def _fail(batch: list[_Item], exc: Exception) -> None:
-    log.exception("completing %d execution(s) failed", len(batch))
-    for item in batch:
-        item.error = exc
-        item.done.set()
+    def _fail(self, batch: list[_Item], exc: Exception) -> None:
+        if not self._outage.counted(exc):  # the database away: one line, not one a batch
+            log.exception("completing %d execution(s) failed", len(batch))
+        for item in batch:
+            item.error = exc
+            item.done.set()

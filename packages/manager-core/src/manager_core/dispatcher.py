@@ -80,6 +80,17 @@ class Dispatcher:
         self.metrics = DispatcherMetrics()
         self._stopping = anyio.Event()
         self._claim_outage = OutageLog(log, "claiming outbox rows")
+        # Lease upkeep and the rows run meet the database being away too: each logs
+        # that when it starts, once a minute while it lasts and when it ends.
+        self._recover_outage = OutageLog(
+            log, "recovering expired leases", then=f"next try in {settings.recover_interval:g} s"
+        )
+        self._heartbeat_outage = OutageLog(
+            log, "renewing leases", then=f"next try in {settings.lease_seconds / 3:g} s"
+        )
+        self._row_outage = OutageLog(
+            log, "dispatching outbox rows", then="they come back when their lease expires"
+        )
         self._running = False
         self._in_flight = 0
         self._idle = anyio.Event()
@@ -333,11 +344,13 @@ class Dispatcher:
     async def _recover(self) -> None:
         try:
             n = await self._outbox.recover_expired()
-            if n:
-                log.warning("%d outbox row(s) had an expired lease and are due again", n)
-                self._signal.notify()
-        except Exception:
-            log.exception("recovering expired leases failed")
+        except Exception as exc:
+            self._recover_outage.failed(exc)
+            return
+        self._recover_outage.succeeded()
+        if n:
+            log.warning("%d outbox row(s) had an expired lease and are due again", n)
+            self._signal.notify()
 
     async def _heartbeat(self) -> None:
         """Keep the leases of rows still running here from expiring."""
@@ -345,8 +358,10 @@ class Dispatcher:
             return
         try:
             await self._outbox.renew_leases(dict(self._leased), self.settings.lease_seconds)
-        except Exception:
-            log.exception("renewing leases failed")
+        except Exception as exc:
+            self._heartbeat_outage.failed(exc)
+        else:
+            self._heartbeat_outage.succeeded()
 
     def _started(self) -> None:
         self._in_flight += 1
@@ -373,12 +388,14 @@ class Dispatcher:
             finally:
                 slot.release()
             self.metrics.executions[(kind, outcome)] += 1
+            self._row_outage.succeeded()
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._give_back(claim)
             raise
-        except Exception:
-            log.exception("dispatching outbox row %s failed; it will come back", claim.row.id)
+        except Exception as exc:
+            if not self._row_outage.counted(exc):  # the database away: no traceback per row
+                log.exception("dispatching outbox row %s failed; it will come back", claim.row.id)
             self.metrics.executions[(kind, "error")] += 1
             await self._claims.answer_interrupted(claim)
         finally:

@@ -25,6 +25,7 @@ import anyio
 import anyio.abc
 import attrs
 
+from manager_core.outage_log import OutageLog
 from manager_core.postgres.storage import PostgresStorageRepo
 from picloud_shared.errors import StorageQuotaExceeded
 from picloud_shared.ids import AppId
@@ -163,6 +164,9 @@ class StorageCompactor:
         self.runs = 0
         self._scope: anyio.CancelScope | None = None
         self._stopped = False
+        # A pass failing because the database is away is logged when that starts, once
+        # a minute while it lasts and when a pass works again: no traceback each time.
+        self._outage = OutageLog(log, "folding storage deltas", then=f"next try in {interval:g} s")
 
     async def compact_once(self) -> int:
         """One fold; returns the delta rows folded."""
@@ -174,8 +178,9 @@ class StorageCompactor:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Compact every ``interval`` until :meth:`stop`; a failed pass is logged and
-        the next one runs on schedule. A pass cut short by ``stop`` rolls back."""
+        """Compact every ``interval`` until :meth:`stop`; a failed pass is logged (with
+        its traceback, unless the database is away: see ``OutageLog``) and the next
+        one runs on schedule. A pass cut short by ``stop`` rolls back."""
         with anyio.CancelScope() as self._scope:
             if self._stopped:
                 self._scope.cancel()
@@ -184,10 +189,10 @@ class StorageCompactor:
                 await anyio.sleep(self._interval)
                 try:
                     await self.compact_once()
-                except Exception:
-                    log.exception(
-                        "folding storage deltas failed; next try in %.0f s", self._interval
-                    )
+                except Exception as exc:
+                    self._outage.failed(exc)
+                else:
+                    self._outage.succeeded()
 
     def stop(self) -> None:
         """Make :meth:`run` return (at once, even in the middle of a pass)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -31,6 +32,7 @@ from manager_core.api._http import (
     strict_utf8,
 )
 from manager_core.db import is_retryable_conflict, is_unavailable, unavailable_message
+from manager_core.outage_log import OutageLog
 from manager_core.postgres.users import User
 from picloud_shared.errors import (
     Busy,
@@ -47,6 +49,23 @@ if TYPE_CHECKING:
     from manager_core.api.deps import AdminDeps
 
 logger = logging.getLogger("manager_core.api")
+
+# While the database is away every admin request is refused 503: that is logged when
+# it starts, at most once per this many seconds while it lasts (with how many were
+# refused), and when a request is served again; not one line per request.
+UNAVAILABLE_LOG_SECONDS = 10.0
+
+
+def refusal_log(clock: Callable[[], float] = time.monotonic) -> OutageLog:
+    """The log of the admin requests refused for the database being away (one per
+    ``AdminDeps``)."""
+    return OutageLog(
+        logger,
+        "admin API: serving requests",
+        then="they are answered 503",
+        every=UNAVAILABLE_LOG_SECONDS,
+        clock=clock,
+    )
 
 
 class Access(enum.Enum):
@@ -139,7 +158,7 @@ class Resource(Route):
                 assert call.principal is not None, "also: only on app routes"
                 if not call.principal.can(capability):
                     raise Forbidden(f"this needs the {capability} capability as well")
-            return await operation.handler(call)
+            response = await operation.handler(call)
         except MethodNotAllowed as exc:
             return error_response(exc, allow=sorted(self.operations))
         except PicloudError as exc:
@@ -149,16 +168,19 @@ class Resource(Route):
                 logger.warning("admin API: %s %s kept conflicting", request.method, self.path)
                 return error_response(Busy("concurrent work kept conflicting; try again"))
             if is_unavailable(exc):
-                return _unavailable(request, self.path, exc)
+                return _unavailable(self.deps, exc)
             logger.exception("admin API: unexpected error on %s %s", request.method, self.path)
             return internal_error_response()
+        # Authenticated (a database query) and served: the database answers.
+        self.deps.refusals.succeeded()
+        return response
 
 
-def _unavailable(request: Request, path: str, exc: Exception) -> Response:
-    """503 (``Retry-After``): the database is out of reach or did not answer in time."""
-    message = unavailable_message(exc)
-    logger.warning("admin API: %s %s: %s", request.method, path, message)
-    return error_response(Unavailable(f"{message}; try again"))
+def _unavailable(deps: AdminDeps, exc: Exception) -> Response:
+    """503 (``Retry-After``): the database is out of reach or did not answer in time
+    (logged as ``deps.refusals`` allows)."""
+    deps.refusals.counted(exc)
+    return error_response(Unavailable(f"{unavailable_message(exc)}; try again"))
 
 
 async def _authorise(request: Request, deps: AdminDeps, access: Capability | Access) -> Call:
@@ -185,7 +207,7 @@ def not_found_route(deps: AdminDeps) -> Route:
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
-            return _unavailable(request, "/{rest:path}", exc)
+            return _unavailable(deps, exc)
         return error_response(NotFound("no such admin endpoint"))
 
     route = Route("/{rest:path}", not_found, name="not_found")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import attrs
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from manager_core.api._endpoint import refusal_log
 from manager_core.auth import Authenticator
+from manager_core.outage_log import OutageLog
 from manager_core.outbox_event_emitter import OutboxEventEmitter
 from manager_core.postgres.apps import PostgresAppRepo
 from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
@@ -46,6 +48,8 @@ class AdminDeps:
     quota: StorageQuota = attrs.field(
         default=attrs.Factory(lambda self: self.kv.quota, takes_self=True)
     )
+    #: The requests refused while the database is away, and their aggregated log.
+    refusals: OutageLog = attrs.field(factory=refusal_log)
 
     @classmethod
     def from_engine(
