@@ -132,3 +132,24 @@ async def test_a_row_recovery_released_under_a_running_execution_is_still_its_ru
     async with engine.connect() as conn, conn.begin():
         assert not await repo.take(mine.row.id, mine.token, mine.row.attempt_count, conn=conn)
         assert await repo.take(theirs.row.id, theirs.token, theirs.row.attempt_count, conn=conn)
+
+
+async def test_a_row_recovery_released_under_its_execution_is_given_back_uncounted(
+    engine: AsyncEngine,
+) -> None:
+    """A stopping node gives back a row whose lease ran out under its running
+    execution, and that recovery released meanwhile: the cut-off run is still not
+    counted (no other claim took the row since). A row another claim took is left
+    to that claim."""
+    app = await factories.app(engine)
+    repo = PostgresOutboxRepo(engine)
+    await repo.enqueue(factories.http_row(app))
+    (mine,) = await repo.claim_due("n", 1, 0.05)
+    await anyio.sleep(0.2)
+    assert await repo.recover_expired() == 1
+    await repo.give_back(mine.row.id, mine.token, attempt_count=mine.row.attempt_count)
+    (again,) = await repo.claim_due("other", 1, 30)
+    assert again.row.attempt_count == 1  # the given-back claim did not count
+    await repo.give_back(mine.row.id, mine.token, attempt_count=mine.row.attempt_count)
+    (row,) = await factories.rows(engine, t.outbox)
+    assert (row.claimed_by, row.attempt_count) == (again.token, 1)

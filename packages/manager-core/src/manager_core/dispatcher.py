@@ -417,6 +417,11 @@ class Dispatcher:
         try:
             async with transaction(self._engine) as conn:
                 for claim in claims:
-                    await self._outbox.give_back(claim.row.id, claim.token, conn=conn)
+                    await self._outbox.give_back(
+                        claim.row.id,
+                        claim.token,
+                        attempt_count=claim.row.attempt_count,
+                        conn=conn,
+                    )
         except Exception:
             log.exception("could not give back %d row(s); their leases will expire", len(claims))

@@ -313,11 +313,18 @@ class PostgresOutboxRepo:
             await claims.reschedule(c, row_id, delay_ms=delay_ms)
 
     async def give_back(
-        self, row_id: int, token: str, *, delay_ms: float = 0.0, conn: AsyncConnection | None = None
+        self,
+        row_id: int,
+        token: str,
+        *,
+        delay_ms: float = 0.0,
+        attempt_count: int | None = None,
+        conn: AsyncConnection | None = None,
     ) -> None:
-        """Return a claimed row without counting its attempt (saturation, shutdown)."""
+        """Return a claimed row without counting its attempt (saturation, shutdown);
+        with the claim's ``attempt_count``, also once lease recovery released it."""
         async with transaction(conn or self._engine) as c:
-            await claims.give_back(c, row_id, token, delay_ms=delay_ms)
+            await claims.give_back(c, row_id, token, delay_ms=delay_ms, attempt_count=attempt_count)
         self._wake(conn)
 
     async def complete_batch(

@@ -421,13 +421,21 @@ async def take(
     if idle_seconds is not None:
         idle_ms = str(int(idle_seconds * 1000))
         columns.append(sa.func.set_config("idle_in_transaction_session_timeout", idle_ms, True))
-    released = sa.and_(o.claimed_by.is_(None), o.attempt_count == attempt_count)
     result = await conn.execute(
-        select(*columns)
-        .where(o.id == row_id, sa.or_(o.claimed_by == token, released))
-        .with_for_update()
+        select(*columns).where(o.id == row_id, _still_ours(token, attempt_count)).with_for_update()
     )
     return result.first() is not None
+
+
+def _still_ours(token: str, attempt_count: int | None) -> sa.ColumnElement[bool]:
+    """The row is still the claim's: claimed under ``token``, or (given the claim's
+    ``attempt_count``) released by lease recovery while its execution held it locked
+    and taken by no claim since (a claim counts an attempt)."""
+    o = t.outbox.c
+    if attempt_count is None:
+        return o.claimed_by == token
+    released = sa.and_(o.claimed_by.is_(None), o.attempt_count == attempt_count)
+    return sa.or_(o.claimed_by == token, released)
 
 
 # Only a row still claimed under the token its runner holds: a row whose lease ran out
@@ -560,13 +568,19 @@ async def reschedule(
 
 
 async def give_back(
-    conn: AsyncConnection, row_id: int, token: str, *, delay_ms: float = 0.0
+    conn: AsyncConnection,
+    row_id: int,
+    token: str,
+    *,
+    delay_ms: float = 0.0,
+    attempt_count: int | None = None,
 ) -> None:
     """Return a claimed row without counting the attempt (saturation, shutdown), due
-    ``delay_ms`` after the database's ``now()``."""
+    ``delay_ms`` after the database's ``now()`` (``attempt_count``: the claim's, to
+    find the row also once recovery released it: ``_still_ours``)."""
     result = await conn.execute(
         update(t.outbox)
-        .where(t.outbox.c.id == row_id, t.outbox.c.claimed_by == token)
+        .where(t.outbox.c.id == row_id, _still_ours(token, attempt_count))
         .values(
             claimed_by=None,
             claimed_until=None,
