@@ -47,6 +47,7 @@ EXECUTION_FIELDS = {
     "logs",
     "result",
     "created_at",
+    "started_at",
     "finished_at",
 }
 

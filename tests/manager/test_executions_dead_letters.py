@@ -69,11 +69,13 @@ async def test_new_execution_reads_as_queued(engine: AsyncEngine) -> None:
         "logs",
         "result",
         "created_at",
+        "started_at",
         "finished_at",
     }
     assert (wire["id"], wire["status"], wire["source_kind"]) == (str(execution_id), "queued", "kv")
     assert (wire["attempts"], wire["trigger_depth"], wire["error"]) == (0, 1, None)
     assert (wire["logs"], wire["result"], wire["finished_at"]) == ([], None, None)
+    assert wire["started_at"] is None  # not run yet
 
 
 async def test_get_is_scoped_to_the_app(engine: AsyncEngine) -> None:
@@ -104,6 +106,7 @@ async def test_running_then_finished(engine: AsyncEngine) -> None:
     assert wire["error"] == {"kind": "timeout", "message": "slow", "traceback": None}
     assert (wire["status"], wire["logs"]) == ("failed", ["l1"])
     assert wire["finished_at"] is not None
+    assert wire["created_at"] <= wire["started_at"] <= wire["finished_at"]
 
 
 async def test_success_stores_the_response(engine: AsyncEngine) -> None:

@@ -127,6 +127,7 @@ class Execution:
             "logs": list(self.logs),
             "result": self.result,
             "created_at": wire.timestamp_text(self.created_at),
+            "started_at": None if self.started_at is None else wire.timestamp_text(self.started_at),
             "finished_at": None
             if self.finished_at is None
             else wire.timestamp_text(self.finished_at),
