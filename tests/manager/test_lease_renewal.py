@@ -9,13 +9,22 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from manager_core import tables as t
-from manager_core.postgres.outbox import PostgresOutboxRepo
+from manager_core.postgres.outbox import ClaimedRow, PostgresOutboxRepo
 from picloud_shared.triggers import CreateKvTrigger
 from tests.manager import factories
 from tests.manager.dispatch_world import FAST_RETRY, make_world
 from tests.manager.node_clock import db_now, skew_node_clock
 
 pytestmark = pytest.mark.anyio
+
+
+async def _released_claim(engine: AsyncEngine, repo: PostgresOutboxRepo) -> ClaimedRow:
+    """A claim of a new row whose lease ran out and that lease recovery released."""
+    await repo.enqueue(factories.http_row(await factories.app(engine)))
+    (claim,) = await repo.claim_due("n", 1, 0.05)
+    await anyio.sleep(0.2)
+    assert await repo.recover_expired() == 1
+    return claim
 
 
 async def test_a_renewal_leaves_alone_a_row_another_claim_owns_now(
@@ -25,12 +34,8 @@ async def test_a_renewal_leaves_alone_a_row_another_claim_owns_now(
     nothing: the new owner's lease stays as it is. The owner's own renewal extends
     it, to the database's now() + the lease, whatever the node's clock."""
     skew_node_clock(monkeypatch, -timedelta(days=1))
-    app = await factories.app(engine)
     repo = PostgresOutboxRepo(engine)
-    await repo.enqueue(factories.http_row(app))
-    (mine,) = await repo.claim_due("slow", 1, 0.05)
-    await anyio.sleep(0.2)
-    assert await repo.recover_expired() == 1
+    mine = await _released_claim(engine, repo)
     (theirs,) = await repo.claim_due("other", 1, 30)
     assert theirs.row.id == mine.row.id
     (before,) = await factories.rows(engine, t.outbox)
@@ -120,12 +125,8 @@ async def test_a_row_recovery_released_under_a_running_execution_is_still_its_ru
     """Its lease ran out while its execution held it (the heartbeat skipped it), and
     recovery released it once the execution rolled back: its runner takes it again to
     book the outcome, as long as no other claim took it since."""
-    app = await factories.app(engine)
     repo = PostgresOutboxRepo(engine)
-    await repo.enqueue(factories.http_row(app))
-    (mine,) = await repo.claim_due("n", 1, 0.05)
-    await anyio.sleep(0.2)
-    assert await repo.recover_expired() == 1
+    mine = await _released_claim(engine, repo)
     async with engine.connect() as conn, conn.begin():
         assert await repo.take(mine.row.id, mine.token, mine.row.attempt_count, conn=conn)
     (theirs,) = await repo.claim_due("other", 1, 30)
@@ -141,12 +142,8 @@ async def test_a_row_recovery_released_under_its_execution_is_given_back_uncount
     execution, and that recovery released meanwhile: the cut-off run is still not
     counted (no other claim took the row since). A row another claim took is left
     to that claim."""
-    app = await factories.app(engine)
     repo = PostgresOutboxRepo(engine)
-    await repo.enqueue(factories.http_row(app))
-    (mine,) = await repo.claim_due("n", 1, 0.05)
-    await anyio.sleep(0.2)
-    assert await repo.recover_expired() == 1
+    mine = await _released_claim(engine, repo)
     await repo.give_back(mine.row.id, mine.token, attempt_count=mine.row.attempt_count)
     (again,) = await repo.claim_due("other", 1, 30)
     assert again.row.attempt_count == 1  # the given-back claim did not count
