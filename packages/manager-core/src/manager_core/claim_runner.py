@@ -367,9 +367,10 @@ class ClaimRunner:
                                 row.app_id, row.dead_letter_id, "handler_failed", conn=conn
                             )
                     elif final or error.kind in NON_RETRYABLE or attempts >= row.retry.max_attempts:
-                        if final and attempts > 1:
-                            result = await self._with_last_error(conn, claim, result)
-                        await self._dead_letter(conn, claim, result, attempts=runs)
+                        dead = result
+                        if final and attempts > 1:  # (from the record, on every re-run)
+                            dead = await self._with_last_error(conn, claim, result)
+                        await self._dead_letter(conn, claim, dead, attempts=runs)
                         outcome = "dead_lettered"
                     else:
                         delay = row.retry.delay_ms(attempts, self._rand())
