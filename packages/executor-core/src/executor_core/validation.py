@@ -72,7 +72,7 @@ def prefix(value: object) -> str:
     return value
 
 
-_AS_KEPT = " (a number with an exponent counts the digits it stands for: 1e300 is 301)"
+_AS_KEPT = f" ({wire.AS_KEPT})"
 
 
 def _size(value: object, what: str) -> int:

@@ -138,9 +138,8 @@ def http_event(
         kept = len(raw) + wire.exponent_growth(raw)
         if kept > max_json_bytes:
             raise JsonTooLarge(
-                f"request body is {kept} bytes as stored (a number's exponent is kept as "
-                f"the digits it stands for: 1e300 takes 301 bytes); the limit is "
-                f"{max_json_bytes} bytes"
+                f"request body is {kept} bytes as stored ({wire.AS_KEPT}); "
+                f"the limit is {max_json_bytes} bytes"
             )
         parsed = wire.loads_untrusted(raw)
     # Event text is stored (jsonb): undecodable bytes are already U+FFFD, and so

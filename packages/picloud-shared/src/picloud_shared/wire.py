@@ -118,6 +118,10 @@ _MAYBE_EXPONENT_TEXT = re.compile(r"\d[eE]")
 _MAYBE_EXPONENT_BYTES = re.compile(rb"\d[eE]")
 
 
+#: What a size error adds when a number's exponent made the difference.
+AS_KEPT = "a number's exponent is kept as the digits it stands for: 1e300 takes 301 bytes"
+
+
 def exponent_growth(text: str | bytes) -> int:
     """How many bytes more than the JSON ``text`` PostgreSQL's ``jsonb`` keeps of it:
     a number is stored as ``numeric``, in positional notation, so an exponent stands

@@ -106,14 +106,10 @@ def encode_json(value: object, max_bytes: int, what: str) -> str:
     problem = wire.unstorable_json(value, text)
     if problem is not None:
         raise InvalidInput(f"{what}: {problem}")
-    if size > max_bytes:
-        raise PayloadTooLarge(f"{what} is {size} bytes; the limit is {max_bytes}")
     growth = wire.exponent_growth(text)
     if size + growth > max_bytes:
-        raise PayloadTooLarge(
-            f"{what} is {size + growth} bytes as stored (a number's exponent is kept as "
-            f"the digits it stands for: 1e300 takes 301 bytes); the limit is {max_bytes}"
-        )
+        kept = f" as stored ({wire.AS_KEPT})" if growth else ""
+        raise PayloadTooLarge(f"{what} is {size + growth} bytes{kept}; the limit is {max_bytes}")
     return text
 
 
@@ -290,7 +286,7 @@ class PostgresKvRepo:
         if prefix:
             stmt = stmt.where(_KV.c.key.like(like_prefix(prefix), escape="\\"))
         if after is not None:
-            stmt = stmt.where(_KV.c.key > after)
+            stmt = stmt.where(_KV.c.key > check_key(after))
         stmt = within_bytes(stmt, json_bytes(_KV.c.key, _KV.c.value), (_KV.c.key,))
         async with transaction(conn or self._engine) as c:
             rows = list((await c.execute(stmt)).all())
