@@ -15,8 +15,8 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager_core.postgres._pages import PAGE_BYTES
-from manager_core.postgres.documents import PostgresDocumentRepo, check_document_id
-from manager_core.postgres.kv import PostgresKvRepo, check_key
+from manager_core.postgres.documents import PostgresDocumentRepo
+from manager_core.postgres.kv import PostgresKvRepo
 from manager_core.storage import StorageGrowth
 from picloud_shared.errors import Forbidden, LimitExceeded
 from picloud_shared.ids import AppId
@@ -87,8 +87,6 @@ class PostgresHostApi:
         self, prefix: str = "", limit: int = 100, after: str | None = None
     ) -> list[JsonObject]:
         self._require(Capability.APP_READ_DATA)
-        if after is not None:
-            check_key(after)  # as a key is: PostgreSQL could not even compare a NUL
         entries = await self._kv.list(self._app_id, prefix, limit, after, conn=self._conn)
         _whole(entries)
         return [{"key": e.key, "value": e.value} for e in entries]
@@ -144,8 +142,6 @@ class PostgresHostApi:
         after: str | None = None,
     ) -> list[JsonObject]:
         self._require(Capability.APP_READ_DATA)
-        if after is not None:
-            check_document_id(after)
         docs = await self._docs.query(
             self._app_id, collection, where, limit, after, conn=self._conn
         )

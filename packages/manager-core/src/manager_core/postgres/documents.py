@@ -281,7 +281,7 @@ class PostgresDocumentRepo:
         if where:
             stmt = stmt.where(*_equal_fields(where))
         if after is not None:
-            stmt = stmt.where(_D.c.id > after)
+            stmt = stmt.where(_D.c.id > check_document_id(after))
         stmt = within_bytes(stmt, json_bytes(_D.c.data), (_D.c.id,))
         async with transaction(conn or self._engine) as c:
             rows = list((await c.execute(stmt)).all())
