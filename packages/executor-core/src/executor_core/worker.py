@@ -215,21 +215,11 @@ class Worker:
         the script's limit is too small for what it is given (``memory_limit``; the
         host retires this worker), not a crash of the platform's."""
         self.channel.start(nonce)
-        self.channel.finish(
-            {
-                "t": "done",
-                "n": nonce,
-                "ok": False,
-                "kind": "memory_limit",
-                "msg": "the event does not fit in the script's memory limit "
-                "(memory_limit_mb) once decoded",
-                "cached": False,
-                "has": False,
-                "cpu": _cpu_used(),
-                "sp": False,
-                "ts": time.perf_counter(),
-            }
+        done: dict[str, Any] = {"t": "done", "n": nonce, "ok": False, "kind": "memory_limit"}
+        done["msg"] = (
+            "the event does not fit in the script's memory limit (memory_limit_mb) once decoded"
         )
+        self._finish(done, cached=False, has=False, used=_cpu_used())
 
     def _load(self, key: str, source: str | None) -> tuple[Any, bool]:
         handle = self.cache.get(key)
@@ -302,12 +292,18 @@ class Worker:
         finally:
             _State.in_script = False
             sys.stdout, sys.stderr = saved
+        self._finish(done, cached=cached, has=frame["key"] in self.cache, used=used)
+
+    def _finish(self, done: dict[str, Any], *, cached: bool, has: bool, used: float) -> None:
+        """Send the execution's ``done`` frame: whether its script came from the cache,
+        whether the cache has it now, the CPU used as of its start (the host only
+        tracks the lifetime budget), and the worker's polling hint."""
         done["cached"] = cached
-        done["has"] = frame["key"] in self.cache
-        done["cpu"] = used  # as of the start: the host only tracks the lifetime budget
-        done["sp"] = ch.will_spin(script_api.NEXT_EXEC)
+        done["has"] = has
+        done["cpu"] = used
+        done["sp"] = self.channel.will_spin(script_api.NEXT_EXEC)
         done["ts"] = time.perf_counter()
-        ch.finish(done)  # ends the execution: its ctx reaches the host no more
+        self.channel.finish(done)  # ends the execution: its ctx reaches the host no more
 
 
 # What a script's thread costs in address space, which RLIMIT_AS (the memory limit)

@@ -528,9 +528,6 @@ class _ClientGone(Response):
     """The answer for a client that went away before it: nothing is sent (there is no
     one to send it to), so the access log shows ``-`` and not a status nobody got."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         return None
 
