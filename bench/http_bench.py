@@ -20,6 +20,11 @@ Not a test: prints figures for bench/RESULTS.md (## HTTP) and writes them as JSO
   B, sync, async, B, sync, async, … per round; before every run the outbox is
   drained (``picloud_outbox_depth`` = 0 on ``/metrics``); after an async run the
   time the dispatcher needs to drain the backlog is measured.
+- ``--held`` adds a last phase: every execution slot of the node is taken by a script
+  that sleeps, so nothing else runs, and the async route is measured again beside B.
+  That is the route's acceptance alone (HTTP, the event, the durable write), apart
+  from the executions that a node otherwise runs in the same process meanwhile. The
+  app's queue cap is raised to its maximum for it (the backlog is left unrun).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PICLOUD = BIN / "picloud"
 NOOP = "def handle(event, ctx):\n    return None\n"
+HOLD = "import time\ndef handle(event, ctx):\n    time.sleep(240)\n"
+HOLD_TIMEOUT_S = 250
 BODY = '{"n": 1}'
 WRK_SCRIPT = (
     'wrk.method = "POST"\n'
@@ -122,6 +129,39 @@ def setup_picloud_app(base: str, token: str) -> dict[str, str]:
         r = c.post("/apps/bench/noop-async", json={"n": 1})
         assert r.status_code == 202, (r.status_code, r.text)
     return {"app_id": app_id}
+
+
+def gate_capacity(base: str) -> int:
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    m = re.search(r"^picloud_gate_capacity\s+([0-9.e+]+)$", text, re.M)
+    if m is None:
+        raise RuntimeError("no picloud_gate_capacity in /metrics")
+    return int(float(m.group(1)))
+
+
+def hold_every_slot(base: str, token: str, app_id: str) -> int:
+    """Take every execution slot of the node with a script that sleeps (``HOLD``); return
+    once a sync request is refused 503 for want of one (nothing else runs after that)."""
+    auth = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base, headers=auth, timeout=30) as c:
+        c.post(
+            f"/api/v1/admin/apps/{app_id}/scripts",
+            json={"name": "hold", "source": HOLD, "timeout_seconds": HOLD_TIMEOUT_S},
+        ).raise_for_status()
+        c.post(
+            f"/api/v1/admin/apps/{app_id}/routes",
+            json={"method": "POST", "path": "/hold", "script": "hold", "dispatch_mode": "async"},
+        ).raise_for_status()
+    slots = gate_capacity(base)
+    with httpx.Client(base_url=base, timeout=30) as c:
+        for _ in range(slots):
+            assert c.post("/apps/bench/hold", json={"n": 1}).status_code == 202
+        deadline = time.monotonic() + 60
+        while c.post("/apps/bench/noop", json={"n": 1}).status_code != 503:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the execution slots were not all taken in 60 s")
+            time.sleep(0.2)
+    return slots
 
 
 def outbox_depth(base: str) -> int:
@@ -273,6 +313,12 @@ def main() -> int:
         "--keep", action="store_true", help="leave servers up, print URLs and wait (profiling)"
     )
     parser.add_argument(
+        "--held",
+        action="store_true",
+        help="last, the async route again beside B with every execution slot held "
+        "(acceptance alone)",
+    )
+    parser.add_argument(
         "--picloud-env",
         action="append",
         default=[],
@@ -339,6 +385,8 @@ def main() -> int:
             "PICLOUD_HOST": "127.0.0.1",
             "PICLOUD_DB_POOL_SIZE": "20",
         }
+        if args.held:  # the held phase's backlog stays queued: let it grow
+            pc_env["PICLOUD_MAX_QUEUED_EXECUTIONS_PER_APP"] = "10000000"
         for item in args.picloud_env:
             name, _, value = item.partition("=")
             pc_env[name] = value
@@ -350,7 +398,7 @@ def main() -> int:
         b_base, pc_base = f"http://127.0.0.1:{b_port}", f"http://127.0.0.1:{pc_port}"
         wait_ready(f"{b_base}/readyz", b_proc, b_log)
         wait_ready(f"{pc_base}/readyz", pc_proc, pc_log)
-        setup_picloud_app(pc_base, token)
+        app_id = setup_picloud_app(pc_base, token)["app_id"]
         r = httpx.post(f"{b_base}/insert", json={"n": 1})
         assert r.status_code == 200, r.text
         print(f"baseline pid {b_proc.pid} {b_base}; picloud pid {pc_proc.pid} {pc_base}")
@@ -387,12 +435,15 @@ def main() -> int:
         postmaster = int((work / "pg" / "postmaster.pid").read_text().split()[0])
         roots = {"picloud": pc_proc.pid, "B": b_proc.pid, "postgres": postmaster}
 
+        held = False  # the last phase: the outbox is left to grow, nothing is drained
+
         def one(name: str, c: int, threads: int) -> None:
-            pre_drain = wait_outbox_empty(pc_base)
+            pre_drain = 0.0 if held else wait_outbox_empty(pc_base)
             before = cpu_snapshot(roots)
             res = w.run(targets[name], c, threads, args.duration)
-            res.update(target=name, connections=c, pre_drain_s=pre_drain)
-            if name == "async":
+            res.update(target=f"{name} held" if held else name, connections=c)
+            res["pre_drain_s"] = pre_drain
+            if name == "async" and not held:
                 res["drain_s"] = wait_outbox_empty(pc_base)
             after = cpu_snapshot(roots)
             if res["requests"]:
@@ -400,7 +451,7 @@ def main() -> int:
                 res["cpu_ms"] = {
                     k: round(1000 * (after[k] - before[k]) / res["requests"], 3) for k in after
                 }
-            if name == "async":
+            if name == "async" and not held:
                 # end-to-end: accepted requests executed per second of (load + drain)
                 res["e2e_rps"] = (res["requests"] - res["non_2xx"]) / (
                     args.duration + res["drain_s"]
@@ -425,9 +476,20 @@ def main() -> int:
             for name in ("B", "sync", "async"):
                 one(name, 1, 1)
 
+        if args.held:
+            slots = hold_every_slot(pc_base, token, app_id)
+            held = True
+            c = conns[0]
+            print(f"held: {slots} execution slots sleeping; {c} connections, {args.duration}s")
+            for _ in range(args.rounds):
+                for name in ("B", "async"):
+                    one(name, c, min(args.threads, c))
+
         if args.json:
             args.json.write_text(json.dumps(runs, indent=1))
         summarize(runs, [*conns, 1])
+        if args.held:
+            summarize(runs, [conns[0]], names=("B held", "async held"))
         return 0
     finally:
         for p in reversed(procs):
@@ -437,7 +499,9 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def summarize(runs: list[dict[str, Any]], conns: list[int]) -> None:
+def summarize(
+    runs: list[dict[str, Any]], conns: list[int], names: tuple[str, ...] = ("B", "sync", "async")
+) -> None:
     print(
         "\n| conns | target | req/s (median) | 2xx req/s | p50 ms | p99 ms | non-2xx "
         "| ratio to B (2xx) | async drain s | async end-to-end req/s "
@@ -446,7 +510,7 @@ def summarize(runs: list[dict[str, Any]], conns: list[int]) -> None:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in conns:
         med: dict[str, dict[str, float | None]] = {}
-        for name in ("B", "sync", "async"):
+        for name in names:
             rs = [r for r in runs if r["target"] == name and r["connections"] == c]
             if not rs:
                 continue
@@ -456,14 +520,14 @@ def summarize(runs: list[dict[str, Any]], conns: list[int]) -> None:
             }
             for k in ("picloud", "B", "postgres"):
                 med[name]["cpu_" + k] = median([r.get("cpu_ms", {}).get(k) for r in rs])
-        b = med.get("B", {}).get("ok_rps")
+        b = med.get(names[0], {}).get("ok_rps")
         for name, m in med.items():
             ratio = m["ok_rps"] / b if b and m["ok_rps"] is not None else None
             print(
                 f"| {c} | {name} | {fmt(m['rps'], '.0f')} | {fmt(m['ok_rps'], '.0f')} | "
                 f"{fmt(m['p50_ms'])} | {fmt(m['p99_ms'])} | {fmt(m['non_2xx'], '.0f')} | "
                 f"{fmt(ratio)} | {fmt(m['drain_s'])} | {fmt(m['e2e_rps'], '.0f')} | "
-                f"{fmt(m['cpu_B'] if name == 'B' else m['cpu_picloud'])} | "
+                f"{fmt(m['cpu_B'] if name.startswith('B') else m['cpu_picloud'])} | "
                 f"{fmt(m['cpu_postgres'])} |"
             )
         if c == 1 and "B" in med and "sync" in med:
