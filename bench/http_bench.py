@@ -487,7 +487,7 @@ def main() -> int:
 
         if args.json:
             args.json.write_text(json.dumps(runs, indent=1))
-        summarize(runs, [*conns, 1])
+        summarize(runs, list(dict.fromkeys([*conns, 1])))  # 1 once, if asked for too
         if args.held:
             summarize(runs, [conns[0]], names=("B held", "async held"))
         return 0
