@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import attrs
@@ -11,6 +13,12 @@ from manager_core.api import AdminDeps
 from picloud_shared.principals import Capability
 
 SOURCE = "def handle(event, ctx):\n    return {'ok': True}\n"
+
+
+def cursor_list(cursor: str) -> str:
+    """The list a ``next_cursor`` names (its first element)."""
+    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    return str(json.loads(raw)[0])
 
 
 def bearer(token: str) -> dict[str, str]:

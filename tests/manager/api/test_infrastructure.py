@@ -12,11 +12,11 @@ import httpx
 import pytest
 
 from manager_core.api import AdminDeps, _http
-from manager_core.api._pagination import encode_cursor
+from manager_core.api._pagination import ANOTHER_LISTS_CURSOR, encode_cursor
 from manager_core.postgres.scripts import PostgresScriptRepo
 from picloud_shared.limits import MAX_REQUEST_BODY_BYTES
 from tests.manager.api.conftest import build_app
-from tests.manager.api.helpers import Api, bearer
+from tests.manager.api.helpers import Api, bearer, cursor_list
 
 pytestmark = pytest.mark.anyio
 
@@ -275,9 +275,10 @@ async def test_limit_accepts_its_edges(api: Api, limit: str) -> None:
     [
         "!!!",
         "e30",
-        encode_cursor(("a", "b")),
+        encode_cursor(("a", "b"), "x"),
         "bm90IGpzb24",
-        encode_cursor(()),
+        encode_cursor((), "x"),
+        base64.urlsafe_b64encode(b'["shop"]').decode(),  # a key alone, no list
         base64.urlsafe_b64encode(b'["a\\u0000b"]').decode(),  # a NUL, PostgreSQL cannot
         base64.urlsafe_b64encode(b'["\\ud800"]').decode(),  # half a surrogate pair
     ],
@@ -307,6 +308,43 @@ async def test_pages_walk_every_item_once(api: Api) -> None:
             break
     assert names == sorted([f"app-{i}" for i in range(6)] + ["shop"])
     assert pages == 2
+
+
+async def test_a_cursor_works_only_on_its_own_list(api: Api) -> None:
+    """A cursor names its list: the same path and query (``limit`` aside, in any
+    order) take it; another path or another filter is 422, where it would otherwise
+    position that list by a key of this one and skip items unseen."""
+    for key in ("a1", "a2", "a3", "b1", "b2"):
+        resp = await api.call("PUT", f"/apps/{api.app_id}/kv/{key}", body=1)
+        assert resp.status_code == 201
+    url = f"/apps/{api.app_id}/kv"
+    first = (
+        await api.client.get(url, params={"prefix": "a", "limit": 1}, headers=bearer(api.owner))
+    ).json()
+    cursor = first["next_cursor"]
+    assert [i["key"] for i in first["items"]] == ["a1"]
+    assert cursor
+
+    rest = await api.client.get(
+        url, params={"limit": 5, "cursor": cursor, "prefix": "a"}, headers=bearer(api.owner)
+    )
+    assert [i["key"] for i in rest.json()["items"]] == ["a2", "a3"]
+
+    for params in ({"prefix": "b"}, {}, {"prefix": "a", "x": "1"}):
+        resp = await api.client.get(
+            url, params={**params, "cursor": cursor}, headers=bearer(api.owner)
+        )
+        assert resp.status_code == 422, params
+        assert resp.json()["error"] == {"code": "invalid_input", "message": ANOTHER_LISTS_CURSOR}
+    other_path = await api.client.get("/apps", params={"cursor": cursor}, headers=bearer(api.owner))
+    assert other_path.status_code == 422
+    assert other_path.json()["error"]["message"] == ANOTHER_LISTS_CURSOR
+    # A key of this list under another list's name is refused as well.
+    forged = encode_cursor(("a1",), cursor_list(cursor)[::-1])
+    resp = await api.client.get(
+        url, params={"prefix": "a", "cursor": forged}, headers=bearer(api.owner)
+    )
+    assert resp.status_code == 422
 
 
 async def test_an_exactly_full_page_has_no_next_cursor(api: Api) -> None:

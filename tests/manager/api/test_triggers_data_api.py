@@ -10,11 +10,11 @@ import pytest
 import sqlalchemy as sa
 
 from manager_core import tables as t
-from manager_core.api._pagination import encode_cursor
+from manager_core.api._pagination import ANOTHER_LISTS_CURSOR, encode_cursor
 from picloud_shared.ids import AppId
 from picloud_shared.principals import ALL_CAPABILITIES, Capability
 from tests.manager.api.endpoints import enqueue_execution, insert_dead_letter
-from tests.manager.api.helpers import Api
+from tests.manager.api.helpers import Api, cursor_list
 
 pytestmark = pytest.mark.anyio
 
@@ -361,9 +361,12 @@ async def test_executions_page_on_past_an_item_deleted_meanwhile(api: Api) -> No
         i for i in reversed(ids) if i not in (first["items"][0]["id"], last)
     ]
     assert rest["next_cursor"] is None
-    for bad in (encode_cursor(("yesterday", last)), encode_cursor(("2026-01-01T00:00:00", last))):
+    list_id = cursor_list(first["next_cursor"])  # this list's: only the key is bad
+    for key in (("yesterday", last), ("2026-01-01T00:00:00", last)):
+        bad = encode_cursor(key, list_id)
         resp = await api.client.get(url, params={"cursor": bad}, headers=_h(api))
         assert resp.status_code == 422, resp.text
+        assert resp.json()["error"]["message"] != ANOTHER_LISTS_CURSOR
 
 
 async def test_another_apps_execution_is_404(api: Api) -> None:
