@@ -25,6 +25,10 @@ Not a test: prints figures for bench/RESULTS.md (## HTTP) and writes them as JSO
   That is the route's acceptance alone (HTTP, the event, the durable write), apart
   from the executions that a node otherwise runs in the same process meanwhile. The
   app's queue cap is raised to its maximum for it (the backlog is left unrun).
+- ``--soak SECONDS`` runs instead a long load, sync and async in turns of
+  ``--duration`` at the first ``--connections``, and prints after each turn its
+  figures beside what the node has grown: the outbox and ``executions`` on disk and
+  the resident memory of picloud's process tree.
 """
 
 from __future__ import annotations
@@ -162,6 +166,35 @@ def hold_every_slot(base: str, token: str, app_id: str) -> int:
                 raise RuntimeError("the execution slots were not all taken in 60 s")
             time.sleep(0.2)
     return slots
+
+
+def relation_sizes(url: str) -> dict[str, int]:
+    """Bytes on disk of the outbox and the execution records (indexes and TOAST in)."""
+    from sqlalchemy import create_engine, pool, text
+
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT pg_total_relation_size('outbox'), pg_total_relation_size('executions')"
+                )
+            ).one()
+    finally:
+        engine.dispose()
+    return {"outbox": int(row[0]), "executions": int(row[1])}
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of a process tree (shared pages counted in each process)."""
+    total = 0
+    for pid in _tree(_procs(), root):
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            continue
+    return total
 
 
 def outbox_depth(base: str) -> int:
@@ -319,6 +352,13 @@ def main() -> int:
         "(acceptance alone)",
     )
     parser.add_argument(
+        "--soak",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="instead of the rounds: this long a load, sync and async in turns",
+    )
+    parser.add_argument(
         "--picloud-env",
         action="append",
         default=[],
@@ -466,6 +506,10 @@ def main() -> int:
                 flush=True,
             )
 
+        if args.soak:
+            soak(w, targets, pc_url, pc_proc.pid, pc_base, conns[0], args)
+            return 0
+
         for c in conns:
             print(f"throughput, {c} connections, {args.threads} wrk threads, {args.duration}s")
             for _ in range(args.rounds):
@@ -497,6 +541,36 @@ def main() -> int:
         pg.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def soak(
+    w: Wrk,
+    targets: dict[str, str],
+    pc_url: str,
+    pc_pid: int,
+    pc_base: str,
+    c: int,
+    args: argparse.Namespace,
+) -> None:
+    """Sync and async in turns for ``args.soak`` seconds; a line per turn."""
+    print(f"soak: {args.soak}s, {c} connections, turns of {args.duration}s")
+    start = time.monotonic()
+    turn = 0
+    while time.monotonic() - start < args.soak:
+        name = ("sync", "async")[turn % 2]
+        turn += 1
+        res = w.run(targets[name], c, min(args.threads, c), args.duration)
+        depth = outbox_depth(pc_base)
+        sizes = relation_sizes(pc_url)
+        print(
+            f"  t={time.monotonic() - start:6.0f}s {name:<5} {res['ok_rps']:8.1f} req/s  "
+            f"p50 {fmt(res['p50_ms'])} ms  p99 {fmt(res['p99_ms'])} ms  "
+            f"non2xx {res['non_2xx']}  outbox depth {depth}  "
+            f"outbox {sizes['outbox'] / 2**20:.1f} MiB  "
+            f"executions {sizes['executions'] / 2**20:.1f} MiB  "
+            f"rss {tree_rss(pc_pid) / 2**20:.0f} MiB",
+            flush=True,
+        )
 
 
 def summarize(
