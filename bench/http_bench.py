@@ -135,11 +135,12 @@ def setup_picloud_app(base: str, token: str) -> dict[str, str]:
     return {"app_id": app_id}
 
 
-def gate_capacity(base: str) -> int:
+def gauge(base: str, name: str) -> int:
+    """One unlabelled figure of the node's ``/metrics``."""
     text = httpx.get(f"{base}/metrics", timeout=30).text
-    m = re.search(r"^picloud_gate_capacity\s+([0-9.e+]+)$", text, re.M)
+    m = re.search(rf"^{name}\s+([0-9.e+]+)$", text, re.M)
     if m is None:
-        raise RuntimeError("no picloud_gate_capacity in /metrics")
+        raise RuntimeError(f"no {name} in /metrics")
     return int(float(m.group(1)))
 
 
@@ -156,7 +157,7 @@ def hold_every_slot(base: str, token: str, app_id: str) -> int:
             f"/api/v1/admin/apps/{app_id}/routes",
             json={"method": "POST", "path": "/hold", "script": "hold", "dispatch_mode": "async"},
         ).raise_for_status()
-    slots = gate_capacity(base)
+    slots = gauge(base, "picloud_gate_capacity")
     with httpx.Client(base_url=base, timeout=30) as c:
         for _ in range(slots):
             assert c.post("/apps/bench/hold", json={"n": 1}).status_code == 202
@@ -198,11 +199,7 @@ def tree_rss(root: int) -> int:
 
 
 def outbox_depth(base: str) -> int:
-    text = httpx.get(f"{base}/metrics", timeout=30).text
-    m = re.search(r"^picloud_outbox_depth\s+([0-9.e+]+)$", text, re.M)
-    if m is None:
-        raise RuntimeError("no picloud_outbox_depth in /metrics")
-    return int(float(m.group(1)))
+    return gauge(base, "picloud_outbox_depth")
 
 
 def wait_outbox_empty(base: str, timeout: float = 600) -> float:
