@@ -122,13 +122,18 @@ async def test_without_a_valid_token_even_unknown_paths_and_methods_are_401(
     resp = await api.client.request(method, path.format(app=api.app_id), headers=headers)
     assert resp.status_code == 401
     assert resp.json()["error"]["code"] == "unauthenticated"
+    # Worded as the API's other messages are (not a capitalised sentence).
+    assert resp.json()["error"]["message"].startswith("a valid token is required: ")
 
 
 async def test_unknown_method_on_a_known_path_is_a_json_405(api: Api) -> None:
     """A known path with another method answers 405 with ``Allow``."""
     resp = await api.call("PATCH", f"/apps/{api.app_id}")
     assert resp.status_code == 405
-    assert resp.json()["error"]["code"] == "method_not_allowed"
+    assert resp.json()["error"] == {
+        "code": "method_not_allowed",
+        "message": "PATCH is not allowed here (only DELETE, GET)",
+    }
     assert resp.headers["allow"] == "DELETE, GET"
 
 

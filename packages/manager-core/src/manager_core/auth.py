@@ -43,7 +43,10 @@ class Authenticator:
         token = bearer_token(authorization)
         user = None if token is None else await self._users.authenticate(token)
         if user is None:
-            raise Unauthenticated()
+            raise Unauthenticated(
+                "a valid token is required: Authorization: Bearer pc_… "
+                "(missing, not a bearer token, or not one of this instance's)"
+            )
         return user
 
     async def principal(self, user: User, app_id: AppId, capability: Capability) -> Principal:

@@ -152,7 +152,8 @@ class Resource(Route):
             if operation is None:
                 # 401 before anything else: without a token the API shows nothing.
                 await self.deps.auth.user(request.headers.get("authorization"))
-                raise MethodNotAllowed()
+                allowed = ", ".join(sorted(self.operations))
+                raise MethodNotAllowed(f"{request.method} is not allowed here (only {allowed})")
             call = await _authorise(request, self.deps, operation.access)
             for capability in sorted(operation.also):
                 assert call.principal is not None, "also: only on app routes"
