@@ -44,7 +44,7 @@ class Authenticator:
         user = None if token is None else await self._users.authenticate(token)
         if user is None:
             raise Unauthenticated(
-                "a valid token is required: Authorization: Bearer pc_… "
+                "a valid token is required: Authorization: Bearer <token> "
                 "(missing, not a bearer token, or not one of this instance's)"
             )
         return user
