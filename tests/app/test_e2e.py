@@ -94,7 +94,7 @@ def test_paths_no_route_has_answer_the_error_shape(user: httpx.Client) -> None:
     assert r.status_code == 405, r.text
     assert r.json()["error"] == {
         "code": "method_not_allowed",
-        "message": "POST is not allowed here",
+        "message": f"POST is not allowed here (only {r.headers['allow']})",
     }
     assert "GET" in r.headers["allow"]
 

@@ -214,6 +214,7 @@ async def test_unknown_app_and_route_are_404_other_method_405(env) -> None:  # t
     r = await client.delete("/apps/shop/hello")
     assert r.status_code == 405
     assert r.headers["allow"] == "GET, HEAD"
+    assert r.json()["error"]["message"] == "DELETE is not allowed here (only GET, HEAD)"
 
 
 async def test_async_route_answers_202_with_location(env) -> None:  # type: ignore[no-untyped-def]

@@ -286,11 +286,12 @@ class UserRouteOrchestrator:
             return _error(404, "not_found", f"no app named {app_name!r}")
         if isinstance(found, list):
             if found:
+                allowed = ", ".join(sorted(set(found)))
                 return _error(
                     405,
                     "method_not_allowed",
-                    f"{request.method} is not allowed here",
-                    headers={"Allow": ", ".join(sorted(set(found)))},
+                    f"{request.method} is not allowed here (only {allowed})",
+                    headers={"Allow": allowed},
                 )
             return _error(404, "not_found", f"no route for {path!r}")
         target, params = found

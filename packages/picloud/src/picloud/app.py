@@ -69,7 +69,9 @@ async def unrouted(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error: PicloudError
     if exc.status_code == 405:
-        error = MethodNotAllowed(f"{request.method} is not allowed here")
+        allowed = (exc.headers or {}).get("Allow")
+        only = f" (only {allowed})" if allowed else ""
+        error = MethodNotAllowed(f"{request.method} is not allowed here{only}")
     else:
         error = NotFound(
             "no such path: user routes are under /apps/{app_name}/..., "
