@@ -17,6 +17,7 @@ from manager_core.dispatcher import CLAIM_ABORT_AFTER_STOP
 from manager_core.postgres.dead_letters import PostgresDeadLetterRepo
 from picloud_shared.events import HttpEvent
 from picloud_shared.ids import RouteId, ScriptId, new_execution_id
+from picloud_shared.inbox import InboxResult
 from picloud_shared.outbox import HttpDispatchPayload, NewOutboxRow, OutboxSourceKind
 from picloud_shared.retry import Backoff, RetryPolicy
 from picloud_shared.triggers import (
@@ -274,14 +275,7 @@ async def test_sync_http_row_answers_the_inbox(world: World) -> None:
     """An http row with reply_to is delivered to the waiting receiver."""
     script_id = await world.script("def handle(event, ctx):\n    return {'path': event['path']}\n")
     route = await _route(world, script_id)
-    inbox_id, receiver = world.inbox.register()
-    event = HttpEvent("GET", "/hi")
-    row = http_row(world, script_id, route, event, reply_to=inbox_id, reply_node="node-a")
-    with receiver:
-        await world.outbox.enqueue(row)
-        async with world.running():
-            result = await receiver.receive(timeout=20)
-    assert result is not None
+    result = await sync_answer(world, script_id, route, HttpEvent("GET", "/hi"), timeout=20)
     assert result.response is not None
     assert result.response.body == b'{"path":"/hi"}'
 
@@ -329,6 +323,20 @@ def http_row(
         route_id=RouteId(route),
         **reply,  # type: ignore[arg-type]
     )
+
+
+async def sync_answer(
+    world: World, script_id: ScriptId, route: uuid.UUID, event: HttpEvent, *, timeout: float
+) -> InboxResult:
+    """What a caller waiting on ``route`` of this node gets, one dispatcher running."""
+    inbox_id, receiver = world.inbox.register()
+    row = http_row(world, script_id, route, event, reply_to=inbox_id, reply_node="node-a")
+    with receiver:
+        await world.outbox.enqueue(row)
+        async with world.running():
+            result = await receiver.receive(timeout=timeout)
+    assert result is not None
+    return result
 
 
 async def _route(world: World, script_id: ScriptId) -> uuid.UUID:

@@ -39,7 +39,7 @@ from tests.executor.test_scripts import (
 )
 from tests.manager import factories
 from tests.manager.dispatch_world import make_world
-from tests.manager.test_dispatcher import http_row
+from tests.manager.test_dispatcher import sync_answer
 
 pytestmark = pytest.mark.anyio
 
@@ -320,14 +320,6 @@ async def test_a_script_pages_with_after_through_the_dispatcher(engine: AsyncEng
             await world.docs.insert(world.app_id, "c", data, doc_id)
         script = await world.script(PAGING)
         route = await world.route(script, "/pages")
-        inbox_id, receiver = world.inbox.register()
-        row = http_row(
-            world, script, route, HttpEvent("GET", "/pages"), reply_to=inbox_id, reply_node="node-a"
-        )
-        with receiver:
-            await world.outbox.enqueue(row)
-            async with world.running():
-                result = await receiver.receive(timeout=30)
-    assert result is not None
+        result = await sync_answer(world, script, route, HttpEvent("GET", "/pages"), timeout=30)
     assert result.response is not None, (result.failure, result.message)
     assert json.loads(result.response.body) == paging_expected()

@@ -24,7 +24,7 @@ from picloud_shared.execution import ExecResult, ScriptResponse
 from picloud_shared.outbox import NewOutboxRow
 from picloud_shared.ports import HostApi
 from tests.manager.dispatch_world import World, make_world
-from tests.manager.test_dispatcher import _route, http_row, kv_trigger
+from tests.manager.test_dispatcher import _route, http_row, kv_trigger, sync_answer
 
 pytestmark = pytest.mark.anyio
 
@@ -59,15 +59,7 @@ async def test_a_response_and_logs_with_nul_are_recorded(world: World) -> None:
 async def test_a_sync_caller_gets_the_body_with_its_nul(world: World) -> None:
     script_id = await world.script(NUL_OUTPUT)
     route = await _route(world, script_id)
-    inbox_id, receiver = world.inbox.register()
-    row = http_row(
-        world, script_id, route, HttpEvent("GET", "/"), reply_to=inbox_id, reply_node="node-a"
-    )
-    with receiver:
-        await world.outbox.enqueue(row)
-        async with world.running():
-            result = await receiver.receive(timeout=20)
-    assert result is not None
+    result = await sync_answer(world, script_id, route, HttpEvent("GET", "/"), timeout=20)
     assert result.response is not None
     assert result.response.body == b"a\x00b"
 
