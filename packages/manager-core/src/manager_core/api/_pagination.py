@@ -78,7 +78,7 @@ class PageRequest:
 
     limit: int
     after: Key | None
-    list_id: str = ""
+    list_id: str  # the list it pages through (list_of): its cursors name it
 
     @classmethod
     def from_request(cls, request: Request, key_size: int = 1) -> PageRequest:
